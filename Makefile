@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh clone:  make train  |  make test
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+RECIPE  ?= recipes/default.yaml
+ARGS    ?=
+# keep DeepSpeed/torch extension builds inside the ignored project cache
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install train test test-all bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: the CPU build on disk (an unpinned torch pulls a multi-GB CUDA build)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	.venv/bin/dstlm fit --config $(RECIPE) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/step_time.py
+
+clean:
+	rm -rf runs .pytest_cache

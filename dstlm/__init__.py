@@ -1,0 +1,3 @@
+"""dstlm: dynamic sparse training and Sparse-IFT for GPT-style language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,174 @@
+"""`dstlm` console script: one dispatcher for every subcommand.
+
+    dstlm fit      --config recipes/default.yaml [--trainer.max_steps=100 ...] [--ckpt_path last|PATH]
+    dstlm validate --config recipes/default.yaml --ckpt_path last|PATH
+    dstlm presets                                  list the model presets in configs/model/
+
+Every fit/validate option is a field of dstlm.training.config.RunConfig; `--print_config` prints the
+resolved YAML and exits. Errors in user input end in one line: `dstlm: error: <what> ...`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+
+def run_parser(prog: str) -> ArgumentParser:
+    from dstlm.training.config import RunConfig
+
+    parser = ArgumentParser(prog=prog, default_meta=False, exit_on_error=False,
+                            description="Options are fields of RunConfig; YAML recipes set the same keys.")
+    parser.add_argument("--config", action=ActionConfigFile, help="A recipe YAML (recipes/*.yaml).")
+    parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                        help="Resume (fit) or evaluate (validate) from 'last' or a checkpoint path.")
+    parser.add_class_arguments(RunConfig, "run", as_group=True, sub_configs=True, instantiate=False)
+    return parser
+
+
+def _parse_run(prog: str, argv: list[str]):
+    from dstlm.training.config import RunConfig
+
+    # Recipes and overrides address fields without the internal "run." prefix.
+    argv = [a if not a.startswith("--") or a.split("=")[0] in ("--config", "--ckpt_path", "--print_config", "--help")
+            else "--run." + a[2:] for a in argv]
+    parser = run_parser(prog)
+    print_config = "--print_config" in argv
+    argv = [a for a in argv if a != "--print_config"]
+    # recipes are written without the "run:" level; nest them under it
+    argv = _nest_configs(argv)
+    ns = parser.parse_args(argv)
+    run_ns = ns.run
+    yaml_text = parser.dump(ns, skip_none=False)
+    cfg = _build(RunConfig, run_ns)
+    import yaml as _yaml
+
+    resolved = _yaml.safe_load(yaml_text)["run"]
+    resolved_text = _yaml.safe_dump(resolved, sort_keys=False)
+    if print_config:
+        print(resolved_text, end="")
+        sys.exit(0)
+    return cfg, ns.ckpt_path, resolved_text
+
+
+def _nest_configs(argv: list[str]) -> list[str]:
+    """Turn `--config FILE` into a nested `--run FILE` so recipe keys need no prefix."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" and i + 1 < len(argv):
+            out += ["--run", argv[i + 1]]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            out += ["--run", a.split("=", 1)[1]]
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def _build(cls, ns):
+    """Instantiate nested dataclasses from a jsonargparse namespace (their __post_init__ validates)."""
+    import dataclasses
+
+    values = {}
+    for f in dataclasses.fields(cls):
+        if not hasattr(ns, f.name):
+            continue
+        v = getattr(ns, f.name)
+        ftype = f.type if not isinstance(f.type, str) else cls.__annotations__[f.name]
+        sub = _dataclass_type(cls, f.name)
+        if sub is not None and v is not None:
+            v = _build(sub, v)
+        elif hasattr(v, "as_dict"):
+            v = v.as_dict()
+        if isinstance(v, dict):
+            v.pop("__path__", None)
+        values[f.name] = tuple(v) if isinstance(v, list) and "tuple" in str(ftype) else v
+    return cls(**values)
+
+
+def _dataclass_type(cls, name: str):
+    import dataclasses
+    import typing
+
+    hint = typing.get_type_hints(cls)[name]
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def cmd_fit(argv: list[str]) -> int:
+    from dstlm.training.run import fit, format_summary
+
+    cfg, ckpt, resolved = _parse_run("dstlm fit", argv)
+    summary = fit(cfg, ckpt_path=ckpt, config_yaml=resolved)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(format_summary(summary))
+    return 0
+
+
+def cmd_validate(argv: list[str]) -> int:
+    from dstlm.training.run import validate
+
+    cfg, ckpt, _ = _parse_run("dstlm validate", argv)
+    results = validate(cfg, ckpt)
+    for k, v in results.items():
+        print(f"{k:<16} {v:.4f}")
+    return 0
+
+
+def cmd_presets(argv: list[str]) -> int:
+    from dstlm.models import GPT, available_presets, load_preset
+
+    import torch
+
+    for name in available_presets():
+        cfg = load_preset(name)
+        with torch.device("meta"):
+            n = GPT(cfg).num_params(non_embedding=False)
+        print(f"{name:<12} {cfg.n_layer:>3} layers  {cfg.n_embd:>5} wide  {cfg.n_head:>3} heads  "
+              f"ctx {cfg.block_size:>5}  vocab {cfg.vocab_size:>6}  {n / 1e6:8.1f} M params")
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "fit": (cmd_fit, "train (or resume with --ckpt_path) a recipe"),
+    "validate": (cmd_validate, "validation loss/perplexity of a checkpoint"),
+    "presets": (cmd_presets, "list the model size presets"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: dstlm <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`dstlm <command> --help` lists a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"dstlm: error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[name][0](rest)
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        if "DSTLM_TRACEBACK" in __import__("os").environ:
+            raise
+        msg = str(err).strip().splitlines()
+        print(f"dstlm: error: {msg[-1] if msg else type(err).__name__}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

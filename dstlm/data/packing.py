@@ -1,0 +1,113 @@
+"""Tokenize documents and pack them into fixed-length blocks cached on disk.
+
+Every document ends with the end-of-text token. The last `val_fraction` of each document's tokens is
+held out for validation, so both splits see every source and never overlap. Each split is one token
+stream cut into blocks of `block_size + 1` tokens with stride `block_size`: block i gives inputs
+tokens[i*T : i*T+T] and targets shifted by one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from dstlm.data.tokenizer import TextTokenizer, tokenizer_fingerprint
+from dstlm.paths import cache_dir
+
+
+def load_documents(files: Sequence[str] = (), hf_dataset: Optional[str] = None, hf_split: str = "train",
+                   text_field: str = "text") -> list[str]:
+    """Documents as strings, read through `datasets`: each .txt file is one document; each row of a
+    .jsonl/.json file is one document (its `text_field`); or rows of a Hugging Face dataset by name."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    ds_cache = str(cache_dir() / "datasets")
+    if hf_dataset:
+        ds = datasets.load_dataset(hf_dataset, split=hf_split, cache_dir=ds_cache)
+        return [t for t in ds[text_field] if t]
+    docs: list[str] = []
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise FileNotFoundError(f"corpus file {f!r} does not exist; fix data.files (or leave it empty for "
+                                    f"the shipped corpus)")
+        if path.suffix in (".jsonl", ".json"):
+            ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=ds_cache)
+            if text_field not in ds.column_names:
+                raise ValueError(f"{f}: no field {text_field!r} (fields: {ds.column_names}); set data.text_field")
+            docs.extend(t for t in ds[text_field] if t)
+        else:
+            ds = datasets.load_dataset("text", data_files=str(path), split="train", sample_by="document",
+                                       cache_dir=ds_cache)
+            docs.extend(t for t in ds["text"] if t)
+    return docs
+
+
+def split_and_stream(token_docs: Sequence[Sequence[int]], val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate documents into a train and a validation stream (tail of each document held out)."""
+    train, val = [], []
+    for ids in token_docs:
+        n_val = int(round(len(ids) * val_fraction))
+        train.append(np.asarray(ids[: len(ids) - n_val], dtype=np.int64))
+        val.append(np.asarray(ids[len(ids) - n_val:], dtype=np.int64))
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return cat(train), cat(val)
+
+
+def pack(stream: np.ndarray, block_size: int) -> np.ndarray:
+    """Cut a token stream into (n_blocks, block_size + 1) rows, consecutive rows sharing one token."""
+    n = (len(stream) - 1) // block_size
+    if n <= 0:
+        return np.zeros((0, block_size + 1), dtype=stream.dtype)
+    idx = np.arange(n)[:, None] * block_size + np.arange(block_size + 1)[None, :]
+    return stream[idx]
+
+
+@dataclass
+class PackedSplits:
+    train: np.ndarray  # (n_train, block_size + 1)
+    val: np.ndarray  # (n_val, block_size + 1)
+    n_tokens: dict
+
+
+def build_packed(docs_key: str, docs_loader, tok: TextTokenizer, block_size: int, val_fraction: float) -> PackedSplits:
+    """Packed train/val blocks, cached under .cache/dstlm/packed/<key>/ (computed once, memory-mapped after)."""
+    key = hashlib.sha256(
+        json.dumps([docs_key, tokenizer_fingerprint(tok), block_size, val_fraction]).encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / "packed" / key
+    if not (out / "meta.json").is_file():
+        docs = docs_loader()
+        token_docs = [ids + [tok.eos_id] for ids in tok.encode_batch(docs)]
+        train, val = split_and_stream(token_docs, val_fraction)
+        dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / "train.npy", pack(train, block_size).astype(dtype))
+        np.save(out / "val.npy", pack(val, block_size).astype(dtype))
+        meta = {"train_tokens": int(len(train)), "val_tokens": int(len(val)), "documents": len(docs)}
+        tmp = out / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        tmp.replace(out / "meta.json")  # meta written last marks the cache complete
+    meta = json.loads((out / "meta.json").read_text())
+    return PackedSplits(np.load(out / "train.npy", mmap_mode="r"), np.load(out / "val.npy", mmap_mode="r"), meta)
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Item i -> (inputs (T,), targets (T,)) as int64 tensors from a packed block array."""
+
+    def __init__(self, blocks: np.ndarray) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64))
+        return row[:-1], row[1:]

@@ -1,0 +1,109 @@
+"""Tokenizers: the shipped GPT-2 BPE, a byte-level BPE trained on the corpus (cached), or a file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from tokenizers import Tokenizer
+from tokenizers.implementations import ByteLevelBPETokenizer
+
+from dstlm.paths import GPT2_TOKENIZER_DIR, cache_dir
+
+EOS = "<|endoftext|>"
+
+
+class TextTokenizer:
+    """Thin wrapper over a `tokenizers.Tokenizer` with an end-of-text id.
+
+    Byte-level BPE without prefix space, so decode(encode(text)) == text for any string.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, name: str) -> None:
+        self.tokenizer = tokenizer
+        self.name = name
+        eos = tokenizer.token_to_id(EOS)
+        if eos is None:
+            raise ValueError(f"tokenizer {name!r} has no {EOS!r} token; add it as a special token")
+        self.eos_id = eos
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write tokenizer.json (loadable by `tokenizers` and transformers) into `directory`."""
+        path = Path(directory) / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(path))
+        return path
+
+
+def _files_digest(files: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def train_bpe(files: Sequence[str], vocab_size: int) -> TextTokenizer:
+    """Byte-level BPE trained on `files`; cached by (content digest, vocab size)."""
+    if vocab_size < 257:
+        raise ValueError(f"data.vocab_size={vocab_size} is too small for byte-level BPE; use at least 257")
+    key = f"bpe-v{vocab_size}-{_files_digest(files)}"
+    path = cache_dir() / "tokenizers" / f"{key}.json"
+    if not path.is_file():
+        bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+        bpe.train(files=list(files), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+                  show_progress=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        bpe.save(str(tmp))
+        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    return TextTokenizer(Tokenizer.from_file(str(path)), key)
+
+
+def load_tokenizer(spec: str, files: Sequence[str] = (), vocab_size: int = 4096) -> TextTokenizer:
+    """Resolve `spec`:
+
+    - "gpt2": the GPT-2 BPE shipped with dstlm (vocab 50257);
+    - "bpe": byte-level BPE with `vocab_size` trained on `files` (cached);
+    - a path to tokenizer.json, or to a directory holding tokenizer.json or vocab.json + merges.txt.
+    """
+    if spec == "gpt2":
+        bpe = ByteLevelBPETokenizer(str(GPT2_TOKENIZER_DIR / "vocab.json"), str(GPT2_TOKENIZER_DIR / "merges.txt"),
+                                    add_prefix_space=False)
+        return TextTokenizer(bpe._tokenizer, "gpt2")
+    if spec == "bpe":
+        if not files:
+            raise ValueError("data.tokenizer='bpe' needs corpus files to train on")
+        return train_bpe(files, vocab_size)
+    path = Path(spec)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            path = path / "tokenizer.json"
+        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            bpe = ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"), add_prefix_space=False)
+            return TextTokenizer(bpe._tokenizer, str(path))
+    if path.is_file():
+        return TextTokenizer(Tokenizer.from_file(str(path)), str(path))
+    raise FileNotFoundError(
+        f"tokenizer {spec!r} not found; use 'gpt2', 'bpe', a tokenizer.json file, or a directory with "
+        f"tokenizer.json or vocab.json + merges.txt"
+    )
+
+
+def tokenizer_fingerprint(tok: TextTokenizer) -> str:
+    """Stable digest of a tokenizer's full definition (for cache keys and checkpoint checks)."""
+    return hashlib.sha256(json.dumps(json.loads(tok.tokenizer.to_str()), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,245 @@
+"""A decoder-only GPT in plain torch, readable top to bottom.
+
+Shapes in comments: B batch, T time (tokens), C = n_embd, nh = n_head, hs = C // nh, V vocab.
+Pre-norm blocks, causal scaled-dot-product attention, RoPE or learned positions, optional biases,
+optional tied input/output embeddings, GPT-2 style initialisation (residual projections scaled by
+1/sqrt(2 * n_layer)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    """Shape and behaviour of the GPT. Presets live in configs/model/*.yaml."""
+
+    vocab_size: int = 4096
+    """Number of token ids the embedding accepts (padded up to a multiple of 64 internally)."""
+    block_size: int = 256
+    """Longest context (tokens) the model supports; the data block size must not exceed it."""
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads per block; n_embd must be divisible by it."""
+    n_embd: int = 256
+    """Residual stream width."""
+    mlp_ratio: float = 4.0
+    """Hidden width of the MLP as a multiple of n_embd."""
+    dropout: float = 0.0
+    """Dropout on attention weights, residual branches and embeddings."""
+    bias: bool = False
+    """Biases in linear layers and LayerNorms."""
+    pos_emb: Literal["rope", "learned"] = "rope"
+    """Rotary position embedding in attention, or a learned absolute position table."""
+    rope_base: float = 10000.0
+    """RoPE frequency base."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the LM head."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation."""
+    moe: Optional[dict] = field(default=None)
+    """Reserved for Mixture-of-Experts blocks (not available yet)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model.{name}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                f"pick n_embd as a multiple of n_head"
+            )
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"RoPE needs an even head size; n_embd/n_head={self.n_embd // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.moe is not None:
+            raise ValueError("model.moe is not supported yet; leave it unset")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return ((self.vocab_size + 63) // 64) * 64
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_ratio * self.n_embd)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables for rotary position embedding (rotate-half convention)."""
+
+    def __init__(self, head_size: int, max_len: int, base: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (T, hs/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (T, hs)
+        # not persistent: derived from the config, so checkpoints stay small and portable
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, nh, T, hs)
+        T = x.size(-2)
+        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat([-x2, x1], dim=-1)
+        return x * cos + rotated * sin
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.head_size = cfg.n_embd // cfg.n_head
+        # separate q/k/v projections so each is its own [out, in] weight for sparsification
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.rope = (
+            RotaryEmbedding(self.head_size, cfg.block_size, cfg.rope_base) if cfg.pos_emb == "rope" else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, C) -> (B, nh, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.out_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)  # (C -> 4C)
+        self.fc_out = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)  # (4C -> C)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc_out(F.gelu(self.fc_in(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        V = cfg.padded_vocab_size
+        self.wte = nn.Embedding(V, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, std) for linears/embeddings, residual projections scaled by 1/sqrt(2L)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for proj in (block.attn.out_proj, block.mlp.fc_out):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) int64 token ids -> logits (B, T, V) over the real (unpadded) vocabulary."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size={self.config.block_size}")
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V_padded)
+        return logits[..., : self.config.vocab_size]
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy; targets (B, T) with -100 ignored."""
+        logits = self(idx)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel()
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, 6N + 12·L·H·Q·T (nanoGPT/PaLM convention, N = non-embedding
+        matmul parameters plus the LM head)."""
+        cfg = self.config
+        n = self.num_params(non_embedding=True) + self.lm_head.weight.numel()
+        hs = cfg.n_embd // cfg.n_head
+        return 6 * n + 12 * cfg.n_layer * cfg.n_head * hs * cfg.block_size
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Sample continuation tokens; idx (B, T) -> (B, T + max_new_tokens). temperature 0 = greedy."""
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.config.block_size:]
+            logits = self(ctx)[:, -1, :]  # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx

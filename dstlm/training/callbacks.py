@@ -1,0 +1,86 @@
+"""Callbacks of every run: step-based checkpoints that keep the last K, and a PNG loss curve."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Checkpoint every N optimizer steps, keep the newest K plus last.ckpt, and always save the final step."""
+
+    def __init__(self, dirpath: str | Path, every_n_steps: int, keep_last_k: int) -> None:
+        super().__init__(dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
+                         every_n_train_steps=every_n_steps or None, save_top_k=max(1, keep_last_k),
+                         monitor="step", mode="max", save_last=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_global_step_saved < trainer.global_step and not trainer.sanity_checking:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+
+
+def read_metrics(log_dir: str | Path) -> list[dict]:
+    """All rows of every metrics.csv under log_dir (one per resumed segment), in file order."""
+    rows: list[dict] = []
+    for path in sorted(Path(log_dir).glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        with path.open() as f:
+            rows.extend(csv.DictReader(f))
+    return rows
+
+
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric, the last value per step winning (a resumed run overwrites)."""
+    by_step: dict[int, float] = {}
+    for r in rows:
+        v = r.get(key, "")
+        if v not in ("", None) and r.get("step", "") != "":
+            by_step[int(float(r["step"]))] = float(v)
+    steps = sorted(by_step)
+    return steps, [by_step[s] for s in steps]
+
+
+def plot_loss(log_dir: str | Path, out_png: str | Path) -> Path | None:
+    """Write a PNG of train and validation loss against optimizer step; None if nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(log_dir)
+    ts, tl = series(rows, "train/loss")
+    vs, vl = series(rows, "val/loss")
+    if not ts and not vs:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if ts:
+        ax.plot(ts, tl, lw=1, alpha=0.8, label="train loss")
+    if vs:
+        ax.plot(vs, vl, "o-", lw=1.5, label="val loss")
+        ax.set_title(f"final val loss {vl[-1]:.3f} (ppl {math.exp(vl[-1]):.1f})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return Path(out_png)
+
+
+class LossPlot(L.Callback):
+    """At the end of fit, rank 0 draws the loss curves of the whole run (all resumed segments)."""
+
+    def __init__(self, log_dir: str | Path, out_png: str | Path) -> None:
+        self.log_dir, self.out_png = Path(log_dir), Path(out_png)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.save()
+            plot_loss(self.log_dir, self.out_png)

@@ -1,0 +1,143 @@
+"""Typed run configuration: one source of truth for YAML recipes, the CLI and the saved run config.
+
+Field docstrings are the documentation: `dstlm fit --help` shows them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from dstlm.models.gpt import GPTConfig
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer, packing and batching."""
+
+    files: list[str] = field(default_factory=list)
+    """Local .txt (one document each) or .jsonl files; empty = the corpus shipped with dstlm."""
+    hf_dataset: Optional[str] = None
+    """A Hugging Face dataset name to load instead of files (needs network or a local HF cache)."""
+    hf_split: str = "train"
+    """Split of hf_dataset to read."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl rows / HF datasets."""
+    tokenizer: str = "bpe"
+    """'bpe' (byte-level BPE trained on the corpus and cached), 'gpt2' (shipped GPT-2 BPE) or a path."""
+    vocab_size: int = 4096
+    """Vocabulary of the trained 'bpe' tokenizer (ignored for others)."""
+    block_size: int = 256
+    """Tokens per training sequence; must not exceed model.block_size."""
+    batch_size: int = 16
+    """Sequences per micro-batch per rank."""
+    val_fraction: float = 0.05
+    """Fraction of every document (its tail) held out for validation."""
+    val_batches: int = 8
+    """Validation micro-batches per rank each time validation runs (0 = all)."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 is fastest for memory-mapped blocks on small machines)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise ValueError(f"data.batch_size={self.batch_size!r} must be a positive integer")
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"data.block_size={self.block_size!r} must be a positive integer")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.val_batches < 0:
+            raise ValueError(f"data.val_batches={self.val_batches} must be >= 0 (0 = all)")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay, linear warmup then cosine (or constant) decay."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (cosine schedule)."""
+    weight_decay: float = 0.1
+    """Applied to matrices only (not to norms, biases or embeddings)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 50
+    """Optimizer steps of linear warmup from 0."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate shape after warmup."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """adamw, or sgd with Nesterov momentum (momentum = betas[0])."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be positive")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings that dstlm exposes."""
+
+    max_steps: int = 600
+    """Optimizer steps to train."""
+    accelerator: str = "auto"
+    """cpu, gpu or auto."""
+    devices: int = 1
+    """Processes (ranks) per node; >1 uses the strategy below."""
+    num_nodes: int = 1
+    """Nodes."""
+    strategy: str = "auto"
+    """auto, ddp, ddp_spawn (Lightning strategy names)."""
+    precision: str = "32-true"
+    """32-true, bf16-mixed, bf16-true, 16-mixed."""
+    accumulate_grad_batches: int = 1
+    """Micro-batches per optimizer step."""
+    gradient_clip_val: Optional[float] = 1.0
+    """Clip the global gradient norm to this value (None = off)."""
+    val_every_n_steps: int = 100
+    """Run validation every N optimizer steps (and at the end)."""
+    log_every_n_steps: int = 10
+    """Logging interval in optimizer steps."""
+    ckpt_every_n_steps: int = 200
+    """Save a checkpoint every N optimizer steps (0 = only at the end)."""
+    keep_last_k: int = 2
+    """Checkpoints kept in out_dir/checkpoints (plus last.ckpt)."""
+    progress_bar: bool = True
+    """Show the progress bar."""
+    deterministic: bool = True
+    """Ask torch for deterministic algorithms (bit-reproducible CPU runs)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "devices", "num_nodes", "accumulate_grad_batches", "val_every_n_steps",
+                     "log_every_n_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"trainer.{name}={value!r} must be a positive integer")
+
+
+@dataclass
+class RunConfig:
+    """A complete training run."""
+
+    name: str = "run"
+    """Run name; outputs go to out_dir/name."""
+    out_dir: str = "runs"
+    """Directory of run folders."""
+    seed: int = 1337
+    """Seed for model init, data order and everything random."""
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.block_size > self.model.block_size:
+            raise ValueError(
+                f"data.block_size={self.data.block_size} exceeds model.block_size={self.model.block_size}; "
+                f"lower data.block_size or raise model.block_size"
+            )

@@ -1,0 +1,107 @@
+"""LightningDataModule: shipped/local/HF corpus -> tokenizer -> packed blocks -> resumable batches."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from dstlm.data.packing import BlockDataset, build_packed, load_documents
+from dstlm.data.sampler import ResumableBatchSampler
+from dstlm.data.tokenizer import TextTokenizer, load_tokenizer
+from dstlm.paths import default_corpus_files
+from dstlm.training.config import DataConfig
+
+
+class LMDataModule(L.LightningDataModule):
+    """Its state (epoch, micro-batches consumed) is saved in every checkpoint, so a resumed run
+    continues with the next batch instead of repeating or skipping any."""
+
+    def __init__(self, cfg: DataConfig, seed: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.seed = seed
+        self.files = list(cfg.files) or default_corpus_files()
+        self.tokenizer: Optional[TextTokenizer] = None
+        self.train_sampler: Optional[ResumableBatchSampler] = None
+        self._pending_resume: Optional[dict] = None
+
+    def _tokenizer(self) -> TextTokenizer:
+        if self.tokenizer is None:
+            files = [] if self.cfg.hf_dataset else self.files
+            if not self.cfg.hf_dataset:
+                missing = [f for f in self.files if not os.path.isfile(f)]
+                if missing:
+                    raise FileNotFoundError(f"corpus file {missing[0]!r} does not exist; fix data.files "
+                                            f"(or leave it empty for the shipped corpus)")
+            self.tokenizer = load_tokenizer(self.cfg.tokenizer, files, self.cfg.vocab_size)
+        return self.tokenizer
+
+    def _packed(self):
+        cfg = self.cfg
+        docs_key = f"hf:{cfg.hf_dataset}:{cfg.hf_split}" if cfg.hf_dataset else "|".join(self.files)
+        return build_packed(
+            docs_key + f"|{cfg.text_field}",
+            lambda: load_documents(self.files if not cfg.hf_dataset else (), cfg.hf_dataset, cfg.hf_split,
+                                   cfg.text_field),
+            self._tokenizer(), cfg.block_size, cfg.val_fraction,
+        )
+
+    def prepare_data(self) -> None:
+        # runs on local rank 0 only: trains/caches the tokenizer and the packed blocks
+        self._packed()
+
+    def setup(self, stage: str) -> None:
+        packed = self._packed()
+        self.train_set, self.val_set = BlockDataset(packed.train), BlockDataset(packed.val)
+        self.stats = packed.n_tokens
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self.train_sampler = ResumableBatchSampler(len(self.train_set), self.cfg.batch_size, self.seed, rank, world)
+        if self._pending_resume is not None:
+            self.train_sampler.resume(**self._pending_resume)
+            self._pending_resume = None
+        # validation: the first val_batches global batches, in order, split across ranks
+        G = self.cfg.batch_size * world
+        n_val = len(self.val_set) // G if self.cfg.val_batches == 0 else min(self.cfg.val_batches, len(self.val_set) // G)
+        if n_val == 0:
+            raise ValueError(f"validation split has {len(self.val_set)} blocks, fewer than one global batch "
+                             f"({G}); raise data.val_fraction or lower data.batch_size/block_size")
+        self.val_sampler = ResumableBatchSampler(n_val * G, self.cfg.batch_size, self.seed, rank, world, shuffle=False)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.train_set, batch_sampler=self.train_sampler,
+                                           num_workers=self.cfg.num_workers)
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.val_set, batch_sampler=self.val_sampler,
+                                           num_workers=self.cfg.num_workers)
+
+    # -- resumable position -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.trainer is None:
+            return {}
+        loop = self.trainer.fit_loop
+        # Called while saving inside on_train_batch_end: the current batch is processed but not yet
+        # counted as completed, so `processed` is the number of micro-batches consumed this epoch.
+        done = loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": int(self.trainer.current_epoch), "batches_done": int(done), "seed": self.seed,
+                "global_batch": self.cfg.batch_size * self.trainer.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if self.trainer is not None and state["global_batch"] != self.cfg.batch_size * self.trainer.world_size:
+            raise ValueError(
+                f"checkpoint was trained with a global batch of {state['global_batch']} sequences, this run has "
+                f"{self.cfg.batch_size * self.trainer.world_size}; set data.batch_size so that batch_size x devices "
+                f"matches to resume the data stream"
+            )
+        if state["seed"] != self.seed:
+            raise ValueError(f"checkpoint seed={state['seed']} differs from seed={self.seed}; resume with the same seed")
+        resume = {"epoch": state["epoch"], "batches_done": state["batches_done"]}
+        if self.train_sampler is not None:
+            self.train_sampler.resume(**resume)
+        else:
+            self._pending_resume = resume

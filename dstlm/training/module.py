@@ -1,0 +1,114 @@
+"""LightningModule for causal-LM training of dstlm models."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn as nn
+
+from dstlm.models.gpt import GPT, GPTConfig
+from dstlm.training.config import OptimConfig
+
+
+def lr_lambda(cfg: OptimConfig, max_steps: int):
+    """Multiplier of the peak LR at optimizer step t: linear warmup, then cosine to min_lr_ratio."""
+
+    def fn(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only matrices of linear layers; never norms, biases or embeddings (tied LM head included)."""
+    no_decay_ids = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.LayerNorm)):
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if (p.ndim < 2 or id(p) in no_decay_ids) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LMModule(L.LightningModule):
+    """Trains a GPT on (inputs, targets) token blocks; logs loss, perplexity, LR and tokens/s."""
+
+    def __init__(self, model: GPTConfig, optim: OptimConfig, max_steps: int) -> None:
+        super().__init__()
+        self.model_config = model
+        self.optim_config = optim
+        self.max_steps = max_steps
+        self.save_hyperparameters({"model": asdict(model), "optim": asdict(optim), "max_steps": max_steps})
+        self.model: GPT | None = None
+        self._t_last: float | None = None
+        self._win_tokens, self._win_time = 0, 0.0
+        self._tok_per_s = 0.0
+
+    def configure_model(self) -> None:
+        # Built here (not in __init__) so strategies that shard at construction time can wrap it, and so
+        # model transforms (sparsity, Sparse-IFT) run the same on every rank before wrapping.
+        if self.model is None:
+            self.model = GPT(self.model_config)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.model.loss(x, y)
+        self._count_tokens(x.numel())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def _count_tokens(self, n_local: int) -> None:
+        """Tokens/s over all ranks, from wall time between consecutive steps, refreshed every >= 2 s."""
+        now = time.perf_counter()
+        if self._t_last is not None:
+            self._win_tokens += n_local * self.trainer.world_size
+            self._win_time += now - self._t_last
+            if self._win_time >= 2.0:
+                self._tok_per_s = self._win_tokens / self._win_time
+                self._win_tokens, self._win_time = 0, 0.0
+        self._t_last = now
+        self.log("tok/s", self._tok_per_s, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_n = torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        loss = self.model.loss(x, y)
+        self._val_sum += loss.detach().double() * y.numel()
+        self._val_n += y.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(torch.stack([self._val_sum, self._val_n]), reduce_op="sum")
+        val_loss = (total[0] / total[1].clamp_min(1)).float()
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=False, rank_zero_only=False)
+        self.log("val/ppl", torch.exp(val_loss), sync_dist=False)
+        # the time spent validating must not count against training throughput
+        self._t_last = None
+
+    def configure_optimizers(self):
+        cfg = self.optim_config
+        groups = param_groups(self.model, cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+        else:
+            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0], nesterov=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

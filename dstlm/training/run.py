@@ -1,0 +1,155 @@
+"""Build a Trainer, module and data from a RunConfig, and run fit / validate."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from dstlm.training.callbacks import LossPlot, StepCheckpoint
+from dstlm.training.config import RunConfig
+from dstlm.training.datamodule import LMDataModule
+from dstlm.training.module import LMModule
+
+# Messages that are expected on CPU runs and only distract users.
+for _msg in (".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
+             ".*GPU available but not used.*", ".*is supported for historical reasons but its usage is discouraged.*",
+             ".*Experiment logs directory .* exists and is not empty.*", ".*srun.*"):
+    warnings.filterwarnings("ignore", message=_msg)
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def _next_version(log_dir: Path) -> int:
+    versions = [int(p.name.split("_")[1]) for p in log_dir.glob("version_*") if p.name.split("_")[1].isdigit()]
+    return max(versions, default=-1) + 1
+
+
+def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool = True):
+    """(trainer, module, datamodule) for `cfg`; the run folder is out_dir/name."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    out = run_dir(cfg)
+    log_dir = out / "logs"
+    loggers = []
+    if logger:
+        # version numbers agree on all ranks because rank 0 creates the folder only after all have looked
+        version = _next_version(log_dir)
+        loggers = [CSVLogger(out, name="logs", version=version),
+                   TensorBoardLogger(out, name="logs", version=version, default_hp_metric=False)]
+    callbacks = [
+        StepCheckpoint(out / "checkpoints", cfg.trainer.ckpt_every_n_steps, cfg.trainer.keep_last_k),
+        LossPlot(log_dir, out / "loss.png"),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    callbacks += extra_callbacks or []
+    t = cfg.trainer
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=t.precision, max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val, val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches,
+        check_val_every_n_epoch=None, log_every_n_steps=t.log_every_n_steps, logger=loggers or False,
+        callbacks=callbacks, enable_progress_bar=t.progress_bar, enable_model_summary=False,
+        deterministic=t.deterministic, use_distributed_sampler=False, num_sanity_val_steps=0,
+        default_root_dir=str(out),
+    )
+    module = LMModule(cfg.model, cfg.optim, t.max_steps)
+    data = LMDataModule(cfg.data, cfg.seed)
+    return trainer, module, data
+
+
+def check_vocab(cfg: RunConfig, data: LMDataModule) -> None:
+    vocab = data._tokenizer().vocab_size
+    if vocab > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {cfg.data.tokenizer!r} has {vocab} tokens but model.vocab_size="
+                         f"{cfg.model.vocab_size}; set model.vocab_size >= {vocab}")
+
+
+def save_config(cfg_yaml: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "config.yaml.tmp"
+    tmp.write_text(cfg_yaml)
+    tmp.replace(out / "config.yaml")
+
+
+def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, config_yaml: Optional[str] = None,
+        extra_callbacks: Optional[list] = None) -> dict:
+    """Train; returns (and writes to out_dir/name/summary.json) the final metrics."""
+    trainer, module, data = build(cfg, extra_callbacks)
+    check_vocab(cfg, data)
+    out = run_dir(cfg)
+    if config_yaml is not None and trainer.is_global_zero:
+        save_config(config_yaml, out)
+    if ckpt_path == "last":
+        last = out / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            raise FileNotFoundError(f"--ckpt_path last: no checkpoint at {last}; train first or give a path")
+        ckpt_path = str(last)
+    elif ckpt_path is not None and not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist")
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    wall = time.perf_counter() - t0
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    summary = {
+        "run": str(out), "steps": trainer.global_step, "wall_s": round(wall, 1),
+        "val_loss": metrics.get("val/loss"), "val_ppl": metrics.get("val/ppl"),
+        "train_loss": metrics.get("train/loss"), "tokens_per_s": metrics.get("tok/s"),
+        "params": module.model.num_params(non_embedding=False),
+        "train_tokens_seen": trainer.global_step * cfg.trainer.accumulate_grad_batches * cfg.data.batch_size
+        * cfg.data.block_size * trainer.world_size,
+        "corpus_tokens": getattr(data, "stats", {}),
+        "loss_png": str(out / "loss.png"), "logs": str(out / "logs"), "checkpoint": str(out / "checkpoints" / "last.ckpt"),
+    }
+    for cb in extra_callbacks or []:
+        if hasattr(cb, "summary"):
+            summary.update(cb.summary())
+    if trainer.is_global_zero:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def validate(cfg: RunConfig, ckpt_path: Optional[str]) -> dict:
+    trainer, module, data = build(cfg, logger=False)
+    check_vocab(cfg, data)
+    if ckpt_path == "last":
+        ckpt_path = str(run_dir(cfg) / "checkpoints" / "last.ckpt")
+    if ckpt_path is not None and not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist")
+    results = trainer.validate(module, datamodule=data, ckpt_path=ckpt_path, verbose=False)[0]
+    results = {k: float(v) for k, v in results.items()}
+    if "val/loss" in results and "val/ppl" not in results:
+        results["val/ppl"] = math.exp(results["val/loss"])
+    return results
+
+
+def format_summary(summary: dict) -> str:
+    lines = ["", "=" * 64, f" dstlm run finished: {summary['run']}"]
+    if summary.get("val_loss") is not None:
+        lines.append(f"   val loss {summary['val_loss']:.4f}   val perplexity {summary['val_ppl']:.2f}")
+    for key, label in (("steps", "optimizer steps"), ("train_tokens_seen", "tokens trained"),
+                       ("tokens_per_s", "tokens/s (last window)"), ("wall_s", "wall time (s)"),
+                       ("params", "parameters"), ("sparsity", "sparsity (sparsified layers)")):
+        if summary.get(key) is not None:
+            value = summary[key]
+            lines.append(f"   {label:<28} {value:,.3f}" if isinstance(value, float) else f"   {label:<28} {value:,}")
+    lines += [f"   loss curve   {summary['loss_png']}", f"   logs         {summary['logs']} (CSV + TensorBoard)",
+              f"   checkpoint   {summary['checkpoint']}", "=" * 64]
+    return "\n".join(lines)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
