@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional
 
+from argparse import ArgumentError
+
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -21,7 +23,7 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 def run_parser(prog: str) -> ArgumentParser:
     from dstlm.training.config import RunConfig
 
-    parser = ArgumentParser(prog=prog, default_meta=False, exit_on_error=False,
+    parser = ArgumentParser(prog=prog, default_meta=False, exit_on_error=False, allow_abbrev=False,
                             description="Options are fields of RunConfig; YAML recipes set the same keys.")
     parser.add_argument("--config", action=ActionConfigFile, help="A recipe YAML (recipes/*.yaml).")
     parser.add_argument("--ckpt_path", type=Optional[str], default=None,
@@ -43,7 +45,7 @@ def _parse_run(prog: str, argv: list[str]):
     argv = _nest_configs(argv)
     ns = parser.parse_args(argv)
     run_ns = ns.run
-    yaml_text = parser.dump(ns, skip_none=False)
+    yaml_text = parser.dump(ns)
     cfg = _build(RunConfig, run_ns)
     import yaml as _yaml
 
@@ -160,13 +162,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     if name not in COMMANDS:
         print(f"dstlm: error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    import logging
+
+    # Lightning's start-up banner (GPU/TPU availability, tips) is noise on the console; warnings stay.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     try:
         return COMMANDS[name][0](rest)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, ArgumentError) as err:
         if "DSTLM_TRACEBACK" in __import__("os").environ:
             raise
-        msg = str(err).strip().splitlines()
-        print(f"dstlm: error: {msg[-1] if msg else type(err).__name__}", file=sys.stderr)
+        lines = [ln.strip(" -") for ln in str(err).strip().splitlines() if ln.strip()]
+        msg = lines[-1] if lines else type(err).__name__
+        msg = msg.replace('"run.', '"').replace("run.", "")  # internal prefix of the option names
+        print(f"dstlm: error: {msg}", file=sys.stderr)
         return 2
 
 

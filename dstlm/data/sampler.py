@@ -1,21 +1,27 @@
 """A deterministic, resumable, data-parallel batch sampler.
 
 The data order is defined by *global* batches: epoch e shuffles all items with a generator seeded by
-(seed, e), global batch b is permutation[b*G : (b+1)*G] with G = batch_size * world_size, and rank r
-takes its slice [r*batch_size : (r+1)*batch_size]. Hence 1 rank x batch 16 and 2 ranks x batch 8 see
-the same global batches, and a run resumed at (epoch, batches_done) continues with the very next batch.
+(seed, e), global batch b of that epoch is permutation[b*G : (b+1)*G] with G = batch_size * world_size,
+and rank r takes its slice [r*batch_size : (r+1)*batch_size]. Hence 1 rank x batch 16 and 2 ranks x
+batch 8 see the same global batches.
+
+For training, one iteration runs through `total_batches` global batches, crossing data epochs inside
+(Lightning then sees a single epoch, and every checkpoint is a mid-epoch one, which Lightning restores
+exactly). The position is absolute: `resume(n)` makes the next iteration start with global batch n, so a
+resumed run continues with the very next batch. Iterating has no side effects, so Lightning may call
+iter() as often as it likes.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
     def __init__(self, n_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, total_batches: Optional[int] = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
         if not 0 <= rank < world_size:
@@ -26,26 +32,21 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         self.rank = rank
         self.world_size = world_size
         self.shuffle = shuffle
-        self.epoch = 0
-        self._resume_at = 0  # batches to skip at the start of the next iteration (consumed once)
-        if len(self) == 0:
+        self.batches_per_epoch = n_items // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
             raise ValueError(
                 f"{n_items} blocks cannot fill one global batch of {batch_size} x {world_size} ranks; "
                 f"lower data.batch_size or data.block_size, or add data"
             )
+        self.total_batches = total_batches or self.batches_per_epoch
+        self.start = 0  # absolute index (over all data epochs) of the first global batch to yield
 
     def __len__(self) -> int:
-        return self.n_items // (self.batch_size * self.world_size)
+        return self.total_batches - self.start
 
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning at the start of every epoch."""
-        self.epoch = epoch
-
-    def resume(self, epoch: int, batches_done: int) -> None:
-        """Make the next iteration start at batch `batches_done` of `epoch`."""
-        self.epoch = epoch
-        # a checkpoint taken after the epoch's last batch resumes at the start of the next epoch
-        self._resume_at = batches_done if batches_done < len(self) else 0
+    def resume(self, batches_consumed: int) -> None:
+        """Continue after `batches_consumed` global batches (counted over all data epochs)."""
+        self.start = min(batches_consumed, self.total_batches)
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
@@ -54,10 +55,17 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         g.manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n_items, generator=g)
 
+    def global_batch(self, b: int, perm: Optional[torch.Tensor] = None) -> list[int]:
+        """This rank's items of absolute global batch b."""
+        epoch, offset = divmod(b, self.batches_per_epoch)
+        perm = self.order(epoch) if perm is None else perm
+        lo = offset * self.batch_size * self.world_size + self.rank * self.batch_size
+        return perm[lo: lo + self.batch_size].tolist()
+
     def __iter__(self) -> Iterator[list[int]]:
-        start, self._resume_at = self._resume_at, 0
-        perm = self.order(self.epoch)
-        G = self.batch_size * self.world_size
-        for b in range(start, len(self)):
-            lo = b * G + self.rank * self.batch_size
-            yield perm[lo: lo + self.batch_size].tolist()
+        perm_epoch, perm = -1, None
+        for b in range(self.start, self.total_batches):
+            epoch = b // self.batches_per_epoch
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, self.order(epoch)
+            yield self.global_batch(b, perm)

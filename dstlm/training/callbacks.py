@@ -18,8 +18,14 @@ class StepCheckpoint(ModelCheckpoint):
                          every_n_train_steps=every_n_steps or None, save_top_k=max(1, keep_last_k),
                          monitor="step", mode="max", save_last=True)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._last_global_step_saved < trainer.global_step and not trainer.sanity_checking:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # The final step (or a requested stop) is saved here, inside the batch loop, and not in
+        # on_train_end: Lightning restores a checkpoint written after the loop ended by re-creating the
+        # data iterator, which would replay one batch.
+        finishing = trainer.global_step >= trainer.max_steps > 0 or trainer.should_stop
+        at_boundary = not trainer.fit_loop.epoch_loop._should_accumulate()
+        if finishing and at_boundary and self._last_global_step_saved < trainer.global_step:
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
@@ -84,3 +90,35 @@ class LossPlot(L.Callback):
             for logger in trainer.loggers:
                 logger.save()
             plot_loss(self.log_dir, self.out_png)
+
+
+class RNGState(L.Callback):
+    """Saves and restores the torch/numpy/python RNG streams so a resumed run draws the same dropout
+    masks (and any other randomness) as an uninterrupted one."""
+
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+        import torch
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        # plain types only, so checkpoints load with torch.load(weights_only=True)
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        torch.set_rng_state(state["torch"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -26,7 +26,7 @@ class LMDataModule(L.LightningDataModule):
         self.files = list(cfg.files) or default_corpus_files()
         self.tokenizer: Optional[TextTokenizer] = None
         self.train_sampler: Optional[ResumableBatchSampler] = None
-        self._pending_resume: Optional[dict] = None
+        self._pending_resume: Optional[int] = None
 
     def _tokenizer(self) -> TextTokenizer:
         if self.tokenizer is None:
@@ -58,9 +58,14 @@ class LMDataModule(L.LightningDataModule):
         self.train_set, self.val_set = BlockDataset(packed.train), BlockDataset(packed.val)
         self.stats = packed.n_tokens
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        self.train_sampler = ResumableBatchSampler(len(self.train_set), self.cfg.batch_size, self.seed, rank, world)
+        # one Lightning epoch = the whole run (micro-batches), crossing data epochs inside the sampler
+        total = None
+        if self.trainer is not None and self.trainer.max_steps and self.trainer.max_steps > 0:
+            total = self.trainer.max_steps * self.trainer.accumulate_grad_batches
+        self.train_sampler = ResumableBatchSampler(len(self.train_set), self.cfg.batch_size, self.seed, rank, world,
+                                                   total_batches=total)
         if self._pending_resume is not None:
-            self.train_sampler.resume(**self._pending_resume)
+            self.train_sampler.resume(self._pending_resume)
             self._pending_resume = None
         # validation: the first val_batches global batches, in order, split across ranks
         G = self.cfg.batch_size * world
@@ -70,23 +75,27 @@ class LMDataModule(L.LightningDataModule):
                              f"({G}); raise data.val_fraction or lower data.batch_size/block_size")
         self.val_sampler = ResumableBatchSampler(n_val * G, self.cfg.batch_size, self.seed, rank, world, shuffle=False)
 
+    def _loader(self, dataset, sampler) -> torch.utils.data.DataLoader:
+        # A private generator: otherwise every iter() draws a worker seed from the global RNG, and a resumed
+        # run (which calls iter() at a different moment) would see different dropout masks afterwards.
+        g = torch.Generator()
+        g.manual_seed(self.seed)
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.num_workers,
+                                           generator=g)
+
     def train_dataloader(self):
-        return torch.utils.data.DataLoader(self.train_set, batch_sampler=self.train_sampler,
-                                           num_workers=self.cfg.num_workers)
+        return self._loader(self.train_set, self.train_sampler)
 
     def val_dataloader(self):
-        return torch.utils.data.DataLoader(self.val_set, batch_sampler=self.val_sampler,
-                                           num_workers=self.cfg.num_workers)
+        return self._loader(self.val_set, self.val_sampler)
 
     # -- resumable position -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self.trainer is None:
             return {}
-        loop = self.trainer.fit_loop
-        # Called while saving inside on_train_batch_end: the current batch is processed but not yet
-        # counted as completed, so `processed` is the number of micro-batches consumed this epoch.
-        done = loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": int(self.trainer.current_epoch), "batches_done": int(done), "seed": self.seed,
+        # Saved from inside on_train_batch_end: the current batch counts as processed already.
+        consumed = self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        return {"batches_consumed": int(consumed), "seed": self.seed,
                 "global_batch": self.cfg.batch_size * self.trainer.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -100,8 +109,7 @@ class LMDataModule(L.LightningDataModule):
             )
         if state["seed"] != self.seed:
             raise ValueError(f"checkpoint seed={state['seed']} differs from seed={self.seed}; resume with the same seed")
-        resume = {"epoch": state["epoch"], "batches_done": state["batches_done"]}
         if self.train_sampler is not None:
-            self.train_sampler.resume(**resume)
+            self.train_sampler.resume(state["batches_consumed"])
         else:
-            self._pending_resume = resume
+            self._pending_resume = state["batches_consumed"]

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from dstlm.training.callbacks import LossPlot, StepCheckpoint
+from dstlm.training.callbacks import LossPlot, RNGState, StepCheckpoint
 from dstlm.training.config import RunConfig
 from dstlm.training.datamodule import LMDataModule
 from dstlm.training.module import LMModule
@@ -51,8 +51,10 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
     callbacks = [
         StepCheckpoint(out / "checkpoints", cfg.trainer.ckpt_every_n_steps, cfg.trainer.keep_last_k),
         LossPlot(log_dir, out / "loss.png"),
-        LearningRateMonitor(logging_interval="step"),
+        RNGState(),
     ]
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     callbacks += extra_callbacks or []

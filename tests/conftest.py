@@ -1,0 +1,44 @@
+"""Tiny configs shared by the tests: a 2-layer 32-wide GPT on a 150 kB slice of the shipped corpus."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from dstlm.models.gpt import GPTConfig  # noqa: E402
+from dstlm.paths import CORPUS_DIR  # noqa: E402
+from dstlm.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> list[str]:
+    """Two documents: 100 kB of Shakespeare and 50 kB of Austen."""
+    d = tmp_path_factory.mktemp("corpus")
+    a = d / "shakespeare.txt"
+    a.write_text((CORPUS_DIR / "tinyshakespeare.txt").read_text()[:100_000])
+    b = d / "austen.txt"
+    b.write_text((CORPUS_DIR / "austen-persuasion.txt").read_text()[:50_000])
+    return [str(a), str(b)]
+
+
+def tiny_run(out_dir, files, **over) -> RunConfig:
+    """A RunConfig that trains in seconds; keyword groups override fields: model={...}, trainer={...}."""
+    model = dict(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    data = dict(files=files, tokenizer="bpe", vocab_size=512, block_size=32, batch_size=8, val_batches=2)
+    optim = dict(lr=3e-3, warmup_steps=2)
+    trainer = dict(max_steps=6, val_every_n_steps=3, log_every_n_steps=1, ckpt_every_n_steps=0,
+                   progress_bar=False, accelerator="cpu")
+    model.update(over.pop("model", {}))
+    data.update(over.pop("data", {}))
+    optim.update(over.pop("optim", {}))
+    trainer.update(over.pop("trainer", {}))
+    return RunConfig(name=over.pop("name", "t"), out_dir=str(out_dir), model=GPTConfig(**model),
+                     data=DataConfig(**data), optim=OptimConfig(**optim), trainer=TrainerConfig(**trainer), **over)
