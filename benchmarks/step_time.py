@@ -1,0 +1,111 @@
+"""dstlm's Lightning training step vs a plain-torch loop on the same model, data and optimizer.
+
+Both loops do the same work per step: forward, backward, gradient clipping, AdamW, LR schedule, on the
+same batches of the shipped corpus. Timing is the wall time between consecutive steps after a warm-up,
+median over the measured steps; the two loops alternate `--rounds` times in one process so machine
+noise hits both. Prints a table and the ratio (goal: Lightning / plain <= 1.05).
+
+    .venv/bin/python benchmarks/step_time.py [--steps 60] [--warmup 30] [--rounds 2] [--preset tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dstlm.models import GPT, load_preset  # noqa: E402
+from dstlm.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig  # noqa: E402
+from dstlm.training.module import lr_lambda, param_groups  # noqa: E402
+from dstlm.training.run import build  # noqa: E402
+
+
+class StepTimer(L.Callback):
+    def __init__(self):
+        self.stamps = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.stamps.append(time.perf_counter())
+
+
+def intervals(stamps: list[float], warmup: int) -> list[float]:
+    return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
+
+
+def run_lightning(cfg: RunConfig, total: int) -> list[float]:
+    cfg.trainer.max_steps = total
+    timer = StepTimer()
+    trainer, module, data = build(cfg, [timer])
+    trainer.fit(module, datamodule=data)
+    return timer.stamps
+
+
+def run_plain(cfg: RunConfig, total: int) -> list[float]:
+    """The loop a careful user would write by hand, on the same batches Lightning sees."""
+    L.seed_everything(cfg.seed, verbose=False)
+    _, _, data = build(cfg, logger=False)
+    data.prepare_data()
+    data.setup("fit")
+    model = GPT(cfg.model)
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                            eps=cfg.optim.eps, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, total))
+    stamps = []
+    model.train()
+    for step, (x, y) in enumerate(data.train_dataloader()):
+        if step >= total:
+            break
+        loss = model.loss(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss)  # Lightning logs the loss every step, which synchronises; do the same here
+        stamps.append(time.perf_counter())
+    return stamps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--steps", type=int, default=60, help="measured steps per round")
+    ap.add_argument("--warmup", type=int, default=30, help="steps discarded per round (>= 30)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    out = tempfile.mkdtemp(prefix="dstlm-bench-")
+    cfg = RunConfig(name="bench", out_dir=out, model=load_preset(args.preset),
+                    data=DataConfig(batch_size=args.batch_size, val_batches=1), optim=OptimConfig(),
+                    trainer=TrainerConfig(max_steps=1, val_every_n_steps=10**6, ckpt_every_n_steps=0,
+                                          progress_bar=False, accelerator="cpu"))
+    total = args.warmup + args.steps + 1
+    tokens = args.batch_size * cfg.data.block_size
+    results = {"plain torch": [], "dstlm (Lightning)": []}
+    for r in range(args.rounds):
+        results["plain torch"] += intervals(run_plain(cfg, total), args.warmup)
+        results["dstlm (Lightning)"] += intervals(run_lightning(cfg, total), args.warmup)
+    print(f"\nstep time, {args.preset} GPT, batch {args.batch_size} x {cfg.data.block_size} tokens, "
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up")
+    print(f"{'loop':<20} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'tokens/s':>10}")
+    med = {}
+    for name, xs in results.items():
+        xs = sorted(xs)
+        med[name] = statistics.median(xs)
+        print(f"{name:<20} {med[name] * 1e3:>10.1f} {xs[len(xs) // 10] * 1e3:>8.1f} "
+              f"{xs[9 * len(xs) // 10] * 1e3:>8.1f} {tokens / med[name]:>10,.0f}")
+    ratio = med["dstlm (Lightning)"] / med["plain torch"]
+    print(f"ratio Lightning / plain = {ratio:.3f}  (goal <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()
