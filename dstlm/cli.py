@@ -100,6 +100,9 @@ def _dataclass_type(cls, name: str):
     import typing
 
     hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) is typing.Union:  # Optional[SomeConfig]
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = inner[0] if len(inner) == 1 else hint
     return hint if dataclasses.is_dataclass(hint) else None
 
 

@@ -58,8 +58,8 @@ def _params(module):
 
 
 def test_resume_continues_data_stream_exactly(tmp_path, small_corpus):
-    """Stop at step 5 (mid-epoch), resume: same batches, losses and weights as an unbroken run."""
-    over = dict(trainer=dict(max_steps=10, ckpt_every_n_steps=5, val_every_n_steps=5),
+    """Stop at step 3 (mid-epoch), resume: same batches, losses and weights as an unbroken run."""
+    over = dict(trainer=dict(max_steps=10, ckpt_every_n_steps=3, val_every_n_steps=4),
                 data=dict(batch_size=4), model=dict(dropout=0.1))
     full_rec = BatchRecorder()
     trainer, module, data = build(tiny_run(tmp_path / "a", small_corpus, **over), [full_rec], logger=False)
@@ -70,10 +70,10 @@ def test_resume_continues_data_stream_exactly(tmp_path, small_corpus):
 
     cfg_b = tiny_run(tmp_path / "b", small_corpus, **over)
     first = BatchRecorder()
-    trainer, module_b, data = build(cfg_b, [first, StopAt(5)], logger=False)
+    trainer, module_b, data = build(cfg_b, [first, StopAt(3)], logger=False)
     trainer.fit(module_b, datamodule=data)
     ckpt = tmp_path / "b" / "t" / "checkpoints" / "last.ckpt"
-    assert ckpt.exists() and len(first.batches) == 5
+    assert ckpt.exists() and len(first.batches) == 3
     second = BatchRecorder()
     trainer, module_b, data = build(cfg_b, [second], logger=False)
     trainer.fit(module_b, datamodule=data, ckpt_path=str(ckpt))

@@ -42,7 +42,9 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         self.start = 0  # absolute index (over all data epochs) of the first global batch to yield
 
     def __len__(self) -> int:
-        return self.total_batches - self.start
+        # The full length even when resumed: Lightning restores its own batch counter to `start` and
+        # expects len - start more batches, which is exactly what iteration yields.
+        return self.total_batches
 
     def resume(self, batches_consumed: int) -> None:
         """Continue after `batches_consumed` global batches (counted over all data epochs)."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from dstlm.models.gpt import GPTConfig
+from dstlm.sparse.config import SparsityConfig
 
 
 @dataclass
@@ -134,6 +135,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sparsity: Optional[SparsityConfig] = None
+    """Dynamic sparse training (configs/sparsity/*.yaml); None = dense."""
 
     def __post_init__(self) -> None:
         if self.data.block_size > self.model.block_size:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from dstlm.models.gpt import GPT, GPTConfig
+from dstlm.sparse import SparseEngine, SparsityConfig
 from dstlm.training.config import OptimConfig
 
 
@@ -46,13 +47,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class LMModule(L.LightningModule):
     """Trains a GPT on (inputs, targets) token blocks; logs loss, perplexity, LR and tokens/s."""
 
-    def __init__(self, model: GPTConfig, optim: OptimConfig, max_steps: int) -> None:
+    def __init__(self, model: GPTConfig, optim: OptimConfig, max_steps: int,
+                 sparsity: SparsityConfig | None = None, seed: int = 0) -> None:
         super().__init__()
         self.model_config = model
         self.optim_config = optim
+        self.sparsity_config = sparsity
+        self.seed = seed
         self.max_steps = max_steps
-        self.save_hyperparameters({"model": asdict(model), "optim": asdict(optim), "max_steps": max_steps})
+        self.save_hyperparameters({"model": asdict(model), "optim": asdict(optim), "max_steps": max_steps,
+                                   "sparsity": asdict(sparsity) if sparsity else None, "seed": seed})
         self.model: GPT | None = None
+        self.sparse_engine: SparseEngine | None = None
         self._t_last: float | None = None
         self._win_tokens, self._win_time = 0, 0.0
         self._tok_per_s = 0.0
@@ -62,6 +68,30 @@ class LMModule(L.LightningModule):
         # model transforms (sparsity, Sparse-IFT) run the same on every rank before wrapping.
         if self.model is None:
             self.model = GPT(self.model_config)
+            if self.sparsity_config is not None:
+                # masks become persistent buffers on the modules, before any strategy wraps the model
+                self.sparse_engine = SparseEngine(self.model, self.sparsity_config, self.seed, self.max_steps)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another model shape or sparsity setup with a one-line reason."""
+        saved = checkpoint.get("hyper_parameters", {})
+        if "model" in saved:
+            now = asdict(self.model_config)
+            diff = [k for k in now if k in saved["model"] and saved["model"][k] != now[k]]
+            if diff:
+                k = diff[0]
+                raise ValueError(f"checkpoint model.{k}={saved['model'][k]!r} but this run has model.{k}={now[k]!r}; "
+                                 f"use the checkpoint's model config")
+        old, new = saved.get("sparsity"), asdict(self.sparsity_config) if self.sparsity_config else None
+        if "sparsity" in saved and (old is None) != (new is None):
+            raise ValueError(f"checkpoint is {'dense' if old is None else 'sparse (' + old['method'] + ')'} but this "
+                             f"run is {'dense' if new is None else 'sparse (' + new['method'] + ')'}; resume with the "
+                             f"same sparsity config")
+        if old and new:
+            for k in ("method", "sparsity", "distribution", "include", "exclude", "n", "m"):
+                if old.get(k) != new.get(k):
+                    raise ValueError(f"checkpoint was trained with sparsity.{k}={old.get(k)!r}, this run has "
+                                     f"sparsity.{k}={new.get(k)!r}; resume with the same sparsity config")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from dstlm.training.callbacks import LossPlot, RNGState, StepCheckpoint
 from dstlm.training.config import RunConfig
 from dstlm.training.datamodule import LMDataModule
+from dstlm.training.dst_callback import DSTCallback
 from dstlm.training.module import LMModule
 
 # Messages that are expected on CPU runs and only distract users.
@@ -57,6 +58,8 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
+    if cfg.sparsity is not None:
+        callbacks.append(DSTCallback())
     callbacks += extra_callbacks or []
     t = cfg.trainer
     trainer = L.Trainer(
@@ -68,7 +71,7 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         deterministic=t.deterministic, use_distributed_sampler=False, num_sanity_val_steps=0,
         default_root_dir=str(out),
     )
-    module = LMModule(cfg.model, cfg.optim, t.max_steps)
+    module = LMModule(cfg.model, cfg.optim, t.max_steps, sparsity=cfg.sparsity, seed=cfg.seed)
     data = LMDataModule(cfg.data, cfg.seed)
     return trainer, module, data
 
@@ -116,7 +119,7 @@ def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, config_yaml: Optional[s
         "corpus_tokens": getattr(data, "stats", {}),
         "loss_png": str(out / "loss.png"), "logs": str(out / "logs"), "checkpoint": str(out / "checkpoints" / "last.ckpt"),
     }
-    for cb in extra_callbacks or []:
+    for cb in trainer.callbacks:
         if hasattr(cb, "summary"):
             summary.update(cb.summary())
     if trainer.is_global_zero:

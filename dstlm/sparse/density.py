@@ -1,0 +1,63 @@
+"""Per-layer densities: uniform, ER and ERK (with the dense-layer re-solve), plus fixed overrides."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+
+def raw_score(shape: Sequence[int], power: float = 1.0) -> float:
+    """ERK raw score (sum of dims / product of dims)^power; for a linear layer it equals ER."""
+    return (sum(shape) / math.prod(shape)) ** power
+
+
+def erk_densities(shapes: Mapping[str, Sequence[int]], density: float, power: float = 1.0,
+                  fixed: Mapping[str, float] | None = None, method: str = "erk") -> dict[str, float]:
+    """Densities d_l with sum_l d_l N_l = density * sum_l N_l.
+
+    `fixed` layers keep their given density; the others get eps * p_l. A layer whose eps * p_l exceeds 1
+    becomes dense and eps is solved again, until none does. method="uniform" gives every free layer the
+    same density (re-solved around the fixed ones); "er" and "erk" use raw_score (equal for 2-D weights).
+    """
+    fixed = dict(fixed or {})
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    total = sum(numel.values())
+    score = {n: (1.0 if method == "uniform" else raw_score(s, power)) for n, s in shapes.items()}
+    dense: set[str] = set()
+    while True:
+        free = [n for n in shapes if n not in fixed and n not in dense]
+        budget = density * total - sum(fixed[n] * numel[n] for n in fixed) - sum(numel[n] for n in dense)
+        denom = sum(score[n] * numel[n] for n in free)
+        if not free:
+            break
+        eps = budget / denom
+        if eps < 0:
+            raise ValueError(f"the overrides already use more than the global density {density:.4f}; "
+                             f"lower sparsity.overrides or raise sparsity.sparsity")
+        over = [n for n in free if eps * score[n] > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    out = {}
+    for n in shapes:
+        out[n] = fixed[n] if n in fixed else 1.0 if n in dense else eps * score[n]
+    return out
+
+
+def active_counts(shapes: Mapping[str, Sequence[int]], densities: Mapping[str, float], density: float) -> dict[str, int]:
+    """Integer non-zero budgets per layer whose sum equals round(density * total) exactly
+    (largest-remainder rounding), so the global density is the target to one weight."""
+    numel = {n: math.prod(s) for n, s in shapes.items()}
+    exact = {n: densities[n] * numel[n] for n in shapes}
+    counts = {n: min(numel[n], int(math.floor(exact[n]))) for n in shapes}
+    target = min(sum(numel.values()), int(round(density * sum(numel.values()))))
+    short = target - sum(counts.values())
+    by_remainder = sorted(shapes, key=lambda n: (exact[n] - counts[n]), reverse=True)
+    i = 0
+    while short > 0 and i < 10 * len(by_remainder) + 10:
+        n = by_remainder[i % len(by_remainder)]
+        if counts[n] < numel[n] and densities[n] < 1.0:
+            counts[n] += 1
+            short -= 1
+        i += 1
+    return counts

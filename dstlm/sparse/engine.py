@@ -1,0 +1,248 @@
+"""SparseEngine: one mask-update path shared by every method.
+
+Lifecycle (driven by the training layer, identically on every rank):
+    engine = SparseEngine(model, cfg, seed, max_steps)    # selects weights, sets densities, initial masks
+    per optimizer step t -> t+1:
+        engine.before_optimizer_step(t + 1, backend)      # capture dense-gradient scores, mask gradients
+        optimizer.step()
+        engine.after_optimizer_step(t + 1, backend)       # at update steps: new masks, zero W and state
+Weights at pruned entries are kept exactly 0 by masking their gradients and zeroing their optimizer
+state, so no per-step weight multiply is needed in forward.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from dstlm.sparse import rules
+from dstlm.sparse.config import SparsityConfig
+from dstlm.sparse.density import active_counts, erk_densities
+from dstlm.sparse.distributed import SparseBackend, TorchBackend
+from dstlm.sparse.masks import SparseParam, attach_mask, check_patterns_match, mask_checksum, select_params
+from dstlm.sparse.schedule import UpdateSchedule, gmp_sparsity
+
+
+class MaskMismatchError(RuntimeError):
+    pass
+
+
+class SparseEngine:
+    def __init__(self, model: nn.Module, cfg: SparsityConfig, seed: int, max_steps: int) -> None:
+        self.cfg = cfg
+        self.params: list[SparseParam] = select_params(model, cfg.include, cfg.exclude)
+        check_patterns_match(model, cfg.overrides.keys(), "sparsity.overrides")
+        check_patterns_match(model, cfg.no_ablate, "sparsity.no_ablate")
+        self.shapes = {sp.name: tuple(sp.weight.shape) for sp in self.params}
+        for sp in self.params:
+            if sp.weight.ndim != 2:
+                raise ValueError(f"{sp.name} has shape {tuple(sp.weight.shape)}; sparsify [out, in] weights only "
+                                 f"(use an adapter that presents an [out, in] view)")
+        t_end = cfg.resolve_t_end(max_steps)
+        self.schedule = UpdateSchedule(cfg.delta_t, cfg.t_start, t_end, cfg.drop_fraction, cfg.drop_schedule)
+        fixed = {n: 1.0 - s for pat, s in cfg.overrides.items() for n in self.shapes if fnmatch.fnmatchcase(n, pat)}
+        self.final_density = 1.0 - cfg.sparsity
+        self.densities = erk_densities(self.shapes, self.final_density, cfg.erk_power, fixed, cfg.distribution)
+        self.budgets = active_counts(self.shapes, self.densities, self.final_density)
+        self.protected = {self.params[-1].name} | {
+            sp.name for sp in self.params for pat in cfg.no_ablate if fnmatch.fnmatchcase(sp.name, pat)}
+        self.generator = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else seed)
+        self.fan_in: dict[str, int] = {}
+        self.ever_active: dict[str, torch.Tensor] = {}
+        self._scores: dict[str, torch.Tensor] = {}
+        self._score_steps = 0
+        self.last_stats: dict[str, float] = {}
+        self.n_updates = 0
+        self._init_masks()
+
+    # -- initial masks ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _init_masks(self) -> None:
+        cfg, gen = self.cfg, self.generator
+        for sp in self.params:
+            shape, budget = self.shapes[sp.name], self.budgets[sp.name]
+            w = sp.weight
+            if cfg.method == "gmp":
+                mask = torch.ones(shape, dtype=torch.bool)  # dense start, pruned by the schedule
+            elif cfg.method == "srigl":
+                k = max(1, budget // shape[0])
+                self.fan_in[sp.name] = k
+                mask = rules.constant_fan_in_mask(shape, k, gen)
+            elif cfg.method == "nm":
+                mask = rules.nm_mask(w.detach().float().cpu(), cfg.n, cfg.m, gen)
+            else:
+                mask = rules.random_mask(shape, budget, gen)
+            if cfg.method in ("srigl", "nm"):
+                self.budgets[sp.name] = int(mask.sum())  # constant fan-in / N:M fix the count exactly
+            attach_mask(sp, mask)
+            w.mul_(sp.mask.to(w.dtype))
+            if cfg.sparse_init == "rescale":
+                row_nnz = sp.mask.sum(dim=1, keepdim=True).clamp_min(1).to(w.dtype)
+                w.mul_(torch.sqrt(shape[1] / row_nnz))
+            self.ever_active[sp.name] = sp.mask.detach().cpu().clone()
+
+    # -- per step -------------------------------------------------------------------------------------
+    def is_update_step(self, t: int) -> bool:
+        if self.cfg.method == "static":
+            return False
+        if self.cfg.method == "gmp":
+            return t >= 1 and self.cfg.t_start <= t <= self.schedule.t_end and t % self.cfg.delta_t == 0
+        return self.schedule.is_update_step(t)
+
+    def needs_scores(self, t: int) -> bool:
+        """Whether the dense gradient of the step ending at t feeds a score (the last k steps before an update)."""
+        if self.cfg.method not in ("rigl", "srigl", "nm"):
+            return False
+        return any(self.is_update_step(t + j) for j in range(self.cfg.grad_accumulation))
+
+    @torch.no_grad()
+    def before_optimizer_step(self, t: int, backend: SparseBackend) -> None:
+        """Called with the accumulated gradients of the step that will become optimizer step t."""
+        if self.needs_scores(t):
+            for sp in self.params:
+                g = backend.full_grad(sp.weight)
+                if g is None:
+                    continue
+                g = g.detach().float().abs().reshape(self.shapes[sp.name]).cpu()
+                self._scores[sp.name] = self._scores[sp.name] + g if sp.name in self._scores else g
+            self._score_steps += 1
+        for sp in self.params:
+            if sp.weight.grad is not None:
+                sp.weight.grad.mul_(sp.mask.to(sp.weight.grad.dtype))
+
+    @torch.no_grad()
+    def after_optimizer_step(self, t: int, backend: SparseBackend) -> Optional[dict[str, float]]:
+        """Update masks if t is an update step; returns telemetry then, else None."""
+        if not self.is_update_step(t):
+            return None
+        start = time.perf_counter()
+        cfg, gen = self.cfg, self.generator
+        grown_total = active_total = numel_total = ablated = 0
+        per_layer: dict[str, float] = {}
+        drop_fraction = self.schedule.drop_fraction(t)
+        for sp in self.params:
+            shape = self.shapes[sp.name]
+            old = sp.mask.detach().cpu().clone()
+            w = backend.full_weight(sp.weight).detach().float().reshape(shape).cpu()
+            score = self._scores.get(sp.name)
+            n_swap = int(round(drop_fraction * int(old.sum())))
+            if cfg.method == "set":
+                new = rules.set_update(w, old, n_swap, gen)
+            elif cfg.method == "rigl":
+                new = rules.rigl_update(w, old, self._need(score, sp), n_swap, gen)
+            elif cfg.method == "nm":
+                new = rules.nm_update(w, old, self._need(score, sp), n_swap, cfg.n, cfg.m, gen)
+            elif cfg.method == "srigl":
+                allow = cfg.ablation and sp.name not in self.protected
+                new, k = rules.srigl_update(w, old, self._need(score, sp), n_swap, self.budgets[sp.name],
+                                            cfg.gamma_sal, allow, gen)
+                self.fan_in[sp.name] = k
+            elif cfg.method == "gmp":
+                s_t = gmp_sparsity(t, cfg.gmp_initial_sparsity, cfg.sparsity, cfg.t_start, self.schedule.t_end)
+                layer_density = 1.0 - (1.0 - self.densities[sp.name]) * (s_t / cfg.sparsity if cfg.sparsity else 0)
+                n_keep = int(round(layer_density * math.prod(shape)))
+                new = rules.gmp_prune(w, old, n_keep, gen)
+            else:  # pragma: no cover - guarded by config validation
+                raise ValueError(cfg.method)
+            grown = new & ~old
+            keep = new & ~grown  # zero both dropped and newly grown entries (grown start at 0)
+            dev_keep = keep.to(sp.weight.device).reshape(sp.weight.shape)
+            backend.mask_weight_(sp.weight, dev_keep)
+            backend.mask_optimizer_state_(sp.weight, dev_keep)
+            sp.mask = new.to(sp.mask.device)
+            self.ever_active[sp.name] |= new
+            grown_total += int(grown.sum())
+            active_total += int(new.sum())
+            numel_total += new.numel()
+            ablated += int((~new.any(dim=1)).sum())
+            per_layer[sp.name] = float(new.float().mean())
+        self._scores.clear()
+        self._score_steps = 0
+        self.n_updates += 1
+        self.check_ranks_agree(backend, t)
+        itop = sum(int(e.sum()) for e in self.ever_active.values()) / max(1, numel_total)
+        self.last_stats = {
+            "density": active_total / max(1, numel_total), "churn": grown_total / max(1, active_total),
+            "itop": itop, "ablated_neurons": float(ablated), "drop_fraction": drop_fraction,
+            "update_ms": (time.perf_counter() - start) * 1e3,
+        }
+        self.last_stats.update({f"layer/{n}": d for n, d in per_layer.items()})
+        return self.last_stats
+
+    def _need(self, score: Optional[torch.Tensor], sp: SparseParam) -> torch.Tensor:
+        if score is None:
+            raise RuntimeError(f"no gradient score was captured for {sp.name} before the mask update; "
+                               f"the weight received no gradient")
+        return score
+
+    # -- checks ---------------------------------------------------------------------------------------
+    def check_ranks_agree(self, backend: SparseBackend, t: int) -> None:
+        if not backend.all_equal(mask_checksum(sp.mask for sp in self.params)):
+            raise MaskMismatchError(f"masks differ across data-parallel ranks after the update at step {t}; "
+                                    f"training stopped (ranks must see identical scores and seeds)")
+
+    @torch.no_grad()
+    def verify(self, backend: SparseBackend) -> list[str]:
+        """Invariant violations (empty list = all hold): W == W*M and zero optimizer state off the mask."""
+        problems = []
+        for sp in self.params:
+            w = backend.full_weight(sp.weight).reshape(self.shapes[sp.name])
+            mask = sp.mask.to(w.device)
+            if bool((w[~mask] != 0).any()):
+                problems.append(f"{sp.name}: non-zero weights at pruned entries")
+            if not backend.optimizer_state_zero_outside(sp.weight, sp.mask.reshape(sp.weight.shape)):
+                problems.append(f"{sp.name}: non-zero optimizer state at pruned entries")
+            nnz = int(sp.mask.sum())
+            if self.cfg.method == "srigl":
+                rows = sp.mask.sum(dim=1)
+                k = self.fan_in[sp.name]
+                if not bool(((rows == 0) | (rows == k)).all()):
+                    problems.append(f"{sp.name}: active rows do not all have fan-in {k}")
+                if nnz > self.budgets[sp.name]:
+                    problems.append(f"{sp.name}: {nnz} active > budget {self.budgets[sp.name]}")
+            elif self.cfg.method != "gmp" and nnz != self.budgets[sp.name]:
+                problems.append(f"{sp.name}: {nnz} active != budget {self.budgets[sp.name]}")
+        return problems
+
+    # -- reporting ------------------------------------------------------------------------------------
+    def density(self) -> float:
+        active = sum(int(sp.mask.sum()) for sp in self.params)
+        return active / sum(sp.mask.numel() for sp in self.params)
+
+    def layer_densities(self) -> dict[str, float]:
+        return {sp.name: float(sp.mask.float().mean()) for sp in self.params}
+
+    def describe(self) -> str:
+        lines = [f"{self.cfg.method} at sparsity {self.cfg.sparsity:.3f} ({self.cfg.distribution}); "
+                 f"{len(self.params)} sparse weights, density {self.density():.4f}"]
+        for sp in self.params:
+            lines.append(f"  {sp.name:<40} {str(self.shapes[sp.name]):>14}  density {float(sp.mask.float().mean()):.4f}")
+        return "\n".join(lines)
+
+    # -- state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "ever_active": dict(self.ever_active),
+                "scores": dict(self._scores), "score_steps": self._score_steps, "n_updates": self.n_updates,
+                "fan_in": dict(self.fan_in), "method": self.cfg.method, "sparsity": self.cfg.sparsity,
+                "last_stats": dict(self.last_stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["method"] != self.cfg.method or abs(state["sparsity"] - self.cfg.sparsity) > 1e-9:
+            raise ValueError(f"checkpoint was trained with sparsity.method={state['method']!r} at sparsity "
+                             f"{state['sparsity']}, this run has {self.cfg.method!r} at {self.cfg.sparsity}; "
+                             f"resume with the same sparsity config")
+        self.generator.set_state(state["generator"])
+        self.ever_active = {k: v.clone() for k, v in state["ever_active"].items()}
+        self._scores = {k: v.clone() for k, v in state["scores"].items()}
+        self._score_steps = state["score_steps"]
+        self.n_updates = state["n_updates"]
+        self.fan_in = dict(state["fan_in"])
+        self.last_stats = dict(state["last_stats"])
+
+
+__all__ = ["MaskMismatchError", "SparseEngine", "TorchBackend"]

@@ -1,0 +1,84 @@
+"""DSTCallback: drives dstlm.sparse.SparseEngine from Lightning's hooks.
+
+Per optimizer step: gradients of pruned entries are masked (on_before_optimizer_step, before Lightning
+clips them), and at update steps the dense-gradient scores are captured first. After the optimizer step
+(on_train_batch_end, before any checkpoint of that step is written) masks update, weights and
+optimizer state of dropped/grown entries are zeroed, mask checksums are compared across ranks and the
+invariants verified. The callback decides *when*; the engine decides *what*.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from dstlm.sparse import SparseEngine, TorchBackend
+
+
+class DSTCallback(L.Callback):
+    def __init__(self) -> None:
+        self.engine: Optional[SparseEngine] = None
+        self.backend: Optional[TorchBackend] = None
+        self._pending_state: Optional[dict] = None
+        self._last_step = -1
+        self._sparsity: Optional[float] = None  # refreshed after mask updates only (cheap progress bar)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        name = type(trainer.strategy).__name__
+        if "DeepSpeed" in name or "FSDP" in name:
+            raise ValueError(f"dynamic sparse training under the {name} strategy is not supported yet; use "
+                             f"trainer.strategy=auto|ddp|ddp_spawn")
+
+    def _engine(self, pl_module) -> SparseEngine:
+        engine = getattr(pl_module, "sparse_engine", None)
+        if engine is None:
+            raise RuntimeError("DSTCallback needs a module built with a sparsity config (LMModule(sparsity=...))")
+        return engine
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.engine = self._engine(pl_module)
+        self.backend = TorchBackend(trainer.optimizers[0] if trainer.optimizers else None, grads_synced=True)
+        if self._pending_state is not None:
+            self.engine.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self._last_step = trainer.global_step
+        rank_zero_info(self.engine.describe())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.engine.before_optimizer_step(trainer.global_step + 1, self.backend)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        engine = self.engine
+        t = trainer.global_step
+        if t != self._last_step:  # an optimizer step happened (not an accumulation micro-step)
+            self._last_step = t
+            stats = engine.after_optimizer_step(t, self.backend)
+            verify = stats is not None or (engine.cfg.verify_every and t % engine.cfg.verify_every == 0)
+            if verify:
+                problems = engine.verify(self.backend)
+                if problems:
+                    raise RuntimeError(f"sparse invariants broken at step {t}: {'; '.join(problems)}")
+            if stats is not None:
+                pl_module.log_dict({f"sparsity/{k}": v for k, v in stats.items() if not k.startswith("layer/")},
+                                   on_step=True, on_epoch=False, rank_zero_only=True)
+                pl_module.log_dict({f"density/{k[6:]}": v for k, v in stats.items() if k.startswith("layer/")},
+                                   on_step=True, on_epoch=False, rank_zero_only=True)
+            self._sparsity = 1.0 - engine.density() if stats is not None or self._sparsity is None else self._sparsity
+        pl_module.log("sparsity", self._sparsity if self._sparsity is not None else 1.0 - engine.density(),
+                      prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def state_dict(self) -> dict:
+        return self.engine.state_dict() if self.engine is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._pending_state = state
+
+    def summary(self) -> dict:
+        if self.engine is None:
+            return {}
+        e = self.engine
+        return {"sparsity": 1.0 - e.density(), "sparsity_method": e.cfg.method, "mask_updates": e.n_updates,
+                "itop": e.last_stats.get("itop")}
