@@ -1,0 +1,49 @@
+"""Run a tiny RigL/SRigL job on 1 or N ranks (under torchrun) and save every rank's masks after every
+mask update to OUT/rank<r>.pt. Used by tests/test_dist.py.
+
+    python tests/helpers/dst_run.py OUT METHOD BATCH_PER_RANK FILE [FILE ...]
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from conftest import tiny_run  # noqa: E402
+from dstlm.sparse import SparsityConfig  # noqa: E402
+from dstlm.training.run import build  # noqa: E402
+
+
+class MaskDump(L.Callback):
+    def __init__(self, out: Path):
+        self.out, self.snapshots = out, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        engine = pl_module.sparse_engine
+        if engine.n_updates > len(self.snapshots):
+            self.snapshots.append({sp.name: sp.mask.clone() for sp in engine.params})
+
+    def on_train_end(self, trainer, pl_module):
+        weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+        torch.save({"masks": self.snapshots, "weights": weights}, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def main() -> None:
+    out, method, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    files = sys.argv[4:]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_run(out / "run", files, data=dict(batch_size=batch),
+                   trainer=dict(max_steps=8, val_every_n_steps=8, devices=world,
+                                strategy="ddp" if world > 1 else "auto"))
+    cfg.sparsity = SparsityConfig(method=method, sparsity=0.8, delta_t=2, t_end=1.0, drop_fraction=0.3)
+    trainer, module, data = build(cfg, [MaskDump(out)], logger=False)
+    trainer.fit(module, datamodule=data)
+
+
+if __name__ == "__main__":
+    main()
