@@ -3,6 +3,7 @@
     dstlm fit      --config recipes/default.yaml [--trainer.max_steps=100 ...] [--ckpt_path last|PATH]
     dstlm validate --config recipes/default.yaml --ckpt_path last|PATH
     dstlm presets                                  list the model presets in configs/model/
+    dstlm report   --checkpoint PATH [--layer NAME] [--out DIR]   sparsity pictures of a checkpoint
 
 Every fit/validate option is a field of dstlm.training.config.RunConfig; `--print_config` prints the
 resolved YAML and exits. Errors in user input end in one line: `dstlm: error: <what> ...`.
@@ -142,10 +143,33 @@ def cmd_presets(argv: list[str]) -> int:
     return 0
 
 
+def cmd_report(argv: list[str]) -> int:
+    import argparse
+
+    from dstlm.report import report
+
+    ap = argparse.ArgumentParser(prog="dstlm report", description="PNG of per-layer density and one layer's mask.")
+    ap.add_argument("--checkpoint", required=True, help="a .ckpt file of a sparse run")
+    ap.add_argument("--layer", default=None, help="weight name for the mask heat-map (default: the first)")
+    ap.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/report)")
+    args = ap.parse_args(argv)
+    from pathlib import Path
+
+    out = args.out or str(Path(args.checkpoint).resolve().parent / "report")
+    s = report(args.checkpoint, out, args.layer)
+    print(f"global sparsity {s['global_sparsity']:.4f} over {len(s['layers'])} layers")
+    for name, info in s["layers"].items():
+        ablated = f"  ablated rows {info['ablated_rows']}" if info["ablated_rows"] else ""
+        print(f"  {name:<40} density {info['density']:.4f}{ablated}")
+    print(f"wrote {s['density_png']}\nwrote {s['mask_png']}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "fit": (cmd_fit, "train (or resume with --ckpt_path) a recipe"),
     "validate": (cmd_validate, "validation loss/perplexity of a checkpoint"),
     "presets": (cmd_presets, "list the model size presets"),
+    "report": (cmd_report, "PNG of per-layer density and a mask heat-map of a sparse checkpoint"),
 }
 
 

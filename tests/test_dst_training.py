@@ -1,10 +1,12 @@
 """DST inside real Lightning runs: invariants after every step, exact resume, every method."""
 
+import json
+
 import lightning as L
 import pytest
 import torch
 
-from conftest import tiny_run
+from conftest import REPO, tiny_run
 from dstlm.sparse import SparsityConfig, TorchBackend
 from dstlm.training.run import build, fit
 from test_training import StopAt
@@ -125,3 +127,37 @@ def test_pattern_matching_nothing_is_refused(tmp_path, small_corpus):
     cfg = sparse_run(tmp_path, small_corpus, "rigl", sparsity=dict(include=["decoder.*"]))
     with pytest.raises(ValueError, match=r"sparsity.include=\['decoder.\*'\].*matches no sparsifiable weight"):
         fit(cfg)
+
+
+def test_cli_sparse_fit_then_report(tmp_path, small_corpus):
+    from test_training import _cli, _recipe
+
+    recipe = _recipe(tmp_path, small_corpus)
+    r = _cli("fit", "--config", recipe, "--sparsity", str(REPO / "configs/sparsity/srigl.yaml"),
+             "--sparsity.delta_t=1", "--sparsity.t_end=1.0", "--trainer.max_steps=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sparsity (sparsified layers)" in r.stdout
+    ckpt = tmp_path / "runs" / "smoke" / "checkpoints" / "last.ckpt"
+    r = _cli("report", "--checkpoint", str(ckpt), "--layer", "blocks.1.mlp.fc_in.weight", "--out", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "rep" / "density.png").stat().st_size > 5000
+    assert (tmp_path / "rep" / "mask_blocks.1.mlp.fc_in.weight.png").stat().st_size > 5000
+    info = json.loads((tmp_path / "rep" / "sparsity.json").read_text())
+    assert abs(info["global_sparsity"] - 0.9) < 0.02
+    r = _cli("report", "--checkpoint", str(ckpt), "--layer", "nope")
+    assert r.returncode == 2 and "layer 'nope' has no mask" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity.sparsity=1.5"], "sparsity.sparsity=1.5 must be in [0, 1)"),
+    (["--sparsity.method=foo"], "sparsity.method='foo' is unknown"),
+    (["--sparsity.delta_t=0"], "sparsity.delta_t=0 must be a positive integer"),
+    (["--sparsity.include=[nothing.*]"], "matches no sparsifiable weight"),
+])
+def test_cli_sparsity_bad_input_one_line(tmp_path, small_corpus, args, message):
+    from test_training import _cli, _recipe
+
+    r = _cli("fit", "--config", _recipe(tmp_path, small_corpus), "--sparsity",
+             str(REPO / "configs/sparsity/rigl.yaml"), *args)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and message in err[0], r.stderr[-2000:]

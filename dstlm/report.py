@@ -1,0 +1,85 @@
+"""`dstlm report`: pictures of a checkpoint's sparsity — per-layer density and one layer's mask.
+
+Reads the mask buffers (`*.weight_mask`) straight from a Lightning checkpoint file, so it needs neither
+the config nor the data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def load_masks(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """{weight name: bool mask} from a checkpoint (Lightning .ckpt or a plain state_dict file)."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    state = ckpt.get("state_dict", ckpt)
+    masks = {}
+    for key, value in state.items():
+        if key.endswith("_mask") and torch.is_tensor(value) and value.dtype == torch.bool:
+            name = key[: -len("_mask")]
+            masks[name[len("model."):] if name.startswith("model.") else name] = value
+    if not masks:
+        raise ValueError(f"checkpoint {str(path)!r} holds no sparsity masks (was it trained with a sparsity config?)")
+    return masks
+
+
+def report(checkpoint: str | Path, out_dir: str | Path, layer: Optional[str] = None) -> dict:
+    """Write density.png (per-layer density), mask_<layer>.png (heat-map) and sparsity.json to out_dir."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    masks = load_masks(checkpoint)
+    if layer is None:
+        layer = next(iter(masks))
+    if layer not in masks:
+        raise ValueError(f"layer {layer!r} has no mask; choose one of: {', '.join(masks)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(masks)
+    dens = [float(masks[n].float().mean()) for n in names]
+    total = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.28 * len(names) + 1)), dpi=110)
+    ax.barh(range(len(names)), dens, color="tab:blue")
+    ax.set_yticks(range(len(names)), [n.removesuffix(".weight") for n in names], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(total, color="tab:red", ls="--", label=f"global density {total:.3f}")
+    ax.set_xlabel("density (fraction of non-zero weights)")
+    ax.set_title(f"per-layer density: {Path(checkpoint).name}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    density_png = out / "density.png"
+    fig.savefig(density_png)
+    plt.close(fig)
+
+    m = masks[layer].float()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.5), dpi=110, gridspec_kw={"width_ratios": [4, 1]})
+    ax.imshow(m.numpy(), aspect="auto", interpolation="nearest", cmap="Greys")
+    ax.set_title(f"{layer} mask {tuple(m.shape)} (black = active)")
+    ax.set_xlabel("input")
+    ax.set_ylabel("output (row)")
+    rows = m.sum(1).numpy()
+    ax2.barh(range(len(rows)), rows, color="tab:green")
+    ax2.invert_yaxis()
+    ax2.set_title("fan-in per row")
+    fig.tight_layout()
+    safe = layer.replace("/", "_")
+    mask_png = out / f"mask_{safe}.png"
+    fig.savefig(mask_png)
+    plt.close(fig)
+
+    summary = {"checkpoint": str(checkpoint), "global_density": total, "global_sparsity": 1 - total,
+               "layers": {n: {"density": d, "shape": list(masks[n].shape),
+                              "ablated_rows": int((~masks[n].any(1)).sum())} for n, d in zip(names, dens)},
+               "density_png": str(density_png), "mask_png": str(mask_png)}
+    (out / "sparsity.json").write_text(json.dumps(summary, indent=2))
+    return summary
