@@ -60,14 +60,17 @@ class DSTCallback(L.Callback):
                 problems = engine.verify(self.backend)
                 if problems:
                     raise RuntimeError(f"sparse invariants broken at step {t}: {'; '.join(problems)}")
+            if stats is not None and trainer.is_global_zero:
+                # straight to the loggers, once per update (self.log would repeat the value every log step)
+                metrics = {f"sparsity/{k}": v for k, v in stats.items() if not k.startswith("layer/")}
+                metrics.update({f"density/{k[6:]}": v for k, v in stats.items() if k.startswith("layer/")})
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=t)
             if stats is not None:
-                pl_module.log_dict({f"sparsity/{k}": v for k, v in stats.items() if not k.startswith("layer/")},
-                                   on_step=True, on_epoch=False, rank_zero_only=True)
-                pl_module.log_dict({f"density/{k[6:]}": v for k, v in stats.items() if k.startswith("layer/")},
-                                   on_step=True, on_epoch=False, rank_zero_only=True)
-            self._sparsity = 1.0 - engine.density() if stats is not None or self._sparsity is None else self._sparsity
-        pl_module.log("sparsity", self._sparsity if self._sparsity is not None else 1.0 - engine.density(),
-                      prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+                self._sparsity = 1.0 - engine.density()
+        if self._sparsity is None:
+            self._sparsity = 1.0 - engine.density()
+        pl_module.log("sparsity", self._sparsity, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def state_dict(self) -> dict:
         return self.engine.state_dict() if self.engine is not None else {}
