@@ -58,6 +58,7 @@ class SparseEngine:
         self._score_steps = 0
         self.last_stats: dict[str, float] = {}
         self.n_updates = 0
+        self._pruned_cache: dict[str, tuple] = {}
         self._init_masks()
 
     # -- initial masks ------------------------------------------------------------------------------
@@ -113,7 +114,17 @@ class SparseEngine:
             self._score_steps += 1
         for sp in self.params:
             if sp.weight.grad is not None:
-                sp.weight.grad.mul_(sp.mask.to(sp.weight.grad.dtype))
+                sp.weight.grad.masked_fill_(self._pruned(sp), 0)
+
+    def _pruned(self, sp: SparseParam) -> torch.Tensor:
+        """~mask, cached until the mask buffer is modified in place (update or checkpoint load)."""
+        mask = sp.mask
+        key = (mask.data_ptr(), mask._version)
+        cached = self._pruned_cache.get(sp.name)
+        if cached is None or cached[0] != key:
+            cached = (key, (~mask).reshape(sp.weight.shape))
+            self._pruned_cache[sp.name] = cached
+        return cached[1]
 
     @torch.no_grad()
     def after_optimizer_step(self, t: int, backend: SparseBackend) -> Optional[dict[str, float]]:
