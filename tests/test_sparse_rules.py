@@ -171,3 +171,18 @@ def test_config_bad_input(kwargs, message):
     with pytest.raises(ValueError) as err:
         SparsityConfig(**kwargs)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_engine_stops_on_rank_mismatch():
+    """A backend whose ranks disagree on the mask checksum makes the update fail loudly."""
+    from dstlm.models import GPT, GPTConfig
+    from dstlm.sparse import MaskMismatchError, SparseEngine, TorchBackend
+
+    class Disagreeing(TorchBackend):
+        def all_equal(self, values):
+            return False
+
+    model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    engine = SparseEngine(model, SparsityConfig(method="set", sparsity=0.5, delta_t=1, t_end=10), seed=0, max_steps=10)
+    with pytest.raises(MaskMismatchError, match="masks differ across data-parallel ranks after the update at step 1"):
+        engine.after_optimizer_step(1, Disagreeing())

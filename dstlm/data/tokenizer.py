@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -68,7 +69,7 @@ def train_bpe(files: Sequence[str], vocab_size: int) -> TextTokenizer:
         bpe.train(files=list(files), vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
                   show_progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks may train concurrently: never share a tmp file
         bpe.save(str(tmp))
         tmp.replace(path)  # atomic: a concurrent reader never sees half a file
     return TextTokenizer(Tokenizer.from_file(str(path)), key)
@@ -102,6 +103,11 @@ def load_tokenizer(spec: str, files: Sequence[str] = (), vocab_size: int = 4096)
         f"tokenizer {spec!r} not found; use 'gpt2', 'bpe', a tokenizer.json file, or a directory with "
         f"tokenizer.json or vocab.json + merges.txt"
     )
+
+
+def tokenizer_from_json(text: str, name: str = "checkpoint") -> TextTokenizer:
+    """A tokenizer from its serialized tokenizer.json text (as embedded in dstlm checkpoints)."""
+    return TextTokenizer(Tokenizer.from_str(text), name)
 
 
 def tokenizer_fingerprint(tok: TextTokenizer) -> str:

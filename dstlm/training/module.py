@@ -59,6 +59,7 @@ class LMModule(L.LightningModule):
                                    "sparsity": asdict(sparsity) if sparsity else None, "seed": seed})
         self.model: GPT | None = None
         self.sparse_engine: SparseEngine | None = None
+        self.tokenizer_json: str | None = None  # set by the run builder; saved in checkpoints
         self._t_last: float | None = None
         self._win_tokens, self._win_time = 0, 0.0
         self._tok_per_s = 0.0
@@ -71,6 +72,9 @@ class LMModule(L.LightningModule):
             if self.sparsity_config is not None:
                 # masks become persistent buffers on the modules, before any strategy wraps the model
                 self.sparse_engine = SparseEngine(self.model, self.sparsity_config, self.seed, self.max_steps)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["dstlm"] = {"format": 1, "tokenizer": self.tokenizer_json}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model shape or sparsity setup with a one-line reason."""

@@ -73,6 +73,9 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
     )
     module = LMModule(cfg.model, cfg.optim, t.max_steps, sparsity=cfg.sparsity, seed=cfg.seed)
     data = LMDataModule(cfg.data, cfg.seed)
+    check_vocab(cfg, data)
+    # the tokenizer travels inside every checkpoint, so eval/export need nothing but the .ckpt file
+    module.tokenizer_json = data._tokenizer().tokenizer.to_str()
     return trainer, module, data
 
 
@@ -94,7 +97,6 @@ def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, config_yaml: Optional[s
         extra_callbacks: Optional[list] = None) -> dict:
     """Train; returns (and writes to out_dir/name/summary.json) the final metrics."""
     trainer, module, data = build(cfg, extra_callbacks)
-    check_vocab(cfg, data)
     out = run_dir(cfg)
     if config_yaml is not None and trainer.is_global_zero:
         save_config(config_yaml, out)
@@ -129,7 +131,6 @@ def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, config_yaml: Optional[s
 
 def validate(cfg: RunConfig, ckpt_path: Optional[str]) -> dict:
     trainer, module, data = build(cfg, logger=False)
-    check_vocab(cfg, data)
     if ckpt_path == "last":
         ckpt_path = str(run_dir(cfg) / "checkpoints" / "last.ckpt")
     if ckpt_path is not None and not Path(ckpt_path).exists():
