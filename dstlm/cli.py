@@ -2,6 +2,8 @@
 
     dstlm fit      --config recipes/default.yaml [--trainer.max_steps=100 ...] [--ckpt_path last|PATH]
     dstlm validate --config recipes/default.yaml --ckpt_path last|PATH
+    dstlm eval     --checkpoint PATH --tasks t1,t2 [--limit N] [--batch-size B] [--out results.json]
+    dstlm export   --checkpoint PATH --out DIR     a Hugging Face model directory
     dstlm presets                                  list the model presets in configs/model/
     dstlm report   --checkpoint PATH [--layer NAME] [--out DIR]   sparsity pictures of a checkpoint
 
@@ -165,10 +167,49 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
+def cmd_eval(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="dstlm eval", description="lm-evaluation-harness scores of a checkpoint.")
+    ap.add_argument("--checkpoint", required=True, help="a dstlm .ckpt, a run folder, or a Hugging Face model folder")
+    ap.add_argument("--tasks", required=True, help="comma-separated task names (see --list)")
+    ap.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="write lm-eval's results JSON here")
+    args = ap.parse_args(argv)
+    if args.batch_size <= 0:
+        raise ValueError(f"--batch-size={args.batch_size} must be positive")
+    from dstlm.eval.harness import format_table, run_eval, scores
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = run_eval(args.checkpoint, tasks, args.limit, args.batch_size, args.device, args.out)
+    print(format_table(scores(results)))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="dstlm export", description="Write a Hugging Face model directory.")
+    ap.add_argument("--checkpoint", required=True, help="a dstlm .ckpt or run folder")
+    ap.add_argument("--out", required=True, help="output directory")
+    args = ap.parse_args(argv)
+    from dstlm.hf.export import export
+
+    out = export(args.checkpoint, args.out)
+    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "fit": (cmd_fit, "train (or resume with --ckpt_path) a recipe"),
     "validate": (cmd_validate, "validation loss/perplexity of a checkpoint"),
     "presets": (cmd_presets, "list the model size presets"),
+    "eval": (cmd_eval, "lm-evaluation-harness scores of a checkpoint (offline tasks shipped)"),
+    "export": (cmd_export, "write a Hugging Face model directory (config, safetensors, tokenizer)"),
     "report": (cmd_report, "PNG of per-layer density and a mask heat-map of a sparse checkpoint"),
 }
 
@@ -193,6 +234,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # Lightning's start-up banner (GPU/TPU availability, tips) is noise on the console; warnings stay.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    # lm-eval announces that the shipped offline tasks override its online ones: expected, not news
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
         return COMMANDS[name][0](rest)
     except (ValueError, FileNotFoundError, KeyError, ArgumentError) as err:
