@@ -119,3 +119,18 @@ def test_checkpoint_mismatch_and_missing_tokenizer(trained, tmp_path):
     torch.save(ckpt, tmp_path / "notok.ckpt")
     with pytest.raises(ValueError, match="carries no tokenizer"):
         load_checkpoint(tmp_path / "notok.ckpt")
+
+
+def test_in_training_eval_in_summary(tmp_path, small_corpus):
+    from dstlm.training.eval_callback import EvalConfig
+
+    cfg = tiny_run(tmp_path, small_corpus, model=dict(block_size=256), data=dict(block_size=64),
+                   trainer=dict(max_steps=4, val_every_n_steps=4))
+    cfg.eval = EvalConfig(tasks=["lambada_openai", "copa"], every_n_steps=2, limit=4, batch_size=4)
+    summary = fit(cfg)
+    assert set(summary["eval"]) == {"lambada_openai", "copa"}
+    assert 0.0 <= summary["eval"]["copa"]["acc"] <= 1.0
+    csv_text = (tmp_path / "t" / "logs" / "version_0" / "metrics.csv").read_text()
+    assert "eval/lambada_openai/acc" in csv_text and "eval/copa/acc" in csv_text
+    with pytest.raises(ValueError, match="eval.limit=0 must be positive"):
+        EvalConfig(limit=0)

@@ -32,11 +32,13 @@ class DstlmLM(TemplateLM):
             from dstlm.checkpoint import load_checkpoint
 
             loaded = load_checkpoint(checkpoint)
-            model, tokenizer = loaded.model, loaded.tokenizer
+            model = loaded.model.to(torch.device(device), dtype=getattr(torch, dtype))
+            tokenizer = loaded.tokenizer
         if model is None or tokenizer is None:
             raise ValueError("DstlmLM needs checkpoint=PATH, or a model and a tokenizer")
-        self._device = torch.device(device)
-        self.model = model.to(self._device, dtype=getattr(torch, dtype)).eval()
+        # an in-memory model (in-training evaluation) is used where and as it is
+        self._device = next(model.parameters()).device
+        self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_length = int(max_length or model.config.block_size)

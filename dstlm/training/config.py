@@ -10,6 +10,7 @@ from typing import Literal, Optional
 
 from dstlm.models.gpt import GPTConfig
 from dstlm.sparse.config import SparsityConfig
+from dstlm.training.eval_callback import EvalConfig
 
 
 @dataclass
@@ -137,6 +138,8 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sparsity: Optional[SparsityConfig] = None
     """Dynamic sparse training (configs/sparsity/*.yaml); None = dense."""
+    eval: Optional[EvalConfig] = None
+    """lm-eval tasks scored during/after training (configs/eval/*.yaml); None = none."""
 
     def __post_init__(self) -> None:
         if self.data.block_size > self.model.block_size:

@@ -19,6 +19,7 @@ from dstlm.training.callbacks import LossPlot, RNGState, StepCheckpoint
 from dstlm.training.config import RunConfig
 from dstlm.training.datamodule import LMDataModule
 from dstlm.training.dst_callback import DSTCallback
+from dstlm.training.eval_callback import EvalCallback
 from dstlm.training.module import LMModule
 
 # Messages that are expected on CPU runs and only distract users.
@@ -60,6 +61,9 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     if cfg.sparsity is not None:
         callbacks.append(DSTCallback())
+    data = LMDataModule(cfg.data, cfg.seed)
+    if cfg.eval is not None:
+        callbacks.append(EvalCallback(cfg.eval, data._tokenizer))
     callbacks += extra_callbacks or []
     t = cfg.trainer
     trainer = L.Trainer(
@@ -72,7 +76,6 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         default_root_dir=str(out),
     )
     module = LMModule(cfg.model, cfg.optim, t.max_steps, sparsity=cfg.sparsity, seed=cfg.seed)
-    data = LMDataModule(cfg.data, cfg.seed)
     check_vocab(cfg, data)
     # the tokenizer travels inside every checkpoint, so eval/export need nothing but the .ckpt file
     module.tokenizer_json = data._tokenizer().tokenizer.to_str()
@@ -152,6 +155,9 @@ def format_summary(summary: dict) -> str:
         if summary.get(key) is not None:
             value = summary[key]
             lines.append(f"   {label:<28} {value:,.3f}" if isinstance(value, float) else f"   {label:<28} {value:,}")
+    for task, metrics in (summary.get("eval") or {}).items():
+        shown = ", ".join(f"{m} {v:.4f}" for m, v in metrics.items() if not m.endswith("stderr"))
+        lines.append(f"   lm-eval {task:<14} {shown}")
     lines += [f"   loss curve   {summary['loss_png']}", f"   logs         {summary['logs']} (CSV + TensorBoard)",
               f"   checkpoint   {summary['checkpoint']}", "=" * 64]
     return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""In-training evaluation with lm-eval: a small task subset every N steps and at the end of fit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+
+@dataclass
+class EvalConfig:
+    """lm-eval tasks scored during training (rank 0, on the live model)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["lambada_openai", "hellaswag", "wikitext"])
+    """Task names (the shipped offline tasks, or any lm-eval task)."""
+    every_n_steps: int = 0
+    """Evaluate every N optimizer steps (0 = only at the end of fit)."""
+    limit: Optional[int] = 100
+    """Documents per task (None = all)."""
+    batch_size: int = 16
+    """Sequences per scoring batch."""
+
+    def __post_init__(self) -> None:
+        # names outside the shipped tasks are checked against lm-eval's registry when first run
+        if not self.tasks:
+            raise ValueError("eval.tasks is empty; name at least one task, e.g. [hellaswag]")
+        if self.every_n_steps < 0:
+            raise ValueError(f"eval.every_n_steps={self.every_n_steps} must be >= 0")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"eval.limit={self.limit} must be positive (or null for all documents)")
+        if self.batch_size <= 0:
+            raise ValueError(f"eval.batch_size={self.batch_size} must be positive")
+
+
+class EvalCallback(L.Callback):
+    def __init__(self, cfg: EvalConfig, tokenizer_fn) -> None:
+        self.cfg = cfg
+        self.tokenizer_fn = tokenizer_fn  # () -> TextTokenizer (the run's tokenizer)
+        self.last: dict[str, dict[str, float]] = {}
+        self._done_step = -1
+
+    def _run(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.global_step == self._done_step:
+            return
+        self._done_step = trainer.global_step
+        if trainer.is_global_zero:
+            from dstlm.eval.harness import evaluate, format_table, scores
+            from dstlm.eval.lm import DstlmLM
+
+            was_training = pl_module.model.training
+            with torch.no_grad():
+                lm = DstlmLM(model=pl_module.model, tokenizer=self.tokenizer_fn(), batch_size=self.cfg.batch_size)
+                self.last = scores(evaluate(lm, self.cfg.tasks, self.cfg.limit))
+            pl_module.model.train(was_training)
+            metrics = {f"eval/{task}/{m}": v for task, ms in self.last.items() for m, v in ms.items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+            rank_zero_info(f"lm-eval at step {trainer.global_step} (limit {self.cfg.limit}):\n"
+                           + format_table(self.last))
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("dstlm-eval")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = self.cfg.every_n_steps
+        if n and trainer.global_step and trainer.global_step % n == 0 and \
+                not trainer.fit_loop.epoch_loop._should_accumulate():
+            self._run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._run(trainer, pl_module)
+
+    def summary(self) -> dict:
+        return {"eval": self.last} if self.last else {}
