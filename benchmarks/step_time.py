@@ -40,11 +40,14 @@ def intervals(stamps: list[float], warmup: int) -> list[float]:
     return [b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:])]
 
 
-def run_lightning(cfg: RunConfig, total: int) -> list[float]:
+def run_lightning(cfg: RunConfig, total: int, modules: list | None = None) -> list[float]:
+    """Step end times of a Lightning run; the trained module is appended to `modules` if given."""
     cfg.trainer.max_steps = total
     timer = StepTimer()
     trainer, module, data = build(cfg, [timer])
     trainer.fit(module, datamodule=data)
+    if modules is not None:
+        modules.append(module)
     return timer.stamps
 
 

@@ -26,7 +26,8 @@ from dstlm.data.tokenizer import TextTokenizer
 class DstlmLM(TemplateLM):
     def __init__(self, checkpoint: Optional[str] = None, model: Optional[torch.nn.Module] = None,
                  tokenizer: Optional[TextTokenizer] = None, batch_size: int | str = 8, device: str = "cpu",
-                 max_length: Optional[int] = None, max_gen_toks: int = 64, dtype: str = "float32") -> None:
+                 max_length: Optional[int] = None, max_gen_toks: int = 64, dtype: str = "float32",
+                 quiet: bool = False) -> None:
         super().__init__()
         if checkpoint is not None:
             from dstlm.checkpoint import load_checkpoint
@@ -43,6 +44,10 @@ class DstlmLM(TemplateLM):
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.max_length = int(max_length or model.config.block_size)
         self.max_gen_toks = int(max_gen_toks)
+        self.quiet = quiet  # no progress bars (in-training evaluation)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.quiet)
 
     # -- tokenization ---------------------------------------------------------------------------------
     @property
@@ -91,6 +96,7 @@ class DstlmLM(TemplateLM):
         return results  # type: ignore[return-value]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        disable_tqdm = disable_tqdm or self.quiet
         out = []
         for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="dstlm rolling"):
             windows = [
@@ -105,6 +111,7 @@ class DstlmLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, with temperature > 0) generation until a stop string or max_gen_toks."""
+        disable_tqdm = disable_tqdm or self.quiet
         out = []
         for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm, desc="dstlm generate"):
             kwargs = dict(gen_kwargs)

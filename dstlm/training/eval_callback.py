@@ -52,7 +52,8 @@ class EvalCallback(L.Callback):
 
             was_training = pl_module.model.training
             with torch.no_grad():
-                lm = DstlmLM(model=pl_module.model, tokenizer=self.tokenizer_fn(), batch_size=self.cfg.batch_size)
+                lm = DstlmLM(model=pl_module.model, tokenizer=self.tokenizer_fn(), batch_size=self.cfg.batch_size,
+                             quiet=True)
                 self.last = scores(evaluate(lm, self.cfg.tasks, self.cfg.limit))
             pl_module.model.train(was_training)
             metrics = {f"eval/{task}/{m}": v for task, ms in self.last.items() for m, v in ms.items()}

@@ -25,7 +25,7 @@ from dstlm.training.module import LMModule
 # Messages that are expected on CPU runs and only distract users.
 for _msg in (".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
              ".*GPU available but not used.*", ".*is supported for historical reasons but its usage is discouraged.*",
-             ".*Experiment logs directory .* exists and is not empty.*", ".*srun.*"):
+             ".*Experiment logs directory .* exists and is not empty.*", ".*srun.*", ".*LeafSpec.*"):
     warnings.filterwarnings("ignore", message=_msg)
 
 
