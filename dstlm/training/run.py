@@ -25,7 +25,8 @@ from dstlm.training.module import LMModule
 # Messages that are expected on CPU runs and only distract users.
 for _msg in (".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
              ".*GPU available but not used.*", ".*is supported for historical reasons but its usage is discouraged.*",
-             ".*Experiment logs directory .* exists and is not empty.*", ".*srun.*", ".*LeafSpec.*"):
+             ".*Experiment logs directory .* exists and is not empty.*", ".*srun.*", ".*LeafSpec.*",
+             ".*when logging on epoch level in distributed setting.*"):
     warnings.filterwarnings("ignore", message=_msg)
 
 
@@ -66,8 +67,15 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         callbacks.append(EvalCallback(cfg.eval, data._tokenizer))
     callbacks += extra_callbacks or []
     t = cfg.trainer
+    strategy = t.strategy
+    if strategy.startswith("deepspeed"):
+        from dstlm.training.strategies import DeepSpeedZeRO
+
+        stage = int(strategy.rsplit("_", 1)[1]) if strategy.rsplit("_", 1)[-1].isdigit() else 2
+        cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+        strategy = DeepSpeedZeRO(stage=stage, cpu=cpu)
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=t.precision, max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val, val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches,
         check_val_every_n_epoch=None, log_every_n_steps=t.log_every_n_steps, logger=loggers or False,
