@@ -112,3 +112,28 @@ def test_dst_under_deepspeed_refused_clearly(tmp_path, small_corpus):
     cfg.sparsity = SparsityConfig(method="rigl", sparsity=0.8, delta_t=1, t_end=1.0)
     with pytest.raises(ValueError, match="dynamic sparse training under the DeepSpeedZeRO strategy is not supported yet"):
         fit(cfg)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_resume_is_exact(tmp_path, small_corpus, stage):
+    """DeepSpeed ZeRO on the CPU (1 process): stop at step 3, resume from the sharded checkpoint
+    directory: same batches, bit-identical losses as an uninterrupted run."""
+    from conftest import tiny_run
+    from dstlm.training.run import build
+    from test_training import BatchRecorder, StopAt
+
+    over = dict(trainer=dict(max_steps=8, ckpt_every_n_steps=3, val_every_n_steps=4,
+                             strategy=f"deepspeed_stage_{stage}"), model=dict(dropout=0.1))
+    full = BatchRecorder()
+    trainer, module, data = build(tiny_run(tmp_path / "a", small_corpus, **over), [full], logger=False)
+    trainer.fit(module, datamodule=data)
+    cfg = tiny_run(tmp_path / "b", small_corpus, **over)
+    first, second = BatchRecorder(), BatchRecorder()
+    trainer, module, data = build(cfg, [first, StopAt(3)], logger=False)
+    trainer.fit(module, datamodule=data)
+    ckpt = tmp_path / "b" / "t" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir()  # DeepSpeed's sharded format
+    trainer, module, data = build(cfg, [second], logger=False)
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt))
+    assert first.batches + second.batches == full.batches
+    assert first.losses + second.losses == full.losses
