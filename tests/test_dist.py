@@ -61,9 +61,10 @@ def test_two_ranks_match_single_process(tmp_path, small_corpus, strategy):
     assert abs(s_ddp["val_loss"] - s_one["val_loss"]) < 1e-4  # val split across ranks, reduced to the same mean
 
 
-def _torchrun(args, nproc, timeout=600):
+def _torchrun(args, nproc, timeout=600, extra_env=None):
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_OFFLINE": "1"}
+           "HF_DATASETS_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+           **(extra_env or {})}
     cmd = [str(REPO / ".venv/bin/python")]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -103,37 +104,60 @@ def test_deepspeed_bad_input_refused():
         DeepSpeedZeRO(stage=3, cpu=True)
 
 
-def test_dst_under_deepspeed_refused_clearly(tmp_path, small_corpus):
-    from conftest import tiny_run
-    from dstlm.sparse import SparsityConfig
-    from dstlm.training.run import fit
+@pytest.mark.dist
+@pytest.mark.parametrize("method", ["rigl", "srigl"])
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2])
+def test_zero_dst_masks_identical_and_equal_to_ddp(tmp_path, small_corpus, method, stage):
+    """2 ranks under DeepSpeed ZeRO-1/2 on the CPU: after 3 mask updates the masks are identical on both
+    ranks and equal to the DDP run with the same seed and data. The callback verifies at every update that
+    pruned entries are exactly 0 in the module weights and in the fp32 master, and that AdamW's moments
+    are 0 there (training stops otherwise)."""
+    helper = str(REPO / "tests" / "helpers" / "dst_run.py")
+    env = {"DSTLM_STRATEGY": f"deepspeed_stage_{stage}"}
+    r = _torchrun([helper, str(tmp_path / "zero"), method, "4", *small_corpus], nproc=2, extra_env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = _torchrun([helper, str(tmp_path / "ddp"), method, "4", *small_corpus], nproc=2)
+    assert r.returncode == 0, r.stderr[-4000:]
+    z0 = torch.load(tmp_path / "zero" / "rank0.pt", weights_only=True)
+    z1 = torch.load(tmp_path / "zero" / "rank1.pt", weights_only=True)
+    ddp = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
+    assert len(z0["masks"]) == len(ddp["masks"]) == 3
+    for a, b, c in zip(z0["masks"], z1["masks"], ddp["masks"]):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+            agree = float((a[name] == c[name]).float().mean())
+            assert agree >= 0.999, (name, agree)
+    for name, mask in z0["masks"][-1].items():
+        w = z0["weights"][name.removesuffix("_mask") if name.endswith("_mask") else name]
+        assert (w[~mask] == 0).all(), name
 
-    cfg = tiny_run(tmp_path, small_corpus, trainer=dict(strategy="deepspeed_stage_2", max_steps=2))
-    cfg.sparsity = SparsityConfig(method="rigl", sparsity=0.8, delta_t=1, t_end=1.0)
-    with pytest.raises(ValueError, match="dynamic sparse training under the DeepSpeedZeRO strategy is not supported yet"):
-        fit(cfg)
 
+@pytest.mark.parametrize("method", ["rigl", "srigl"])
+def test_zero2_dst_resume_after_second_update_is_exact(tmp_path, small_corpus, method):
+    """RigL/SRigL under ZeRO-2 (1 process, CPU): stop right after the 2nd mask update, resume from the
+    sharded checkpoint: same masks, losses and final weights as the uninterrupted run."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_resume_is_exact(tmp_path, small_corpus, stage):
-    """DeepSpeed ZeRO on the CPU (1 process): stop at step 3, resume from the sharded checkpoint
-    directory: same batches, bit-identical losses as an uninterrupted run."""
-    from conftest import tiny_run
-    from dstlm.training.run import build
+    from test_dst_training import sparse_run
     from test_training import BatchRecorder, StopAt
+    from dstlm.training.run import build
 
-    over = dict(trainer=dict(max_steps=8, ckpt_every_n_steps=3, val_every_n_steps=4,
-                             strategy=f"deepspeed_stage_{stage}"), model=dict(dropout=0.1))
-    full = BatchRecorder()
-    trainer, module, data = build(tiny_run(tmp_path / "a", small_corpus, **over), [full], logger=False)
-    trainer.fit(module, datamodule=data)
-    cfg = tiny_run(tmp_path / "b", small_corpus, **over)
+    over = dict(trainer=dict(max_steps=10, ckpt_every_n_steps=4, strategy="deepspeed_stage_2"))
+    full_b = BatchRecorder()
+    trainer, ref, data = build(sparse_run(tmp_path / "a", small_corpus, method, **over), [full_b], logger=False)
+    trainer.fit(ref, datamodule=data)
+    cfg = sparse_run(tmp_path / "b", small_corpus, method, **over)
     first, second = BatchRecorder(), BatchRecorder()
-    trainer, module, data = build(cfg, [first, StopAt(3)], logger=False)
-    trainer.fit(module, datamodule=data)
-    ckpt = tmp_path / "b" / "t" / "checkpoints" / "last.ckpt"
-    assert ckpt.is_dir()  # DeepSpeed's sharded format
-    trainer, module, data = build(cfg, [second], logger=False)
-    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt))
-    assert first.batches + second.batches == full.batches
-    assert first.losses + second.losses == full.losses
+    trainer, mod, data = build(cfg, [first, StopAt(4)], logger=False)  # updates at steps 2 and 4
+    trainer.fit(mod, datamodule=data)
+    assert mod.sparse_engine.n_updates == 2
+    trainer, mod, data = build(cfg, [second], logger=False)
+    trainer.fit(mod, datamodule=data, ckpt_path=str(tmp_path / "b" / "t" / "checkpoints" / "last.ckpt"))
+    assert mod.sparse_engine.n_updates == ref.sparse_engine.n_updates == 4
+    assert first.losses + second.losses == full_b.losses
+    for sp_a, sp_b in zip(ref.sparse_engine.params, mod.sparse_engine.params):
+        assert torch.equal(sp_a.mask, sp_b.mask), sp_a.name
+    wa = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "a" / "t" / "checkpoints" / "last.ckpt"))
+    wb = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "b" / "t" / "checkpoints" / "last.ckpt"))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k

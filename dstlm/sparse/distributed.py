@@ -1,8 +1,8 @@
 """The small interface through which the sparse engine touches distributed training state.
 
 The engine never imports Lightning or DeepSpeed. A backend answers: what is the full (global, averaged)
-gradient and weight of a parameter, how to write a weight, how to zero optimizer state at given
-positions, and how to compare values across data-parallel ranks. `TorchBackend` covers one process and
+gradient and weight of a parameter, how to mask a gradient and write a weight, how to zero optimizer
+state at given positions, and how to compare values across data-parallel ranks. `TorchBackend` covers one process and
 DDP (whose gradients are already all-reduced after backward); sharded strategies implement the same
 methods over their fragments.
 """
@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 class SparseBackend(Protocol):
     def full_grad(self, param: torch.nn.Parameter) -> Optional[torch.Tensor]: ...
+    def mask_grad_(self, param: torch.nn.Parameter, pruned: torch.Tensor) -> None: ...
     def full_weight(self, param: torch.nn.Parameter) -> torch.Tensor: ...
     def mask_weight_(self, param: torch.nn.Parameter, keep: torch.Tensor) -> None: ...
     def mask_optimizer_state_(self, param: torch.nn.Parameter, keep: torch.Tensor) -> None: ...
@@ -44,6 +45,11 @@ class TorchBackend:
         if not self.grads_synced and self.world_size > 1:
             grad = self.all_reduce_mean_(grad.clone())
         return grad
+
+    @torch.no_grad()
+    def mask_grad_(self, param, pruned):
+        if param.grad is not None:
+            param.grad.masked_fill_(pruned, 0)
 
     def full_weight(self, param):
         return param.detach()

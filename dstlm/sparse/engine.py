@@ -113,8 +113,7 @@ class SparseEngine:
                 self._scores[sp.name] = self._scores[sp.name] + g if sp.name in self._scores else g
             self._score_steps += 1
         for sp in self.params:
-            if sp.weight.grad is not None:
-                sp.weight.grad.masked_fill_(self._pruned(sp), 0)
+            backend.mask_grad_(sp.weight, self._pruned(sp))
 
     def _pruned(self, sp: SparseParam) -> torch.Tensor:
         """~mask, cached until the mask buffer is modified in place (update or checkpoint load)."""
@@ -206,6 +205,9 @@ class SparseEngine:
             mask = sp.mask.to(w.device)
             if bool((w[~mask] != 0).any()):
                 problems.append(f"{sp.name}: non-zero weights at pruned entries")
+            module_check = getattr(backend, "module_weight_zero_outside", None)
+            if module_check is not None and not module_check(sp.weight, sp.mask.reshape(sp.weight.shape)):
+                problems.append(f"{sp.name}: non-zero module weights at pruned entries")
             if not backend.optimizer_state_zero_outside(sp.weight, sp.mask.reshape(sp.weight.shape)):
                 problems.append(f"{sp.name}: non-zero optimizer state at pruned entries")
             nnz = int(sp.mask.sum())

@@ -27,9 +27,12 @@ class DSTCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         name = type(trainer.strategy).__name__
-        if "DeepSpeed" in name or "FSDP" in name:
-            raise ValueError(f"dynamic sparse training under the {name} strategy is not supported yet; use "
-                             f"trainer.strategy=auto|ddp|ddp_spawn")
+        if "FSDP" in name:
+            raise ValueError(f"dynamic sparse training under the {name} strategy is not supported; use "
+                             f"trainer.strategy=auto|ddp|deepspeed_stage_1|deepspeed_stage_2")
+        if trainer.accumulate_grad_batches > 1 and "DeepSpeed" in name:
+            raise ValueError("dynamic sparse training under DeepSpeed with trainer.accumulate_grad_batches > 1 is "
+                             "not supported yet; raise data.batch_size instead")
 
     def _engine(self, pl_module) -> SparseEngine:
         engine = getattr(pl_module, "sparse_engine", None)
@@ -39,12 +42,27 @@ class DSTCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.engine = self._engine(pl_module)
-        self.backend = TorchBackend(trainer.optimizers[0] if trainer.optimizers else None, grads_synced=True)
+        if "DeepSpeed" in type(trainer.strategy).__name__:
+            from dstlm.training.zero_backend import ZeROBackend
+
+            stage = trainer.strategy.config.get("zero_optimization", {}).get("stage", 0)
+            self.backend = ZeROBackend(self.engine, stage)
+        else:
+            self.backend = TorchBackend(trainer.optimizers[0] if trainer.optimizers else None, grads_synced=True)
         if self._pending_state is not None:
             self.engine.load_state_dict(self._pending_state)
             self._pending_state = None
         self._last_step = trainer.global_step
         rank_zero_info(self.engine.describe())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if hasattr(self.backend, "capture_dense"):
+            # let the dense gradient through the masking hook on steps that feed a mask update
+            self.backend.capture_dense = self.engine.needs_scores(trainer.global_step + 1)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if hasattr(self.backend, "remove_hooks"):
+            self.backend.remove_hooks()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.engine.before_optimizer_step(trainer.global_step + 1, self.backend)

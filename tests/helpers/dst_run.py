@@ -36,10 +36,11 @@ def main() -> None:
     out, method, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     files = sys.argv[4:]
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    strategy = os.environ.get("DSTLM_STRATEGY", "ddp" if world > 1 else "auto")
     out.mkdir(parents=True, exist_ok=True)
     cfg = tiny_run(out / "run", files, data=dict(batch_size=batch),
                    trainer=dict(max_steps=8, val_every_n_steps=8, devices=world,
-                                strategy="ddp" if world > 1 else "auto"))
+                                strategy=strategy))
     cfg.sparsity = SparsityConfig(method=method, sparsity=0.8, delta_t=2, t_end=1.0, drop_fraction=0.3)
     trainer, module, data = build(cfg, [MaskDump(out)], logger=False)
     trainer.fit(module, datamodule=data)

@@ -1,0 +1,120 @@
+"""SparseBackend for DeepSpeed ZeRO-1/2: the sparse engine's view of sharded gradients and optimizer state.
+
+- Gradients of pruned entries are masked by a tensor hook on each sparse weight, which sees the rank's
+  local, full-shape gradient before DeepSpeed reduces it; so the reduced gradient is exactly the masked
+  global average. On steps whose dense gradient feeds a mask update the hook lets the gradient through;
+  the engine then reads the reduced dense gradient (`safe_get_full_grad`) and writes back the masked one
+  (`safe_set_full_grad`) before the optimizer step.
+- Weights are zeroed in the fp32 master partitions (`safe_set_full_fp32_param`) and in the module's copy,
+  AdamW moments through `safe_{get,set}_full_optimizer_state`.
+All `safe_*_full_*` calls are collectives: every rank calls them for the same parameters in the same
+order, which the engine guarantees by walking its parameter list identically on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+class ZeROBackend:
+    def __init__(self, engine, stage: int) -> None:
+        if stage not in (0, 1, 2):
+            raise ValueError(f"dynamic sparse training supports ZeRO stages 0-2 for now, not {stage}")
+        self.sparse = engine
+        self.stage = stage
+        self.capture_dense = False  # set for the micro-steps whose gradients feed a mask update
+        self._handles = [sp.weight.register_hook(self._hook_for(sp)) for sp in engine.params]
+
+    def _hook_for(self, sp):
+        pruned = self.sparse._pruned
+
+        def hook(grad: torch.Tensor) -> Optional[torch.Tensor]:
+            if self.capture_dense:
+                return None
+            return grad.masked_fill(pruned(sp), 0)
+
+        return hook
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    # -- SparseBackend ------------------------------------------------------------------------------
+    def full_grad(self, param):
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(param)
+
+    @torch.no_grad()
+    def mask_grad_(self, param, pruned: torch.Tensor) -> None:
+        if not self.capture_dense:
+            return  # the hook masked the local gradients before the reduction
+        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+        grad = safe_get_full_grad(param)
+        if grad is not None:
+            safe_set_full_grad(param, grad.masked_fill(pruned.to(grad.device), 0))
+
+    def full_weight(self, param):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(param)
+
+    @torch.no_grad()
+    def mask_weight_(self, param, keep):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        master = safe_get_full_fp32_param(param)
+        safe_set_full_fp32_param(param, master * keep.to(master.dtype))
+        param.mul_(keep.to(param.dtype))  # ZeRO-1/2 keep the full module weight: zero it now, not next step
+
+    def _state(self, param, key):
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        try:
+            return safe_get_full_optimizer_state(param, key)
+        except (TypeError, KeyError):  # no state before the first optimizer step
+            return None
+
+    @torch.no_grad()
+    def mask_optimizer_state_(self, param, keep):
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        for key in STATE_KEYS:
+            state = self._state(param, key)
+            if state is not None:
+                safe_set_full_optimizer_state(param, state * keep.to(state.dtype), key)
+
+    def optimizer_state_zero_outside(self, param, mask):
+        ok = True
+        for key in STATE_KEYS:
+            state = self._state(param, key)
+            if state is not None and bool((state[~mask.to(state.device)] != 0).any()):
+                ok = False
+        return ok
+
+    def module_weight_zero_outside(self, param, mask) -> bool:
+        return not bool((param.detach()[~mask.to(param.device)] != 0).any())
+
+    def all_equal(self, values: torch.Tensor) -> bool:
+        if self.world_size == 1:
+            return True
+        gathered = [torch.zeros_like(values) for _ in range(self.world_size)]
+        dist.all_gather(gathered, values)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
+
+    def all_reduce_mean_(self, tensor):
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor /= self.world_size
+        return tensor
