@@ -238,7 +238,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
         return COMMANDS[name][0](rest)
-    except (ValueError, FileNotFoundError, KeyError, ArgumentError) as err:
+    except (ValueError, OSError, KeyError, ArgumentError) as err:
         if "DSTLM_TRACEBACK" in __import__("os").environ:
             raise
         lines = [ln.strip(" -") for ln in str(err).strip().splitlines() if ln.strip()]

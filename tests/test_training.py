@@ -155,3 +155,38 @@ def test_cli_bad_input_one_line(tmp_path, small_corpus, args, message):
 def test_cli_unknown_command():
     r = _cli("frobnicate")
     assert r.returncode == 2 and "unknown command 'frobnicate'" in r.stderr
+
+
+class FailingSave(L.Callback):
+    """Makes every checkpoint write after step `step` die halfway (a partial file, then an error)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_start(self, trainer, pl_module):
+        original = trainer.strategy.save_checkpoint
+
+        def save(checkpoint, filepath, storage_options=None):
+            if checkpoint["global_step"] > self.step:
+                with open(filepath, "wb") as f:
+                    f.write(b"partial")
+                raise OSError("disk full (simulated)")
+            return original(checkpoint, filepath, storage_options)
+
+        trainer.strategy.save_checkpoint = save
+
+
+def test_failed_save_keeps_last_good_checkpoint(tmp_path, small_corpus):
+    cfg = tiny_run(tmp_path, small_corpus, trainer=dict(max_steps=8, ckpt_every_n_steps=3))
+    trainer, module, data = build(cfg, [FailingSave(3)], logger=False)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.fit(module, datamodule=data)
+    ckpt_dir = tmp_path / "t" / "checkpoints"
+    last = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3  # the step-6 save failed; the step-3 checkpoint is intact
+    assert torch.load(ckpt_dir / "step0000003.ckpt", weights_only=True)["global_step"] == 3
+    # and training resumes from it
+    cfg.trainer.max_steps = 5
+    trainer, module, data = build(cfg, logger=False)
+    trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_dir / "last.ckpt"))
+    assert trainer.global_step == 5

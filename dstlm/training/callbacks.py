@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +20,24 @@ class StepCheckpoint(ModelCheckpoint):
                          every_n_train_steps=every_n_steps or None, save_top_k=max(1, keep_last_k),
                          monitor="step", mode="max", save_last=True)
 
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """Write to `<file>.tmp`, then swap it in: a save that fails or is killed midway leaves the previous
+        checkpoint of that name intact (files and DeepSpeed's checkpoint directories alike)."""
+        tmp = f"{filepath}.tmp"
+        if trainer.is_global_zero:
+            _remove(tmp)
+        trainer.strategy.barrier("dstlm-ckpt-pre")
+        trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank writes its shards (DeepSpeed)
+        trainer.strategy.barrier("dstlm-ckpt-written")
+        if trainer.is_global_zero:
+            atomic_replace(tmp, filepath)
+        trainer.strategy.barrier("dstlm-ckpt-swapped")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # The final step (or a requested stop) is saved here, inside the batch loop, and not in
@@ -29,6 +49,28 @@ class StepCheckpoint(ModelCheckpoint):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def atomic_replace(src: str, dst: str) -> None:
+    """Move a finished checkpoint (file or directory) over `dst`. Files: one atomic rename. Directories:
+    the old one is renamed aside first, so some complete checkpoint exists at every moment."""
+    if os.path.isdir(src) and os.path.isdir(dst):
+        old = f"{dst}.old"
+        _remove(old)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        _remove(old)
+    else:
+        if os.path.isdir(dst):
+            _remove(dst)
+        os.replace(src, dst)
 
 
 def read_metrics(log_dir: str | Path) -> list[dict]:
