@@ -161,3 +161,43 @@ def test_zero2_dst_resume_after_second_update_is_exact(tmp_path, small_corpus, m
     wb = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "b" / "t" / "checkpoints" / "last.ckpt"))
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.dist
+def test_kill_one_rank_then_resume_loses_at_most_one_interval(tmp_path, small_corpus):
+    """2-rank DDP RigL run, checkpoints every 4 steps; SIGKILL one rank after the step-8 checkpoint
+    exists; resume from last.ckpt: the final masks and weights equal an uninterrupted run's."""
+    import os
+    import signal
+    import time
+
+    helper = str(REPO / "tests" / "helpers" / "dst_run.py")
+    env = {"DSTLM_STEPS": "16", "DSTLM_CKPT_EVERY": "4"}
+    ref = _torchrun([helper, str(tmp_path / "ref"), "rigl", "4", *small_corpus], nproc=2, extra_env=env)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run_env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
+               "HF_DATASETS_OFFLINE": "1", **env, "DSTLM_STEP_SLEEP": "0.5"}
+    cmd = [str(REPO / ".venv/bin/python"), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           helper, str(tmp_path / "run"), "rigl", "4", *small_corpus]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = tmp_path / "run" / "run" / "t" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckpts / "step0000008.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert (ckpts / "step0000008.ckpt").exists(), "the run never reached its step-8 checkpoint"
+    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "dst_run.py"], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split()]
+    assert pids, "no worker processes found"
+    os.kill(pids[-1], signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    last = torch.load(ckpts / "last.ckpt", weights_only=True)
+    assert 8 <= last["global_step"] < 16  # at most one interval (4 steps) lost
+    resumed = _torchrun([helper, str(tmp_path / "run"), "rigl", "4", *small_corpus], nproc=2,
+                        extra_env={**env, "DSTLM_RESUME": str(ckpts / "last.ckpt")})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "ref" / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "run" / "rank0.pt", weights_only=True)
+    for k in a["weights"]:
+        assert torch.equal(a["weights"][k], b["weights"][k]), k

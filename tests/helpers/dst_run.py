@@ -2,6 +2,9 @@
 mask update to OUT/rank<r>.pt. Used by tests/test_dist.py.
 
     python tests/helpers/dst_run.py OUT METHOD BATCH_PER_RANK FILE [FILE ...]
+
+Environment: DSTLM_STRATEGY (default ddp / auto), DSTLM_STEPS (8), DSTLM_CKPT_EVERY (0),
+DSTLM_STEP_SLEEP (seconds per step, to give a test time to kill a rank), DSTLM_RESUME (a checkpoint).
 """
 
 import os
@@ -16,6 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_run  # noqa: E402
 from dstlm.sparse import SparsityConfig  # noqa: E402
 from dstlm.training.run import build  # noqa: E402
+
+
+class Sleep(L.Callback):
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import time
+
+        time.sleep(self.seconds)
 
 
 class MaskDump(L.Callback):
@@ -38,12 +51,16 @@ def main() -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     strategy = os.environ.get("DSTLM_STRATEGY", "ddp" if world > 1 else "auto")
     out.mkdir(parents=True, exist_ok=True)
+    steps = int(os.environ.get("DSTLM_STEPS", "8"))
     cfg = tiny_run(out / "run", files, data=dict(batch_size=batch),
-                   trainer=dict(max_steps=8, val_every_n_steps=8, devices=world,
-                                strategy=strategy))
+                   trainer=dict(max_steps=steps, val_every_n_steps=steps, devices=world, strategy=strategy,
+                                ckpt_every_n_steps=int(os.environ.get("DSTLM_CKPT_EVERY", "0")), keep_last_k=10))
     cfg.sparsity = SparsityConfig(method=method, sparsity=0.8, delta_t=2, t_end=1.0, drop_fraction=0.3)
-    trainer, module, data = build(cfg, [MaskDump(out)], logger=False)
-    trainer.fit(module, datamodule=data)
+    callbacks = [MaskDump(out)]
+    if os.environ.get("DSTLM_STEP_SLEEP"):
+        callbacks.append(Sleep(float(os.environ["DSTLM_STEP_SLEEP"])))
+    trainer, module, data = build(cfg, callbacks, logger=False)
+    trainer.fit(module, datamodule=data, ckpt_path=os.environ.get("DSTLM_RESUME") or None)
 
 
 if __name__ == "__main__":
