@@ -42,6 +42,11 @@ def _parse_run(prog: str, argv: list[str]):
     argv = [a if not a.startswith("--") or a.split("=")[0] in ("--config", "--ckpt_path", "--print_config", "--help")
             else "--run." + a[2:] for a in argv]
     parser = run_parser(prog)
+    if "--help" in argv or "-h" in argv:
+        # show the options as users type them (without the internal "run." prefix)
+        text = parser.format_help().replace("--run.", "--").replace("[--run CONFIG]", "")
+        print(text.replace("run.", ""))
+        sys.exit(0)
     print_config = "--print_config" in argv
     argv = [a for a in argv if a != "--print_config"]
     # recipes are written without the "run:" level; nest them under it
