@@ -1,0 +1,66 @@
+"""Tokens/s at 2 ranks on the CPU: DDP vs DeepSpeed ZeRO-1/2, dense and with RigL, in one invocation.
+
+Each variant is a real `launch/torchrun.sh 2` run of the same recipe (same seed, data and steps); the
+figure is the median of the logged tokens/s windows after `--warmup` steps. Prints the table and each
+variant's ratio to dense DDP.
+
+    .venv/bin/python benchmarks/zero_throughput.py [--recipe recipes/tiny-dense.yaml] [--steps 80] [--warmup 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def median_tokens_per_s(run_dir: Path, warmup: int) -> float:
+    values = []
+    for path in run_dir.glob("logs/version_*/metrics.csv"):
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                if row.get("tok/s") and row.get("step") and int(row["step"]) >= warmup and float(row["tok/s"]) > 0:
+                    values.append(float(row["tok/s"]))
+    if not values:
+        raise RuntimeError(f"no tokens/s logged after step {warmup} in {run_dir}")
+    return statistics.median(values)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="recipes/tiny-dense.yaml")
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=8, help="per rank (2 ranks)")
+    args = ap.parse_args()
+    out = Path(tempfile.mkdtemp(prefix="dstlm-zero-bench-"))
+    variants = [(s, sp) for s in ("ddp", "deepspeed_stage_1", "deepspeed_stage_2") for sp in (None, "rigl")]
+    results = {}
+    for strategy, sparsity in variants:
+        name = f"{strategy}-{sparsity or 'dense'}"
+        cmd = ["bash", "launch/torchrun.sh", "2", args.recipe, f"--name={name}", f"--out_dir={out}",
+               f"--trainer.max_steps={args.steps}", "--trainer.progress_bar=false", "--trainer.val_every_n_steps=1000",
+               "--trainer.ckpt_every_n_steps=0", "--trainer.log_every_n_steps=5", f"--data.batch_size={args.batch_size}",
+               "--trainer.accelerator=cpu"]
+        if sparsity:
+            cmd += ["--sparsity", str(REPO / "configs" / "sparsity" / f"{sparsity}.yaml"), "--sparsity.delta_t=25"]
+        env = {**os.environ, "STRATEGY": strategy, "PYTHON": sys.executable}
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        results[name] = median_tokens_per_s(out / name, args.warmup)
+    base = results["ddp-dense"]
+    print(f"\n2 ranks on the CPU, {args.recipe}, {args.steps} steps, median tokens/s after step {args.warmup}")
+    print(f"{'variant':<28} {'tokens/s':>10} {'vs ddp-dense':>13}")
+    for name, tps in results.items():
+        print(f"{name:<28} {tps:>10,.0f} {tps / base:>12.3f}x")
+
+
+if __name__ == "__main__":
+    main()
