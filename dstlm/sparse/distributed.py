@@ -26,17 +26,34 @@ class SparseBackend(Protocol):
     def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
 
-class TorchBackend:
+class Collectives:
+    """Cross-rank comparisons and reductions over the default process group (a no-op on one rank)."""
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def all_equal(self, values: torch.Tensor) -> bool:
+        if self.world_size == 1:
+            return True
+        gathered = [torch.zeros_like(values) for _ in range(self.world_size)]
+        dist.all_gather(gathered, values)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
+
+    def all_reduce_mean_(self, tensor):
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor /= self.world_size
+        return tensor
+
+
+class TorchBackend(Collectives):
     """Single process or DDP with a plain torch optimizer (state tensors shaped like the parameter)."""
 
     def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None, grads_synced: bool = True) -> None:
         self.optimizer = optimizer
         # DDP all-reduces (averages) gradients during backward; then the score needs no further reduction.
         self.grads_synced = grads_synced
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     def full_grad(self, param):
         if param.grad is None:
@@ -71,16 +88,3 @@ class TorchBackend:
 
     def optimizer_state_zero_outside(self, param, mask):
         return all(bool((t[~mask] == 0).all()) for t in self._states(param))
-
-    def all_equal(self, values: torch.Tensor) -> bool:
-        if self.world_size == 1:
-            return True
-        gathered = [torch.zeros_like(values) for _ in range(self.world_size)]
-        dist.all_gather(gathered, values)
-        return all(torch.equal(g, gathered[0]) for g in gathered)
-
-    def all_reduce_mean_(self, tensor):
-        if self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-            tensor /= self.world_size
-        return tensor

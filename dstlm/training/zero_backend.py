@@ -16,12 +16,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
+
+from dstlm.sparse.distributed import Collectives
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-class ZeROBackend:
+class ZeROBackend(Collectives):
     def __init__(self, engine, stage: int) -> None:
         if stage not in (0, 1, 2):
             raise ValueError(f"dynamic sparse training supports ZeRO stages 0-2 for now, not {stage}")
@@ -44,10 +45,6 @@ class ZeROBackend:
         for h in self._handles:
             h.remove()
         self._handles = []
-
-    @property
-    def world_size(self) -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     # -- SparseBackend ------------------------------------------------------------------------------
     def full_grad(self, param):
@@ -105,16 +102,3 @@ class ZeROBackend:
 
     def module_weight_zero_outside(self, param, mask) -> bool:
         return not bool((param.detach()[~mask.to(param.device)] != 0).any())
-
-    def all_equal(self, values: torch.Tensor) -> bool:
-        if self.world_size == 1:
-            return True
-        gathered = [torch.zeros_like(values) for _ in range(self.world_size)]
-        dist.all_gather(gathered, values)
-        return all(torch.equal(g, gathered[0]) for g in gathered)
-
-    def all_reduce_mean_(self, tensor):
-        if self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-            tensor /= self.world_size
-        return tensor
