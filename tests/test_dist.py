@@ -71,17 +71,19 @@ def _torchrun(args, nproc, timeout=600, extra_env=None):
     return subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def _dst_job(out, method, batch, files, nproc, extra_env=None) -> list[dict]:
+    """Run tests/helpers/dst_run.py on nproc ranks; the per-rank dumps (masks after each update, weights)."""
+    helper = str(REPO / "tests" / "helpers" / "dst_run.py")
+    r = _torchrun([helper, str(out), method, str(batch), *files], nproc=nproc, extra_env=extra_env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(nproc)]
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("method", ["rigl", "srigl"])
 def test_ddp_masks_identical_across_ranks_and_match_single_process(tmp_path, small_corpus, method):
-    helper = str(REPO / "tests" / "helpers" / "dst_run.py")
-    r = _torchrun([helper, str(tmp_path / "ddp"), method, "4", *small_corpus], nproc=2)
-    assert r.returncode == 0, r.stderr[-4000:]
-    r = _torchrun([helper, str(tmp_path / "one"), method, "8", *small_corpus], nproc=1)
-    assert r.returncode == 0, r.stderr[-4000:]
-    rank0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
-    rank1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
-    single = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
+    rank0, rank1 = _dst_job(tmp_path / "ddp", method, 4, small_corpus, nproc=2)
+    (single,) = _dst_job(tmp_path / "one", method, 8, small_corpus, nproc=1)
     assert len(rank0["masks"]) == len(single["masks"]) == 3  # updates at steps 2, 4, 6
     for a, b in zip(rank0["masks"], rank1["masks"]):
         for name in a:
@@ -112,15 +114,9 @@ def test_zero_dst_masks_identical_and_equal_to_ddp(tmp_path, small_corpus, metho
     ranks and equal to the DDP run with the same seed and data. The callback verifies at every update that
     pruned entries are exactly 0 in the module weights and in the fp32 master, and that AdamW's moments
     are 0 there (training stops otherwise)."""
-    helper = str(REPO / "tests" / "helpers" / "dst_run.py")
-    env = {"DSTLM_STRATEGY": f"deepspeed_stage_{stage}"}
-    r = _torchrun([helper, str(tmp_path / "zero"), method, "4", *small_corpus], nproc=2, extra_env=env)
-    assert r.returncode == 0, r.stderr[-4000:]
-    r = _torchrun([helper, str(tmp_path / "ddp"), method, "4", *small_corpus], nproc=2)
-    assert r.returncode == 0, r.stderr[-4000:]
-    z0 = torch.load(tmp_path / "zero" / "rank0.pt", weights_only=True)
-    z1 = torch.load(tmp_path / "zero" / "rank1.pt", weights_only=True)
-    ddp = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
+    z0, z1 = _dst_job(tmp_path / "zero", method, 4, small_corpus, nproc=2,
+                      extra_env={"DSTLM_STRATEGY": f"deepspeed_stage_{stage}"})
+    ddp, _ = _dst_job(tmp_path / "ddp", method, 4, small_corpus, nproc=2)
     assert len(z0["masks"]) == len(ddp["masks"]) == 3
     for a, b, c in zip(z0["masks"], z1["masks"], ddp["masks"]):
         for name in a:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -169,7 +168,3 @@ def format_summary(summary: dict) -> str:
     lines += [f"   loss curve   {summary['loss_png']}", f"   logs         {summary['logs']} (CSV + TensorBoard)",
               f"   checkpoint   {summary['checkpoint']}", "=" * 64]
     return "\n".join(lines)
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
