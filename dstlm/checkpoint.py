@@ -22,21 +22,56 @@ class LoadedModel:
     path: str
 
 
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """A Lightning DeepSpeed checkpoint: a directory holding DeepSpeed's tag folder `checkpoint/`."""
+    tag = Path(path) / "checkpoint"
+    return tag.is_dir() and any(tag.glob("*model_states.pt"))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A .ckpt file, a DeepSpeed checkpoint directory, or a run folder (-> its last checkpoint)."""
+    p = Path(path)
+    if p.is_dir() and not is_deepspeed_checkpoint(p):
+        last = p / "checkpoints" / "last.ckpt" if (p / "checkpoints").is_dir() else p / "last.ckpt"
+        if not (last.is_file() or is_deepspeed_checkpoint(last)):
+            raise FileNotFoundError(f"checkpoint directory {str(p)!r} has no last.ckpt; pass a .ckpt file")
+        p = last
+    if not (p.is_file() or is_deepspeed_checkpoint(p)):
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    return p
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint as one dict (Lightning's layout: state_dict, hyper_parameters, global_step, callbacks...).
+
+    A DeepSpeed ZeRO checkpoint directory (stages 1-3, any world size) is consolidated to fp32 on the fly:
+    weights from the sharded optimizer states, everything else from rank 0's client state.
+    """
+    p = resolve_checkpoint(path)
+    if p.is_file():
+        return torch.load(p, map_location="cpu", weights_only=True)
+    from dstlm.training.strategies import prepare_deepspeed_env
+
+    prepare_deepspeed_env(cpu=not torch.cuda.is_available())
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = p / "checkpoint"
+    states = sorted(tag.glob("*mp_rank_00_model_states.pt"))  # ZeRO-1/2: mp_rank_00_..., ZeRO-3: zero_pp_rank_0_...
+    ckpt = torch.load(states[0], map_location="cpu", weights_only=False)
+    ckpt = {k: v for k, v in ckpt.items() if k not in ("module", "optimizer", "lr_scheduler")}
+    ckpt["state_dict"] = dict(get_fp32_state_dict_from_zero_checkpoint(str(p), tag="checkpoint"))
+    return ckpt
+
+
 def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> LoadedModel:
-    """Model (eval mode, fp32, CPU) + tokenizer from a Lightning .ckpt written by `dstlm fit`.
+    """Model (eval mode, fp32, CPU) + tokenizer from a checkpoint written by `dstlm fit`: a Lightning .ckpt,
+    a DeepSpeed checkpoint directory (consolidated on the fly) or a run folder (its last checkpoint).
 
     Mask buffers are kept as plain weights' zeros (pruned entries are exactly 0 in the saved weights).
     `expect`: a model config the checkpoint must match (refused with the first differing field).
     """
-    p = Path(path)
-    if p.is_dir():
-        last = p / "checkpoints" / "last.ckpt" if (p / "checkpoints").is_dir() else p / "last.ckpt"
-        if not last.is_file():
-            raise FileNotFoundError(f"checkpoint directory {str(p)!r} has no last.ckpt; pass a .ckpt file")
-        p = last
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    p = resolve_checkpoint(path)
+    ckpt = read_checkpoint(p)
     hp = ckpt.get("hyper_parameters", {})
     if "model" not in hp or "state_dict" not in ckpt:
         raise ValueError(f"{str(p)!r} is not a dstlm checkpoint (no model config inside); train it with `dstlm fit`")

@@ -22,19 +22,14 @@ def _recipe(tmp_path, files, name, batch_size) -> str:
 
 
 def _weights(run_dir):
-    path = run_dir / "checkpoints" / "last.ckpt"
-    if path.is_dir():  # DeepSpeed: a sharded checkpoint directory, consolidated to fp32 here
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from dstlm.checkpoint import read_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path))
-        client = torch.load(path / "checkpoint" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {f"model.{k}" if not k.startswith("model.") else k: v for k, v in state.items()}, client
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(run_dir)  # DeepSpeed: sharded checkpoint directory, consolidated to fp32
     return ckpt["state_dict"], ckpt
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_1", "deepspeed_stage_2"])
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"])
 def test_two_ranks_match_single_process(tmp_path, small_corpus, strategy):
     """2 ranks x batch 4 (gloo, via launch/torchrun.sh) ends where 1 process x batch 8 ends: same global
     batches, gradients averaged across ranks (DDP) or reduce-scattered (ZeRO). Not bit-equal (the mean
@@ -102,15 +97,13 @@ def test_deepspeed_bad_input_refused():
 
     with pytest.raises(ValueError, match="ZeRO stage=5 must be 0, 1, 2 or 3"):
         DeepSpeedZeRO(stage=5, cpu=True)
-    with pytest.raises(ValueError, match="deepspeed_stage_3 is not supported yet"):
-        DeepSpeedZeRO(stage=3, cpu=True)
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("method", ["rigl", "srigl"])
-@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2])
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2, 3])
 def test_zero_dst_masks_identical_and_equal_to_ddp(tmp_path, small_corpus, method, stage):
-    """2 ranks under DeepSpeed ZeRO-1/2 on the CPU: after 3 mask updates the masks are identical on both
+    """2 ranks under DeepSpeed ZeRO-1/2/3 on the CPU: after 3 mask updates the masks are identical on both
     ranks and equal to the DDP run with the same seed and data. The callback verifies at every update that
     pruned entries are exactly 0 in the module weights and in the fp32 master, and that AdamW's moments
     are 0 there (training stops otherwise)."""
@@ -128,9 +121,9 @@ def test_zero_dst_masks_identical_and_equal_to_ddp(tmp_path, small_corpus, metho
         assert (w[~mask] == 0).all(), name
 
 
-@pytest.mark.parametrize("method", ["rigl", "srigl"])
-def test_zero2_dst_resume_after_second_update_is_exact(tmp_path, small_corpus, method):
-    """RigL/SRigL under ZeRO-2 (1 process, CPU): stop right after the 2nd mask update, resume from the
+@pytest.mark.parametrize("method,stage", [("rigl", 2), ("srigl", 2), ("rigl", 3), ("srigl", 3)])
+def test_zero_dst_resume_after_second_update_is_exact(tmp_path, small_corpus, method, stage):
+    """RigL/SRigL under ZeRO-2 and ZeRO-3 (1 process, CPU): stop right after the 2nd mask update, resume from the
     sharded checkpoint: same masks, losses and final weights as the uninterrupted run."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -138,7 +131,7 @@ def test_zero2_dst_resume_after_second_update_is_exact(tmp_path, small_corpus, m
     from test_training import BatchRecorder, StopAt
     from dstlm.training.run import build
 
-    over = dict(trainer=dict(max_steps=10, ckpt_every_n_steps=4, strategy="deepspeed_stage_2"))
+    over = dict(trainer=dict(max_steps=10, ckpt_every_n_steps=4, strategy=f"deepspeed_stage_{stage}"))
     full_b = BatchRecorder()
     trainer, ref, data = build(sparse_run(tmp_path / "a", small_corpus, method, **over), [full_b], logger=False)
     trainer.fit(ref, datamodule=data)

@@ -121,7 +121,7 @@ class SparseEngine:
         key = (mask.data_ptr(), mask._version)
         cached = self._pruned_cache.get(sp.name)
         if cached is None or cached[0] != key:
-            cached = (key, (~mask).reshape(sp.weight.shape))
+            cached = (key, (~mask).reshape(self.shapes[sp.name]))
             self._pruned_cache[sp.name] = cached
         return cached[1]
 
@@ -161,7 +161,7 @@ class SparseEngine:
                 raise ValueError(cfg.method)
             grown = new & ~old
             keep = new & ~grown  # zero both dropped and newly grown entries (grown start at 0)
-            dev_keep = keep.to(sp.weight.device).reshape(sp.weight.shape)
+            dev_keep = keep.to(sp.weight.device).reshape(shape)
             backend.mask_weight_(sp.weight, dev_keep)
             backend.mask_optimizer_state_(sp.weight, dev_keep)
             sp.mask = new.to(sp.mask.device)
@@ -206,9 +206,9 @@ class SparseEngine:
             if bool((w[~mask] != 0).any()):
                 problems.append(f"{sp.name}: non-zero weights at pruned entries")
             module_check = getattr(backend, "module_weight_zero_outside", None)
-            if module_check is not None and not module_check(sp.weight, sp.mask.reshape(sp.weight.shape)):
+            if module_check is not None and not module_check(sp.weight, sp.mask.reshape(self.shapes[sp.name])):
                 problems.append(f"{sp.name}: non-zero module weights at pruned entries")
-            if not backend.optimizer_state_zero_outside(sp.weight, sp.mask.reshape(sp.weight.shape)):
+            if not backend.optimizer_state_zero_outside(sp.weight, sp.mask.reshape(self.shapes[sp.name])):
                 problems.append(f"{sp.name}: non-zero optimizer state at pruned entries")
             nnz = int(sp.mask.sum())
             if self.cfg.method == "srigl":

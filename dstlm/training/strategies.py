@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Generator, Optional
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -32,11 +33,6 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
     def __init__(self, stage: int = 2, cpu: bool = False, **kwargs: Any) -> None:
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage={stage} must be 0, 1, 2 or 3")
-        if stage == 3:
-            # Known gap: ZeRO-3 collapses the client AdamW's decay/no-decay parameter groups into one, which
-            # breaks the LR scheduler (and the weight-decay split). Refuse rather than train something else.
-            raise ValueError("trainer.strategy=deepspeed_stage_3 is not supported yet (ZeRO-3 merges the "
-                             "weight-decay parameter groups); use deepspeed_stage_1 or deepspeed_stage_2")
         prepare_deepspeed_env(cpu)
         if cpu:
             try:  # skip DeepSpeed's shared-memory comm op build on the CPU (gloo is used instead)
@@ -47,6 +43,15 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
                 pass
         super().__init__(stage=stage, **kwargs)
         self._on_cpu = cpu
+
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        # No deepspeed.zero.Init: the model is built whole on every rank (same init as one process, masks
+        # applied to full weights by the sparse engine) and ZeRO-3 partitions it in deepspeed.initialize.
+        # Costs one full copy of the fp32 weights per rank at start-up, which models that fit on one
+        # device can afford; it keeps ZeRO-3 runs bit-comparable with DDP.
+        self._init_config_if_needed()
+        yield
 
     @property
     def _cpu(self) -> bool:

@@ -41,7 +41,14 @@ class MaskDump(L.Callback):
             self.snapshots.append({sp.name: sp.mask.clone() for sp in engine.params})
 
     def on_train_end(self, trainer, pl_module):
-        weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+        params = list(pl_module.model.parameters())
+        if hasattr(params[0], "ds_id"):  # ZeRO-3: gather the partitioned weights first (a collective)
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+        else:
+            weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
         torch.save({"masks": self.snapshots, "weights": weights}, self.out / f"rank{trainer.global_rank}.pt")
 
 
