@@ -92,11 +92,66 @@ def test_ddp_masks_identical_across_ranks_and_match_single_process(tmp_path, sma
         assert agree >= 0.999, agree
 
 
-def test_deepspeed_bad_input_refused():
+def test_deepspeed_bad_input_refused(tmp_path):
+    from dstlm.training.config import TrainerConfig
     from dstlm.training.strategies import DeepSpeedZeRO
 
     with pytest.raises(ValueError, match="ZeRO stage=5 must be 0, 1, 2 or 3"):
         DeepSpeedZeRO(stage=5, cpu=True)
+    with pytest.raises(ValueError, match="'deepspeed_stage_5': the ZeRO stage must be 0, 1, 2 or 3"):
+        TrainerConfig(strategy="deepspeed_stage_5")
+    with pytest.raises(ValueError, match="offload_params=true needs ZeRO-3 but trainer.strategy='deepspeed_stage_2'"):
+        TrainerConfig(strategy="deepspeed_stage_2", offload_params=True)
+    with pytest.raises(ValueError, match="offload_optimizer=true needs ZeRO stage 1, 2 or 3 but trainer.strategy='ddp'"):
+        TrainerConfig(strategy="ddp", offload_optimizer=True)
+    with pytest.raises(ValueError, match="offload_optimizer=true needs ZeRO stage 1, 2 or 3"):
+        TrainerConfig(strategy="deepspeed_stage_0", offload_optimizer=True)
+    with pytest.raises(ValueError, match="deepspeed_config='nope.json' does not exist"):
+        TrainerConfig(strategy="deepspeed_stage_2", deepspeed_config="nope.json")
+    (tmp_path / "ds.json").write_text("{}")
+    with pytest.raises(ValueError, match="deepspeed_config is set but trainer.strategy='ddp'"):
+        TrainerConfig(strategy="ddp", deepspeed_config=str(tmp_path / "ds.json"))
+
+
+def _rigl_run(out, files, **trainer):
+    from dstlm.sparse import SparsityConfig
+    from dstlm.training.run import build
+
+    from conftest import tiny_run
+
+    cfg = tiny_run(out, files, data=dict(batch_size=4), trainer=dict(max_steps=8, val_every_n_steps=8, **trainer))
+    cfg.sparsity = SparsityConfig(method="rigl", sparsity=0.8, delta_t=2, t_end=1.0, drop_fraction=0.3)
+    trainer_, module, data = build(cfg, logger=False)
+    trainer_.fit(module, datamodule=data)
+    assert module.sparse_engine.n_updates == 3  # the callback verified the invariants at each of them
+    return trainer_, module
+
+
+@pytest.mark.parametrize("stage,offload_params", [(2, False), (3, True)])
+def test_zero_offload_with_dst_matches_no_offload(tmp_path, small_corpus, stage, offload_params):
+    """Optimizer (and ZeRO-3 parameter) offload keeps fp32 masters and AdamW moments in CPU memory; on the
+    CPU that moves nothing, so the masks after 3 updates must equal the run without offload."""
+    _, ref = _rigl_run(tmp_path / "ref", small_corpus, strategy=f"deepspeed_stage_{stage}")
+    trainer, off = _rigl_run(tmp_path / "off", small_corpus, strategy=f"deepspeed_stage_{stage}",
+                             offload_optimizer=True, offload_params=offload_params)
+    zero = trainer.strategy.config["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu"
+    assert ("offload_param" in zero) == offload_params
+    for a, b in zip(ref.sparse_engine.params, off.sparse_engine.params):
+        assert torch.equal(a.mask, b.mask), a.name
+
+
+def test_raw_deepspeed_json_wins(tmp_path, small_corpus):
+    """trainer.deepspeed_config: the JSON's keys are used as given (here ZeRO-1 although the strategy
+    name says stage 2), dstlm fills in only what it leaves out (micro batch, clipping)."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, "gradient_clipping": 0.5}))
+    trainer, module = _rigl_run(tmp_path / "raw", small_corpus, strategy="deepspeed_stage_2",
+                                deepspeed_config=str(ds))
+    assert trainer.strategy.config["zero_optimization"]["stage"] == 1
+    assert trainer.strategy.config["gradient_clipping"] == 0.5
+    assert trainer.strategy.config["train_micro_batch_size_per_gpu"] == 4
+    assert type(trainer.strategy.model.optimizer).__name__ == "DeepSpeedZeroOptimizer"
 
 
 @pytest.mark.dist

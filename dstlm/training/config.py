@@ -6,6 +6,7 @@ Field docstrings are the documentation: `dstlm fit --help` shows them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from dstlm.models.gpt import GPTConfig
@@ -94,7 +95,7 @@ class TrainerConfig:
     num_nodes: int = 1
     """Nodes."""
     strategy: str = "auto"
-    """auto, ddp, ddp_spawn (Lightning strategy names)."""
+    """auto, ddp, ddp_spawn, or DeepSpeed ZeRO: deepspeed_stage_0|1|2|3 (CPU and CUDA)."""
     precision: str = "32-true"
     """32-true, bf16-mixed, bf16-true, 16-mixed."""
     accumulate_grad_batches: int = 1
@@ -113,6 +114,12 @@ class TrainerConfig:
     """Show the progress bar."""
     deterministic: bool = True
     """Ask torch for deterministic algorithms (bit-reproducible CPU runs)."""
+    offload_optimizer: bool = False
+    """DeepSpeed ZeRO-1/2/3: keep the optimizer state and fp32 master weights in CPU memory."""
+    offload_params: bool = False
+    """DeepSpeed ZeRO-3 only: keep the partitioned parameters in CPU memory between uses."""
+    deepspeed_config: Optional[str] = None
+    """Path to a raw DeepSpeed JSON config; its keys win over the ones dstlm derives (stage, batch, clipping)."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "devices", "num_nodes", "accumulate_grad_batches", "val_every_n_steps",
@@ -120,6 +127,33 @@ class TrainerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"trainer.{name}={value!r} must be a positive integer")
+        stage = self.zero_stage
+        if self.strategy.startswith("deepspeed") and stage not in (0, 1, 2, 3):
+            raise ValueError(f"trainer.strategy={self.strategy!r}: the ZeRO stage must be 0, 1, 2 or 3 "
+                             f"(deepspeed_stage_0 ... deepspeed_stage_3)")
+        if self.offload_params and stage != 3:
+            raise ValueError(f"trainer.offload_params=true needs ZeRO-3 but trainer.strategy={self.strategy!r}; "
+                             f"use strategy deepspeed_stage_3 or drop offload_params")
+        if self.offload_optimizer and stage not in (1, 2, 3):
+            raise ValueError(f"trainer.offload_optimizer=true needs ZeRO stage 1, 2 or 3 but trainer.strategy="
+                             f"{self.strategy!r}; use deepspeed_stage_1|2|3 or drop offload_optimizer")
+        if self.deepspeed_config is not None:
+            if stage is None:
+                raise ValueError(f"trainer.deepspeed_config is set but trainer.strategy={self.strategy!r}; "
+                                 f"use a deepspeed_stage_N strategy with it")
+            if not Path(self.deepspeed_config).is_file():
+                raise ValueError(f"trainer.deepspeed_config={self.deepspeed_config!r} does not exist; "
+                                 f"give the path of a DeepSpeed JSON file")
+
+    @property
+    def zero_stage(self) -> Optional[int]:
+        """The DeepSpeed ZeRO stage named by the strategy (deepspeed_stage_N), None for other strategies."""
+        if not self.strategy.startswith("deepspeed"):
+            return None
+        tail = self.strategy.rsplit("_", 1)[-1]
+        if self.strategy == "deepspeed":
+            return 2  # Lightning's default stage for plain "deepspeed"
+        return int(tail) if tail.isdigit() and self.strategy.startswith("deepspeed_stage_") else -1
 
 
 @dataclass

@@ -70,9 +70,9 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
     if strategy.startswith("deepspeed"):
         from dstlm.training.strategies import DeepSpeedZeRO
 
-        stage = int(strategy.rsplit("_", 1)[1]) if strategy.rsplit("_", 1)[-1].isdigit() else 2
         cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
-        strategy = DeepSpeedZeRO(stage=stage, cpu=cpu)
+        strategy = DeepSpeedZeRO(stage=t.zero_stage, cpu=cpu, offload_optimizer=t.offload_optimizer,
+                                 offload_parameters=t.offload_params, config=t.deepspeed_config)
     trainer = L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=t.precision, max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,

@@ -43,6 +43,12 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
                 pass
         super().__init__(stage=stage, **kwargs)
         self._on_cpu = cpu
+        if isinstance(self.config, dict):
+            zero = self.config.setdefault("zero_optimization", {})
+            if zero.get("offload_optimizer") or zero.get("offload_param"):
+                # dstlm hands DeepSpeed a client torch AdamW (no op build); DeepSpeed refuses it under offload
+                # unless told that the (slower) client optimizer is intended
+                self.config.setdefault("zero_force_ds_cpu_optimizer", False)
 
     @contextmanager
     def model_sharded_context(self) -> Generator[None, None, None]:
