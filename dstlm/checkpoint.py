@@ -63,6 +63,17 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def consolidate_checkpoint(path: str | Path, out_file: str | Path) -> Path:
+    """Write a DeepSpeed ZeRO checkpoint (or any checkpoint) as one Lightning .ckpt file, atomically."""
+    ckpt = read_checkpoint(path)
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(ckpt, tmp)
+    tmp.replace(out)
+    return out
+
+
 def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> LoadedModel:
     """Model (eval mode, fp32, CPU) + tokenizer from a checkpoint written by `dstlm fit`: a Lightning .ckpt,
     a DeepSpeed checkpoint directory (consolidated on the fly) or a run folder (its last checkpoint).

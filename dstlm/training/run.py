@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from dstlm.checkpoint import consolidate_checkpoint, is_deepspeed_checkpoint
 from dstlm.training.callbacks import LossPlot, RNGState, StepCheckpoint
 from dstlm.training.config import RunConfig
 from dstlm.training.datamodule import LMDataModule
@@ -103,6 +106,27 @@ def save_config(cfg_yaml: str, out: Path) -> None:
     tmp.replace(out / "config.yaml")
 
 
+def _reshard_if_needed(cfg: RunConfig, trainer: L.Trainer, ckpt_path: str) -> str:
+    """A ZeRO checkpoint written by another number of ranks resumes through DeepSpeed's universal format."""
+    if not is_deepspeed_checkpoint(ckpt_path):
+        return ckpt_path
+    from dstlm.training.strategies import DeepSpeedZeRO, saved_world_size, universal_checkpoint
+
+    if not isinstance(trainer.strategy, DeepSpeedZeRO):
+        raise ValueError(f"{ckpt_path} is a DeepSpeed ZeRO checkpoint but trainer.strategy={cfg.trainer.strategy!r}; "
+                         f"resume it with a deepspeed_stage_N strategy (any number of ranks)")
+    saved, now = saved_world_size(ckpt_path), cfg.trainer.devices * cfg.trainer.num_nodes
+    if saved == now:
+        return ckpt_path
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    if rank == 0:
+        print(f"dstlm: {ckpt_path} was written by {saved} rank(s), resuming on {now}: "
+              f"loading it through DeepSpeed's universal checkpoint format")
+    universal = universal_checkpoint(ckpt_path, rank)
+    trainer.strategy.config.setdefault("checkpoint", {})["load_universal"] = True
+    return str(universal)
+
+
 def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, config_yaml: Optional[str] = None,
         extra_callbacks: Optional[list] = None) -> dict:
     """Train; returns (and writes to out_dir/name/summary.json) the final metrics."""
@@ -117,6 +141,8 @@ def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, config_yaml: Optional[s
         ckpt_path = str(last)
     elif ckpt_path is not None and not Path(ckpt_path).exists():
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist")
+    if ckpt_path is not None:
+        ckpt_path = _reshard_if_needed(cfg, trainer, ckpt_path)
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     wall = time.perf_counter() - t0
@@ -140,11 +166,22 @@ def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, config_yaml: Optional[s
 
 
 def validate(cfg: RunConfig, ckpt_path: Optional[str]) -> dict:
-    trainer, module, data = build(cfg, logger=False)
+    """Validation loss/perplexity of a checkpoint (a .ckpt file, a DeepSpeed directory or a run folder)."""
     if ckpt_path == "last":
         ckpt_path = str(run_dir(cfg) / "checkpoints" / "last.ckpt")
     if ckpt_path is not None and not Path(ckpt_path).exists():
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist")
+    if cfg.trainer.strategy.startswith("deepspeed") or (ckpt_path and is_deepspeed_checkpoint(ckpt_path)):
+        # Validation needs no sharding of the optimizer: consolidate a ZeRO checkpoint to one fp32 file (any
+        # stage, any world size) and validate it data-parallel. (Lightning cannot validate from a ZeRO-3
+        # directory itself, and a DeepSpeed engine without an optimizer is not needed here.)
+        cfg = replace(cfg, trainer=replace(cfg.trainer, strategy="ddp" if cfg.trainer.devices > 1 else "auto",
+                                           offload_optimizer=False, offload_params=False, deepspeed_config=None))
+        if ckpt_path and is_deepspeed_checkpoint(ckpt_path):
+            # one file per process: no rank waits for another (there is no process group yet)
+            rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+            ckpt_path = str(consolidate_checkpoint(ckpt_path, run_dir(cfg) / f".consolidated-rank{rank}.ckpt"))
+    trainer, module, data = build(cfg, logger=False)
     results = trainer.validate(module, datamodule=data, ckpt_path=ckpt_path, verbose=False)[0]
     results = {k: float(v) for k, v in results.items()}
     if "val/loss" in results and "val/ppl" not in results:

@@ -59,6 +59,39 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         self._init_config_if_needed()
         yield
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None):
+        universal = bool((self.config or {}).get("checkpoint", {}).get("load_universal"))
+        optimizer = getattr(self.deepspeed_engine, "optimizer", None)
+        groups = getattr(optimizer, "param_groups", None) or []
+        # DeepSpeed's ZeRO-3 universal load copies the hyper-parameters of the first param group onto every
+        # group (weight decay 0.1 on norms and embeddings too): keep each group's own, except the LR, which
+        # is the saved one (the scheduler's value at the checkpoint)
+        own = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
+        client_state = super().load_checkpoint(checkpoint_path, weights_only)
+        if universal:
+            self._restore_buffers(Path(checkpoint_path))
+            for group, saved in zip(groups, own):
+                group.update(saved)
+            # ...and it gives every parameter partition the *same* `step` tensor object, which torch's AdamW
+            # increments in place once per partition stepped: the bias correction would then run ahead
+            inner = getattr(optimizer, "optimizer", optimizer)
+            for state in getattr(inner, "state", {}).values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
+        return client_state
+
+    @torch.no_grad()
+    def _restore_buffers(self, ckpt_dir: Path) -> None:
+        """DeepSpeed's universal load restores parameters and optimizer state but not module buffers (it skips
+        the module state dict); dstlm's masks are buffers, so copy them from the saved model states."""
+        files = sorted((ckpt_dir / "checkpoint").glob("*mp_rank_00_model_states.pt"))
+        saved = torch.load(files[0], map_location="cpu", weights_only=False)
+        module_state, names = saved["module"], saved.get("buffer_names") or []
+        buffers = dict(self.lightning_module.named_buffers())
+        for name in names:
+            if name in buffers and name in module_state:
+                buffers[name].copy_(module_state[name].to(buffers[name].device))
+
     @property
     def _cpu(self) -> bool:
         return isinstance(self.accelerator, CPUAccelerator)
@@ -83,3 +116,51 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         device = super().root_device
         # deepspeed.initialize is given root_device.index as device_rank; on the CPU that must be an int
         return torch.device("cpu", 0) if device.type == "cpu" else device
+
+
+def saved_world_size(ckpt_dir: str | Path) -> int:
+    """Data-parallel ranks that wrote a DeepSpeed ZeRO checkpoint (one optimizer-state shard each)."""
+    shards = {p.name.split("_pp_rank_")[1].split("_")[0] for p in (Path(ckpt_dir) / "checkpoint").glob("*_optim_states.pt")}
+    return len(shards)
+
+
+def universal_checkpoint(ckpt_dir: str | Path, rank: int, timeout_s: float = 1800.0) -> Path:
+    """DeepSpeed's universal (world-size independent) form of a ZeRO checkpoint, converted once and cached
+    next to it as `<ckpt>-universal/`. Rank 0 converts (ds_to_universal, in a subprocess) into a temporary
+    folder renamed into place; the other ranks wait for it. A cached conversion of an older checkpoint
+    under the same name (last.ckpt is rewritten) is detected by the source's timestamp and redone."""
+    import subprocess
+    import sys
+    import time
+
+    src = Path(ckpt_dir)
+    out = src.with_name(src.name + "-universal")
+    stamp = str(max(p.stat().st_mtime_ns for p in (src / "checkpoint").iterdir()))
+
+    def ready() -> bool:
+        return (out / "latest_universal").is_file() and (out / "source").is_file() and \
+            (out / "source").read_text() == stamp
+
+    if rank == 0 and not ready():
+        import shutil
+
+        tmp = src.with_name(src.name + "-universal.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                            str(src / "checkpoint"), "--output_folder", str(tmp / "checkpoint"),
+                            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                           capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"converting {src} to a universal checkpoint failed: "
+                               f"{(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        (tmp / "latest").write_text("checkpoint")
+        (tmp / "source").write_text(stamp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    deadline = time.time() + timeout_s
+    while not ready():
+        if time.time() > deadline:
+            raise TimeoutError(f"rank {rank} waited {timeout_s:.0f} s for rank 0 to convert {src} to {out}")
+        time.sleep(0.5)
+    return out

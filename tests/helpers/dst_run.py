@@ -4,7 +4,9 @@ mask update to OUT/rank<r>.pt. Used by tests/test_dist.py.
     python tests/helpers/dst_run.py OUT METHOD BATCH_PER_RANK FILE [FILE ...]
 
 Environment: DSTLM_STRATEGY (default ddp / auto), DSTLM_STEPS (8), DSTLM_CKPT_EVERY (0),
-DSTLM_STEP_SLEEP (seconds per step, to give a test time to kill a rank), DSTLM_RESUME (a checkpoint).
+DSTLM_STEP_SLEEP (seconds per step, to give a test time to kill a rank), DSTLM_RESUME (a checkpoint to resume
+from, through dstlm.training.run.fit). Each rank saves masks after every update, the masks at train start
+(after a restore), the final masks and the final (gathered) weights.
 """
 
 import os
@@ -18,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import tiny_run  # noqa: E402
 from dstlm.sparse import SparsityConfig  # noqa: E402
-from dstlm.training.run import build  # noqa: E402
+from dstlm.training.run import build, fit  # noqa: E402
 
 
 class Sleep(L.Callback):
@@ -33,9 +35,13 @@ class Sleep(L.Callback):
 
 class MaskDump(L.Callback):
     def __init__(self, out: Path):
-        self.out, self.snapshots = out, []
+        self.out, self.snapshots, self.start, self.losses = out, [], {}, {}
+
+    def on_train_start(self, trainer, pl_module):  # after a checkpoint was restored
+        self.start = {sp.name: sp.mask.clone() for sp in pl_module.sparse_engine.params}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"])
         engine = pl_module.sparse_engine
         if engine.n_updates > len(self.snapshots):
             self.snapshots.append({sp.name: sp.mask.clone() for sp in engine.params})
@@ -49,7 +55,9 @@ class MaskDump(L.Callback):
                 weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
         else:
             weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
-        torch.save({"masks": self.snapshots, "weights": weights}, self.out / f"rank{trainer.global_rank}.pt")
+        torch.save({"masks": self.snapshots, "start_masks": self.start, "weights": weights, "losses": self.losses,
+                    "final_masks": {sp.name: sp.mask.clone() for sp in pl_module.sparse_engine.params}},
+                   self.out / f"rank{trainer.global_rank}.pt")
 
 
 def main() -> None:
@@ -66,8 +74,11 @@ def main() -> None:
     callbacks = [MaskDump(out)]
     if os.environ.get("DSTLM_STEP_SLEEP"):
         callbacks.append(Sleep(float(os.environ["DSTLM_STEP_SLEEP"])))
-    trainer, module, data = build(cfg, callbacks, logger=False)
-    trainer.fit(module, datamodule=data, ckpt_path=os.environ.get("DSTLM_RESUME") or None)
+    if os.environ.get("DSTLM_RESUME"):  # through dstlm's fit: resharding of ZeRO checkpoints included
+        fit(cfg, ckpt_path=os.environ["DSTLM_RESUME"], extra_callbacks=callbacks)
+    else:
+        trainer, module, data = build(cfg, callbacks, logger=False)
+        trainer.fit(module, datamodule=data)
 
 
 if __name__ == "__main__":
