@@ -199,7 +199,7 @@ def cmd_export(argv: list[str]) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="dstlm export", description="Write a Hugging Face model directory.")
-    ap.add_argument("--checkpoint", required=True, help="a dstlm .ckpt or run folder")
+    ap.add_argument("--checkpoint", required=True, help="a dstlm .ckpt, a DeepSpeed checkpoint directory or a run folder")
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
     from dstlm.hf.export import export

@@ -208,15 +208,19 @@ def test_zero_dst_resume_after_second_update_is_exact(tmp_path, small_corpus, me
 
 
 @pytest.mark.dist
-def test_kill_one_rank_then_resume_loses_at_most_one_interval(tmp_path, small_corpus):
-    """2-rank DDP RigL run, checkpoints every 4 steps; SIGKILL one rank after the step-8 checkpoint
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_2", marks=pytest.mark.slow),
+                                      "deepspeed_stage_3"])
+def test_kill_one_rank_then_resume_loses_at_most_one_interval(tmp_path, small_corpus, strategy):
+    """2-rank RigL run (DDP or ZeRO), checkpoints every 4 steps; SIGKILL one rank after the step-8 checkpoint
     exists; resume from last.ckpt: the final masks and weights equal an uninterrupted run's."""
     import os
     import signal
     import time
 
     helper = str(REPO / "tests" / "helpers" / "dst_run.py")
-    env = {"DSTLM_STEPS": "16", "DSTLM_CKPT_EVERY": "4"}
+    from dstlm.checkpoint import read_checkpoint
+
+    env = {"DSTLM_STEPS": "16", "DSTLM_CKPT_EVERY": "4", "DSTLM_STRATEGY": strategy}
     ref = _torchrun([helper, str(tmp_path / "ref"), "rigl", "4", *small_corpus], nproc=2, extra_env=env)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
@@ -236,7 +240,7 @@ def test_kill_one_rank_then_resume_loses_at_most_one_interval(tmp_path, small_co
     os.kill(pids[-1], signal.SIGKILL)
     proc.wait(timeout=120)
     assert proc.returncode != 0
-    last = torch.load(ckpts / "last.ckpt", weights_only=True)
+    last = read_checkpoint(ckpts / "last.ckpt")
     assert 8 <= last["global_step"] < 16  # at most one interval (4 steps) lost
     resumed = _torchrun([helper, str(tmp_path / "run"), "rigl", "4", *small_corpus], nproc=2,
                         extra_env={**env, "DSTLM_RESUME": str(ckpts / "last.ckpt")})
@@ -245,6 +249,8 @@ def test_kill_one_rank_then_resume_loses_at_most_one_interval(tmp_path, small_co
     b = torch.load(tmp_path / "run" / "rank0.pt", weights_only=True)
     for k in a["weights"]:
         assert torch.equal(a["weights"][k], b["weights"][k]), k
+    for k in a["final_masks"]:
+        assert torch.equal(a["final_masks"][k], b["final_masks"][k]), k
 
 
 @pytest.mark.dist
@@ -270,3 +276,60 @@ def test_zero_resume_on_another_world_size(tmp_path, small_corpus, stage, saved_
             agree = same.get(k, torch.ones_like(w, dtype=torch.bool))
             torch.testing.assert_close(rank["weights"][k].float()[agree], w.float()[agree], rtol=1e-4, atol=1e-5,
                                        msg=k)
+
+
+def test_cli_on_a_zero3_checkpoint_validate_load_export(tmp_path, small_corpus):
+    """`dstlm fit` under ZeRO-3 writes a sharded checkpoint directory; `dstlm validate`, load_checkpoint (what
+    `dstlm eval` uses) and `dstlm export` consolidate it to fp32 on the fly and see the trained weights."""
+    import sys
+
+    from dstlm.checkpoint import load_checkpoint, read_checkpoint
+
+    recipe = _recipe(tmp_path, small_corpus, "z3", 8)
+    over = ["--trainer.strategy", "deepspeed_stage_3", "--trainer.devices", "1", "--sparsity",
+            str(REPO / "configs" / "sparsity" / "rigl.yaml"), "--sparsity.delta_t", "2"]
+
+    def cli(*args):
+        r = subprocess.run([sys.executable, "-m", "dstlm.cli", *args], cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    cli("fit", "--config", recipe, *over)
+    run = tmp_path / "runs" / "z3"
+    assert (run / "checkpoints" / "last.ckpt" / "checkpoint").is_dir()  # sharded, not a file
+    summary = json.loads((run / "summary.json").read_text())
+    out = cli("validate", "--config", recipe, *over, "--ckpt_path", "last")
+    assert abs(float(out.split("val/loss")[1].split()[0]) - summary["val_loss"]) < 1e-5
+    ckpt = read_checkpoint(run)
+    loaded = load_checkpoint(run)
+    assert loaded.step == 8 and loaded.sparsity["method"] == "rigl"
+    for name, w in loaded.model.state_dict().items():
+        if not name.endswith("_mask"):
+            assert torch.equal(w, ckpt["state_dict"]["model." + name]), name
+    for name, mask in ((k, v) for k, v in ckpt["state_dict"].items() if k.endswith("_mask")):
+        weight = ckpt["state_dict"][name.removesuffix("_mask")]
+        assert (weight[~mask] == 0).all() and 0.05 < float(mask.float().mean()) < 0.5, name
+    cli("export", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+@pytest.mark.dist
+def test_in_training_eval_under_zero3_on_two_ranks(tmp_path, small_corpus):
+    """lm-eval inside a 2-rank ZeRO-3 run: rank 0 scores a gathered copy of the partitioned model (a
+    forward on rank 0 alone would hang); the scores equal `dstlm eval` on the final checkpoint."""
+    from dstlm.eval.harness import run_eval, scores
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(open(_recipe(tmp_path, small_corpus, "z3eval", 4)).read()
+                      + "eval:\n  tasks: [lambada_openai, copa]\n  limit: 4\n  every_n_steps: 4\n  batch_size: 4\n")
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
+           "HF_DATASETS_OFFLINE": "1", "PYTHON": str(REPO / ".venv/bin/python"), "STRATEGY": "deepspeed_stage_3"}
+    r = subprocess.run(["bash", "launch/torchrun.sh", "2", str(recipe)], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    summary = json.loads((tmp_path / "runs" / "z3eval" / "summary.json").read_text())
+    again = scores(run_eval(str(tmp_path / "runs" / "z3eval"), ["lambada_openai", "copa"], limit=4, batch_size=4))
+    for task, metrics in again.items():
+        for m, v in metrics.items():
+            assert abs(summary["eval"][task][m] - v) < 1e-6, (task, m)

@@ -46,16 +46,16 @@ class EvalCallback(L.Callback):
         if trainer.global_step == self._done_step:
             return
         self._done_step = trainer.global_step
+        model = self._whole_model(trainer, pl_module)
         if trainer.is_global_zero:
             from dstlm.eval.harness import evaluate, format_table, scores
             from dstlm.eval.lm import DstlmLM
 
-            was_training = pl_module.model.training
+            was_training = model.training
             with torch.no_grad():
-                lm = DstlmLM(model=pl_module.model, tokenizer=self.tokenizer_fn(), batch_size=self.cfg.batch_size,
-                             quiet=True)
+                lm = DstlmLM(model=model, tokenizer=self.tokenizer_fn(), batch_size=self.cfg.batch_size, quiet=True)
                 self.last = scores(evaluate(lm, self.cfg.tasks, self.cfg.limit))
-            pl_module.model.train(was_training)
+            model.train(was_training)
             metrics = {f"eval/{task}/{m}": v for task, ms in self.last.items() for m, v in ms.items()}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
@@ -63,6 +63,29 @@ class EvalCallback(L.Callback):
                            + format_table(self.last))
         if trainer.world_size > 1:
             trainer.strategy.barrier("dstlm-eval")
+
+    @staticmethod
+    @torch.no_grad()
+    def _whole_model(trainer, pl_module):
+        """The model rank 0 scores. Under ZeRO-3 its weights are partitioned and a forward on one rank alone
+        would wait forever for the others: gather them (every rank takes part) into a copy on rank 0."""
+        model = pl_module.model
+        if not hasattr(next(model.parameters()), "ds_id"):
+            return model
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            if not trainer.is_global_zero:
+                return None
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        whole = type(model)(model.config)
+        for name, buf in model.named_buffers():  # mask buffers too
+            module_name, _, attr = name.rpartition(".")
+            target = whole.get_submodule(module_name) if module_name else whole
+            if attr not in dict(target.named_buffers(recurse=False)):
+                target.register_buffer(attr, buf.clone())
+        whole.load_state_dict(state)
+        return whole.to(next(iter(state.values())).device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = self.cfg.every_n_steps
