@@ -1,4 +1,4 @@
-"""Tokens/s at 2 ranks on the CPU: DDP vs DeepSpeed ZeRO-1/2, dense and with RigL, in one invocation.
+"""Tokens/s at 2 ranks on the CPU: DDP vs DeepSpeed ZeRO-1/2/3, dense and with RigL, in one invocation.
 
 Each variant is a real `launch/torchrun.sh 2` run of the same recipe (same seed, data and steps); the
 figure is the median of the logged tokens/s windows after `--warmup` steps. Prints the table and each
@@ -6,7 +6,8 @@ variant's ratio to dense DDP.
 
     .venv/bin/python benchmarks/zero_throughput.py [--recipe recipes/tiny-dense.yaml] [--steps 80] [--warmup 30]
 
-Each variant is a separate 2-process launch (about 2 minutes on 2 cores for 70 steps; 6 variants).
+Each variant is a separate 2-process launch (about 2 minutes on 2 cores for 80 steps; 8 variants;
+`--strategies` picks a subset).
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=8, help="per rank (2 ranks)")
+    ap.add_argument("--strategies", default="ddp,deepspeed_stage_1,deepspeed_stage_2,deepspeed_stage_3",
+                    help="comma-separated; ddp is always run (the baseline)")
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="dstlm-zero-bench-"))
-    variants = [(s, sp) for s in ("ddp", "deepspeed_stage_1", "deepspeed_stage_2") for sp in (None, "rigl")]
+    strategies = ["ddp"] + [s for s in args.strategies.split(",") if s and s != "ddp"]
+    variants = [(s, sp) for s in strategies for sp in (None, "rigl")]
     results = {}
     for strategy, sparsity in variants:
         name = f"{strategy}-{sparsity or 'dense'}"
@@ -57,6 +61,7 @@ def main() -> None:
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         results[name] = median_tokens_per_s(out / name, args.warmup)
+        print(f"  {name}: {results[name]:,.0f} tokens/s", flush=True)
     base = results["ddp-dense"]
     print(f"\n2 ranks on the CPU, {args.recipe}, {args.steps} steps, median tokens/s after step {args.warmup}")
     print(f"{'variant':<28} {'tokens/s':>10} {'vs ddp-dense':>13}")

@@ -42,3 +42,17 @@ def tiny_run(out_dir, files, **over) -> RunConfig:
     trainer.update(over.pop("trainer", {}))
     return RunConfig(name=over.pop("name", "t"), out_dir=str(out_dir), model=GPTConfig(**model),
                      data=DataConfig(**data), optim=OptimConfig(**optim), trainer=TrainerConfig(**trainer), **over)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_rendezvous_env():
+    """In-process Lightning/DeepSpeed runs export MASTER_PORT & co and keep their store listening; a later
+    subprocess inheriting them would try to bind the same port. Restore the environment after each test."""
+    keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK")
+    saved = {k: os.environ.get(k) for k in keys}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

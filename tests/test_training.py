@@ -190,3 +190,27 @@ def test_failed_save_keeps_last_good_checkpoint(tmp_path, small_corpus):
     trainer, module, data = build(cfg, logger=False)
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_dir / "last.ckpt"))
     assert trainer.global_step == 5
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))
+def test_every_recipe_parses_without_duplicate_keys(recipe, monkeypatch):
+    """Each shipped recipe resolves to a valid RunConfig, and no YAML key is given twice (YAML keeps the
+    last silently: a second `data:` would drop the first one's fields)."""
+    import yaml
+
+    from dstlm.cli import _parse_run
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node):
+        keys = [loader.construct_object(k) for k, _ in node.value]
+        dup = {k for k in keys if keys.count(k) > 1}
+        assert not dup, f"{recipe}: duplicate keys {dup}"
+        return loader.construct_mapping(node)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    yaml.load((REPO / "recipes" / recipe).read_text(), Loader=Strict)
+    monkeypatch.chdir(REPO)
+    cfg, _, text = _parse_run("dstlm fit", ["--config", f"recipes/{recipe}"])
+    assert cfg.name and "model:" in text
