@@ -10,6 +10,7 @@ import torch
 
 from dstlm.data.tokenizer import TextTokenizer, tokenizer_from_json
 from dstlm.models.gpt import GPT, GPTConfig
+from dstlm.sparse.ift import SparseIFTConfig
 
 
 @dataclass
@@ -97,7 +98,8 @@ def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> Loa
     if not tok_json:
         raise ValueError(f"checkpoint {str(p)!r} carries no tokenizer; re-save it with this dstlm version")
     tokenizer = tokenizer_from_json(tok_json, name=str(p))
-    model = GPT(cfg)
+    ift = SparseIFTConfig(**hp["ift"]) if hp.get("ift") else None
+    model = GPT(cfg, ift=ift)  # the same Sparse-IFT structure as in training
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     masks = {k: v for k, v in state.items() if k.endswith("_mask")}
     weights = {k: v for k, v in state.items() if not k.endswith("_mask")}

@@ -4,6 +4,7 @@
     dstlm validate --config recipes/default.yaml --ckpt_path last|PATH
     dstlm eval     --checkpoint PATH --tasks t1,t2 [--limit N] [--batch-size B] [--out results.json]
     dstlm export   --checkpoint PATH --out DIR     a Hugging Face model directory
+    dstlm flops    --config RECIPE [--key value]   FLOPs per token vs the dense baseline (Sparse-IFT check)
     dstlm presets                                  list the model presets in configs/model/
     dstlm report   --checkpoint PATH [--layer NAME] [--out DIR]   sparsity pictures of a checkpoint
 
@@ -136,6 +137,15 @@ def cmd_validate(argv: list[str]) -> int:
     return 0
 
 
+def cmd_flops(argv: list[str]) -> int:
+    cfg, _, _ = _parse_run("dstlm flops", argv)
+    from dstlm.training.run import flops_report
+
+    text, _ = flops_report(cfg)
+    print(text)
+    return 0
+
+
 def cmd_presets(argv: list[str]) -> int:
     from dstlm.models import GPT, available_presets, load_preset
 
@@ -214,6 +224,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "validate": (cmd_validate, "validation loss/perplexity of a checkpoint"),
     "presets": (cmd_presets, "list the model size presets"),
     "eval": (cmd_eval, "lm-evaluation-harness scores of a checkpoint (offline tasks shipped)"),
+    "flops": (cmd_flops, "FLOPs per token of a recipe's (sparse / Sparse-IFT) model vs its dense baseline"),
     "export": (cmd_export, "write a Hugging Face model directory (config, safetensors, tokenizer)"),
     "report": (cmd_report, "PNG of per-layer density and a mask heat-map of a sparse checkpoint"),
 }

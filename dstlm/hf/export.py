@@ -125,7 +125,9 @@ def export(checkpoint: str, out_dir: str) -> Path:
     loaded = load_checkpoint(checkpoint)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf = to_hf(loaded.model)
+    from dstlm.sparse.ift import fold_to_dense
+
+    hf = to_hf(fold_to_dense(loaded.model))  # Sparse-IFT layers folded into the dense layers they compute
     hf.save_pretrained(str(out), safe_serialization=True)
     save_tokenizer(loaded.tokenizer, out, loaded.config.block_size)
     return out

@@ -156,9 +156,34 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def linear_layer_names(cfg: GPTConfig) -> list[str]:
+    """Names of the block projections (the layers sparsification and Sparse-IFT act on)."""
+    per_block = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out")
+    return [f"blocks.{i}.{n}" for i in range(cfg.n_layer) for n in per_block]
+
+
+def dense_layer_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
+    """[out, in] of every block projection of a dense GPT with this config."""
+    C, H = cfg.n_embd, cfg.mlp_hidden
+    shapes = {"attn.q_proj": (C, C), "attn.k_proj": (C, C), "attn.v_proj": (C, C), "attn.out_proj": (C, C),
+              "mlp.fc_in": (H, C), "mlp.fc_out": (C, H)}
+    return {n: shapes[n.split(".", 2)[2]] for n in linear_layer_names(cfg)}
+
+
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    """`ift`: an optional Sparse-IFT transformation (dstlm.sparse.ift.SparseIFTConfig) applied at
+    construction, so every rank, checkpoint loader and exporter rebuilds the same structure from
+    (base config, ift). `config` is the effective (possibly widened) shape, `base_config` the dense one."""
+
+    def __init__(self, cfg: GPTConfig, ift=None) -> None:
         super().__init__()
+        self.base_config, self.ift, self.ift_layers = cfg, ift, []
+        if ift is not None:
+            from dstlm.sparse import ift as sift
+
+            self.ift_layers = sift.selected_layers(linear_layer_names(cfg), ift.layers)
+            if ift.family == "wide":
+                cfg = sift.wide_config(cfg, ift, self.ift_layers)
         self.config = cfg
         V = cfg.padded_vocab_size
         self.wte = nn.Embedding(V, cfg.n_embd)
@@ -169,7 +194,13 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        if ift is not None and ift.family != "wide":
+            sift.transform_modules(self, ift, self.ift_layers)
         self.reset_parameters()
+
+    def dense_layer_shapes(self) -> dict[str, tuple[int, int]]:
+        """[out, in] of every block projection in the dense (untransformed) model."""
+        return dense_layer_shapes(self.base_config)
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, std) for linears/embeddings, residual projections scaled by 1/sqrt(2L)."""
@@ -185,9 +216,16 @@ class GPT(nn.Module):
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+        for module in self.modules():  # Sparse-IFT layers initialise themselves (dense-equivalent std)
+            if hasattr(module, "ift_init"):
+                module.ift_init(std)
         for block in self.blocks:
             for proj in (block.attn.out_proj, block.mlp.fc_out):
-                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+                scaled = std / math.sqrt(2 * self.config.n_layer)
+                if hasattr(proj, "ift_init"):
+                    proj.ift_init(scaled)
+                else:
+                    nn.init.normal_(proj.weight, mean=0.0, std=scaled)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx: (B, T) int64 token ids -> logits (B, T, V) over the real (unpadded) vocabulary."""

@@ -43,6 +43,10 @@ class SparseIFTConfig:
     """Module-name patterns of the linear layers to transform (embeddings and LM head stay dense)."""
     factorized_mid: str = "none"
     """Between U and V of the factorized family: none, layernorm, gelu or layernorm_gelu."""
+    match: str = "layers"
+    """layers: each transformed layer has its dense layer's FLOPs; total: the sparse weights' density is
+    lowered further so the whole forward pass (attention scores and the LM head, which Sparse Wide
+    widens, included) has the dense model's FLOPs."""
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -51,6 +55,8 @@ class SparseIFTConfig:
             raise ValueError(f"ift.sparsity={self.sparsity!r} must be in [0, 1)")
         if self.factorized_mid not in MIDS:
             raise ValueError(f"ift.factorized_mid={self.factorized_mid!r} is unknown; choose one of: {', '.join(MIDS)}")
+        if self.match not in ("layers", "total"):
+            raise ValueError(f"ift.match={self.match!r} is unknown; choose layers or total")
         if not self.layers:
             raise ValueError("ift.layers is empty; give module-name patterns such as 'blocks.*.mlp.fc_in'")
 
@@ -163,9 +169,8 @@ def doped_rank(n_in: int, n_out: int, s: float) -> int:
     return int(math.floor(s * n_in * n_out / (n_in + n_out) + 1e-9))
 
 
-def selected_layers(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Names of the nn.Linear modules matching any pattern; a pattern matching none is refused."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+def selected_layers(linears: list[str], patterns: list[str]) -> list[str]:
+    """The linear-layer names matching any pattern; a pattern matching none is refused."""
     for pat in patterns:
         if not any(fnmatch.fnmatchcase(n, pat) for n in linears):
             raise ValueError(f"ift.layers pattern {pat!r} matches no linear layer; layers look like "
@@ -262,3 +267,49 @@ def describe(ift: SparseIFTConfig, base_cfg, eff_cfg, names: list[str], model: n
         first = model.get_submodule(names[0])
         how = f"rank {first.u.out_features} for {names[0]}" if getattr(first, "u", None) is not None else "rank 0"
     return f"Sparse-IFT {ift.family} at s={s:g} on {len(names)} layers ({how})"
+
+
+def match_total_flops(model: nn.Module, densities: dict[str, float], dense_shapes: dict[str, tuple[int, int]],
+                      seq_len: int) -> dict[str, float]:
+    """Scale the sparse weights' densities so the whole forward pass costs the dense model's FLOPs."""
+    from dstlm.sparse.flops import dense_count
+
+    params = dict(model.named_parameters())
+    base_total = dense_count(model.base_config, dense_shapes, seq_len).forward
+    c = model.config
+    linear_numel = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head")
+    sparse_numel = sum(params[w].numel() for w in densities)
+    other = 2 * (linear_numel - sparse_numel) + 2 * c.n_embd * c.padded_vocab_size + 4 * seq_len * c.n_embd * c.n_layer
+    budget = base_total - other
+    if budget <= 0:
+        raise ValueError(f"ift.match=total is impossible: the dense parts of the transformed model alone cost "
+                         f"{other / 1e6:.2f} MFLOP/token, more than the dense model's {base_total / 1e6:.2f}; use "
+                         f"ift.match=layers or a lower ift.sparsity")
+    scale = budget / sum(2 * d * params[w].numel() for w, d in densities.items())
+    return {w: min(1.0, d * scale) for w, d in densities.items()}
+
+
+def ift_sparsity_config(model: nn.Module, ift: SparseIFTConfig, dense_shapes: dict[str, tuple[int, int]],
+                        names: list[str], base, seq_len: Optional[int] = None):
+    """The DST config that drives the transformed weights: the user's method and schedule, with every sparse
+    weight of the transformed layers included at its iso-FLOP density (nothing else is sparsified)."""
+    densities = iso_flop_densities(model, dense_shapes, ift, names)
+    if ift.match == "total":
+        densities = match_total_flops(model, densities, dense_shapes, seq_len or model.config.block_size)
+    params = dict(model.named_parameters())
+    numel = {n: params[n].numel() for n in densities}
+    global_density = sum(densities[n] * numel[n] for n in densities) / sum(numel.values())
+    return replace(base, include=list(densities), exclude=[], no_ablate=[],
+                   overrides={n: 1.0 - d for n, d in densities.items()},
+                   sparsity=max(0.0, 1.0 - global_density), distribution="uniform")
+
+
+def fold_to_dense(model: nn.Module) -> nn.Module:
+    """Replace every parallel / doped / linear-factorized layer by the one dense nn.Linear it computes
+    (exactly: sum of branches, W + V U, V U), e.g. to export to a standard architecture. In place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, IFT_MODULES):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, module.to_dense())
+    return model

@@ -11,6 +11,7 @@ from typing import Literal, Optional
 
 from dstlm.models.gpt import GPTConfig
 from dstlm.sparse.config import SparsityConfig
+from dstlm.sparse.ift import SparseIFTConfig
 from dstlm.training.eval_callback import EvalConfig
 
 
@@ -174,8 +175,13 @@ class RunConfig:
     """Dynamic sparse training (configs/sparsity/*.yaml); None = dense."""
     eval: Optional[EvalConfig] = None
     """lm-eval tasks scored during/after training (configs/eval/*.yaml); None = none."""
+    ift: Optional[SparseIFTConfig] = None
+    """Sparse-IFT transformation (configs/ift/*.yaml); needs a sparsity method to train its sparse weights."""
 
     def __post_init__(self) -> None:
+        if self.ift is not None and self.sparsity is None:
+            raise ValueError(f"ift.family={self.ift.family!r} needs a DST method for its sparse weights; add "
+                             f"--sparsity configs/sparsity/rigl.yaml (or static/set/srigl)")
         if self.data.block_size > self.model.block_size:
             raise ValueError(
                 f"data.block_size={self.data.block_size} exceeds model.block_size={self.model.block_size}; "

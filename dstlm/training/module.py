@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from dstlm.models.gpt import GPT, GPTConfig
 from dstlm.sparse import SparseEngine, SparsityConfig
+from dstlm.sparse.ift import SparseIFTConfig, ift_sparsity_config
 from dstlm.training.config import OptimConfig
 
 
@@ -48,15 +49,19 @@ class LMModule(L.LightningModule):
     """Trains a GPT on (inputs, targets) token blocks; logs loss, perplexity, LR and tokens/s."""
 
     def __init__(self, model: GPTConfig, optim: OptimConfig, max_steps: int,
-                 sparsity: SparsityConfig | None = None, seed: int = 0) -> None:
+                 sparsity: SparsityConfig | None = None, seed: int = 0, ift: SparseIFTConfig | None = None,
+                 seq_len: int | None = None) -> None:
         super().__init__()
         self.model_config = model
         self.optim_config = optim
         self.sparsity_config = sparsity
+        self.ift_config = ift
+        self.seq_len = seq_len or model.block_size  # context the FLOPs are matched at (ift.match=total)
         self.seed = seed
         self.max_steps = max_steps
         self.save_hyperparameters({"model": asdict(model), "optim": asdict(optim), "max_steps": max_steps,
-                                   "sparsity": asdict(sparsity) if sparsity else None, "seed": seed})
+                                   "sparsity": asdict(sparsity) if sparsity else None, "seed": seed,
+                                   "ift": asdict(ift) if ift else None})
         self.model: GPT | None = None
         self.sparse_engine: SparseEngine | None = None
         self.tokenizer_json: str | None = None  # set by the run builder; saved in checkpoints
@@ -68,10 +73,15 @@ class LMModule(L.LightningModule):
         # Built here (not in __init__) so strategies that shard at construction time can wrap it, and so
         # model transforms (sparsity, Sparse-IFT) run the same on every rank before wrapping.
         if self.model is None:
-            self.model = GPT(self.model_config)
-            if self.sparsity_config is not None:
+            self.model = GPT(self.model_config, ift=self.ift_config)  # Sparse-IFT applied at construction
+            sparsity = self.sparsity_config
+            if self.ift_config is not None:
+                # the transformed weights, each at the density that keeps its layer at the dense FLOPs
+                sparsity = ift_sparsity_config(self.model, self.ift_config, self.model.dense_layer_shapes(),
+                                               self.model.ift_layers, sparsity, self.seq_len)
+            if sparsity is not None:
                 # masks become persistent buffers on the modules, before any strategy wraps the model
-                self.sparse_engine = SparseEngine(self.model, self.sparsity_config, self.seed, self.max_steps)
+                self.sparse_engine = SparseEngine(self.model, sparsity, self.seed, self.max_steps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["dstlm"] = {"format": 1, "tokenizer": self.tokenizer_json}
@@ -86,6 +96,10 @@ class LMModule(L.LightningModule):
                 k = diff[0]
                 raise ValueError(f"checkpoint model.{k}={saved['model'][k]!r} but this run has model.{k}={now[k]!r}; "
                                  f"use the checkpoint's model config")
+        old_ift, new_ift = saved.get("ift"), asdict(self.ift_config) if self.ift_config else None
+        if old_ift != new_ift:
+            raise ValueError(f"checkpoint has ift={old_ift!r} but this run has ift={new_ift!r}; resume with the same "
+                             f"Sparse-IFT config")
         old, new = saved.get("sparsity"), asdict(self.sparsity_config) if self.sparsity_config else None
         if "sparsity" in saved and (old is None) != (new is None):
             raise ValueError(f"checkpoint is {'dense' if old is None else 'sparse (' + old['method'] + ')'} but this "

@@ -64,6 +64,8 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     if cfg.sparsity is not None:
         callbacks.append(DSTCallback())
+    if cfg.sparsity is not None or cfg.ift is not None:
+        callbacks.append(FlopsLog(cfg, out))
     data = LMDataModule(cfg.data, cfg.seed)
     if cfg.eval is not None:
         callbacks.append(EvalCallback(cfg.eval, data._tokenizer))
@@ -85,11 +87,48 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         deterministic=t.deterministic, use_distributed_sampler=False, num_sanity_val_steps=0,
         default_root_dir=str(out),
     )
-    module = LMModule(cfg.model, cfg.optim, t.max_steps, sparsity=cfg.sparsity, seed=cfg.seed)
+    module = LMModule(cfg.model, cfg.optim, t.max_steps, sparsity=cfg.sparsity, seed=cfg.seed, ift=cfg.ift,
+                      seq_len=cfg.data.block_size)
     check_vocab(cfg, data)
     # the tokenizer travels inside every checkpoint, so eval/export need nothing but the .ckpt file
     module.tokenizer_json = data._tokenizer().tokenizer.to_str()
     return trainer, module, data
+
+
+class FlopsLog(L.Callback):
+    """At the start of training: FLOPs per token against the dense baseline, printed, logged, and written
+    to <run>/flops.json."""
+
+    def __init__(self, cfg: RunConfig, out: Path) -> None:
+        self.cfg, self.out = cfg, out
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        text, summary = flops_report(self.cfg, pl_module.model)
+        print(text)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "flops.json").write_text(json.dumps(summary, indent=2))
+        for logger in trainer.loggers:
+            logger.log_metrics({f"flops/{k}": float(v) for k, v in summary.items() if not isinstance(v, dict)}, step=0)
+
+
+def flops_report(cfg: RunConfig, model=None) -> tuple[str, dict]:
+    """Forward/training FLOPs per token of this run's model (masks included) against the dense baseline.
+    `model`: the built model (with masks); built here when not given."""
+    from dstlm.models.gpt import dense_layer_shapes, linear_layer_names
+    from dstlm.sparse.flops import count_flops, dense_count, report
+
+    if model is None:
+        module = LMModule(cfg.model, cfg.optim, cfg.trainer.max_steps, sparsity=cfg.sparsity, seed=cfg.seed,
+                          ift=cfg.ift, seq_len=cfg.data.block_size)
+        module.configure_model()
+        model = module.model
+    T = cfg.data.block_size
+    base = dense_count(cfg.model, dense_layer_shapes(cfg.model), T)
+    mine = count_flops(model, linear_layer_names(cfg.model), T)
+    method = cfg.sparsity.method if cfg.sparsity is not None else None
+    return report(base, mine, method, cfg.sparsity.delta_t if cfg.sparsity else 1, T)
 
 
 def check_vocab(cfg: RunConfig, data: LMDataModule) -> None:

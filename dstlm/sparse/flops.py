@@ -1,0 +1,106 @@
+"""FLOPs per token of a (sparse, possibly Sparse-IFT transformed) GPT against its dense baseline.
+
+Conventions (say them with every figure):
+- a linear layer costs 2 FLOPs per non-zero weight per token (one multiply-add); masks are read from the
+  modules' `weight_mask` buffers, so the count is of the weights that are really non-zero;
+- attention scores (Q K^T and A V) cost 2 * 2 * T * C per layer per token at context T, width C (no
+  discount for the causal mask, as in the PaLM/nanoGPT MFU convention); embeddings lookups cost 0;
+- training = forward + backward = 3x forward for dense and for static sparse weights (sparse input and
+  weight gradients); RigL adds a dense gradient every delta_t steps:
+  (3 f_s delta_t + 2 f_s + f_D) / (delta_t + 1), f_D the forward FLOPs with every sparse weight dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch.nn as nn
+
+
+@dataclass
+class FlopCount:
+    layers: dict[str, int] = field(default_factory=dict)        # original layer name -> forward FLOPs/token
+    layers_dense: dict[str, int] = field(default_factory=dict)  # same, if every sparse weight were dense
+    density: dict[str, float] = field(default_factory=dict)
+    attention: int = 0
+    lm_head: int = 0
+    n_embd: int = 0
+
+    @property
+    def forward(self) -> int:
+        return sum(self.layers.values()) + self.attention + self.lm_head
+
+    @property
+    def forward_all_dense(self) -> int:
+        return sum(self.layers_dense.values()) + self.attention + self.lm_head
+
+
+def count_flops(model: nn.Module, layer_names: list[str], seq_len: int) -> FlopCount:
+    """Forward FLOPs per token, grouped by the dense model's layer names (a transformed layer's branches,
+    factors and low-rank parts count towards the layer they replace)."""
+    out = FlopCount(n_embd=model.config.n_embd)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for layer in layer_names:
+        parts = [m for n, m in linears.items() if n == layer or n.startswith(layer + ".")]
+        nnz = numel = 0
+        for m in parts:
+            mask = getattr(m, "weight_mask", None)
+            size = getattr(m.weight, "ds_numel", None) or m.weight.numel()  # ZeRO-3 partitions the weight
+            numel += size
+            nnz += int(mask.sum()) if mask is not None else size
+        out.layers[layer], out.layers_dense[layer] = 2 * nnz, 2 * numel
+        out.density[layer] = nnz / max(1, numel)
+    head = linears.get("lm_head")
+    out.lm_head = 2 * (getattr(head.weight, "ds_numel", None) or head.weight.numel()) if head is not None else 0
+    out.attention = 2 * 2 * seq_len * model.config.n_embd * model.config.n_layer
+    return out
+
+
+def dense_count(cfg, shapes: dict[str, tuple[int, int]], seq_len: int) -> FlopCount:
+    """The dense baseline's count from its config alone (no model is built)."""
+    out = FlopCount(n_embd=cfg.n_embd)
+    for name, (n_out, n_in) in shapes.items():
+        out.layers[name] = out.layers_dense[name] = 2 * n_out * n_in
+        out.density[name] = 1.0
+    out.lm_head = 2 * cfg.n_embd * cfg.padded_vocab_size
+    out.attention = 2 * 2 * seq_len * cfg.n_embd * cfg.n_layer
+    return out
+
+
+def training_flops(c: FlopCount, method: Optional[str], delta_t: int) -> float:
+    f_s, f_d = c.forward, c.forward_all_dense
+    if method in ("rigl", "srigl"):
+        return (3 * f_s * delta_t + 2 * f_s + f_d) / (delta_t + 1)
+    return 3.0 * f_s
+
+
+def report(base: FlopCount, new: FlopCount, method: Optional[str], delta_t: int, seq_len: int) -> tuple[str, dict]:
+    """A table of per-layer and total forward FLOPs, training FLOPs and ratios; and the same as a dict."""
+    lines = [f"forward FLOPs per token at context {seq_len} (2 x non-zero weights; attention 4*T*C per layer)",
+             f"{'layer':<26} {'dense MFLOP':>12} {'this MFLOP':>12} {'ratio':>7} {'density':>8}"]
+    for name, flops in base.layers.items():
+        mine = new.layers.get(name, 0)
+        lines.append(f"{name:<26} {flops / 1e6:>12.4f} {mine / 1e6:>12.4f} {mine / flops:>7.3f} "
+                     f"{new.density.get(name, 1.0):>8.3f}")
+    w_base, w_new = sum(base.layers.values()), sum(new.layers.values())
+    lines.append(f"{'all block projections':<26} {w_base / 1e6:>12.4f} {w_new / 1e6:>12.4f} {w_new / w_base:>7.3f}")
+    grew = []
+    for label, a, b in (("attention scores", base.attention, new.attention), ("LM head", base.lm_head, new.lm_head)):
+        lines.append(f"{label:<26} {a / 1e6:>12.4f} {b / 1e6:>12.4f} {b / max(1, a):>7.3f}")
+        if b > a:
+            grew.append(f"{label} x{b / a:.3f} (width {base.n_embd} -> {new.n_embd})")
+    ratio = new.forward / base.forward
+    lines.append(f"{'total forward':<26} {base.forward / 1e6:>12.4f} {new.forward / 1e6:>12.4f} {ratio:>7.3f}")
+    t_base, t_new = training_flops(base, None, delta_t), training_flops(new, method, delta_t)
+    how = f"{method}, delta_t={delta_t}" if method in ("rigl", "srigl") else (method or "dense")
+    lines.append(f"{'training (' + how + ')':<26} {t_base / 1e6:>12.4f} {t_new / 1e6:>12.4f} {t_new / t_base:>7.3f}")
+    if grew:
+        lines.append("non-weight FLOPs that grew: " + "; ".join(grew))
+    summary = {"forward_dense": base.forward, "forward": new.forward, "forward_ratio": ratio,
+               "block_projection_ratio": w_new / w_base, "training_dense": t_base, "training": t_new,
+               "training_ratio": t_new / t_base, "attention_ratio": new.attention / max(1, base.attention),
+               "lm_head_ratio": new.lm_head / max(1, base.lm_head),
+               "layers": {n: {"dense": base.layers[n], "this": new.layers.get(n, 0),
+                              "density": new.density.get(n, 1.0)} for n in base.layers}}
+    return "\n".join(lines), summary
