@@ -333,3 +333,20 @@ def test_in_training_eval_under_zero3_on_two_ranks(tmp_path, small_corpus):
     for task, metrics in again.items():
         for m, v in metrics.items():
             assert abs(summary["eval"][task][m] - v) < 1e-6, (task, m)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("family", ["wide", pytest.param("factorized", marks=pytest.mark.slow)])
+def test_sparse_ift_model_trains_under_ddp_with_identical_masks(tmp_path, small_corpus, family):
+    """A Sparse-IFT model (s = 0.5) trained by RigL on 2 DDP ranks: after 3 mask updates the masks of the
+    transformed weights are identical on both ranks and agree with one process on the same global batch."""
+    env = {"DSTLM_IFT": family}
+    rank0, rank1 = _dst_job(tmp_path / "ddp", "rigl", 4, small_corpus, nproc=2, extra_env=env)
+    (single,) = _dst_job(tmp_path / "one", "rigl", 8, small_corpus, nproc=1, extra_env=env)
+    assert len(rank0["masks"]) == 3 and rank0["masks"][0]
+    for a, b in zip(rank0["masks"], rank1["masks"]):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    for a, b in zip(rank0["masks"], single["masks"]):
+        agree = sum(int((a[n] == b[n]).sum()) for n in a) / sum(a[n].numel() for n in a)
+        assert agree >= 0.999, agree
