@@ -30,9 +30,6 @@ class DSTCallback(L.Callback):
         if "FSDP" in name:
             raise ValueError(f"dynamic sparse training under the {name} strategy is not supported; use "
                              f"trainer.strategy=auto|ddp|deepspeed_stage_1|deepspeed_stage_2")
-        if trainer.accumulate_grad_batches > 1 and "DeepSpeed" in name:
-            raise ValueError("dynamic sparse training under DeepSpeed with trainer.accumulate_grad_batches > 1 is "
-                             "not supported yet; raise data.batch_size instead")
 
     def _engine(self, pl_module) -> SparseEngine:
         engine = getattr(pl_module, "sparse_engine", None)
@@ -65,6 +62,10 @@ class DSTCallback(L.Callback):
             self.backend.remove_hooks()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # DeepSpeed owns gradient accumulation: Lightning then calls this after every micro-batch, but the
+        # gradient is complete (and the optimizer steps) only at the accumulation boundary
+        if trainer.strategy.handles_gradient_accumulation and trainer.fit_loop._should_accumulate():
+            return
         self.engine.before_optimizer_step(trainer.global_step + 1, self.backend)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
