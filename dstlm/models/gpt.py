@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dstlm.models.moe import MoEConfig, MoEMLP
+
 
 @dataclass
 class GPTConfig:
@@ -45,8 +47,8 @@ class GPTConfig:
     """Share the token embedding with the LM head."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation."""
-    moe: Optional[dict] = field(default=None)
-    """Reserved for Mixture-of-Experts blocks (not available yet)."""
+    moe: Optional[MoEConfig] = None
+    """Mixture-of-Experts MLPs in every `moe.every`-th block (configs/model/tiny-moe.yaml); None = dense."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -62,8 +64,8 @@ class GPTConfig:
             raise ValueError(f"RoPE needs an even head size; n_embd/n_head={self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
-        if self.moe is not None:
-            raise ValueError("model.moe is not supported yet; leave it unset")
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -144,12 +146,16 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, moe: bool = False) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        if moe:
+            hidden = cfg.moe.expert_hidden or cfg.mlp_hidden
+            self.mlp = MoEMLP(cfg.n_embd, hidden, cfg.moe, bias=cfg.bias, dropout=cfg.dropout)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -157,9 +163,13 @@ class Block(nn.Module):
 
 
 def linear_layer_names(cfg: GPTConfig) -> list[str]:
-    """Names of the block projections (the layers sparsification and Sparse-IFT act on)."""
-    per_block = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out")
-    return [f"blocks.{i}.{n}" for i in range(cfg.n_layer) for n in per_block]
+    """Names of the dense block projections (the layers Sparse-IFT acts on; MoE blocks have no dense MLP)."""
+    attn = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj")
+    names = []
+    for i in range(cfg.n_layer):
+        moe = cfg.moe is not None and cfg.moe.is_moe_layer(i)
+        names += [f"blocks.{i}.{n}" for n in attn + (() if moe else ("mlp.fc_in", "mlp.fc_out"))]
+    return names
 
 
 def dense_layer_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
@@ -189,7 +199,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(V, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, moe=cfg.moe is not None and cfg.moe.is_moe_layer(i))
+                                    for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
         if cfg.tie_embeddings:
@@ -220,8 +231,12 @@ class GPT(nn.Module):
             if hasattr(module, "ift_init"):
                 module.ift_init(std)
         for block in self.blocks:
-            for proj in (block.attn.out_proj, block.mlp.fc_out):
-                scaled = std / math.sqrt(2 * self.config.n_layer)
+            scaled = std / math.sqrt(2 * self.config.n_layer)
+            if isinstance(block.mlp, MoEMLP):
+                block.mlp.reset_experts(std, scaled)
+            for proj in (block.attn.out_proj, getattr(block.mlp, "fc_out", None)):
+                if proj is None:
+                    continue
                 if hasattr(proj, "ift_init"):
                     proj.ift_init(scaled)
                 else:
@@ -241,10 +256,23 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, V_padded)
         return logits[..., : self.config.vocab_size]
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy; targets (B, T) with -100 ignored."""
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, with_aux: bool = True) -> torch.Tensor:
+        """Mean next-token cross-entropy; targets (B, T) with -100 ignored. MoE models add their weighted
+        load-balancing and z-losses (averaged over MoE layers) unless with_aux is False."""
         logits = self(idx)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if not with_aux or self.config.moe is None:
+            return ce
+        aux, z = self.moe_losses()
+        return ce + self.config.moe.aux_loss_weight * aux + self.config.moe.z_loss_weight * z
+
+    def moe_layers(self) -> list[MoEMLP]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoEMLP)]
+
+    def moe_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Load-balancing and z-loss of the last forward, averaged over the MoE layers."""
+        layers = self.moe_layers()
+        return (torch.stack([m.aux_loss for m in layers]).mean(), torch.stack([m.z_loss for m in layers]).mean())
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -51,6 +51,19 @@ def count_flops(model: nn.Module, layer_names: list[str], seq_len: int) -> FlopC
             nnz += int(mask.sum()) if mask is not None else size
         out.layers[layer], out.layers_dense[layer] = 2 * nnz, 2 * numel
         out.density[layer] = nnz / max(1, numel)
+    for name, m in model.named_modules():  # MoE MLPs: router + the top_k experts a token visits (mean nnz)
+        if hasattr(m, "batched_params"):
+            E, k = m.cfg.num_experts, m.cfg.top_k
+            nnz = numel = 0
+            for attr in m.batched_params:
+                w, mask = getattr(m, attr), getattr(m, f"{attr}_mask", None)
+                size = getattr(w, "ds_numel", None) or w.numel()
+                numel += size
+                nnz += int(mask.sum()) if mask is not None else size
+            router = m.router.weight.numel()
+            out.layers[name] = 2 * (k * nnz // E + router)
+            out.layers_dense[name] = 2 * (k * numel // E + router)
+            out.density[name] = nnz / max(1, numel)
     head = linears.get("lm_head")
     out.lm_head = 2 * (getattr(head.weight, "ds_numel", None) or head.weight.numel()) if head is not None else 0
     out.attention = 2 * 2 * seq_len * model.config.n_embd * model.config.n_layer
@@ -63,6 +76,13 @@ def dense_count(cfg, shapes: dict[str, tuple[int, int]], seq_len: int) -> FlopCo
     for name, (n_out, n_in) in shapes.items():
         out.layers[name] = out.layers_dense[name] = 2 * n_out * n_in
         out.density[name] = 1.0
+    if cfg.moe is not None:
+        hidden = cfg.moe.expert_hidden or cfg.mlp_hidden
+        for i in range(cfg.n_layer):
+            if cfg.moe.is_moe_layer(i):
+                active = cfg.moe.top_k * 2 * cfg.n_embd * hidden + cfg.n_embd * cfg.moe.num_experts
+                out.layers[f"blocks.{i}.mlp"] = out.layers_dense[f"blocks.{i}.mlp"] = 2 * active
+                out.density[f"blocks.{i}.mlp"] = 1.0
     out.lm_head = 2 * cfg.n_embd * cfg.padded_vocab_size
     out.attention = 2 * 2 * seq_len * cfg.n_embd * cfg.n_layer
     return out

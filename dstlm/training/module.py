@@ -119,7 +119,20 @@ class LMModule(L.LightningModule):
         loss = self.model.loss(x, y)
         self._count_tokens(x.numel())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        if self.model.config.moe is not None:
+            self._log_moe()
         return loss
+
+    def _log_moe(self) -> None:
+        """Router health: aux losses, dropped-assignment fraction, per-expert load (mean over MoE layers)."""
+        layers = self.model.moe_layers()
+        aux, z = self.model.moe_losses()
+        load = torch.stack([m.stats["load"] for m in layers]).mean(0)
+        metrics = {"moe/aux_loss": aux.detach(), "moe/z_loss": z.detach(),
+                   "moe/dropped": torch.stack([m.stats["dropped"] for m in layers]).mean(),
+                   "moe/load_max": load.max() * load.numel()}  # 1.0 = perfectly balanced
+        metrics.update({f"moe/load/e{i}": v for i, v in enumerate(load)})
+        self.log_dict(metrics, on_step=True, on_epoch=False)
 
     def _count_tokens(self, n_local: int) -> None:
         """Tokens/s over all ranks, from wall time between consecutive steps, refreshed every >= 2 s."""
@@ -139,7 +152,7 @@ class LMModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        loss = self.model.loss(x, y)
+        loss = self.model.loss(x, y, with_aux=False)  # validation reports the language-model loss only
         self._val_sum += loss.detach().double() * y.numel()
         self._val_n += y.numel()
 

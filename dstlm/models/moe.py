@@ -1,0 +1,160 @@
+"""Mixture-of-Experts MLP: token-choice top-k routing, capacity with token dropping (or dropless), Switch
+load-balancing loss, router z-loss, optional shared expert; experts as batched [E, out, in] weights.
+
+Shapes: N tokens (B*T flattened), C = n_embd, H = expert hidden width, E experts, k experts per token.
+Routing (GShard/Switch order): a token's 1st choices are served before anyone's 2nd choices; within a
+choice rank, tokens are served in sequence order; an expert takes at most
+capacity = ceil(capacity_factor * N * k / E) assignments and drops the rest (dropless: no limit).
+Dropped assignments contribute 0 (the residual connection carries the token on).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts settings of a GPT (model.moe)."""
+
+    num_experts: int = 4
+    """Experts per MoE layer."""
+    top_k: int = 1
+    """Experts each token is routed to."""
+    every: int = 2
+    """Every n-th block is MoE (blocks n-1, 2n-1, ...; 1 = all blocks)."""
+    capacity_factor: float = 1.25
+    """Expert capacity = ceil(capacity_factor * tokens * top_k / num_experts); excess assignments dropped."""
+    dropless: bool = False
+    """No capacity limit: every assignment is computed."""
+    aux_loss_weight: float = 0.01
+    """Weight of the Switch load-balancing loss E * sum_e f_e P_e."""
+    z_loss_weight: float = 0.001
+    """Weight of the router z-loss mean(logsumexp(logits)^2)."""
+    shared_expert: bool = False
+    """Add a dense MLP that every token passes through."""
+    expert_hidden: Optional[int] = None
+    """Hidden width of each expert (default: the dense MLP's)."""
+    expert_parallel_size: int = 1
+    """Ranks the experts are split over (must divide num_experts); 1 = replicated."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"model.moe.num_experts={self.num_experts!r} must be a positive integer")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"model.moe.top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        if self.every < 1:
+            raise ValueError(f"model.moe.every={self.every} must be >= 1")
+        if not self.dropless and not self.capacity_factor > 0:
+            raise ValueError(f"model.moe.capacity_factor={self.capacity_factor} must be > 0 (or set dropless: true)")
+        if self.aux_loss_weight < 0 or self.z_loss_weight < 0:
+            raise ValueError("model.moe.aux_loss_weight and z_loss_weight must be >= 0")
+        if self.expert_parallel_size < 1 or self.num_experts % self.expert_parallel_size:
+            raise ValueError(f"model.moe.num_experts={self.num_experts} is not divisible by "
+                             f"expert_parallel_size={self.expert_parallel_size}; pick a divisor")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (i + 1) % self.every == 0
+
+
+@dataclass
+class Routing:
+    expert: torch.Tensor   # (N, k) expert index of each assignment
+    gate: torch.Tensor     # (N, k) combine weight
+    kept: torch.Tensor     # (N, k) bool: within capacity
+    probs: torch.Tensor    # (N, E) router softmax
+    capacity: int
+
+
+def route(logits: torch.Tensor, top_k: int, capacity_factor: float, dropless: bool) -> Routing:
+    """Top-k token-choice routing with capacity; logits (N, E) -> Routing (see the module docstring)."""
+    N, E = logits.shape
+    probs = logits.float().softmax(dim=-1)
+    gate, expert = probs.topk(top_k, dim=-1)  # (N, k), ties -> lower expert index
+    if top_k > 1:
+        gate = gate / gate.sum(dim=-1, keepdim=True)  # renormalised over the chosen experts
+    capacity = N * top_k if dropless else int(math.ceil(capacity_factor * N * top_k / E))
+    # position of each assignment in its expert's queue: choice rank first, then sequence order
+    onehot = F.one_hot(expert.t().reshape(-1), E)  # (k*N, E), rank-major
+    position = (onehot.cumsum(dim=0) - 1).mul(onehot).sum(dim=-1).reshape(top_k, N).t()  # (N, k)
+    kept = position < capacity
+    return Routing(expert, gate.to(logits.dtype), kept, probs, capacity)
+
+
+def load_balancing_loss(r: Routing, num_experts: int) -> torch.Tensor:
+    """Switch Transformer: E * sum_e f_e * P_e, f_e the fraction of the N*k assignments that chose expert e
+    (before dropping), P_e the mean router probability of e. 1.0 when perfectly balanced."""
+    f = F.one_hot(r.expert.reshape(-1), num_experts).float().mean(dim=0)
+    p = r.probs.mean(dim=0)
+    return num_experts * (f * p).sum()
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+class MoEMLP(nn.Module):
+    """Drop-in for the dense MLP: router + E experts (GELU MLPs) with batched weights."""
+
+    batched_params = ("w_in", "w_out")  # [E, out, in] tensors the sparse engine sees as E separate matrices
+
+    def __init__(self, n_embd: int, hidden: int, cfg: MoEConfig, bias: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        E = cfg.num_experts
+        self.cfg = cfg
+        self.router = nn.Linear(n_embd, E, bias=False)
+        self.w_in = nn.Parameter(torch.empty(E, hidden, n_embd))
+        self.w_out = nn.Parameter(torch.empty(E, n_embd, hidden))
+        self.b_in = nn.Parameter(torch.zeros(E, hidden)) if bias else None
+        self.b_out = nn.Parameter(torch.zeros(E, n_embd)) if bias else None
+        self.shared = None
+        if cfg.shared_expert:
+            self.shared = nn.Sequential(nn.Linear(n_embd, hidden, bias=bias), nn.GELU(approximate="tanh"),
+                                        nn.Linear(hidden, n_embd, bias=bias))
+        self.drop = nn.Dropout(dropout)
+        self.aux_loss: Optional[torch.Tensor] = None
+        self.z_loss: Optional[torch.Tensor] = None
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def reset_experts(self, std: float, out_std: float) -> None:
+        """GPT-2 init per expert: N(0, std) in, N(0, out_std) out (the residual-scaled std)."""
+        nn.init.normal_(self.w_in, 0.0, std)
+        nn.init.normal_(self.w_out, 0.0, out_std)
+        for b in (self.b_in, self.b_out):
+            if b is not None:
+                nn.init.zeros_(b)
+        if self.shared is not None:
+            nn.init.normal_(self.shared[2].weight, 0.0, out_std)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        h = x @ self.w_in[e].t()
+        if self.b_in is not None:
+            h = h + self.b_in[e]
+        y = F.gelu(h, approximate="tanh") @ self.w_out[e].t()
+        return y + self.b_out[e] if self.b_out is not None else y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        flat = x.reshape(B * T, C)
+        logits = self.router(flat)
+        r = route(logits, self.cfg.top_k, self.cfg.capacity_factor, self.cfg.dropless)
+        out = torch.zeros_like(flat)
+        for e in range(self.cfg.num_experts):
+            token, slot = torch.nonzero((r.expert == e) & r.kept, as_tuple=True)
+            if token.numel():
+                y = self.expert_forward(e, flat[token]) * r.gate[token, slot].unsqueeze(-1)
+                out.index_add_(0, token, y.to(out.dtype))
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        self.aux_loss = load_balancing_loss(r, self.cfg.num_experts)
+        self.z_loss = z_loss(logits)
+        with torch.no_grad():
+            self.stats = {"load": F.one_hot(r.expert[r.kept], self.cfg.num_experts).float().sum(0) / r.kept.numel(),
+                          "dropped": 1.0 - r.kept.float().mean()}
+        return self.drop(out.reshape(B, T, C))
