@@ -77,6 +77,7 @@ def test_moe_gpt_interleaves_and_adds_the_aux_losses():
     (dict(capacity_factor=-1.0), "model.moe.capacity_factor=-1.0 must be > 0"),
     (dict(num_experts=6, expert_parallel_size=4), "model.moe.num_experts=6 is not divisible by expert_parallel_size=4"),
     (dict(num_experts=0), "model.moe.num_experts=0 must be a positive integer"),
+    (dict(num_experts=4, expert_parallel_size=2), "model.moe.expert_parallel_size=2: expert parallelism is not built"),
 ])
 def test_bad_moe_config_one_line(kw, message):
     import re
@@ -100,3 +101,39 @@ def test_tiny_moe_learns(tmp_path, small_corpus):
     assert start > math.log(400) and end < start - 0.5, (start, end)
     assert float(trainer.callback_metrics["moe/load_max"]) < 3.0  # no expert took (nearly) everything
     assert "moe/aux_loss" in trainer.callback_metrics and "moe/dropped" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("method", ["rigl", "srigl", "set"])
+def test_dst_on_batched_experts_keeps_per_expert_budgets(tmp_path, small_corpus, method):
+    """Each expert's projection is its own sparse matrix (own mask slice, own budget, ERK over all
+    matrices); routers stay dense. The DST callback verifies the invariants at every update (zero weights
+    and AdamW moments off the mask, exact budgets); SRigL keeps a constant fan-in in every expert row."""
+    from conftest import tiny_run
+    from dstlm.sparse import SparsityConfig
+    from dstlm.training.run import build
+
+    cfg = tiny_run(tmp_path, small_corpus, model=dict(moe=MoEConfig(num_experts=4, top_k=2, every=2)),
+                   trainer=dict(max_steps=7, val_every_n_steps=7),
+                   sparsity=SparsityConfig(method=method, sparsity=0.8, delta_t=2, t_end=1.0, drop_fraction=0.3))
+    trainer, module, data = build(cfg, logger=False)
+    trainer.fit(module, datamodule=data)
+    engine = module.sparse_engine
+    assert engine.n_updates == 3
+    names = [sp.name for sp in engine.params]
+    assert [n for n in names if ".mlp.w_in." in n] == [f"blocks.1.mlp.w_in.{e}" for e in range(4)]
+    assert not any("router" in n for n in names)
+    moe = module.model.blocks[1].mlp
+    assert moe.w_in_mask.shape == moe.w_in.shape == (4, 128, 32)
+    budgets = {engine.budgets[f"blocks.1.mlp.w_in.{e}"] for e in range(4)}
+    assert len(budgets) == 1  # the same budget for every expert of a projection
+    for e in range(4):
+        mask = moe.w_in_mask[e]
+        assert int(mask.sum()) == engine.budgets[f"blocks.1.mlp.w_in.{e}"]
+        assert (moe.w_in.detach()[e][~mask] == 0).all()
+        if method == "srigl":
+            rows = mask.sum(1)
+            k = engine.fan_in[f"blocks.1.mlp.w_in.{e}"]
+            assert bool(((rows == 0) | (rows == k)).all())
+    from dstlm.sparse import TorchBackend
+
+    assert engine.verify(TorchBackend(trainer.optimizers[0])) == []

@@ -58,6 +58,9 @@ class MoEConfig:
         if self.expert_parallel_size < 1 or self.num_experts % self.expert_parallel_size:
             raise ValueError(f"model.moe.num_experts={self.num_experts} is not divisible by "
                              f"expert_parallel_size={self.expert_parallel_size}; pick a divisor")
+        if self.expert_parallel_size > 1:
+            raise ValueError(f"model.moe.expert_parallel_size={self.expert_parallel_size}: expert parallelism is not "
+                             f"built yet; use 1 (experts replicated under DDP, sharded with everything else under ZeRO)")
 
     def is_moe_layer(self, i: int) -> bool:
         return (i + 1) % self.every == 0
@@ -109,6 +112,7 @@ class MoEMLP(nn.Module):
         E = cfg.num_experts
         self.cfg = cfg
         self.router = nn.Linear(n_embd, E, bias=False)
+        self.router.dstlm_dense = True  # routers are never sparsified
         self.w_in = nn.Parameter(torch.empty(E, hidden, n_embd))
         self.w_out = nn.Parameter(torch.empty(E, n_embd, hidden))
         self.b_in = nn.Parameter(torch.zeros(E, hidden)) if bias else None

@@ -38,11 +38,17 @@ class SparseEngine:
         self.params: list[SparseParam] = select_params(model, cfg.include, cfg.exclude)
         check_patterns_match(model, cfg.overrides.keys(), "sparsity.overrides")
         check_patterns_match(model, cfg.no_ablate, "sparsity.no_ablate")
-        self.shapes = {sp.name: tuple(sp.weight.shape) for sp in self.params}
+        self.shapes = {sp.name: tuple(sp.view(sp.weight).shape) for sp in self.params}
         for sp in self.params:
-            if sp.weight.ndim != 2:
+            if len(self.shapes[sp.name]) != 2:
                 raise ValueError(f"{sp.name} has shape {tuple(sp.weight.shape)}; sparsify [out, in] weights only "
                                  f"(use an adapter that presents an [out, in] view)")
+        # sparse matrices grouped by the parameter holding them (several for batched expert weights):
+        # backends act once per parameter, with its whole mask
+        groups: dict[tuple[int, str], list[SparseParam]] = {}
+        for sp in self.params:
+            groups.setdefault((id(sp.module), sp.attr), []).append(sp)
+        self.groups: list[list[SparseParam]] = list(groups.values())
         t_end = cfg.resolve_t_end(max_steps)
         self.schedule = UpdateSchedule(cfg.delta_t, cfg.t_start, t_end, cfg.drop_fraction, cfg.drop_schedule)
         fixed = {n: 1.0 - s for pat, s in cfg.overrides.items() for n in self.shapes if fnmatch.fnmatchcase(n, pat)}
@@ -67,7 +73,7 @@ class SparseEngine:
         cfg, gen = self.cfg, self.generator
         for sp in self.params:
             shape, budget = self.shapes[sp.name], self.budgets[sp.name]
-            w = sp.weight
+            w = sp.view(sp.weight)
             if cfg.method == "gmp":
                 mask = torch.ones(shape, dtype=torch.bool)  # dense start, pruned by the schedule
             elif cfg.method == "srigl":
@@ -105,24 +111,26 @@ class SparseEngine:
     def before_optimizer_step(self, t: int, backend: SparseBackend) -> None:
         """Called with the accumulated gradients of the step that will become optimizer step t."""
         if self.needs_scores(t):
-            for sp in self.params:
-                g = backend.full_grad(sp.weight)
-                if g is None:
+            for group in self.groups:
+                full = backend.full_grad(group[0].weight)  # one (collective) read per parameter
+                if full is None:
                     continue
-                g = g.detach().float().abs().reshape(self.shapes[sp.name]).cpu()
-                self._scores[sp.name] = self._scores[sp.name] + g if sp.name in self._scores else g
+                for sp in group:
+                    g = sp.view(full).detach().float().abs().reshape(self.shapes[sp.name]).cpu()
+                    self._scores[sp.name] = self._scores[sp.name] + g if sp.name in self._scores else g
             self._score_steps += 1
-        for sp in self.params:
-            backend.mask_grad_(sp.weight, self._pruned(sp))
+        for group in self.groups:
+            backend.mask_grad_(group[0].weight, self.pruned(group[0]))
 
-    def _pruned(self, sp: SparseParam) -> torch.Tensor:
-        """~mask, cached until the mask buffer is modified in place (update or checkpoint load)."""
-        mask = sp.mask
+    def pruned(self, sp: SparseParam) -> torch.Tensor:
+        """~mask of the whole parameter holding sp (all its matrices), cached until the mask buffer is
+        modified in place (update or checkpoint load)."""
+        mask = sp.full_mask
         key = (mask.data_ptr(), mask._version)
-        cached = self._pruned_cache.get(sp.name)
+        cached = self._pruned_cache.get((id(sp.module), sp.attr))
         if cached is None or cached[0] != key:
-            cached = (key, (~mask).reshape(self.shapes[sp.name]))
-            self._pruned_cache[sp.name] = cached
+            cached = (key, ~mask)
+            self._pruned_cache[(id(sp.module), sp.attr)] = cached
         return cached[1]
 
     @torch.no_grad()
@@ -135,10 +143,15 @@ class SparseEngine:
         grown_total = active_total = numel_total = ablated = 0
         per_layer: dict[str, float] = {}
         drop_fraction = self.schedule.drop_fraction(t)
+        keeps: dict[str, torch.Tensor] = {}
+        weights: dict[tuple[int, str], torch.Tensor] = {}
         for sp in self.params:
             shape = self.shapes[sp.name]
             old = sp.mask.detach().cpu().clone()
-            w = backend.full_weight(sp.weight).detach().float().reshape(shape).cpu()
+            key = (id(sp.module), sp.attr)
+            if key not in weights:  # one (collective) read per parameter, before any of it is zeroed
+                weights[key] = backend.full_weight(sp.weight).detach().float().cpu()
+            w = sp.view(weights[key]).reshape(shape)
             score = self._scores.get(sp.name)
             n_swap = int(round(drop_fraction * int(old.sum())))
             if cfg.method == "set":
@@ -160,10 +173,7 @@ class SparseEngine:
             else:  # pragma: no cover - guarded by config validation
                 raise ValueError(cfg.method)
             grown = new & ~old
-            keep = new & ~grown  # zero both dropped and newly grown entries (grown start at 0)
-            dev_keep = keep.to(sp.weight.device).reshape(shape)
-            backend.mask_weight_(sp.weight, dev_keep)
-            backend.mask_optimizer_state_(sp.weight, dev_keep)
+            keeps[sp.name] = new & ~grown  # zero both dropped and newly grown entries (grown start at 0)
             sp.mask = new.to(sp.mask.device)
             self.ever_active[sp.name] |= new
             grown_total += int(grown.sum())
@@ -171,6 +181,15 @@ class SparseEngine:
             numel_total += new.numel()
             ablated += int((~new.any(dim=1)).sum())
             per_layer[sp.name] = float(new.float().mean())
+        for group in self.groups:  # once per parameter, with the keep-mask of all its matrices
+            param = group[0].weight
+            if group[0].index is None:
+                keep = keeps[group[0].name]
+            else:
+                keep = torch.stack([keeps[sp.name] for sp in sorted(group, key=lambda sp: sp.index)])
+            keep = keep.to(param.device).reshape(group[0].full_mask.shape)
+            backend.mask_weight_(param, keep)
+            backend.mask_optimizer_state_(param, keep)
         self._scores.clear()
         self._score_steps = 0
         self.n_updates += 1
@@ -200,16 +219,18 @@ class SparseEngine:
     def verify(self, backend: SparseBackend) -> list[str]:
         """Invariant violations (empty list = all hold): W == W*M and zero optimizer state off the mask."""
         problems = []
+        module_check = getattr(backend, "module_weight_zero_outside", None)
+        for group in self.groups:  # whole parameters (one collective read each)
+            param, mask, name = group[0].weight, group[0].full_mask, group[0].name.rsplit(".", 1)[0] \
+                if group[0].index is not None else group[0].name
+            w = backend.full_weight(param).reshape(mask.shape)
+            if bool((w[~mask.to(w.device)] != 0).any()):
+                problems.append(f"{name}: non-zero weights at pruned entries")
+            if module_check is not None and not module_check(param, mask):
+                problems.append(f"{name}: non-zero module weights at pruned entries")
+            if not backend.optimizer_state_zero_outside(param, mask):
+                problems.append(f"{name}: non-zero optimizer state at pruned entries")
         for sp in self.params:
-            w = backend.full_weight(sp.weight).reshape(self.shapes[sp.name])
-            mask = sp.mask.to(w.device)
-            if bool((w[~mask] != 0).any()):
-                problems.append(f"{sp.name}: non-zero weights at pruned entries")
-            module_check = getattr(backend, "module_weight_zero_outside", None)
-            if module_check is not None and not module_check(sp.weight, sp.mask.reshape(self.shapes[sp.name])):
-                problems.append(f"{sp.name}: non-zero module weights at pruned entries")
-            if not backend.optimizer_state_zero_outside(sp.weight, sp.mask.reshape(self.shapes[sp.name])):
-                problems.append(f"{sp.name}: non-zero optimizer state at pruned entries")
             nnz = int(sp.mask.sum())
             if self.cfg.method == "srigl":
                 rows = sp.mask.sum(dim=1)

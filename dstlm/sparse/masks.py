@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -18,23 +18,35 @@ NEVER_SPARSE = (nn.Embedding, nn.LayerNorm)
 
 @dataclass
 class SparseParam:
-    """One sparsified weight: fully qualified name, owning module and attribute name."""
+    """One sparsified weight matrix: name, owning module and attribute name. For a batched parameter
+    ([E, out, in], e.g. MoE experts listed in the module's `batched_params`) `index` selects one matrix:
+    each expert is its own sparse weight with its own mask slice and budget, while backends keep working
+    on the whole parameter (`weight`, `full_mask`)."""
 
     name: str
     module: nn.Module
     attr: str
+    index: Optional[int] = None
 
     @property
     def weight(self) -> nn.Parameter:
         return getattr(self.module, self.attr)
 
+    def view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This matrix's part of a weight-shaped tensor (the tensor itself for 2-D weights)."""
+        return tensor if self.index is None else tensor[self.index]
+
+    @property
+    def full_mask(self) -> torch.Tensor:
+        return getattr(self.module, f"{self.attr}_mask")
+
     @property
     def mask(self) -> torch.Tensor:
-        return getattr(self.module, f"{self.attr}_mask")
+        return self.view(self.full_mask)
 
     @mask.setter
     def mask(self, value: torch.Tensor) -> None:
-        getattr(self.module, f"{self.attr}_mask").copy_(value)
+        self.mask.copy_(value)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -49,7 +61,7 @@ def select_params(model: nn.Module, include: Iterable[str], exclude: Iterable[st
     embedding_ids = {id(p) for m in model.modules() if isinstance(m, NEVER_SPARSE) for p in m.parameters(False)}
     chosen, seen = [], set()
     for mod_name, module in model.named_modules():
-        if isinstance(module, NEVER_SPARSE):
+        if isinstance(module, NEVER_SPARSE) or getattr(module, "dstlm_dense", False):  # e.g. MoE routers
             continue
         for attr, p in module.named_parameters(recurse=False):
             name = f"{mod_name}.{attr}" if mod_name else attr
@@ -59,7 +71,10 @@ def select_params(model: nn.Module, include: Iterable[str], exclude: Iterable[st
                 fnmatch.fnmatchcase(name, pat) for pat in exclude
             ):
                 seen.add(id(p))
-                chosen.append(SparseParam(name, module, attr))
+                if p.ndim == 3 and attr in getattr(module, "batched_params", ()):
+                    chosen += [SparseParam(f"{name}.{e}", module, attr, e) for e in range(p.shape[0])]
+                else:
+                    chosen.append(SparseParam(name, module, attr))
     if not chosen:
         raise ValueError(f"sparsity.include={include} (exclude={exclude}) matches no sparsifiable weight; "
                          f"weights look like {_example_names(model)}")
@@ -82,10 +97,10 @@ def attach_mask(sp: SparseParam, mask: torch.Tensor) -> None:
     """Register (or overwrite) the persistent bool buffer `<attr>_mask` on the owning module."""
     buf_name = f"{sp.attr}_mask"
     mask = mask.to(device=sp.weight.device, dtype=torch.bool)
-    if buf_name in sp.module._buffers:
-        sp.module._buffers[buf_name].copy_(mask)
-    else:
-        sp.module.register_buffer(buf_name, mask, persistent=True)
+    if buf_name not in sp.module._buffers:
+        full = mask if sp.index is None else torch.ones(sp.weight.shape, dtype=torch.bool, device=mask.device)
+        sp.module.register_buffer(buf_name, full.clone(), persistent=True)
+    sp.view(sp.module._buffers[buf_name]).copy_(mask)
 
 
 def mask_checksum(masks: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -32,7 +32,8 @@ class ZeROBackend(Collectives):
         self.sparse = engine
         self.stage = stage
         self.capture_dense = False  # set for the micro-steps whose gradients feed a mask update
-        self._handles = [sp.weight.register_hook(self._hook_for(sp)) for sp in engine.params]
+        # one hook per parameter (a batched expert weight holds several sparse matrices)
+        self._handles = [group[0].weight.register_hook(self._hook_for(group[0])) for group in engine.groups]
 
     def _gathered(self, param, modify: bool = False):
         """Context in which a ZeRO-3 partitioned module weight is whole (a no-op for stages 0-2)."""
@@ -43,7 +44,7 @@ class ZeROBackend(Collectives):
         return deepspeed.zero.GatheredParameters([param], modifier_rank=0 if modify else None)
 
     def _hook_for(self, sp):
-        pruned = self.sparse._pruned
+        pruned = self.sparse.pruned
 
         def hook(grad: torch.Tensor) -> Optional[torch.Tensor]:
             if self.capture_dense:
