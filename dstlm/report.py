@@ -14,17 +14,25 @@ import torch
 
 
 def load_masks(checkpoint: str | Path) -> dict[str, torch.Tensor]:
-    """{weight name: bool mask} from a checkpoint (Lightning .ckpt or a plain state_dict file)."""
+    """{weight name: bool [out, in] mask} from a checkpoint (Lightning .ckpt, DeepSpeed checkpoint directory,
+    run folder, or a plain state_dict file). Batched expert masks [E, out, in] become `<name>.<e>` entries."""
+    from dstlm.checkpoint import read_checkpoint
+
     path = Path(checkpoint)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path) if path.is_dir() or path.suffix == ".ckpt" else \
+        torch.load(path, map_location="cpu", weights_only=True)
     state = ckpt.get("state_dict", ckpt)
     masks = {}
     for key, value in state.items():
         if key.endswith("_mask") and torch.is_tensor(value) and value.dtype == torch.bool:
             name = key[: -len("_mask")]
-            masks[name[len("model."):] if name.startswith("model.") else name] = value
+            name = name[len("model."):] if name.startswith("model.") else name
+            if value.ndim == 3:
+                masks.update({f"{name}.{e}": value[e] for e in range(value.shape[0])})
+            else:
+                masks[name] = value
     if not masks:
         raise ValueError(f"checkpoint {str(path)!r} holds no sparsity masks (was it trained with a sparsity config?)")
     return masks

@@ -134,6 +134,9 @@ def test_dst_on_batched_experts_keeps_per_expert_budgets(tmp_path, small_corpus,
             rows = mask.sum(1)
             k = engine.fan_in[f"blocks.1.mlp.w_in.{e}"]
             assert bool(((rows == 0) | (rows == k)).all())
+    from dstlm.report import load_masks
     from dstlm.sparse import TorchBackend
 
     assert engine.verify(TorchBackend(trainer.optimizers[0])) == []
+    saved = load_masks(tmp_path / "t")  # the run folder's last checkpoint: per-expert [out, in] masks
+    assert torch.equal(saved["blocks.1.mlp.w_in.3"], moe.w_in_mask[3]) and saved["blocks.1.mlp.w_in.3"].ndim == 2

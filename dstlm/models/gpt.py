@@ -191,9 +191,13 @@ class GPT(nn.Module):
         if ift is not None:
             from dstlm.sparse import ift as sift
 
-            self.ift_layers = sift.selected_layers(linear_layer_names(cfg), ift.layers)
+            if cfg.moe is not None and ift.family != "wide":
+                raise ValueError(f"ift.family={ift.family!r} on a MoE model is not supported yet (only wide, which "
+                                 f"widens attention, dense MLPs and experts); use family wide or a dense model")
+            every = linear_layer_names(cfg)
+            self.ift_layers = sift.selected_layers(every, ift.layers)
             if ift.family == "wide":
-                cfg = sift.wide_config(cfg, ift, self.ift_layers)
+                cfg = sift.wide_config(cfg, ift, self.ift_layers, every)
         self.config = cfg
         V = cfg.padded_vocab_size
         self.wte = nn.Embedding(V, cfg.n_embd)

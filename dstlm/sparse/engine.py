@@ -36,8 +36,9 @@ class SparseEngine:
     def __init__(self, model: nn.Module, cfg: SparsityConfig, seed: int, max_steps: int) -> None:
         self.cfg = cfg
         self.params: list[SparseParam] = select_params(model, cfg.include, cfg.exclude)
-        check_patterns_match(model, cfg.overrides.keys(), "sparsity.overrides")
-        check_patterns_match(model, cfg.no_ablate, "sparsity.no_ablate")
+        matrices = [sp.name for sp in self.params]
+        check_patterns_match(model, cfg.overrides.keys(), "sparsity.overrides", matrices)
+        check_patterns_match(model, cfg.no_ablate, "sparsity.no_ablate", matrices)
         self.shapes = {sp.name: tuple(sp.view(sp.weight).shape) for sp in self.params}
         for sp in self.params:
             if len(self.shapes[sp.name]) != 2:

@@ -178,24 +178,25 @@ def selected_layers(linears: list[str], patterns: list[str]) -> list[str]:
     return [n for n in linears if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
 
 
-def wide_mode(names: list[str], n_layer: int) -> str:
-    """'residual' (every block projection selected) or 'mlp' (exactly the MLP layers); else refused."""
-    every = {f"blocks.{i}.{n}" for i in range(n_layer) for n in ATTN + MLP}
-    mlp = {f"blocks.{i}.{n}" for i in range(n_layer) for n in MLP}
-    if set(names) == every:
+def wide_mode(names: list[str], every: list[str]) -> str:
+    """'residual' (every block projection selected) or 'mlp' (exactly the MLP layers); else refused.
+    `every`: the model's dense block projections (MoE blocks have experts instead of an MLP)."""
+    mlp = {n for n in every if ".mlp." in n}
+    if set(names) == set(every):
         return "residual"
-    if set(names) == mlp:
+    if mlp and set(names) == mlp:
         return "mlp"
     raise ValueError("ift.family=wide widens shared hidden dimensions, so it needs either every block projection "
                      f"({DEFAULT_LAYERS}) or exactly the MLP layers (['blocks.*.mlp.fc_in', 'blocks.*.mlp.fc_out']); "
                      f"got {len(names)} layers")
 
 
-def wide_config(cfg, ift: SparseIFTConfig, names: list[str]):
+def wide_config(cfg, ift: SparseIFTConfig, names: list[str], every: list[str]):
     """The widened model config. The residual width is rounded to a multiple of the head count (x2 for
-    RoPE's even head size) -- the solved densities absorb the rounding."""
+    RoPE's even head size) -- the solved densities absorb the rounding. MoE experts widen with the MLP
+    (unless model.moe.expert_hidden fixes their width) and are sparsified at their iso-FLOP density too."""
     s = ift.sparsity
-    if wide_mode(names, cfg.n_layer) == "mlp":
+    if wide_mode(names, every) == "mlp":
         return replace(cfg, mlp_ratio=cfg.mlp_ratio / (1.0 - s))
     unit = cfg.n_head * (2 if cfg.pos_emb == "rope" else 1)
     width = max(unit, int(math.floor(cfg.n_embd / math.sqrt(1.0 - s) / unit + 0.5)) * unit)
@@ -253,7 +254,28 @@ def iso_flop_densities(model: nn.Module, dense_shapes: dict[str, tuple[int, int]
         density = min(1.0, budget / total)
         for w in weights:
             out[w] = density
+    if ift.family == "wide":  # MoE experts widened with the model: each expert matrix at base / wide size
+        base = model.base_config
+        for name, m in model.named_modules():
+            if hasattr(m, "batched_params"):
+                hidden0 = base.moe.expert_hidden or base.mlp_hidden
+                for attr in m.batched_params:
+                    w = getattr(m, attr)
+                    density = min(1.0, hidden0 * base.n_embd / w[0].numel())
+                    if density < 1.0:
+                        out.update({f"{name}.{attr}.{e}": density for e in range(w.shape[0])})
     return out
+
+
+def _numel_and_cost(model: nn.Module, name: str) -> tuple[int, float]:
+    """Elements of a sparse matrix (a parameter, or one expert of a batched one) and the forward FLOPs per
+    token one of its non-zeros costs (2; for an expert, 2 * top_k / num_experts: tokens visit k of E)."""
+    params = dict(model.named_parameters())
+    if name in params:
+        return params[name].numel(), 2.0
+    owner, attr, _ = name.rsplit(".", 2)
+    m = model.get_submodule(owner)
+    return getattr(m, attr)[0].numel(), 2.0 * m.cfg.top_k / m.cfg.num_experts
 
 
 def describe(ift: SparseIFTConfig, base_cfg, eff_cfg, names: list[str], model: nn.Module) -> str:
@@ -272,20 +294,19 @@ def describe(ift: SparseIFTConfig, base_cfg, eff_cfg, names: list[str], model: n
 def match_total_flops(model: nn.Module, densities: dict[str, float], dense_shapes: dict[str, tuple[int, int]],
                       seq_len: int) -> dict[str, float]:
     """Scale the sparse weights' densities so the whole forward pass costs the dense model's FLOPs."""
-    from dstlm.sparse.flops import dense_count
+    from dstlm.models.gpt import linear_layer_names
+    from dstlm.sparse.flops import count_flops, dense_count
 
-    params = dict(model.named_parameters())
     base_total = dense_count(model.base_config, dense_shapes, seq_len).forward
-    c = model.config
-    linear_numel = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head")
-    sparse_numel = sum(params[w].numel() for w in densities)
-    other = 2 * (linear_numel - sparse_numel) + 2 * c.n_embd * c.padded_vocab_size + 4 * seq_len * c.n_embd * c.n_layer
+    now_dense = count_flops(model, linear_layer_names(model.base_config), seq_len).forward_all_dense  # no masks yet
+    cost = {w: _numel_and_cost(model, w) for w in densities}
+    other = now_dense - sum(n * c for n, c in cost.values())
     budget = base_total - other
     if budget <= 0:
         raise ValueError(f"ift.match=total is impossible: the dense parts of the transformed model alone cost "
                          f"{other / 1e6:.2f} MFLOP/token, more than the dense model's {base_total / 1e6:.2f}; use "
                          f"ift.match=layers or a lower ift.sparsity")
-    scale = budget / sum(2 * d * params[w].numel() for w, d in densities.items())
+    scale = budget / sum(densities[w] * n * c for w, (n, c) in cost.items())
     return {w: min(1.0, d * scale) for w, d in densities.items()}
 
 
@@ -296,10 +317,11 @@ def ift_sparsity_config(model: nn.Module, ift: SparseIFTConfig, dense_shapes: di
     densities = iso_flop_densities(model, dense_shapes, ift, names)
     if ift.match == "total":
         densities = match_total_flops(model, densities, dense_shapes, seq_len or model.config.block_size)
-    params = dict(model.named_parameters())
-    numel = {n: params[n].numel() for n in densities}
+    numel = {n: _numel_and_cost(model, n)[0] for n in densities}
     global_density = sum(densities[n] * numel[n] for n in densities) / sum(numel.values())
-    return replace(base, include=list(densities), exclude=[], no_ablate=[],
+    params = dict(model.named_parameters())
+    include = list(dict.fromkeys(n if n in params else n.rsplit(".", 1)[0] for n in densities))  # experts: their tensor
+    return replace(base, include=include, exclude=[], no_ablate=[],
                    overrides={n: 1.0 - d for n, d in densities.items()},
                    sparsity=max(0.0, 1.0 - global_density), distribution="uniform")
 

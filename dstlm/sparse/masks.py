@@ -86,8 +86,10 @@ def _example_names(model: nn.Module) -> str:
     return ", ".join(names) or "(none)"
 
 
-def check_patterns_match(model: nn.Module, patterns: Iterable[str], what: str) -> None:
-    names = [n for n, _ in model.named_parameters()]
+def check_patterns_match(model: nn.Module, patterns: Iterable[str], what: str,
+                         extra_names: Iterable[str] = ()) -> None:
+    """Refuse a pattern that matches no parameter (nor any of extra_names, e.g. per-expert matrix names)."""
+    names = [n for n, _ in model.named_parameters()] + list(extra_names)
     for pat in patterns:
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
             raise ValueError(f"{what} pattern {pat!r} matches no parameter; names look like {_example_names(model)}")
