@@ -68,6 +68,12 @@ class LMModule(L.LightningModule):
         self._t_last: float | None = None
         self._win_tokens, self._win_time = 0, 0.0
         self._tok_per_s = 0.0
+        self._run_tokens, self._run_time = 0, 0.0  # whole run, validation excluded
+
+    @property
+    def average_tokens_per_s(self) -> float:
+        """Training tokens/s over all ranks, averaged over the run so far (validation time excluded)."""
+        return self._run_tokens / self._run_time if self._run_time > 0 else 0.0
 
     def configure_model(self) -> None:
         # Built here (not in __init__) so strategies that shard at construction time can wrap it, and so
@@ -140,6 +146,8 @@ class LMModule(L.LightningModule):
         if self._t_last is not None:
             self._win_tokens += n_local * self.trainer.world_size
             self._win_time += now - self._t_last
+            self._run_tokens += n_local * self.trainer.world_size
+            self._run_time += now - self._t_last
             if self._win_time >= 2.0:
                 self._tok_per_s = self._win_tokens / self._win_time
                 self._win_tokens, self._win_time = 0, 0.0

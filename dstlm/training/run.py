@@ -189,7 +189,7 @@ def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, config_yaml: Optional[s
     summary = {
         "run": str(out), "steps": trainer.global_step, "wall_s": round(wall, 1),
         "val_loss": metrics.get("val/loss"), "val_ppl": metrics.get("val/ppl"),
-        "train_loss": metrics.get("train/loss"), "tokens_per_s": metrics.get("tok/s"),
+        "train_loss": metrics.get("train/loss"), "tokens_per_s": round(module.average_tokens_per_s, 1),
         "params": module.model.num_params(non_embedding=False),
         "train_tokens_seen": trainer.global_step * cfg.trainer.accumulate_grad_batches * cfg.data.batch_size
         * cfg.data.block_size * trainer.world_size,
@@ -233,7 +233,7 @@ def format_summary(summary: dict) -> str:
     if summary.get("val_loss") is not None:
         lines.append(f"   val loss {summary['val_loss']:.4f}   val perplexity {summary['val_ppl']:.2f}")
     for key, label in (("steps", "optimizer steps"), ("train_tokens_seen", "tokens trained"),
-                       ("tokens_per_s", "tokens/s (last window)"), ("wall_s", "wall time (s)"),
+                       ("tokens_per_s", "tokens/s (run average)"), ("wall_s", "wall time (s)"),
                        ("params", "parameters"), ("sparsity", "sparsity (sparsified layers)")):
         if summary.get(key) is not None:
             value = summary[key]
