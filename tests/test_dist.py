@@ -29,7 +29,8 @@ def _weights(run_dir):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_1", marks=pytest.mark.slow),
+                                      "deepspeed_stage_2", "deepspeed_stage_3"])
 def test_two_ranks_match_single_process(tmp_path, small_corpus, strategy):
     """2 ranks x batch 4 (gloo, via launch/torchrun.sh) ends where 1 process x batch 8 ends: same global
     batches, gradients averaged across ranks (DDP) or reduce-scattered (ZeRO). Not bit-equal (the mean
@@ -176,7 +177,8 @@ def test_zero_dst_masks_identical_and_equal_to_ddp(tmp_path, small_corpus, metho
         assert (w[~mask] == 0).all(), name
 
 
-@pytest.mark.parametrize("method,stage", [("rigl", 2), ("srigl", 2), ("rigl", 3), ("srigl", 3)])
+@pytest.mark.parametrize("method,stage", [("rigl", 2), pytest.param("srigl", 2, marks=pytest.mark.slow),
+                                          ("rigl", 3), ("srigl", 3)])
 def test_zero_dst_resume_after_second_update_is_exact(tmp_path, small_corpus, method, stage):
     """RigL/SRigL under ZeRO-2 and ZeRO-3 (1 process, CPU): stop right after the 2nd mask update, resume from the
     sharded checkpoint: same masks, losses and final weights as the uninterrupted run."""
@@ -254,7 +256,8 @@ def test_kill_one_rank_then_resume_loses_at_most_one_interval(tmp_path, small_co
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("stage,saved_ranks,resume_ranks", [(2, 2, 1), (3, 2, 1), (2, 1, 2)])
+@pytest.mark.parametrize("stage,saved_ranks,resume_ranks",
+                         [(2, 2, 1), (3, 2, 1), pytest.param(2, 1, 2, marks=pytest.mark.slow)])
 def test_zero_resume_on_another_world_size(tmp_path, small_corpus, stage, saved_ranks, resume_ranks):
     """A ZeRO checkpoint written by N ranks resumes on M ranks (same global batch) through DeepSpeed's
     universal checkpoint: the masks after the restore equal the saved ones exactly, and the run ends with
@@ -352,7 +355,7 @@ def test_sparse_ift_model_trains_under_ddp_with_identical_masks(tmp_path, small_
         assert agree >= 0.999, agree
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_zero_dst_with_gradient_accumulation_matches_plain_accumulation(tmp_path, small_corpus, stage):
     """DeepSpeed owns the accumulation boundary (Lightning calls the pre-step hook after every micro-batch);
     the DST callback acts only at the boundary, so RigL with 2 micro-batches per step under ZeRO gives the
