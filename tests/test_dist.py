@@ -395,3 +395,57 @@ def test_moe_expert_masks_identical_across_ranks(tmp_path, small_corpus, strateg
             assert torch.equal(a[name], b[name]), name
     for k in rank0["weights"]:
         assert torch.equal(rank0["weights"][k], rank1["weights"][k]), k
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2", pytest.param("deepspeed_stage_3",
+                                                                               marks=pytest.mark.slow)])
+def test_expert_parallel_matches_replicated_experts(tmp_path, small_corpus, strategy):
+    """Expert parallelism 2 over 2 ranks (each rank computes 2 of the 4 experts for the tokens of both, via
+    all-to-all) is the same computation as every rank computing every expert: losses, RigL expert masks
+    after 3 updates and final weights agree with the expert_parallel_size=1 run, and both ranks hold
+    identical masks and weights (the callback checked zero weights/moments off the masks at each update)."""
+    base = {"DSTLM_MOE": "1", "DSTLM_STRATEGY": strategy}
+    ep0, ep1 = _dst_job(tmp_path / "ep", "rigl", 4, small_corpus, nproc=2, extra_env={**base, "DSTLM_EP": "2"})
+    rep0, _ = _dst_job(tmp_path / "rep", "rigl", 4, small_corpus, nproc=2, extra_env=base)
+    assert len(ep0["masks"]) == len(rep0["masks"]) == 3 and "blocks.1.mlp.w_in.3" in ep0["masks"][-1]
+    for a, b in zip(ep0["masks"], ep1["masks"]):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    for k in ep0["weights"]:
+        assert torch.equal(ep0["weights"][k], ep1["weights"][k]), k
+    # expert matmuls see other batch shapes (the tokens of both ranks at once), so the last bits may differ
+    assert ep0["losses"].keys() == rep0["losses"].keys()
+    for step, loss in ep0["losses"].items():
+        assert abs(loss - rep0["losses"][step]) < 1e-4, (step, loss, rep0["losses"][step])
+    for a, b in zip(ep0["masks"], rep0["masks"]):
+        agree = sum(int((a[n] == b[n]).sum()) for n in a) / sum(a[n].numel() for n in a)
+        assert agree >= 0.999, agree
+    for k in ep0["weights"]:
+        torch.testing.assert_close(ep0["weights"][k], rep0["weights"][k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.dist
+def test_expert_parallel_cli_run_evaluates_and_exports_on_one_process(tmp_path, small_corpus):
+    """`launch/torchrun.sh 2` on a MoE recipe with expert_parallel_size 2 and in-training lm-eval: rank 0
+    scores alone (its experts detached from the all-to-all, or it would hang), the scores equal `dstlm eval`
+    of the final checkpoint in one process, and the checkpoint loads without expert parallelism."""
+    from dstlm.checkpoint import load_checkpoint
+    from dstlm.eval.harness import run_eval, scores
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(open(_recipe(tmp_path, small_corpus, "ep", 4)).read().replace(
+        "  n_embd: 32\n", "  n_embd: 32\n  moe: {num_experts: 4, top_k: 2, every: 1, expert_parallel_size: 2}\n")
+        + "eval:\n  tasks: [copa]\n  limit: 4\n  every_n_steps: 4\n  batch_size: 4\n")
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
+           "HF_DATASETS_OFFLINE": "1", "PYTHON": str(REPO / ".venv/bin/python")}
+    r = subprocess.run(["bash", "launch/torchrun.sh", "2", str(recipe)], cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = tmp_path / "runs" / "ep"
+    summary = json.loads((run / "summary.json").read_text())
+    again = scores(run_eval(str(run), ["copa"], limit=4, batch_size=4))
+    for m, v in again["copa"].items():
+        assert abs(summary["eval"]["copa"][m] - v) < 1e-6, m
+    loaded = load_checkpoint(run)
+    assert loaded.config.moe.expert_parallel_size == 2 and loaded.model.blocks[0].mlp.ep is None

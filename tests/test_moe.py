@@ -77,13 +77,62 @@ def test_moe_gpt_interleaves_and_adds_the_aux_losses():
     (dict(capacity_factor=-1.0), "model.moe.capacity_factor=-1.0 must be > 0"),
     (dict(num_experts=6, expert_parallel_size=4), "model.moe.num_experts=6 is not divisible by expert_parallel_size=4"),
     (dict(num_experts=0), "model.moe.num_experts=0 must be a positive integer"),
-    (dict(num_experts=4, expert_parallel_size=2), "model.moe.expert_parallel_size=2: expert parallelism is not built"),
 ])
 def test_bad_moe_config_one_line(kw, message):
     import re
 
     with pytest.raises(ValueError, match=re.escape(message)):
         MoEConfig(**kw)
+
+
+def test_expert_parallel_size_must_divide_the_world_size(tmp_path):
+    """In a 1-process gloo group, expert parallelism 2 cannot be laid out: a one-line error naming both."""
+    import re
+
+    import torch.distributed as dist
+
+    from dstlm.models.moe import ExpertParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match=re.escape("model.moe.expert_parallel_size=2 does not divide the world "
+                                                       "size 1")):
+            ExpertParallel.create(2)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpoints_resume_at_another_expert_parallel_size():
+    """Expert parallelism changes who computes which expert, not the weights: a checkpoint saved with
+    expert_parallel_size=2 loads with 1 (e.g. 2 ranks -> 1); another expert count is refused."""
+    from dataclasses import asdict, replace
+
+    from dstlm.training.config import OptimConfig
+    from dstlm.training.module import LMModule
+
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                    moe=MoEConfig(num_experts=4, expert_parallel_size=2))
+    saved = {"hyper_parameters": {"model": asdict(cfg)}}
+    LMModule(replace(cfg, moe=replace(cfg.moe, expert_parallel_size=1)), OptimConfig(), 10).on_load_checkpoint(saved)
+    other = LMModule(replace(cfg, moe=replace(cfg.moe, num_experts=8, expert_parallel_size=1)), OptimConfig(), 10)
+    with pytest.raises(ValueError, match="checkpoint model.moe="):
+        other.on_load_checkpoint(saved)
+
+
+def test_a_copied_model_computes_its_experts_alone():
+    """Evaluation copies the model on one rank: the copy must not join the expert-parallel all-to-all."""
+    import copy
+
+    from dstlm.models.moe import ExpertParallel, set_expert_parallel
+
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                          moe=MoEConfig(num_experts=4, every=2, expert_parallel_size=2)))
+    assert set_expert_parallel(model, ExpertParallel(group=None, rank=1, size=2)) == 1
+    clone = copy.deepcopy(model)
+    assert model.blocks[1].mlp.ep.rank == 1 and clone.blocks[1].mlp.ep is None
+    x = torch.randint(0, 64, (2, 16))
+    set_expert_parallel(model, None)
+    torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
 
 
 def test_tiny_moe_learns(tmp_path, small_corpus):

@@ -6,17 +6,29 @@ Routing (GShard/Switch order): a token's 1st choices are served before anyone's 
 choice rank, tokens are served in sequence order; an expert takes at most
 capacity = ceil(capacity_factor * N * k / E) assignments and drops the rest (dropless: no limit).
 Dropped assignments contribute 0 (the residual connection carries the token on).
+
+Expert parallelism (`expert_parallel_size` P > 1): routing stays local (so capacity, dropping and the aux
+losses are exactly those of P = 1), then each rank sends every kept assignment to the rank of its group that
+owns the expert (all-to-all), that rank runs its E/P experts on the tokens of the whole group, and a second
+all-to-all brings the outputs back, where they are combined in expert order as without parallelism. The
+all-to-alls are autograd functions, so each expert's gradient lands, whole, on its owner rank (zero on the
+others); the strategy's ordinary data-parallel average of the full [E, out, in] gradient is then exactly
+the gradient of P = 1. Parameters are stored and sharded by the strategy as without parallelism, so
+checkpoints, masks and the sparse engine do not change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.nn.functional import all_to_all_single as all_to_all_autograd
 
 
 @dataclass
@@ -42,7 +54,10 @@ class MoEConfig:
     expert_hidden: Optional[int] = None
     """Hidden width of each expert (default: the dense MLP's)."""
     expert_parallel_size: int = 1
-    """Ranks the experts are split over (must divide num_experts); 1 = replicated."""
+    """Ranks that split the expert computation (must divide num_experts and the world size): each rank of a
+    group of this many computes num_experts/size experts for the tokens of the whole group (all-to-all
+    dispatch). Storage stays with the strategy: replicated under DDP, sharded under ZeRO. 1 = every rank
+    computes every expert for its own tokens."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
@@ -58,9 +73,6 @@ class MoEConfig:
         if self.expert_parallel_size < 1 or self.num_experts % self.expert_parallel_size:
             raise ValueError(f"model.moe.num_experts={self.num_experts} is not divisible by "
                              f"expert_parallel_size={self.expert_parallel_size}; pick a divisor")
-        if self.expert_parallel_size > 1:
-            raise ValueError(f"model.moe.expert_parallel_size={self.expert_parallel_size}: expert parallelism is not "
-                             f"built yet; use 1 (experts replicated under DDP, sharded with everything else under ZeRO)")
 
     def is_moe_layer(self, i: int) -> bool:
         return (i + 1) % self.every == 0
@@ -102,6 +114,55 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
+class ExpertParallel:
+    """This rank's place in its expert-parallel group: ranks [g*size, (g+1)*size) form group g, and the
+    rank at position `rank` of a group computes experts [rank*E/size, (rank+1)*E/size)."""
+
+    def __init__(self, group, rank: int, size: int) -> None:
+        self.group, self.rank, self.size = group, rank, size
+
+    def __deepcopy__(self, memo):  # a copy of the model (e.g. for evaluation on one rank) computes alone
+        return None
+
+    @classmethod
+    def create(cls, size: int) -> "ExpertParallel":
+        """Create the process groups (a collective: every rank calls it, in the same order)."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world % size:
+            raise ValueError(f"model.moe.expert_parallel_size={size} does not divide the world size {world}; "
+                             f"use a divisor of {world} (or 1)")
+        me = dist.get_rank()
+        mine = None
+        for g in range(world // size):
+            ranks = list(range(g * size, (g + 1) * size))
+            group = dist.new_group(ranks)
+            if me in ranks:
+                mine = cls(group, ranks.index(me), size)
+        return mine
+
+
+def set_expert_parallel(model: nn.Module, ep: Optional[ExpertParallel]) -> int:
+    """Attach (or with None detach) expert parallelism to every MoE layer of model; returns their number."""
+    layers = [m for m in model.modules() if isinstance(m, MoEMLP)]
+    for m in layers:
+        m.ep = ep
+    return len(layers)
+
+
+@contextlib.contextmanager
+def experts_alone(model: nn.Module):
+    """Within: this process computes every expert itself (one rank evaluating or generating alone)."""
+    layers = [m for m in model.modules() if isinstance(m, MoEMLP)]
+    saved = [m.ep for m in layers]
+    try:
+        for m in layers:
+            m.ep = None
+        yield model
+    finally:
+        for m, ep in zip(layers, saved):
+            m.ep = ep
+
+
 class MoEMLP(nn.Module):
     """Drop-in for the dense MLP: router + E experts (GELU MLPs) with batched weights."""
 
@@ -122,6 +183,7 @@ class MoEMLP(nn.Module):
             self.shared = nn.Sequential(nn.Linear(n_embd, hidden, bias=bias), nn.GELU(approximate="tanh"),
                                         nn.Linear(hidden, n_embd, bias=bias))
         self.drop = nn.Dropout(dropout)
+        self.ep: Optional[ExpertParallel] = None  # set by set_expert_parallel once processes are up
         self.aux_loss: Optional[torch.Tensor] = None
         self.z_loss: Optional[torch.Tensor] = None
         self.stats: dict[str, torch.Tensor] = {}
@@ -149,11 +211,14 @@ class MoEMLP(nn.Module):
         logits = self.router(flat)
         r = route(logits, self.cfg.top_k, self.cfg.capacity_factor, self.cfg.dropless)
         out = torch.zeros_like(flat)
-        for e in range(self.cfg.num_experts):
-            token, slot = torch.nonzero((r.expert == e) & r.kept, as_tuple=True)
-            if token.numel():
-                y = self.expert_forward(e, flat[token]) * r.gate[token, slot].unsqueeze(-1)
-                out.index_add_(0, token, y.to(out.dtype))
+        if self.ep is not None and self.ep.size > 1:
+            self._experts_parallel(flat, r, out)
+        else:
+            for e in range(self.cfg.num_experts):
+                token, slot = torch.nonzero((r.expert == e) & r.kept, as_tuple=True)
+                if token.numel():
+                    y = self.expert_forward(e, flat[token]) * r.gate[token, slot].unsqueeze(-1)
+                    out.index_add_(0, token, y.to(out.dtype))
         if self.shared is not None:
             out = out + self.shared(flat)
         self.aux_loss = load_balancing_loss(r, self.cfg.num_experts)
@@ -162,3 +227,29 @@ class MoEMLP(nn.Module):
             self.stats = {"load": F.one_hot(r.expert[r.kept], self.cfg.num_experts).float().sum(0) / r.kept.numel(),
                           "dropped": 1.0 - r.kept.float().mean()}
         return self.drop(out.reshape(B, T, C))
+
+    def _experts_parallel(self, flat: torch.Tensor, r: Routing, out: torch.Tensor) -> None:
+        """Expert outputs through the expert-parallel group (see the module docstring); adds into out."""
+        ep, E = self.ep, self.cfg.num_experts
+        P, L = ep.size, E // ep.size
+        picks = [torch.nonzero((r.expert == e) & r.kept, as_tuple=True) for e in range(E)]
+        counts = torch.tensor([t.numel() for t, _ in picks], dtype=torch.int64, device=flat.device)
+        recv_counts = torch.empty_like(counts)  # [source, my local expert] rows to receive
+        dist.all_to_all_single(recv_counts, counts, group=ep.group)
+        send_splits = counts.view(P, L).sum(1).tolist()
+        recv_counts = recv_counts.view(P, L)
+        recv_splits = recv_counts.sum(1).tolist()
+        send = flat[torch.cat([t for t, _ in picks])]  # rows ordered by expert = by destination rank
+        recv = all_to_all_autograd(send.new_empty(sum(recv_splits), flat.shape[1]), send,
+                                   recv_splits, send_splits, group=ep.group)
+        chunks = recv.split(recv_counts.flatten().tolist())  # chunk s*L + l: source s, local expert l
+        results: list[Optional[torch.Tensor]] = [None] * (P * L)
+        for l in range(L):  # one batch per local expert over the tokens of the whole group (possibly none)
+            y = self.expert_forward(ep.rank * L + l, torch.cat([chunks[s * L + l] for s in range(P)]))
+            for s, part in enumerate(y.split(recv_counts[:, l].tolist())):
+                results[s * L + l] = part
+        back = all_to_all_autograd(send.new_empty(send.shape[0], flat.shape[1]), torch.cat(results),
+                                   send_splits, recv_splits, group=ep.group)
+        for (token, slot), y in zip(picks, back.split(counts.tolist())):
+            if token.numel():
+                out.index_add_(0, token, (y * r.gate[token, slot].unsqueeze(-1)).to(out.dtype))

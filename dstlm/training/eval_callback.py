@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from dstlm.models.moe import experts_alone
+
 
 @dataclass
 class EvalConfig:
@@ -52,7 +54,7 @@ class EvalCallback(L.Callback):
             from dstlm.eval.lm import DstlmLM
 
             was_training = model.training
-            with torch.no_grad():
+            with torch.no_grad(), experts_alone(model):  # rank 0 scores alone: no expert-parallel all-to-all
                 lm = DstlmLM(model=model, tokenizer=self.tokenizer_fn(), batch_size=self.cfg.batch_size, quiet=True)
                 self.last = scores(evaluate(lm, self.cfg.tasks, self.cfg.limit))
             model.train(was_training)

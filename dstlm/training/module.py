@@ -10,7 +10,10 @@ import lightning as L
 import torch
 import torch.nn as nn
 
+from lightning.pytorch.utilities import rank_zero_warn
+
 from dstlm.models.gpt import GPT, GPTConfig
+from dstlm.models.moe import ExpertParallel, set_expert_parallel
 from dstlm.sparse import SparseEngine, SparsityConfig
 from dstlm.sparse.ift import SparseIFTConfig, ift_sparsity_config
 from dstlm.training.config import OptimConfig
@@ -43,6 +46,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         seen.add(id(p))
         (no_decay if (p.ndim < 2 or id(p) in no_decay_ids) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _layout(value):
+    """A model-config value without the fields that do not change the weights (expert parallelism only
+    changes who computes which expert, so a checkpoint resumes at any expert_parallel_size)."""
+    if isinstance(value, dict) and "expert_parallel_size" in value:
+        return {k: v for k, v in value.items() if k != "expert_parallel_size"}
+    return value
 
 
 class LMModule(L.LightningModule):
@@ -88,6 +99,18 @@ class LMModule(L.LightningModule):
             if sparsity is not None:
                 # masks become persistent buffers on the modules, before any strategy wraps the model
                 self.sparse_engine = SparseEngine(self.model, sparsity, self.seed, self.max_steps)
+            self._setup_expert_parallel()
+
+    def _setup_expert_parallel(self) -> None:
+        moe = self.model_config.moe
+        if moe is None or moe.expert_parallel_size == 1:
+            return
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+                or torch.distributed.get_world_size() == 1:
+            rank_zero_warn(f"model.moe.expert_parallel_size={moe.expert_parallel_size} has no effect in one "
+                           f"process: it computes every expert itself")
+            return
+        set_expert_parallel(self.model, ExpertParallel.create(moe.expert_parallel_size))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["dstlm"] = {"format": 1, "tokenizer": self.tokenizer_json}
@@ -97,7 +120,7 @@ class LMModule(L.LightningModule):
         saved = checkpoint.get("hyper_parameters", {})
         if "model" in saved:
             now = asdict(self.model_config)
-            diff = [k for k in now if k in saved["model"] and saved["model"][k] != now[k]]
+            diff = [k for k in now if k in saved["model"] and _layout(saved["model"][k]) != _layout(now[k])]
             if diff:
                 k = diff[0]
                 raise ValueError(f"checkpoint model.{k}={saved['model'][k]!r} but this run has model.{k}={now[k]!r}; "

@@ -4,7 +4,7 @@ mask update to OUT/rank<r>.pt. Used by tests/test_dist.py.
     python tests/helpers/dst_run.py OUT METHOD BATCH_PER_RANK FILE [FILE ...]
 
 Environment: DSTLM_STRATEGY (default ddp / auto), DSTLM_STEPS (8), DSTLM_CKPT_EVERY (0),
-DSTLM_STEP_SLEEP (seconds per step, to give a test time to kill a rank), DSTLM_IFT (a Sparse-IFT family), DSTLM_MOE (a MoE model), DSTLM_RESUME (a checkpoint to resume
+DSTLM_STEP_SLEEP (seconds per step, to give a test time to kill a rank), DSTLM_IFT (a Sparse-IFT family), DSTLM_MOE (a MoE model), DSTLM_EP (its expert_parallel_size), DSTLM_RESUME (a checkpoint to resume
 from, through dstlm.training.run.fit). Each rank saves masks after every update, the masks at train start
 (after a restore), the final masks and the final (gathered) weights.
 """
@@ -74,7 +74,8 @@ def main() -> None:
     if os.environ.get("DSTLM_MOE"):  # 4 experts, top-2, in every 2nd block
         from dstlm.models.moe import MoEConfig
 
-        cfg.model.moe = MoEConfig(num_experts=4, top_k=2, every=2)
+        cfg.model.moe = MoEConfig(num_experts=4, top_k=2, every=2,
+                                  expert_parallel_size=int(os.environ.get("DSTLM_EP", "1")))
     if os.environ.get("DSTLM_IFT"):  # a Sparse-IFT family at s = 0.5 on every block projection
         from dstlm.sparse.ift import SparseIFTConfig
 
