@@ -146,14 +146,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg: GPTConfig, moe: bool = False) -> None:
+    def __init__(self, cfg: GPTConfig, moe: bool = False, ift=None, expert_transform: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         if moe:
             hidden = cfg.moe.expert_hidden or cfg.mlp_hidden
-            self.mlp = MoEMLP(cfg.n_embd, hidden, cfg.moe, bias=cfg.bias, dropout=cfg.dropout)
+            self.mlp = MoEMLP(cfg.n_embd, hidden, cfg.moe, bias=cfg.bias, dropout=cfg.dropout, ift=ift,
+                              transform=expert_transform)
         else:
             self.mlp = MLP(cfg)
 
@@ -172,6 +173,15 @@ def linear_layer_names(cfg: GPTConfig) -> list[str]:
     return names
 
 
+def expert_layer_names(cfg: GPTConfig) -> dict[str, tuple[int, str]]:
+    """Sparse-IFT selects MoE experts with the MLP's names: `blocks.<i>.mlp.fc_in` (fc_out) of a MoE block
+    stands for its experts' w_in (w_out). Name -> (block index, expert projection)."""
+    if cfg.moe is None:
+        return {}
+    return {f"blocks.{i}.mlp.{fc}": (i, w) for i in range(cfg.n_layer) if cfg.moe.is_moe_layer(i)
+            for fc, w in (("fc_in", "w_in"), ("fc_out", "w_out"))}
+
+
 def dense_layer_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
     """[out, in] of every block projection of a dense GPT with this config."""
     C, H = cfg.n_embd, cfg.mlp_hidden
@@ -188,14 +198,17 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig, ift=None) -> None:
         super().__init__()
         self.base_config, self.ift, self.ift_layers = cfg, ift, []
+        expert_transform: dict[int, list[str]] = {}  # MoE block -> its expert projections Sparse-IFT transforms
         if ift is not None:
             from dstlm.sparse import ift as sift
 
-            if cfg.moe is not None and ift.family != "wide":
-                raise ValueError(f"ift.family={ift.family!r} on a MoE model is not supported yet (only wide, which "
-                                 f"widens attention, dense MLPs and experts); use family wide or a dense model")
-            every = linear_layer_names(cfg)
-            self.ift_layers = sift.selected_layers(every, ift.layers)
+            every, experts = linear_layer_names(cfg), expert_layer_names(cfg)
+            selected = sift.selected_layers(every + list(experts), ift.layers)
+            self.ift_layers = [n for n in selected if n not in experts]
+            for n in selected:
+                if n in experts and ift.family != "wide":  # Sparse Wide widens the experts with the model
+                    i, w = experts[n]
+                    expert_transform.setdefault(i, []).append(w)
             if ift.family == "wide":
                 cfg = sift.wide_config(cfg, ift, self.ift_layers, every)
         self.config = cfg
@@ -203,7 +216,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(V, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, moe=cfg.moe is not None and cfg.moe.is_moe_layer(i))
+        self.blocks = nn.ModuleList(Block(cfg, moe=cfg.moe is not None and cfg.moe.is_moe_layer(i), ift=ift,
+                                          expert_transform=tuple(expert_transform.get(i, ())))
                                     for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)

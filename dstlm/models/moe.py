@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_to_all_single as all_to_all_autograd
 
+from dstlm.models.moe_ift import ExpertProjection
+
 
 @dataclass
 class MoEConfig:
@@ -166,16 +168,23 @@ def experts_alone(model: nn.Module):
 class MoEMLP(nn.Module):
     """Drop-in for the dense MLP: router + E experts (GELU MLPs) with batched weights."""
 
-    batched_params = ("w_in", "w_out")  # [E, out, in] tensors the sparse engine sees as E separate matrices
-
-    def __init__(self, n_embd: int, hidden: int, cfg: MoEConfig, bias: bool = False, dropout: float = 0.0) -> None:
+    def __init__(self, n_embd: int, hidden: int, cfg: MoEConfig, bias: bool = False, dropout: float = 0.0,
+                 ift=None, transform: tuple[str, ...] = ()) -> None:
+        """`ift` (a dstlm.sparse.ift.SparseIFTConfig) with `transform` (a subset of w_in, w_out): the expert
+        projections stored as that Sparse-IFT family (dstlm/models/moe_ift.py); Sparse Wide needs nothing here
+        (it only changes the widths)."""
         super().__init__()
         E = cfg.num_experts
         self.cfg = cfg
         self.router = nn.Linear(n_embd, E, bias=False)
         self.router.dstlm_dense = True  # routers are never sparsified
-        self.w_in = nn.Parameter(torch.empty(E, hidden, n_embd))
-        self.w_out = nn.Parameter(torch.empty(E, n_embd, hidden))
+        family = ift.family if ift is not None and ift.family != "wide" else None
+        s, mid = (ift.sparsity, ift.factorized_mid) if ift is not None else (0.0, "none")
+        self.projections = [ExpertProjection(name, n_out, n_in, family if name in transform else None, s, mid)
+                            for name, n_out, n_in in (("w_in", hidden, n_embd), ("w_out", n_embd, hidden))]
+        for proj in self.projections:
+            proj.create(self, E)
+        self._index_params()
         self.b_in = nn.Parameter(torch.zeros(E, hidden)) if bias else None
         self.b_out = nn.Parameter(torch.zeros(E, n_embd)) if bias else None
         self.shared = None
@@ -188,10 +197,37 @@ class MoEMLP(nn.Module):
         self.z_loss: Optional[torch.Tensor] = None
         self.stats: dict[str, torch.Tensor] = {}
 
+    def _index_params(self) -> None:
+        # [E, ...] tensors: all (FLOP counts), the sparse ones (the engine sees each as E separate matrices),
+        # and per-expert parameters that are never sparsified (factorized LayerNorms)
+        self.batched_params = tuple(n for p in self.projections for n in p.shapes())
+        self.sparse_batched = tuple(n for p in self.projections for n in p.sparse())
+        self.dense_params = tuple(n for p in self.projections for n in p.names() if n not in p.shapes())
+
+    @property
+    def transformed(self) -> bool:
+        return any(p.family is not None for p in self.projections)
+
+    @torch.no_grad()
+    def fold_experts(self) -> None:
+        """Replace Sparse-IFT expert projections by the plain [E, out, in] weights they compute (in place)."""
+        if not self.transformed:
+            return
+        folded = {p.name: p.folded(self) for p in self.projections}
+        for p in self.projections:
+            for n in p.names():
+                delattr(self, n)
+                if f"{n}_mask" in self._buffers:
+                    delattr(self, f"{n}_mask")
+            p.family, p.branches, p.rank = None, 1, 0
+            self.register_parameter(p.name, nn.Parameter(folded[p.name]))
+        self._index_params()
+
     def reset_experts(self, std: float, out_std: float) -> None:
-        """GPT-2 init per expert: N(0, std) in, N(0, out_std) out (the residual-scaled std)."""
-        nn.init.normal_(self.w_in, 0.0, std)
-        nn.init.normal_(self.w_out, 0.0, out_std)
+        """GPT-2 init per expert: N(0, std) in, N(0, out_std) out (the residual-scaled std); Sparse-IFT
+        projections keep each expert's product at that scale."""
+        self.projections[0].reset(self, std)
+        self.projections[1].reset(self, out_std)
         for b in (self.b_in, self.b_out):
             if b is not None:
                 nn.init.zeros_(b)
@@ -199,10 +235,10 @@ class MoEMLP(nn.Module):
             nn.init.normal_(self.shared[2].weight, 0.0, out_std)
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        h = x @ self.w_in[e].t()
+        h = self.projections[0].apply(self, e, x)
         if self.b_in is not None:
             h = h + self.b_in[e]
-        y = F.gelu(h, approximate="tanh") @ self.w_out[e].t()
+        y = self.projections[1].apply(self, e, F.gelu(h, approximate="tanh"))
         return y + self.b_out[e] if self.b_out is not None else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

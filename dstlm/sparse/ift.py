@@ -254,6 +254,15 @@ def iso_flop_densities(model: nn.Module, dense_shapes: dict[str, tuple[int, int]
         density = min(1.0, budget / total)
         for w in weights:
             out[w] = density
+    for name, m in model.named_modules():  # Sparse-IFT experts: per expert, the same rule as a layer
+        for proj in getattr(m, "projections", ()):
+            if proj.family is None:
+                continue
+            shapes = proj.shapes()
+            sparse = proj.sparse()
+            budget = proj.n_in * proj.n_out - sum(math.prod(shapes[n]) for n in shapes if n not in sparse)
+            density = min(1.0, budget / sum(math.prod(shapes[n]) for n in sparse))
+            out.update({f"{name}.{n}.{e}": density for n in sparse for e in range(m.cfg.num_experts)})
     if ift.family == "wide":  # MoE experts widened with the model: each expert matrix at base / wide size
         base = model.base_config
         for name, m in model.named_modules():
@@ -285,10 +294,15 @@ def describe(ift: SparseIFTConfig, base_cfg, eff_cfg, names: list[str], model: n
                f"{eff_cfg.mlp_hidden}")
     elif ift.family == "parallel":
         how = f"{parallel_branches(s)} parallel sparse branches per layer"
-    else:
+    elif names:
         first = model.get_submodule(names[0])
         how = f"rank {first.u.out_features} for {names[0]}" if getattr(first, "u", None) is not None else "rank 0"
-    return f"Sparse-IFT {ift.family} at s={s:g} on {len(names)} layers ({how})"
+    else:
+        how = "experts only"
+    experts = [f"{n}.{p.name}" for n, m in model.named_modules() for p in getattr(m, "projections", ())
+               if p.family is not None]
+    where = f"{len(names)} layers" + (f" and the experts' {', '.join(experts)}" if experts else "")
+    return f"Sparse-IFT {ift.family} at s={s:g} on {where} ({how})"
 
 
 def match_total_flops(model: nn.Module, densities: dict[str, float], dense_shapes: dict[str, tuple[int, int]],
@@ -328,8 +342,11 @@ def ift_sparsity_config(model: nn.Module, ift: SparseIFTConfig, dense_shapes: di
 
 def fold_to_dense(model: nn.Module) -> nn.Module:
     """Replace every parallel / doped / linear-factorized layer by the one dense nn.Linear it computes
-    (exactly: sum of branches, W + V U, V U), e.g. to export to a standard architecture. In place."""
+    (exactly: sum of branches, W + V U, V U), and such MoE experts by plain [E, out, in] experts, e.g. to
+    export to a standard architecture. In place."""
     for name, module in list(model.named_modules()):
+        if hasattr(module, "fold_experts"):  # MoE experts stored as a Sparse-IFT family
+            module.fold_experts()
         if isinstance(module, IFT_MODULES):
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model

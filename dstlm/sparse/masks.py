@@ -65,13 +65,16 @@ def select_params(model: nn.Module, include: Iterable[str], exclude: Iterable[st
             continue
         for attr, p in module.named_parameters(recurse=False):
             name = f"{mod_name}.{attr}" if mod_name else attr
-            if p.ndim < 2 or id(p) in embedding_ids or id(p) in seen:
+            if p.ndim < 2 or id(p) in embedding_ids or id(p) in seen or attr in getattr(module, "dense_params", ()):
                 continue
+            batched = attr in getattr(module, "batched_params", ())
+            if batched and attr not in getattr(module, "sparse_batched", module.batched_params):
+                continue  # e.g. the dense low-rank part of Sparse-IFT doped experts
             if any(fnmatch.fnmatchcase(name, pat) for pat in include) and not any(
                 fnmatch.fnmatchcase(name, pat) for pat in exclude
             ):
                 seen.add(id(p))
-                if p.ndim == 3 and attr in getattr(module, "batched_params", ()):
+                if p.ndim == 3 and batched:
                     chosen += [SparseParam(f"{name}.{e}", module, attr, e) for e in range(p.shape[0])]
                 else:
                     chosen.append(SparseParam(name, module, attr))
