@@ -449,3 +449,24 @@ def test_expert_parallel_cli_run_evaluates_and_exports_on_one_process(tmp_path, 
         assert abs(summary["eval"]["copa"][m] - v) < 1e-6, m
     loaded = load_checkpoint(run)
     assert loaded.config.moe.expert_parallel_size == 2 and loaded.model.blocks[0].mlp.ep is None
+
+
+@pytest.mark.dist
+def test_expert_parallel_checkpoint_resumes_without_expert_parallelism(tmp_path, small_corpus):
+    """A ZeRO-2 checkpoint written with expert_parallel_size 2 resumes with expert_parallel_size 1 (same 2
+    ranks): who computes which expert is not part of the saved state. The masks after the restore equal the
+    saved ones exactly and the run ends with the masks and (to float rounding) the weights of the
+    uninterrupted expert-parallel run."""
+    env = {"DSTLM_STRATEGY": "deepspeed_stage_2", "DSTLM_CKPT_EVERY": "4", "DSTLM_MOE": "1"}
+    ref = _dst_job(tmp_path / "ref", "rigl", 4, small_corpus, nproc=2, extra_env={**env, "DSTLM_EP": "2"})[0]
+    ckpt = tmp_path / "ref" / "run" / "t" / "checkpoints" / "step0000004.ckpt"
+    new = _dst_job(tmp_path / "new", "rigl", 4, small_corpus, nproc=2, extra_env={**env, "DSTLM_RESUME": str(ckpt)})
+    for rank in new:
+        for name, mask in ref["masks"][1].items():
+            assert torch.equal(rank["start_masks"][name], mask), name
+        same = {n: rank["final_masks"][n] == m for n, m in ref["final_masks"].items()}
+        assert sum(int(v.sum()) for v in same.values()) / sum(v.numel() for v in same.values()) >= 0.999
+        for k, w in ref["weights"].items():
+            agree = same.get(k, torch.ones_like(w, dtype=torch.bool))
+            torch.testing.assert_close(rank["weights"][k].float()[agree], w.float()[agree], rtol=1e-3, atol=1e-4,
+                                       msg=k)
