@@ -2,7 +2,10 @@
 tokens (same seed, data, schedule), trained by RigL. Runs the shipped recipes one after another and prints a
 markdown table (val loss, perplexity, parameters, forward-FLOP ratio from the run's flops.json).
 
-    .venv/bin/python benchmarks/ift_table.py [--steps 600] [--families wide,parallel,factorized,doped]
+    .venv/bin/python benchmarks/ift_table.py [--steps 600] [--families wide,parallel,factorized,doped] [--moe]
+
+--moe: the same on the tiny MoE GPT (recipes/tiny-moe-dense.yaml vs recipes/ift-tiny-moe-*.yaml; every
+expert projection transformed).
 
 On 2 CPU cores the dense recipe takes ~7 min for 600 steps; the transformed models are trained with masked
 dense kernels (the FLOP match is of non-zero weights, not of CPU time), so Sparse Wide 75 % and Sparse
@@ -44,15 +47,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--families", default="wide,parallel,factorized,doped")
     ap.add_argument("--sparsities", default="50,75")
+    ap.add_argument("--moe", action="store_true", help="the tiny MoE GPT instead of the tiny GPT")
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="dstlm-ift-"))
-    rows = [("dense", run("recipes/tiny-dense.yaml", "dense", out, args.steps, sparse=False))]
+    tiny = "tiny-moe" if args.moe else "tiny"
+    rows = [("dense", run(f"recipes/{tiny}-dense.yaml", "dense", out, args.steps, sparse=False))]
     for fam in args.families.split(","):
         for s in args.sparsities.split(","):
             name = f"{fam}-{s}"
-            rows.append((name, run(f"recipes/ift-tiny-{name}.yaml", name, out, args.steps, sparse=True)))
+            rows.append((name, run(f"recipes/ift-{tiny}-{name}.yaml", name, out, args.steps, sparse=True)))
     tokens = rows[0][1]["train_tokens_seen"]
-    print(f"\ntiny GPT, {args.steps} steps, {tokens:,} tokens each, seed 1337, RigL for the sparse families")
+    print(f"\n{'tiny MoE GPT' if args.moe else 'tiny GPT'}, {args.steps} steps, {tokens:,} tokens each, seed 1337, RigL for the sparse families")
     print("| model | val loss | val ppl | params | forward FLOPs vs dense | wall s |")
     print("|---|---|---|---|---|---|")
     for name, s in rows:
