@@ -150,6 +150,10 @@ def test_tiny_moe_learns(tmp_path, small_corpus):
     assert start > math.log(400) and end < start - 0.5, (start, end)
     assert float(trainer.callback_metrics["moe/load_max"]) < 3.0  # no expert took (nearly) everything
     assert "moe/aux_loss" in trainer.callback_metrics and "moe/dropped" in trainer.callback_metrics
+    from dstlm.hf.export import export
+
+    with pytest.raises(ValueError, match="is a Mixture-of-Experts model; no Hugging Face architecture"):
+        export(str(tmp_path / "t"), str(tmp_path / "hf"))  # refused in one line, not a traceback
 
 
 @pytest.mark.parametrize("method", ["rigl", "srigl", "set"])

@@ -123,6 +123,10 @@ def export(checkpoint: str, out_dir: str) -> Path:
     from dstlm.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint)
+    if loaded.config.moe is not None:
+        raise ValueError(f"{checkpoint!r} is a Mixture-of-Experts model; no Hugging Face architecture computes its "
+                         f"GELU experts with capacity-limited routing, so it is not exported: score it with "
+                         f"`dstlm eval {checkpoint}` instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from dstlm.sparse.ift import fold_to_dense
