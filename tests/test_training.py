@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -190,6 +191,9 @@ def test_failed_save_keeps_last_good_checkpoint(tmp_path, small_corpus):
     trainer, module, data = build(cfg, logger=False)
     trainer.fit(module, datamodule=data, ckpt_path=str(ckpt_dir / "last.ckpt"))
     assert trainer.global_step == 5
+    # last.ckpt is a link to the newest complete step checkpoint, moved on by the resumed run (no last-v1)
+    assert (ckpt_dir / "last.ckpt").is_symlink() and os.readlink(ckpt_dir / "last.ckpt") == "step0000005.ckpt"
+    assert sorted(p.name for p in ckpt_dir.glob("last*")) == ["last.ckpt"]
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml")))

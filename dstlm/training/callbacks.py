@@ -13,12 +13,28 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """Checkpoint every N optimizer steps, keep the newest K plus last.ckpt, and always save the final step."""
+    """Checkpoint every N optimizer steps, keep the newest K, and always save the final step. `last.ckpt` is
+    a symbolic link to the newest complete step checkpoint, swapped atomically after that checkpoint is in
+    place: a kill at any moment leaves `last.ckpt` on a complete checkpoint at most one interval old, and
+    no checkpoint is written twice."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, keep_last_k: int) -> None:
         super().__init__(dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_steps or None, save_top_k=max(1, keep_last_k),
-                         monitor="step", mode="max", save_last=True)
+                         monitor="step", mode="max", save_last="link", enable_version_counter=False)
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        """Point linkpath at filepath in one atomic rename (Lightning removes the old link first, which
+        leaves a moment with no last.ckpt at all)."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            tmp = f"{linkpath}.link.tmp"
+            _remove(tmp)
+            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
+            if os.path.isdir(linkpath) and not os.path.islink(linkpath):  # a full copy from an older dstlm
+                _remove(linkpath)
+            os.replace(tmp, linkpath)
+        trainer.strategy.barrier("dstlm-ckpt-linked")
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         """Write to `<file>.tmp`, then swap it in: a save that fails or is killed midway leaves the previous
