@@ -1,0 +1,97 @@
+"""Tokens/s and MFU of GPT-2 124M on one GPU in bf16: dense vs RigL 90 % under DeepSpeed ZeRO-2, and dense
+under Lightning's plain single-device strategy as the baseline, in one invocation.
+
+Each variant is a real `dstlm fit` of the same recipe (same seed, data and steps); tokens/s is the median
+of the logged windows after `--warmup` steps. MFU = model FLOPs per token x tokens/s / peak, with the
+nanoGPT/PaLM convention 6 N + 12 L H Q T (N = non-embedding matmul parameters plus the LM head, T the
+context; no discount for the causal mask) and the dense model's FLOPs for the sparse run too (its masked
+weights are multiplied as dense matrices on the GPU), against the bf16 dense peak (`--peak-tflops`, 989
+for an H100 SXM).
+
+    python benchmarks/gpu_throughput.py [--recipe recipes/gpt2-124m-zero2-rigl-gpu.yaml] [--steps 300]
+        [--warmup 60] [--peak-tflops 989] [--variants auto-dense,zero2-dense,zero2-rigl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from zero_throughput import median_tokens_per_s  # noqa: E402
+
+VARIANTS = {  # name -> (strategy, sparse)
+    "auto-dense": ("auto", False),
+    "zero2-dense": ("deepspeed_stage_2", False),
+    "zero2-rigl": ("deepspeed_stage_2", True),
+}
+
+
+def flops_per_token(recipe: str) -> int:
+    """Of the recipe's model (its `model:` is a preset file relative to the recipe, or inline keys)."""
+    import yaml
+
+    from dstlm.models.gpt import GPT, GPTConfig
+
+    model = yaml.safe_load(Path(recipe).read_text())["model"]
+    if isinstance(model, str):
+        model = yaml.safe_load((Path(recipe).parent / model).read_text())
+    with torch.device("meta"):  # shapes only, no memory
+        return GPT(GPTConfig(**model)).flops_per_token()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="recipes/gpt2-124m-zero2-rigl-gpu.yaml")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--warmup", type=int, default=60)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--extra", default="", help="more `dstlm fit` overrides, space-separated")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    fpt = flops_per_token(args.recipe)
+    out = Path(tempfile.mkdtemp(prefix="dstlm-gpu-bench-"))
+    results = {}
+    for name in args.variants.split(","):
+        strategy, sparse = VARIANTS[name]
+        cmd = [sys.executable, "-m", "dstlm.cli", "fit", "--config", args.recipe, f"--name={name}",
+               f"--out_dir={out}", f"--trainer.max_steps={args.steps}", "--trainer.progress_bar=false",
+               f"--trainer.val_every_n_steps={10 * args.steps}", "--trainer.ckpt_every_n_steps=0",
+               "--trainer.log_every_n_steps=5", f"--trainer.strategy={strategy}", *args.extra.split()]
+        if not sparse:
+            cmd.append("--sparsity=null")
+        print("$", " ".join(cmd), flush=True)
+        r = subprocess.run(cmd, cwd=REPO, env=os.environ, capture_output=True, text=True)
+        if r.returncode != 0:
+            print(r.stdout[-3000:], r.stderr[-6000:], sep="\n", flush=True)
+            raise SystemExit(f"{name} failed (exit {r.returncode})")
+        tps = median_tokens_per_s(out / name, args.warmup)
+        summary = json.loads((out / name / "summary.json").read_text())
+        results[name] = {"tokens_per_s": tps, "mfu": fpt * tps / (args.peak_tflops * 1e12),
+                         "val_loss": summary.get("val_loss") or float("nan"), "sparsity": summary.get("sparsity") or 0.0}
+        print(f"  {name}: {tps:,.0f} tokens/s, MFU {results[name]['mfu']:.1%}", flush=True)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    base = next(iter(results.values()))["tokens_per_s"]
+    print(f"\n{gpu}, {args.recipe}, {args.steps} steps, median tokens/s after step {args.warmup}, "
+          f"{fpt / 1e9:.3f} GFLOP/token, peak {args.peak_tflops:g} TFLOP/s")
+    print(f"{'variant':<14} {'tokens/s':>10} {'MFU':>7} {'vs first':>9} {'sparsity':>9} {'val loss':>9}")
+    for name, r in results.items():
+        print(f"{name:<14} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['tokens_per_s'] / base:>8.3f}x "
+              f"{r['sparsity']:>9.3f} {r['val_loss']:>9.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"gpu": gpu, "flops_per_token": fpt, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
