@@ -10,6 +10,7 @@ for an H100 SXM).
 
     python benchmarks/gpu_throughput.py [--recipe recipes/gpt2-124m-zero2-rigl-gpu.yaml] [--steps 300]
         [--warmup 60] [--peak-tflops 989] [--variants auto-dense,zero2-dense,zero2-rigl]
+    (variants: the three above and each with -compile, torch.compile of the model)
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from zero_throughput import median_tokens_per_s  # noqa: E402
 
-VARIANTS = {  # name -> (strategy, sparse)
-    "auto-dense": ("auto", False),
-    "zero2-dense": ("deepspeed_stage_2", False),
-    "zero2-rigl": ("deepspeed_stage_2", True),
+VARIANTS = {  # name -> (strategy, sparse, torch.compile)
+    "auto-dense": ("auto", False, False),
+    "zero2-dense": ("deepspeed_stage_2", False, False),
+    "zero2-rigl": ("deepspeed_stage_2", True, False),
+    "auto-dense-compile": ("auto", False, True),
+    "zero2-dense-compile": ("deepspeed_stage_2", False, True),
+    "zero2-rigl-compile": ("deepspeed_stage_2", True, True),
 }
 
 
@@ -56,7 +60,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak of the GPU")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default="auto-dense,zero2-dense,zero2-rigl")
     ap.add_argument("--extra", default="", help="more `dstlm fit` overrides, space-separated")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -64,11 +68,12 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="dstlm-gpu-bench-"))
     results = {}
     for name in args.variants.split(","):
-        strategy, sparse = VARIANTS[name]
+        strategy, sparse, compiled = VARIANTS[name]
         cmd = [sys.executable, "-m", "dstlm.cli", "fit", "--config", args.recipe, f"--name={name}",
                f"--out_dir={out}", f"--trainer.max_steps={args.steps}", "--trainer.progress_bar=false",
                f"--trainer.val_every_n_steps={10 * args.steps}", "--trainer.ckpt_every_n_steps=0",
-               "--trainer.log_every_n_steps=5", f"--trainer.strategy={strategy}", *args.extra.split()]
+               "--trainer.log_every_n_steps=5", f"--trainer.strategy={strategy}", f"--trainer.compile={compiled}",
+               *args.extra.split()]
         if not sparse:
             cmd.append("--sparsity=null")
         print("$", " ".join(cmd), flush=True)

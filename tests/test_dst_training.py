@@ -161,3 +161,23 @@ def test_cli_sparsity_bad_input_one_line(tmp_path, small_corpus, args, message):
              str(REPO / "configs/sparsity/rigl.yaml"), *args)
     err = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(err) == 1 and message in err[0], r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["static", "rigl", "srigl", "nm"])
+def test_masks_do_not_depend_on_a_device_context(method):
+    """Lightning builds the model inside a device context on the GPU, which moves every new tensor there: the
+    engine's CPU generator then met a CUDA randperm ('Expected a cuda device type for generator', found on an
+    H100). Masks are computed on the CPU whatever the context: the same masks inside a foreign one."""
+    from dstlm.models.gpt import GPT, GPTConfig
+    from dstlm.sparse import SparseEngine, SparsityConfig
+
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    sp = SparsityConfig(method=method, sparsity=0.5, **({"n": 2, "m": 4} if method == "nm" else {}))
+    torch.manual_seed(0)
+    plain = SparseEngine(GPT(cfg), sp, 0, 10)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.device("meta"):  # any device context that is not the CPU's
+        inside = SparseEngine(model, sp, 0, 10)
+    for a, b in zip(plain.params, inside.params):
+        assert b.mask.device.type == "cpu" and torch.equal(a.mask, b.mask), a.name

@@ -218,3 +218,21 @@ def test_every_recipe_parses_without_duplicate_keys(recipe, monkeypatch):
     monkeypatch.chdir(REPO)
     cfg, _, text = _parse_run("dstlm fit", ["--config", f"recipes/{recipe}"])
     assert cfg.name and "model:" in text
+
+
+def test_compiled_model_trains_and_saves_plain_keys(tmp_path, small_corpus):
+    """trainer.compile: torch.compile in place; the run matches the eager run's first loss and its checkpoint
+    has the eager model's keys (loadable without compile)."""
+    from dstlm.checkpoint import load_checkpoint
+
+    losses = {}
+    for compiled in (False, True):
+        cfg = tiny_run(tmp_path / str(compiled), small_corpus, trainer=dict(max_steps=3, compile=compiled))
+        rec = BatchRecorder()
+        trainer, module, data = build(cfg, [rec], logger=False)
+        trainer.fit(module, datamodule=data)
+        losses[compiled] = rec.losses
+    assert abs(losses[True][0] - losses[False][0]) < 1e-4, losses
+    ckpt = torch.load(tmp_path / "True" / "t" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])
+    load_checkpoint(tmp_path / "True" / "t")

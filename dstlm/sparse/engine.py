@@ -66,7 +66,10 @@ class SparseEngine:
         self.last_stats: dict[str, float] = {}
         self.n_updates = 0
         self._pruned_cache: dict[str, tuple] = {}
-        self._init_masks()
+        # masks are computed on the CPU with the CPU generator; strategies may build the model inside a
+        # device context (Lightning does, on the GPU), which would otherwise put every new tensor there
+        with torch.device("cpu"):
+            self._init_masks()
 
     # -- initial masks ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -139,6 +142,10 @@ class SparseEngine:
         """Update masks if t is an update step; returns telemetry then, else None."""
         if not self.is_update_step(t):
             return None
+        with torch.device("cpu"):
+            return self._update(t, backend)
+
+    def _update(self, t: int, backend: SparseBackend) -> dict[str, float]:
         start = time.perf_counter()
         cfg, gen = self.cfg, self.generator
         grown_total = active_total = numel_total = ablated = 0

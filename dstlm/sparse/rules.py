@@ -33,7 +33,7 @@ def random_mask(shape: tuple[int, ...], n_active: int, gen: torch.Generator) -> 
     """Exactly n_active True entries at uniformly random positions."""
     numel = int(torch.Size(shape).numel())
     mask = torch.zeros(numel, dtype=torch.bool)
-    mask[torch.randperm(numel, generator=gen)[:n_active]] = True
+    mask[torch.randperm(numel, generator=gen, device="cpu")[:n_active]] = True
     return mask.view(shape)
 
 

@@ -76,6 +76,7 @@ class LMModule(L.LightningModule):
         self.model: GPT | None = None
         self.sparse_engine: SparseEngine | None = None
         self.tokenizer_json: str | None = None  # set by the run builder; saved in checkpoints
+        self.compile_model = False  # set by the run builder (trainer.compile)
         self._t_last: float | None = None
         self._win_tokens, self._win_time = 0, 0.0
         self._tok_per_s = 0.0
@@ -100,6 +101,8 @@ class LMModule(L.LightningModule):
                 # masks become persistent buffers on the modules, before any strategy wraps the model
                 self.sparse_engine = SparseEngine(self.model, sparsity, self.seed, self.max_steps)
             self._setup_expert_parallel()
+            if self.compile_model:  # in place, so parameter and buffer names (checkpoints) do not change
+                self.model.compile()
 
     def _setup_expert_parallel(self) -> None:
         moe = self.model_config.moe
@@ -199,7 +202,9 @@ class LMModule(L.LightningModule):
         cfg = self.optim_config
         groups = param_groups(self.model, cfg.weight_decay)
         if cfg.optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+            cuda = next(self.model.parameters()).is_cuda  # one fused kernel on the GPU, foreach on the CPU
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                    **({"fused": True} if cuda else {"foreach": True}))
         else:
             opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0], nesterov=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps))
