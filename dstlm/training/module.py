@@ -202,9 +202,8 @@ class LMModule(L.LightningModule):
         cfg = self.optim_config
         groups = param_groups(self.model, cfg.weight_decay)
         if cfg.optimizer == "adamw":
-            cuda = next(self.model.parameters()).is_cuda  # one fused kernel on the GPU, foreach on the CPU
-            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                    **({"fused": True} if cuda else {"foreach": True}))
+            # not fused=True: Lightning refuses gradient clipping with optimizers that unscale internally
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
         else:
             opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0], nesterov=True)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps))
