@@ -6,6 +6,8 @@ median over the measured steps; the two loops alternate `--rounds` times in one 
 noise hits both. Prints a table and the ratio (goal: Lightning / plain <= 1.05).
 
     .venv/bin/python benchmarks/step_time.py [--steps 60] [--warmup 30] [--rounds 2] [--preset tiny]
+    python benchmarks/step_time.py --accelerator gpu --preset gpt2-124m --tokenizer gpt2 --block-size 1024
+        (on a GPU: bf16 autocast in the plain loop, bf16-mixed in Lightning; also prints MFU)
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ def run_plain(cfg: RunConfig, total: int) -> list[float]:
     _, _, data = build(cfg, logger=False)
     data.prepare_data()
     data.setup("fit")
-    model = GPT(cfg.model)
+    device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
+    model = GPT(cfg.model).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                             eps=cfg.optim.eps, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, total))
@@ -66,7 +69,9 @@ def run_plain(cfg: RunConfig, total: int) -> list[float]:
     for step, (x, y) in enumerate(data.train_dataloader()):
         if step >= total:
             break
-        loss = model.loss(x, y)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model.loss(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
         opt.step()
@@ -84,13 +89,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30, help="steps discarded per round (>= 30)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--tokenizer", default="bpe", help="bpe (trained on the corpus) or gpt2")
+    ap.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU on a GPU (H100 SXM bf16)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     out = tempfile.mkdtemp(prefix="dstlm-bench-")
     cfg = RunConfig(name="bench", out_dir=out, model=load_preset(args.preset),
-                    data=DataConfig(batch_size=args.batch_size, val_batches=1), optim=OptimConfig(),
+                    data=DataConfig(batch_size=args.batch_size, val_batches=1, block_size=args.block_size,
+                                    tokenizer=args.tokenizer), optim=OptimConfig(),
                     trainer=TrainerConfig(max_steps=1, val_every_n_steps=10**6, ckpt_every_n_steps=0,
-                                          progress_bar=False, accelerator="cpu"))
+                                          progress_bar=False, accelerator=args.accelerator,
+                                          precision="bf16-mixed" if args.accelerator == "gpu" else "32-true",
+                                          deterministic=args.accelerator == "cpu"))
     total = args.warmup + args.steps + 1
     tokens = args.batch_size * cfg.data.block_size
     results = {"plain torch": [], "dstlm (Lightning)": []}
@@ -108,6 +120,11 @@ def main() -> None:
               f"{xs[9 * len(xs) // 10] * 1e3:>8.1f} {tokens / med[name]:>10,.0f}")
     ratio = med["dstlm (Lightning)"] / med["plain torch"]
     print(f"ratio Lightning / plain = {ratio:.3f}  (goal <= 1.05)")
+    if args.accelerator == "gpu":
+        with torch.device("meta"):
+            fpt = GPT(cfg.model).flops_per_token()
+        for name, m in med.items():
+            print(f"MFU {name}: {fpt * tokens / m / (args.peak_tflops * 1e12):.1%}")
 
 
 if __name__ == "__main__":
