@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from zero_throughput import median_tokens_per_s  # noqa: E402
+from zero_throughput import median_tokens_per_s, timing_overrides  # noqa: E402
 
 
 def main() -> None:
@@ -37,11 +37,9 @@ def main() -> None:
     for strategy in args.strategies.split(","):
         for ep in (1, 2):
             name = f"{strategy}-ep{ep}"
-            cmd = ["bash", "launch/torchrun.sh", "2", args.recipe, f"--name={name}", f"--out_dir={out}",
-                   f"--trainer.max_steps={args.steps}", "--trainer.progress_bar=false",
-                   "--trainer.val_every_n_steps=1000", "--trainer.ckpt_every_n_steps=0",
-                   "--trainer.log_every_n_steps=5", f"--data.batch_size={args.batch_size}",
-                   "--trainer.accelerator=cpu", f"--model.moe.expert_parallel_size={ep}"]
+            cmd = ["bash", "launch/torchrun.sh", "2", args.recipe, *timing_overrides(name, out, args.steps),
+                   f"--data.batch_size={args.batch_size}", "--trainer.accelerator=cpu",
+                   f"--model.moe.expert_parallel_size={ep}"]
             env = {**os.environ, "STRATEGY": strategy, "PYTHON": sys.executable}
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from zero_throughput import median_tokens_per_s  # noqa: E402
+from zero_throughput import median_tokens_per_s, timing_overrides  # noqa: E402
 
 VARIANTS = {  # name -> (strategy, sparse, torch.compile)
     "auto-dense": ("auto", False, False),
@@ -69,11 +69,9 @@ def main() -> None:
     results = {}
     for name in args.variants.split(","):
         strategy, sparse, compiled = VARIANTS[name]
-        cmd = [sys.executable, "-m", "dstlm.cli", "fit", "--config", args.recipe, f"--name={name}",
-               f"--out_dir={out}", f"--trainer.max_steps={args.steps}", "--trainer.progress_bar=false",
-               f"--trainer.val_every_n_steps={10 * args.steps}", "--trainer.ckpt_every_n_steps=0",
-               "--trainer.log_every_n_steps=5", f"--trainer.strategy={strategy}", f"--trainer.compile={compiled}",
-               *args.extra.split()]
+        cmd = [sys.executable, "-m", "dstlm.cli", "fit", "--config", args.recipe,
+               *timing_overrides(name, out, args.steps), f"--trainer.strategy={strategy}",
+               f"--trainer.compile={compiled}", *args.extra.split()]
         if not sparse:
             cmd.append("--sparsity=null")
         print("$", " ".join(cmd), flush=True)

@@ -36,6 +36,14 @@ def median_tokens_per_s(run_dir: Path, warmup: int) -> float:
     return statistics.median(values)
 
 
+def timing_overrides(name: str, out: Path, steps: int) -> list[str]:
+    """`dstlm fit` options of a timing run: its own name under out, `steps` steps, no progress bar, no
+    validation or periodic checkpoint in the way, tokens/s logged every 5 steps."""
+    return [f"--name={name}", f"--out_dir={out}", f"--trainer.max_steps={steps}", "--trainer.progress_bar=false",
+            f"--trainer.val_every_n_steps={max(1000, 10 * steps)}", "--trainer.ckpt_every_n_steps=0",
+            "--trainer.log_every_n_steps=5"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="recipes/tiny-dense.yaml")
@@ -51,10 +59,8 @@ def main() -> None:
     results = {}
     for strategy, sparsity in variants:
         name = f"{strategy}-{sparsity or 'dense'}"
-        cmd = ["bash", "launch/torchrun.sh", "2", args.recipe, f"--name={name}", f"--out_dir={out}",
-               f"--trainer.max_steps={args.steps}", "--trainer.progress_bar=false", "--trainer.val_every_n_steps=1000",
-               "--trainer.ckpt_every_n_steps=0", "--trainer.log_every_n_steps=5", f"--data.batch_size={args.batch_size}",
-               "--trainer.accelerator=cpu"]
+        cmd = ["bash", "launch/torchrun.sh", "2", args.recipe, *timing_overrides(name, out, args.steps),
+               f"--data.batch_size={args.batch_size}", "--trainer.accelerator=cpu"]
         if sparsity:
             cmd += ["--sparsity", str(REPO / "configs" / "sparsity" / f"{sparsity}.yaml"), "--sparsity.delta_t=25"]
         env = {**os.environ, "STRATEGY": strategy, "PYTHON": sys.executable}

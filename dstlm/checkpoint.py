@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -11,7 +10,7 @@ import torch
 
 from dstlm.data.tokenizer import TextTokenizer, tokenizer_from_json
 from dstlm.models.gpt import GPT, GPTConfig
-from dstlm.models.moe import MoEConfig
+from dstlm.models.moe import without_placement
 from dstlm.sparse.ift import SparseIFTConfig
 
 
@@ -77,11 +76,6 @@ def consolidate_checkpoint(path: str | Path, out_file: str | Path) -> Path:
     return out
 
 
-def _layout(value):
-    """A config value without expert_parallel_size (who computes which expert does not change the weights)."""
-    return dataclasses.replace(value, expert_parallel_size=1) if isinstance(value, MoEConfig) else value
-
-
 def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> LoadedModel:
     """Model (eval mode, fp32, CPU) + tokenizer from a checkpoint written by `dstlm fit`: a Lightning .ckpt,
     a DeepSpeed checkpoint directory (consolidated on the fly) or a run folder (its last checkpoint).
@@ -98,7 +92,7 @@ def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> Loa
     cfg = GPTConfig(**{k: v for k, v in hp["model"].items() if k in known})
     if expect is not None:
         for f in fields(GPTConfig):
-            if _layout(getattr(expect, f.name)) != _layout(getattr(cfg, f.name)):
+            if without_placement(getattr(expect, f.name)) != without_placement(getattr(cfg, f.name)):
                 raise ValueError(f"checkpoint model.{f.name}={getattr(cfg, f.name)!r} does not match the requested "
                                  f"model.{f.name}={getattr(expect, f.name)!r}")
     tok_json = (ckpt.get("dstlm") or {}).get("tokenizer")

@@ -20,6 +20,7 @@ checkpoints, masks and the sparse engine do not change.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -78,6 +79,16 @@ class MoEConfig:
 
     def is_moe_layer(self, i: int) -> bool:
         return (i + 1) % self.every == 0
+
+
+def without_placement(value):
+    """A model-config value (a MoEConfig or its dict) without expert_parallel_size: who computes which
+    expert does not change the weights, so checkpoints compare equal across it. Other values unchanged."""
+    if isinstance(value, MoEConfig):
+        return dataclasses.replace(value, expert_parallel_size=1)
+    if isinstance(value, dict) and "expert_parallel_size" in value:
+        return {**value, "expert_parallel_size": 1}
+    return value
 
 
 @dataclass

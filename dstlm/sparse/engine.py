@@ -193,8 +193,8 @@ class SparseEngine:
             param = group[0].weight
             if group[0].index is None:
                 keep = keeps[group[0].name]
-            else:
-                keep = torch.stack([keeps[sp.name] for sp in sorted(group, key=lambda sp: sp.index)])
+            else:  # a group lists its matrices in index order (select_params builds them so)
+                keep = torch.stack([keeps[sp.name] for sp in group])
             keep = keep.to(param.device).reshape(group[0].full_mask.shape)
             backend.mask_weight_(param, keep)
             backend.mask_optimizer_state_(param, keep)

@@ -13,7 +13,7 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dstlm.models.gpt import GPT, GPTConfig
-from dstlm.models.moe import ExpertParallel, set_expert_parallel
+from dstlm.models.moe import ExpertParallel, set_expert_parallel, without_placement
 from dstlm.sparse import SparseEngine, SparsityConfig
 from dstlm.sparse.ift import SparseIFTConfig, ift_sparsity_config
 from dstlm.training.config import OptimConfig
@@ -46,14 +46,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         seen.add(id(p))
         (no_decay if (p.ndim < 2 or id(p) in no_decay_ids) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _layout(value):
-    """A model-config value without the fields that do not change the weights (expert parallelism only
-    changes who computes which expert, so a checkpoint resumes at any expert_parallel_size)."""
-    if isinstance(value, dict) and "expert_parallel_size" in value:
-        return {k: v for k, v in value.items() if k != "expert_parallel_size"}
-    return value
 
 
 class LMModule(L.LightningModule):
@@ -123,7 +115,8 @@ class LMModule(L.LightningModule):
         saved = checkpoint.get("hyper_parameters", {})
         if "model" in saved:
             now = asdict(self.model_config)
-            diff = [k for k in now if k in saved["model"] and _layout(saved["model"][k]) != _layout(now[k])]
+            diff = [k for k in now if k in saved["model"]
+                    and without_placement(saved["model"][k]) != without_placement(now[k])]
             if diff:
                 k = diff[0]
                 raise ValueError(f"checkpoint model.{k}={saved['model'][k]!r} but this run has model.{k}={now[k]!r}; "
