@@ -10,7 +10,9 @@ for an H100 SXM).
 
     python benchmarks/gpu_throughput.py [--recipe recipes/gpt2-124m-zero2-rigl-gpu.yaml] [--steps 300]
         [--warmup 60] [--peak-tflops 989] [--variants auto-dense,zero2-dense,zero2-rigl]
-    (variants: the three above and each with -compile, torch.compile of the model)
+    (variants: auto-dense, zero2-dense, zero2-rigl, each optionally followed by -compile (torch.compile),
+     -fused (fused AdamW), -unchunked (plain full-logits loss), -b<N> (micro-batch of N sequences), e.g.
+     auto-dense-compile-fused-b32)
 """
 
 from __future__ import annotations
@@ -31,14 +33,34 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from zero_throughput import median_tokens_per_s, timing_overrides  # noqa: E402
 
-VARIANTS = {  # name -> (strategy, sparse, torch.compile)
-    "auto-dense": ("auto", False, False),
-    "zero2-dense": ("deepspeed_stage_2", False, False),
-    "zero2-rigl": ("deepspeed_stage_2", True, False),
-    "auto-dense-compile": ("auto", False, True),
-    "zero2-dense-compile": ("deepspeed_stage_2", False, True),
-    "zero2-rigl-compile": ("deepspeed_stage_2", True, True),
+BASES = {  # name -> (strategy, sparse)
+    "auto-dense": ("auto", False),
+    "zero2-dense": ("deepspeed_stage_2", False),
+    "zero2-rigl": ("deepspeed_stage_2", True),
 }
+SUFFIXES = {  # -suffix -> `dstlm fit` override (b<N>: micro-batch of N sequences)
+    "compile": "--trainer.compile=true",
+    "fused": "--optim.fused=true",
+    "unchunked": "--trainer.loss_chunk_tokens=0",
+}
+
+
+def variant_args(name: str) -> tuple[list[str], bool]:
+    """`auto-dense-compile-fused-b32` -> its `dstlm fit` overrides, and whether it is sparse."""
+    base = next((b for b in BASES if name == b or name.startswith(b + "-")), None)
+    if base is None:
+        raise SystemExit(f"unknown variant {name!r}: a base in {sorted(BASES)} plus -suffixes from "
+                         f"{sorted(SUFFIXES)} or -b<N>")
+    strategy, sparse = BASES[base]
+    args = [f"--trainer.strategy={strategy}"]
+    for suffix in filter(None, name[len(base):].split("-")):
+        if suffix in SUFFIXES:
+            args.append(SUFFIXES[suffix])
+        elif suffix[0] == "b" and suffix[1:].isdigit():
+            args.append(f"--data.batch_size={suffix[1:]}")
+        else:
+            raise SystemExit(f"unknown suffix -{suffix} in variant {name!r}; known: {sorted(SUFFIXES)}, b<N>")
+    return args, sparse
 
 
 def flops_per_token(recipe: str) -> int:
@@ -68,10 +90,9 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="dstlm-gpu-bench-"))
     results = {}
     for name in args.variants.split(","):
-        strategy, sparse, compiled = VARIANTS[name]
+        overrides, sparse = variant_args(name)
         cmd = [sys.executable, "-m", "dstlm.cli", "fit", "--config", args.recipe,
-               *timing_overrides(name, out, args.steps), f"--trainer.strategy={strategy}",
-               f"--trainer.compile={compiled}", *args.extra.split()]
+               *timing_overrides(name, out, args.steps), *overrides, *args.extra.split()]
         if not sparse:
             cmd.append("--sparsity=null")
         print("$", " ".join(cmd), flush=True)
@@ -88,9 +109,9 @@ def main() -> None:
     base = next(iter(results.values()))["tokens_per_s"]
     print(f"\n{gpu}, {args.recipe}, {args.steps} steps, median tokens/s after step {args.warmup}, "
           f"{fpt / 1e9:.3f} GFLOP/token, peak {args.peak_tflops:g} TFLOP/s")
-    print(f"{'variant':<14} {'tokens/s':>10} {'MFU':>7} {'vs first':>9} {'sparsity':>9} {'val loss':>9}")
+    print(f"{'variant':<30} {'tokens/s':>10} {'MFU':>7} {'vs first':>9} {'sparsity':>9} {'val loss':>9}")
     for name, r in results.items():
-        print(f"{name:<14} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['tokens_per_s'] / base:>8.3f}x "
+        print(f"{name:<30} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['tokens_per_s'] / base:>8.3f}x "
               f"{r['sparsity']:>9.3f} {r['val_loss']:>9.4f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"gpu": gpu, "flops_per_token": fpt, "results": results}, indent=1))

@@ -61,8 +61,10 @@ def run_plain(cfg: RunConfig, total: int) -> list[float]:
     data.setup("fit")
     device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
     model = GPT(cfg.model).to(device)
+    model.lm_head.chunk_tokens = cfg.trainer.loss_chunk_tokens
+    kernel = {"fused": True} if cfg.optim.fused else {"foreach": True}
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                            eps=cfg.optim.eps, foreach=True)
+                            eps=cfg.optim.eps, **kernel)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, total))
     stamps = []
     model.train()
@@ -93,16 +95,19 @@ def main() -> None:
     ap.add_argument("--tokenizer", default="bpe", help="bpe (trained on the corpus) or gpt2")
     ap.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"])
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU on a GPU (H100 SXM bf16)")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=4096, help="fused loss chunk (0 = full logits)")
+    ap.add_argument("--fused-optimizer", action="store_true", help="AdamW fused=True in both loops")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     out = tempfile.mkdtemp(prefix="dstlm-bench-")
     cfg = RunConfig(name="bench", out_dir=out, model=load_preset(args.preset),
                     data=DataConfig(batch_size=args.batch_size, val_batches=1, block_size=args.block_size,
-                                    tokenizer=args.tokenizer), optim=OptimConfig(),
+                                    tokenizer=args.tokenizer), optim=OptimConfig(fused=args.fused_optimizer),
                     trainer=TrainerConfig(max_steps=1, val_every_n_steps=10**6, ckpt_every_n_steps=0,
                                           progress_bar=False, accelerator=args.accelerator,
                                           precision="bf16-mixed" if args.accelerator == "gpu" else "32-true",
-                                          deterministic=args.accelerator == "cpu"))
+                                          deterministic=args.accelerator == "cpu",
+                                          loss_chunk_tokens=args.loss_chunk_tokens))
     total = args.warmup + args.steps + 1
     tokens = args.batch_size * cfg.data.block_size
     results = {"plain torch": [], "dstlm (Lightning)": []}

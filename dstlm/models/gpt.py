@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dstlm.models.lm_loss import LMHead
 from dstlm.models.moe import MoEConfig, MoEMLP
 
 
@@ -220,7 +221,7 @@ class GPT(nn.Module):
                                           expert_transform=tuple(expert_transform.get(i, ())))
                                     for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
+        self.lm_head = LMHead(cfg.n_embd, V, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if ift is not None and ift.family != "wide":
@@ -260,8 +261,10 @@ class GPT(nn.Module):
                 else:
                     nn.init.normal_(proj.weight, mean=0.0, std=scaled)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: (B, T) int64 token ids -> logits (B, T, V) over the real (unpadded) vocabulary."""
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: (B, T) int64 token ids -> logits (B, T, V) over the real (unpadded) vocabulary; with targets
+        (B, T) (-100 ignored) -> the mean next-token cross-entropy instead, through the LM head's fused,
+        chunked loss (`lm_head.chunk_tokens`), so the full logits are never held."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds model.block_size={self.config.block_size}")
@@ -271,14 +274,12 @@ class GPT(nn.Module):
         x = self.drop(x)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V_padded)
-        return logits[..., : self.config.vocab_size]
+        return self.lm_head(self.ln_f(x), targets)  # (B, T, V) logits, or the loss
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, with_aux: bool = True) -> torch.Tensor:
         """Mean next-token cross-entropy; targets (B, T) with -100 ignored. MoE models add their weighted
         load-balancing and z-losses (averaged over MoE layers) unless with_aux is False."""
-        logits = self(idx)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        ce = self(idx, targets)
         if not with_aux or self.config.moe is None:
             return ce
         aux, z = self.moe_losses()

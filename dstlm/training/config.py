@@ -73,6 +73,9 @@ class OptimConfig:
     """Learning-rate shape after warmup."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """adamw, or sgd with Nesterov momentum (momentum = betas[0])."""
+    fused: bool = False
+    """One fused kernel per optimizer step (torch's fused=True; a GPU speed-up). dstlm then clips gradients
+    itself, which is exact with fp32 and bf16 (no loss scaler); 16-mixed is refused."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -117,6 +120,9 @@ class TrainerConfig:
     """Ask torch for deterministic algorithms (bit-reproducible CPU runs)."""
     compile: bool = False
     """torch.compile the model's forward in place (checkpoint keys unchanged); a GPU speed-up."""
+    loss_chunk_tokens: int = 4096
+    """The LM head and cross-entropy run fused, this many tokens at a time, so the (tokens x vocab) logits
+    are never held whole (less memory, faster); 0 = plain cross-entropy over the full logits."""
     offload_optimizer: bool = False
     """DeepSpeed ZeRO-1/2/3: keep the optimizer state and fp32 master weights in CPU memory."""
     offload_params: bool = False
@@ -130,6 +136,9 @@ class TrainerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"trainer.{name}={value!r} must be a positive integer")
+        if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
+            raise ValueError(f"trainer.loss_chunk_tokens={self.loss_chunk_tokens!r} must be an integer >= 0 "
+                             f"(tokens per chunk of the fused loss; 0 turns fusing off)")
         stage = self.zero_stage
         if self.strategy.startswith("deepspeed") and stage not in (0, 1, 2, 3):
             raise ValueError(f"trainer.strategy={self.strategy!r}: the ZeRO stage must be 0, 1, 2 or 3 "
@@ -181,6 +190,10 @@ class RunConfig:
     """Sparse-IFT transformation (configs/ift/*.yaml); needs a sparsity method to train its sparse weights."""
 
     def __post_init__(self) -> None:
+        if self.optim.fused and self.trainer.precision.startswith("16"):
+            raise ValueError(f"optim.fused=true with trainer.precision={self.trainer.precision!r}: a fused optimizer "
+                             f"unscales fp16 gradients itself, so they cannot be clipped; use bf16-mixed or "
+                             f"optim.fused=false")
         if self.ift is not None and self.sparsity is None:
             raise ValueError(f"ift.family={self.ift.family!r} needs a DST method for its sparse weights; add "
                              f"--sparsity configs/sparsity/rigl.yaml (or static/set/srigl)")

@@ -53,7 +53,7 @@ class LMModule(L.LightningModule):
 
     def __init__(self, model: GPTConfig, optim: OptimConfig, max_steps: int,
                  sparsity: SparsityConfig | None = None, seed: int = 0, ift: SparseIFTConfig | None = None,
-                 seq_len: int | None = None) -> None:
+                 seq_len: int | None = None, compile_model: bool = False, loss_chunk_tokens: int = 4096) -> None:
         super().__init__()
         self.model_config = model
         self.optim_config = optim
@@ -68,7 +68,9 @@ class LMModule(L.LightningModule):
         self.model: GPT | None = None
         self.sparse_engine: SparseEngine | None = None
         self.tokenizer_json: str | None = None  # set by the run builder; saved in checkpoints
-        self.compile_model = False  # set by the run builder (trainer.compile)
+        # how the model runs, not what it is: not hyper-parameters, free to change on resume
+        self.compile_model = compile_model
+        self.loss_chunk_tokens = loss_chunk_tokens
         self._t_last: float | None = None
         self._win_tokens, self._win_time = 0, 0.0
         self._tok_per_s = 0.0
@@ -93,6 +95,7 @@ class LMModule(L.LightningModule):
                 # masks become persistent buffers on the modules, before any strategy wraps the model
                 self.sparse_engine = SparseEngine(self.model, sparsity, self.seed, self.max_steps)
             self._setup_expert_parallel()
+            self.model.lm_head.chunk_tokens = self.loss_chunk_tokens
             if self.compile_model:  # in place, so parameter and buffer names (checkpoints) do not change
                 self.model.compile()
 
@@ -191,13 +194,27 @@ class LMModule(L.LightningModule):
         # the time spent validating must not count against training throughput
         self._t_last = None
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning refuses to clip for a fused optimizer under mixed precision (such an optimizer would unscale
+        fp16 gradients inside its step). With bf16 or fp32 there is no loss scaler (16-mixed + fused is refused
+        by the config), so the gradients are already final: clip them here, as Lightning would."""
+        if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused"):
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
+
     def configure_optimizers(self):
         cfg = self.optim_config
         groups = param_groups(self.model, cfg.weight_decay)
+        kernel = {"fused": True} if cfg.fused else {"foreach": True}
         if cfg.optimizer == "adamw":
-            # not fused=True: Lightning refuses gradient clipping with optimizers that unscale internally
-            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kernel)
         else:
-            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0], nesterov=True)
+            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0], nesterov=True, **kernel)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

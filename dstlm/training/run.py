@@ -88,8 +88,7 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         default_root_dir=str(out),
     )
     module = LMModule(cfg.model, cfg.optim, t.max_steps, sparsity=cfg.sparsity, seed=cfg.seed, ift=cfg.ift,
-                      seq_len=cfg.data.block_size)
-    module.compile_model = t.compile
+                      seq_len=cfg.data.block_size, compile_model=t.compile, loss_chunk_tokens=t.loss_chunk_tokens)
     check_vocab(cfg, data)
     # the tokenizer travels inside every checkpoint, so eval/export need nothing but the .ckpt file
     module.tokenizer_json = data._tokenizer().tokenizer.to_str()
