@@ -63,8 +63,10 @@ class DSTCallback(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # DeepSpeed owns gradient accumulation: Lightning then calls this after every micro-batch, but the
-        # gradient is complete (and the optimizer steps) only at the accumulation boundary
-        if trainer.strategy.handles_gradient_accumulation and trainer.fit_loop._should_accumulate():
+        # gradient is complete (and the optimizer steps) only at the accumulation boundary, which the engine
+        # itself reports (before its step() of this micro-batch)
+        if trainer.strategy.handles_gradient_accumulation \
+                and not trainer.strategy.deepspeed_engine.is_gradient_accumulation_boundary():
             return
         self.engine.before_optimizer_step(trainer.global_step + 1, self.backend)
 
