@@ -80,8 +80,11 @@ class LMDataModule(L.LightningDataModule):
         # run (which calls iter() at a different moment) would see different dropout masks afterwards.
         g = torch.Generator()
         g.manual_seed(self.seed)
+        # page-locked batches on a GPU, so Lightning's non-blocking copy to the device is truly asynchronous
+        trainer = getattr(self, "trainer", None)
+        pin = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.num_workers,
-                                           generator=g)
+                                           generator=g, pin_memory=pin)
 
     def train_dataloader(self):
         return self._loader(self.train_set, self.train_sampler)

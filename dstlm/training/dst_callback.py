@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from dstlm.sparse import SparseEngine, TorchBackend
@@ -91,7 +92,9 @@ class DSTCallback(L.Callback):
                 self._sparsity = 1.0 - engine.density()
         if self._sparsity is None:
             self._sparsity = 1.0 - engine.density()
-        pl_module.log("sparsity", self._sparsity, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        # a CPU tensor, so logging it is no host-to-device copy (a stream synchronisation on a GPU) every step
+        pl_module.log("sparsity", torch.tensor(self._sparsity, dtype=torch.float32), prog_bar=True, on_step=True,
+                      on_epoch=False, rank_zero_only=True)
 
     def state_dict(self) -> dict:
         return self.engine.state_dict() if self.engine is not None else {}

@@ -174,7 +174,11 @@ class LMModule(L.LightningModule):
                 self._tok_per_s = self._win_tokens / self._win_time
                 self._win_tokens, self._win_time = 0, 0.0
         self._t_last = now
-        self.log("tok/s", self._tok_per_s, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        # a CPU tensor: Lightning turns a Python number into a tensor on the module's device, and on a GPU
+        # that host-to-device copy synchronises the stream in the middle of the step (after the forward is
+        # queued, before the backward is), leaving the GPU idle while the backward is launched
+        self.log("tok/s", torch.tensor(self._tok_per_s, dtype=torch.float32), prog_bar=True, on_step=True,
+                 on_epoch=False, rank_zero_only=True)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
