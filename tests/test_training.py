@@ -48,7 +48,8 @@ def test_loss_falls(tmp_path, small_corpus):
     assert last < first - 1.0, (first, last)
     assert summary["val_loss"] < 5.5
     assert (tmp_path / "t" / "loss.png").stat().st_size > 5000
-    assert (tmp_path / "t" / "summary.json").exists()
+    saved = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert 0.05 < saved["peak_memory_gib"] < 24 and "resident" in saved["peak_memory_kind"]
     csv_text = (tmp_path / "t" / "logs" / "version_0" / "metrics.csv").read_text()
     assert "train/loss" in csv_text and "val/loss" in csv_text and "tok/s" in csv_text
     assert list((tmp_path / "t" / "logs" / "version_0").glob("events.out.tfevents*"))

@@ -194,6 +194,7 @@ def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, config_yaml: Optional[s
         "train_tokens_seen": trainer.global_step * cfg.trainer.accumulate_grad_batches * cfg.data.batch_size
         * cfg.data.block_size * trainer.world_size,
         "corpus_tokens": getattr(data, "stats", {}),
+        **peak_memory(trainer.strategy.root_device),
         "loss_png": str(out / "loss.png"), "logs": str(out / "logs"), "checkpoint": str(out / "checkpoints" / "last.ckpt"),
     }
     for cb in trainer.callbacks:
@@ -202,6 +203,17 @@ def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, config_yaml: Optional[s
     if trainer.is_global_zero:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak memory: what torch allocated on its GPU, or the peak resident set on a CPU."""
+    if device.type == "cuda":
+        return {"peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+                "peak_memory_kind": "GPU, allocated by torch (rank 0)"}
+    import resource
+
+    return {"peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "peak_memory_kind": "process peak resident set (rank 0)"}
 
 
 def validate(cfg: RunConfig, ckpt_path: Optional[str]) -> dict:
@@ -234,7 +246,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"   val loss {summary['val_loss']:.4f}   val perplexity {summary['val_ppl']:.2f}")
     for key, label in (("steps", "optimizer steps"), ("train_tokens_seen", "tokens trained"),
                        ("tokens_per_s", "tokens/s (run average)"), ("wall_s", "wall time (s)"),
-                       ("params", "parameters"), ("sparsity", "sparsity (sparsified layers)")):
+                       ("params", "parameters"), ("sparsity", "sparsity (sparsified layers)"),
+                       ("peak_memory_gib", "peak memory (GiB)")):
         if summary.get(key) is not None:
             value = summary[key]
             lines.append(f"   {label:<28} {value:,.3f}" if isinstance(value, float) else f"   {label:<28} {value:,}")
