@@ -101,19 +101,29 @@ def _train(tmp_path, corpus, name, **kw):
     return {k: v.detach().clone() for k, v in module.model.state_dict().items()}, trainer
 
 
-def test_fused_optimizer_clips_like_lightning_and_loss_chunking_keeps_training(tmp_path, small_corpus):
-    """optim.fused: Lightning would refuse to clip; dstlm clips itself. With a clip value small enough to act
-    at every step, the fused run's weights equal the foreach run's (the same math in another kernel), and a
-    run without clipping differs from both -- so the clipping really happened. The run with the plain
-    full-logits loss also lands on the same weights as the chunked default."""
-    base, trainer = _train(tmp_path, small_corpus, "foreach")
+def test_fused_optimizer_clips_under_bf16_where_lightning_refuses(tmp_path, small_corpus):
+    """optim.fused under bf16-mixed: Lightning's mixed-precision plugin would refuse to clip; dstlm clips
+    itself. With a clip value small enough to act at every step, the fused run's weights equal the foreach
+    run's (the same math in another kernel), and a run without clipping differs from both -- so the clipping
+    really happened."""
+    bf16 = {"precision": "bf16-mixed"}
+    base, _ = _train(tmp_path, small_corpus, "foreach", trainer=bf16)
+    fused, _ = _train(tmp_path, small_corpus, "fused", optim=dict(fused=True), trainer=bf16)
+    unclipped, _ = _train(tmp_path, small_corpus, "noclip", optim=dict(fused=True),
+                          trainer=dict(gradient_clip_val=None, **bf16))
+    for k in base:
+        torch.testing.assert_close(fused[k], base[k], rtol=1e-4, atol=1e-6, msg=k)
+    moved = max((unclipped[k] - base[k]).abs().max().item() for k in base)
+    assert moved > 1e-3, moved
+
+
+def test_fused_optimizer_in_fp32_and_loss_chunking_keep_training(tmp_path, small_corpus):
+    """fp32 (Lightning clips fused optimizers there itself), and the plain full-logits loss: both land on
+    the weights of the default run (chunked loss, foreach AdamW)."""
+    base, _ = _train(tmp_path, small_corpus, "default")
     fused, _ = _train(tmp_path, small_corpus, "fused", optim=dict(fused=True))
     plain_loss, _ = _train(tmp_path, small_corpus, "plain", trainer=dict(loss_chunk_tokens=0))
-    unclipped, _ = _train(tmp_path, small_corpus, "noclip", optim=dict(fused=True),
-                          trainer=dict(gradient_clip_val=None))
     for k in base:
         torch.testing.assert_close(fused[k], base[k], rtol=1e-4, atol=1e-6, msg=k)
         # rounding-level gradient differences, scaled up by AdamW where a gradient is near 0
         torch.testing.assert_close(plain_loss[k], base[k], rtol=1e-4, atol=2e-5, msg=k)
-    moved = max((unclipped[k] - base[k]).abs().max().item() for k in base)
-    assert moved > 1e-3, moved

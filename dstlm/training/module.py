@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dstlm.models.gpt import GPT, GPTConfig
@@ -199,10 +200,13 @@ class LMModule(L.LightningModule):
         self._t_last = None
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning refuses to clip for a fused optimizer under mixed precision (such an optimizer would unscale
-        fp16 gradients inside its step). With bf16 or fp32 there is no loss scaler (16-mixed + fused is refused
-        by the config), so the gradients are already final: clip them here, as Lightning would."""
-        if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused"):
+        """Lightning's mixed-precision plugin refuses to clip for a fused optimizer, which would unscale fp16
+        gradients inside its step. Under bf16-mixed there is no loss scaler (16-mixed + fused is refused by
+        the config), so the gradients are final: clip them here, as Lightning would. Everything else (fp32,
+        DeepSpeed, which clips inside its engine) goes Lightning's way."""
+        plugin = self.trainer.precision_plugin
+        if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused") \
+                and isinstance(plugin, MixedPrecision) and plugin.scaler is None:
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)

@@ -28,7 +28,10 @@ from dstlm.training.module import LMModule
 for _msg in (".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
              ".*GPU available but not used.*", ".*is supported for historical reasons but its usage is discouraged.*",
              ".*Experiment logs directory .* exists and is not empty.*", ".*srun.*", ".*LeafSpec.*",
-             ".*when logging on epoch level in distributed setting.*"):
+             ".*when logging on epoch level in distributed setting.*",
+             # LMModule overrides the clipping hook for fused optimizers under bf16 and defers to DeepSpeed's
+             # own clipping under DeepSpeed, where Lightning warns about any override
+             ".*Since DeepSpeed handles gradient clipping internally.*"):
     warnings.filterwarnings("ignore", message=_msg)
 
 
