@@ -41,8 +41,11 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
                 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
             except (ImportError, AttributeError, TypeError):
                 pass
+        user_config = kwargs.get("config") is not None or self.DEEPSPEED_ENV_VAR in os.environ
         super().__init__(stage=stage, **kwargs)
         self._on_cpu = cpu
+        # bucket sizes a raw DeepSpeed JSON sets are the user's; the others are sized to the model at setup
+        self._user_zero_keys = set((self.config or {}).get("zero_optimization", {}) or {}) if user_config else set()
         if isinstance(self.config, dict):
             zero = self.config.setdefault("zero_optimization", {})
             if zero.get("offload_optimizer") or zero.get("offload_param"):
@@ -58,6 +61,22 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         # device can afford; it keeps ZeRO-3 runs bit-comparable with DDP.
         self._init_config_if_needed()
         yield
+
+    def init_deepspeed(self) -> None:
+        self._fit_buckets_to_model()
+        super().init_deepspeed()
+
+    def _fit_buckets_to_model(self) -> None:
+        """ZeRO-1/2 allocate their gradient-reduction buckets (two with overlap_comm) anew at every step, at
+        Lightning's default of 2e8 elements (DeepSpeed's own: 5e8) whatever the model's size. On the CPU each
+        step then maps and unmaps 1.6 GB (0.43x the tokens/s of plain training on the tiny GPT in one
+        process); on a GPU it is only memory held. A bucket never needs more elements than the model has
+        trainable: cap both bucket sizes there, unless a raw DeepSpeed JSON sets them."""
+        zero = self.config.setdefault("zero_optimization", {})
+        n = sum(p.numel() for p in self.lightning_module.parameters() if p.requires_grad)
+        for key in ("reduce_bucket_size", "allgather_bucket_size"):
+            if key not in self._user_zero_keys and n > 0:
+                zero[key] = int(min(float(zero.get(key, 5e8)), n))
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         universal = bool((self.config or {}).get("checkpoint", {}).get("load_universal"))
