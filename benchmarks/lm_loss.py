@@ -31,7 +31,7 @@ from dstlm.models.lm_loss import linear_cross_entropy  # noqa: E402
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def child(args) -> dict:

@@ -214,8 +214,10 @@ def peak_memory(device: torch.device) -> dict:
         return {"peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
                 "peak_memory_kind": "GPU, allocated by torch (rank 0)"}
     import resource
+    import sys
 
-    return {"peak_memory_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes
+    return {"peak_memory_gib": round(rss / 2**30, 3),
             "peak_memory_kind": "process peak resident set (rank 0)"}
 
 
