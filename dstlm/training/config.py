@@ -74,8 +74,9 @@ class OptimConfig:
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """adamw, or sgd with Nesterov momentum (momentum = betas[0])."""
     fused: bool = False
-    """One fused kernel per optimizer step (torch's fused=True; a GPU speed-up). dstlm then clips gradients
-    itself, which is exact with fp32 and bf16 (no loss scaler); 16-mixed is refused."""
+    """One fused kernel per optimizer step (torch's fused=True; a GPU speed-up). Under bf16-mixed, where
+    Lightning refuses to clip for a fused optimizer, dstlm clips itself (exact: bf16 has no loss scaler);
+    16-mixed is refused."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
