@@ -34,12 +34,15 @@ def _chunks(n: int, chunk: int):
 
 
 def _chunk_logits(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor):
-    """fp32 logits of one chunk, their log-sum-exp, the safe target ids and the counted-token mask."""
+    """One chunk: its fp32 logits, their log-sum-exp, the safe target ids, the counted-token mask and the
+    summed loss of the counted tokens."""
     logits = (h @ w.t()).float()
     lse = torch.logsumexp(logits, dim=-1)
     counted = t != IGNORE_INDEX
     safe = torch.where(counted, t, torch.zeros_like(t))
-    return logits, lse, safe, counted
+    picked = logits.gather(1, safe[:, None]).squeeze(1)
+    loss = torch.where(counted, lse - picked, torch.zeros_like(lse)).sum()
+    return logits, lse, safe, counted, loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -53,9 +56,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for s, e in _chunks(h.shape[0], chunk):
-            logits, lse, safe, counted = _chunk_logits(hc[s:e], w, targets[s:e])
-            picked = logits.gather(1, safe[:, None]).squeeze(1)
-            loss += torch.where(counted, lse - picked, torch.zeros_like(lse)).sum()
+            logits, lse, safe, counted, chunk_loss = _chunk_logits(hc[s:e], w, targets[s:e])
+            loss += chunk_loss
             # d(mean loss)/d(logits) = (softmax - one_hot(target)) / counted, zero for ignored tokens
             g = logits.sub_(lse[:, None]).exp_()
             g.scatter_add_(1, safe[:, None], torch.full_like(lse[:, None], -1.0))
@@ -97,9 +99,7 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
             w, hc = weight[:vocab].to(dtype), h.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for s, e in _chunks(h.shape[0], chunk):
-                logits, lse, safe, counted = _chunk_logits(hc[s:e], w, targets[s:e])
-                picked = logits.gather(1, safe[:, None]).squeeze(1)
-                total += torch.where(counted, lse - picked, torch.zeros_like(lse)).sum()
+                total += _chunk_logits(hc[s:e], w, targets[s:e])[-1]
             return total / (targets != IGNORE_INDEX).sum().clamp_min(1).to(torch.float32)
         return _LinearCrossEntropy.apply(h, weight, targets, vocab, chunk, dtype, need_h, need_w)
 
