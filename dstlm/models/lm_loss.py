@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+CHUNK_TOKENS = 4096
+"""Default tokens per chunk: about 0.8 GB of fp32 logits at GPT-2's vocabulary."""
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -81,7 +83,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int | None = None,
-                         chunk: int = 4096) -> torch.Tensor:
+                         chunk: int = CHUNK_TOKENS) -> torch.Tensor:
     """Mean cross-entropy of `h @ weight[:vocab].T` against `targets` without materialising all logits.
 
     h: (N, C) hidden states; weight: (V_padded, C); targets: (N,) int64 with IGNORE_INDEX (-100) ignored;
@@ -113,7 +115,7 @@ class LMHead(nn.Linear):
     def __init__(self, n_embd: int, padded_vocab: int, vocab: int) -> None:
         super().__init__(n_embd, padded_vocab, bias=False)
         self.vocab = vocab
-        self.chunk_tokens = 4096
+        self.chunk_tokens = CHUNK_TOKENS
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from dstlm.models.gpt import GPTConfig
+from dstlm.models.lm_loss import CHUNK_TOKENS
 from dstlm.sparse.config import SparsityConfig
 from dstlm.sparse.ift import SparseIFTConfig
 from dstlm.training.eval_callback import EvalConfig
@@ -121,7 +122,7 @@ class TrainerConfig:
     """Ask torch for deterministic algorithms (bit-reproducible CPU runs)."""
     compile: bool = False
     """torch.compile the model's forward in place (checkpoint keys unchanged); a GPU speed-up."""
-    loss_chunk_tokens: int = 4096
+    loss_chunk_tokens: int = CHUNK_TOKENS
     """The LM head and cross-entropy run fused, this many tokens at a time, so the (tokens x vocab) logits
     are never held whole (less memory, faster); 0 = plain cross-entropy over the full logits."""
     offload_optimizer: bool = False

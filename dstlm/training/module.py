@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dstlm.models.gpt import GPT, GPTConfig
+from dstlm.models.lm_loss import CHUNK_TOKENS
 from dstlm.models.moe import ExpertParallel, set_expert_parallel, without_placement
 from dstlm.sparse import SparseEngine, SparsityConfig
 from dstlm.sparse.ift import SparseIFTConfig, ift_sparsity_config
@@ -54,7 +55,8 @@ class LMModule(L.LightningModule):
 
     def __init__(self, model: GPTConfig, optim: OptimConfig, max_steps: int,
                  sparsity: SparsityConfig | None = None, seed: int = 0, ift: SparseIFTConfig | None = None,
-                 seq_len: int | None = None, compile_model: bool = False, loss_chunk_tokens: int = 4096) -> None:
+                 seq_len: int | None = None, compile_model: bool = False,
+                 loss_chunk_tokens: int = CHUNK_TOKENS) -> None:
         super().__init__()
         self.model_config = model
         self.optim_config = optim
