@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dstlm.models import GPT, load_preset  # noqa: E402
 from dstlm.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig  # noqa: E402
-from dstlm.training.module import lr_lambda, param_groups  # noqa: E402
+from dstlm.training.module import build_optimizer, lr_lambda  # noqa: E402
 from dstlm.training.run import build  # noqa: E402
 
 
@@ -62,9 +62,7 @@ def run_plain(cfg: RunConfig, total: int) -> list[float]:
     device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
     model = GPT(cfg.model).to(device)
     model.lm_head.chunk_tokens = cfg.trainer.loss_chunk_tokens
-    kernel = {"fused": True} if cfg.optim.fused else {"foreach": True}
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                            eps=cfg.optim.eps, **kernel)
+    opt = build_optimizer(model, cfg.optim)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, total))
     stamps = []
     model.train()

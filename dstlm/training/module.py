@@ -50,6 +50,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW (or Nesterov SGD) over the decay / no-decay groups, fused or multi-tensor (foreach)."""
+    groups = param_groups(model, cfg.weight_decay)
+    kernel = {"fused": True} if cfg.fused else {"foreach": True}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kernel)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0], nesterov=True, **kernel)
+
+
 class LMModule(L.LightningModule):
     """Trains a GPT on (inputs, targets) token blocks; logs loss, perplexity, LR and tokens/s."""
 
@@ -219,12 +228,6 @@ class LMModule(L.LightningModule):
                             gradient_clip_algorithm=gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        cfg = self.optim_config
-        groups = param_groups(self.model, cfg.weight_decay)
-        kernel = {"fused": True} if cfg.fused else {"foreach": True}
-        if cfg.optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kernel)
-        else:
-            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0], nesterov=True, **kernel)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.max_steps))
+        opt = build_optimizer(self.model, self.optim_config)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.optim_config, self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
