@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-METHODS = ("static", "set", "rigl", "srigl", "gmp", "nm")
+from dstlm.sparse.methods import DSTMethod, method_class
 DISTRIBUTIONS = ("uniform", "er", "erk")
 SCHEDULES = ("cosine", "constant", "linear")
 
@@ -15,11 +15,13 @@ class SparsityConfig:
     """How weights are masked and how masks evolve. Field docstrings are the CLI help."""
 
     method: str = "rigl"
-    """static | set | rigl | srigl | gmp | nm (N:M; dynamic when delta_t > 0 and nm_dynamic)."""
-    sparsity: float = 0.9
-    """Target fraction of zero weights over all sparsified layers (final sparsity for gmp)."""
-    distribution: str = "erk"
-    """Per-layer densities: uniform | er | erk."""
+    """A registered DST method (dstlm.sparse.methods.METHODS): static | set | rigl | srigl | gmp | nm (N:M,
+    regrown within groups); see docs/sparse-training.md."""
+    sparsity: Optional[float] = None
+    """Target fraction of zero weights over all sparsified layers (final sparsity for gmp). Unset: 0.9, or
+    what the method's structure fixes (nm: 1 - n/m)."""
+    distribution: Optional[str] = None
+    """Per-layer densities: uniform | er | erk. Unset: erk (uniform for nm, whose groups fix every layer)."""
     erk_power: float = 1.0
     """Exponent of the ERK raw score."""
     include: list[str] = field(default_factory=lambda: ["blocks.*"])
@@ -44,9 +46,10 @@ class SparsityConfig:
     """SRigL: allow neuron (row) ablation."""
     no_ablate: list[str] = field(default_factory=list)
     """SRigL: patterns of layers never ablated (the last sparsified layer is always protected)."""
-    sparse_init: Optional[Literal["rescale"]] = None
+    sparse_init: Optional[Literal["rescale", "none"]] = None
     """'rescale': scale each row's initial weights by sqrt(fan_in / active_fan_in) so the output variance
-    matches the dense init (SRigL's sparse-aware init); default for srigl."""
+    matches the dense init (SRigL's sparse-aware init); 'none': keep the dense init. Unset: the method's
+    default (rescale for srigl, none otherwise)."""
     gmp_initial_sparsity: float = 0.0
     """GMP: sparsity at t_start."""
     n: int = 2
@@ -61,13 +64,22 @@ class SparsityConfig:
     """Seed of mask init and tie-breaks (default: the run seed)."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"sparsity.method={self.method!r} is unknown; choose one of: {', '.join(METHODS)}")
-        if self.method == "nm":
-            if not (0 < self.n < self.m):
-                raise ValueError(f"sparsity.n={self.n}, sparsity.m={self.m}: need 0 < n < m (e.g. 2:4)")
-            self.sparsity = 1.0 - self.n / self.m
-            self.distribution = "uniform"
+        # unset fields take the method's values; a set field that contradicts the method is refused
+        cls = method_class(self.method)
+        cls.check_config(self)
+        implied = cls.implied_sparsity(self)
+        if self.sparsity is None:
+            self.sparsity = 0.9 if implied is None else implied
+        elif implied is not None and abs(self.sparsity - implied) > 1e-9:
+            raise ValueError(f"sparsity.sparsity={self.sparsity} contradicts sparsity.method={self.method} "
+                             f"(here n={self.n}, m={self.m}), which fixes it at {implied:g}; drop sparsity.sparsity or set {implied:g}")
+        if self.distribution is None:
+            self.distribution = "uniform" if cls.fixed_sparsity else "erk"
+        elif cls.fixed_sparsity and self.distribution != "uniform":
+            raise ValueError(f"sparsity.distribution={self.distribution!r} contradicts sparsity.method={self.method}, "
+                             f"which gives every layer the same density; drop sparsity.distribution or set uniform")
+        if self.sparse_init is None:
+            self.sparse_init = cls.default_sparse_init
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity.sparsity={self.sparsity} must be in [0, 1)")
         if self.distribution not in DISTRIBUTIONS:
@@ -96,12 +108,14 @@ class SparsityConfig:
                 raise ValueError(f"sparsity.overrides[{pattern!r}]={s} must be in [0, 1)")
         if self.grad_accumulation < 1:
             raise ValueError(f"sparsity.grad_accumulation={self.grad_accumulation} must be >= 1")
-        if self.sparse_init is None and self.method == "srigl":
-            self.sparse_init = "rescale"
+
+    @property
+    def method_class(self) -> type[DSTMethod]:
+        return method_class(self.method)
 
     @property
     def dynamic(self) -> bool:
-        return self.method in ("set", "rigl", "srigl", "gmp", "nm")
+        return self.method_class.dynamic
 
     def resolve_t_end(self, max_steps: int) -> int:
         if isinstance(self.t_end, float):

@@ -7,25 +7,25 @@ Lifecycle (driven by the training layer, identically on every rank):
         optimizer.step()
         engine.after_optimizer_step(t + 1, backend)       # at update steps: new masks, zero W and state
 Weights at pruned entries are kept exactly 0 by masking their gradients and zeroing their optimizer
-state, so no per-step weight multiply is needed in forward.
+state, so no per-step weight multiply is needed in forward. What differs between methods (initial mask,
+update steps, the update itself, invariants) is asked of the method object (dstlm/sparse/methods.py).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
 import time
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from dstlm.sparse import rules
 from dstlm.sparse.config import SparsityConfig
 from dstlm.sparse.density import active_counts, erk_densities
 from dstlm.sparse.distributed import SparseBackend, TorchBackend
 from dstlm.sparse.masks import SparseParam, attach_mask, check_patterns_match, mask_checksum, select_params
-from dstlm.sparse.schedule import UpdateSchedule, gmp_sparsity
+from dstlm.sparse.methods import DSTMethod, Layer
+from dstlm.sparse.schedule import UpdateSchedule
 
 
 class MaskMismatchError(RuntimeError):
@@ -35,13 +35,14 @@ class MaskMismatchError(RuntimeError):
 class SparseEngine:
     def __init__(self, model: nn.Module, cfg: SparsityConfig, seed: int, max_steps: int) -> None:
         self.cfg = cfg
+        self.method: DSTMethod = cfg.method_class(cfg)
         self.params: list[SparseParam] = select_params(model, cfg.include, cfg.exclude)
         matrices = [sp.name for sp in self.params]
         check_patterns_match(model, cfg.overrides.keys(), "sparsity.overrides", matrices)
         check_patterns_match(model, cfg.no_ablate, "sparsity.no_ablate", matrices)
-        self.shapes = {sp.name: tuple(sp.view(sp.weight).shape) for sp in self.params}
+        shapes = {sp.name: tuple(sp.view(sp.weight).shape) for sp in self.params}
         for sp in self.params:
-            if len(self.shapes[sp.name]) != 2:
+            if len(shapes[sp.name]) != 2:
                 raise ValueError(f"{sp.name} has shape {tuple(sp.weight.shape)}; sparsify [out, in] weights only "
                                  f"(use an adapter that presents an [out, in] view)")
         # sparse matrices grouped by the parameter holding them (several for batched expert weights):
@@ -52,14 +53,15 @@ class SparseEngine:
         self.groups: list[list[SparseParam]] = list(groups.values())
         t_end = cfg.resolve_t_end(max_steps)
         self.schedule = UpdateSchedule(cfg.delta_t, cfg.t_start, t_end, cfg.drop_fraction, cfg.drop_schedule)
-        fixed = {n: 1.0 - s for pat, s in cfg.overrides.items() for n in self.shapes if fnmatch.fnmatchcase(n, pat)}
+        fixed = {n: 1.0 - s for pat, s in cfg.overrides.items() for n in shapes if fnmatch.fnmatchcase(n, pat)}
         self.final_density = 1.0 - cfg.sparsity
-        self.densities = erk_densities(self.shapes, self.final_density, cfg.erk_power, fixed, cfg.distribution)
-        self.budgets = active_counts(self.shapes, self.densities, self.final_density)
-        self.protected = {self.params[-1].name} | {
+        densities = erk_densities(shapes, self.final_density, cfg.erk_power, fixed, cfg.distribution)
+        budgets = active_counts(shapes, densities, self.final_density)
+        protected = {self.params[-1].name} | {
             sp.name for sp in self.params for pat in cfg.no_ablate if fnmatch.fnmatchcase(sp.name, pat)}
+        self.layers: dict[str, Layer] = {n: Layer(n, shapes[n], densities[n], budgets[n], n in protected)
+                                         for n in shapes}
         self.generator = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else seed)
-        self.fan_in: dict[str, int] = {}
         self.ever_active: dict[str, torch.Tensor] = {}
         self._scores: dict[str, torch.Tensor] = {}
         self._score_steps = 0
@@ -71,43 +73,44 @@ class SparseEngine:
         with torch.device("cpu"):
             self._init_masks()
 
+    # per-layer views (read-only dicts) of the layers' state
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {n: la.shape for n, la in self.layers.items()}
+
+    @property
+    def densities(self) -> dict[str, float]:
+        return {n: la.density for n, la in self.layers.items()}
+
+    @property
+    def budgets(self) -> dict[str, int]:
+        return {n: la.budget for n, la in self.layers.items()}
+
+    @property
+    def fan_in(self) -> dict[str, int]:
+        return {n: la.fan_in for n, la in self.layers.items() if la.fan_in is not None}
+
     # -- initial masks ------------------------------------------------------------------------------
     @torch.no_grad()
     def _init_masks(self) -> None:
-        cfg, gen = self.cfg, self.generator
         for sp in self.params:
-            shape, budget = self.shapes[sp.name], self.budgets[sp.name]
+            layer = self.layers[sp.name]
             w = sp.view(sp.weight)
-            if cfg.method == "gmp":
-                mask = torch.ones(shape, dtype=torch.bool)  # dense start, pruned by the schedule
-            elif cfg.method == "srigl":
-                k = max(1, budget // shape[0])
-                self.fan_in[sp.name] = k
-                mask = rules.constant_fan_in_mask(shape, k, gen)
-            elif cfg.method == "nm":
-                mask = rules.nm_mask(w.detach().float().cpu(), cfg.n, cfg.m, gen)
-            else:
-                mask = rules.random_mask(shape, budget, gen)
-            if cfg.method in ("srigl", "nm"):
-                self.budgets[sp.name] = int(mask.sum())  # constant fan-in / N:M fix the count exactly
+            mask = self.method.init_mask(layer, w, self.generator)
             attach_mask(sp, mask)
             w.mul_(sp.mask.to(w.dtype))
-            if cfg.sparse_init == "rescale":
+            if self.cfg.sparse_init == "rescale":
                 row_nnz = sp.mask.sum(dim=1, keepdim=True).clamp_min(1).to(w.dtype)
-                w.mul_(torch.sqrt(shape[1] / row_nnz))
+                w.mul_(torch.sqrt(layer.shape[1] / row_nnz))
             self.ever_active[sp.name] = sp.mask.detach().cpu().clone()
 
     # -- per step -------------------------------------------------------------------------------------
     def is_update_step(self, t: int) -> bool:
-        if self.cfg.method == "static":
-            return False
-        if self.cfg.method == "gmp":
-            return t >= 1 and self.cfg.t_start <= t <= self.schedule.t_end and t % self.cfg.delta_t == 0
-        return self.schedule.is_update_step(t)
+        return self.method.is_update_step(t, self.schedule)
 
     def needs_scores(self, t: int) -> bool:
         """Whether the dense gradient of the step ending at t feeds a score (the last k steps before an update)."""
-        if self.cfg.method not in ("rigl", "srigl", "nm"):
+        if not self.method.uses_dense_grad:
             return False
         return any(self.is_update_step(t + j) for j in range(self.cfg.grad_accumulation))
 
@@ -120,7 +123,7 @@ class SparseEngine:
                 if full is None:
                     continue
                 for sp in group:
-                    g = sp.view(full).detach().float().abs().reshape(self.shapes[sp.name]).cpu()
+                    g = sp.view(full).detach().float().abs().reshape(self.layers[sp.name].shape).cpu()
                     self._scores[sp.name] = self._scores[sp.name] + g if sp.name in self._scores else g
             self._score_steps += 1
         for group in self.groups:
@@ -147,39 +150,21 @@ class SparseEngine:
 
     def _update(self, t: int, backend: SparseBackend) -> dict[str, float]:
         start = time.perf_counter()
-        cfg, gen = self.cfg, self.generator
         grown_total = active_total = numel_total = ablated = 0
         per_layer: dict[str, float] = {}
         drop_fraction = self.schedule.drop_fraction(t)
         keeps: dict[str, torch.Tensor] = {}
         weights: dict[tuple[int, str], torch.Tensor] = {}
         for sp in self.params:
-            shape = self.shapes[sp.name]
+            layer = self.layers[sp.name]
             old = sp.mask.detach().cpu().clone()
             key = (id(sp.module), sp.attr)
             if key not in weights:  # one (collective) read per parameter, before any of it is zeroed
                 weights[key] = backend.full_weight(sp.weight).detach().float().cpu()
-            w = sp.view(weights[key]).reshape(shape)
-            score = self._scores.get(sp.name)
+            w = sp.view(weights[key]).reshape(layer.shape)
+            score = self._need(self._scores.get(sp.name), sp) if self.method.uses_dense_grad else None
             n_swap = int(round(drop_fraction * int(old.sum())))
-            if cfg.method == "set":
-                new = rules.set_update(w, old, n_swap, gen)
-            elif cfg.method == "rigl":
-                new = rules.rigl_update(w, old, self._need(score, sp), n_swap, gen)
-            elif cfg.method == "nm":
-                new = rules.nm_update(w, old, self._need(score, sp), n_swap, cfg.n, cfg.m, gen)
-            elif cfg.method == "srigl":
-                allow = cfg.ablation and sp.name not in self.protected
-                new, k = rules.srigl_update(w, old, self._need(score, sp), n_swap, self.budgets[sp.name],
-                                            cfg.gamma_sal, allow, gen)
-                self.fan_in[sp.name] = k
-            elif cfg.method == "gmp":
-                s_t = gmp_sparsity(t, cfg.gmp_initial_sparsity, cfg.sparsity, cfg.t_start, self.schedule.t_end)
-                layer_density = 1.0 - (1.0 - self.densities[sp.name]) * (s_t / cfg.sparsity if cfg.sparsity else 0)
-                n_keep = int(round(layer_density * math.prod(shape)))
-                new = rules.gmp_prune(w, old, n_keep, gen)
-            else:  # pragma: no cover - guarded by config validation
-                raise ValueError(cfg.method)
+            new = self.method.update(layer, w, old, score, n_swap, t, self.schedule, self.generator)
             grown = new & ~old
             keeps[sp.name] = new & ~grown  # zero both dropped and newly grown entries (grown start at 0)
             sp.mask = new.to(sp.mask.device)
@@ -239,16 +224,7 @@ class SparseEngine:
             if not backend.optimizer_state_zero_outside(param, mask):
                 problems.append(f"{name}: non-zero optimizer state at pruned entries")
         for sp in self.params:
-            nnz = int(sp.mask.sum())
-            if self.cfg.method == "srigl":
-                rows = sp.mask.sum(dim=1)
-                k = self.fan_in[sp.name]
-                if not bool(((rows == 0) | (rows == k)).all()):
-                    problems.append(f"{sp.name}: active rows do not all have fan-in {k}")
-                if nnz > self.budgets[sp.name]:
-                    problems.append(f"{sp.name}: {nnz} active > budget {self.budgets[sp.name]}")
-            elif self.cfg.method != "gmp" and nnz != self.budgets[sp.name]:
-                problems.append(f"{sp.name}: {nnz} active != budget {self.budgets[sp.name]}")
+            problems += self.method.check_invariants(self.layers[sp.name], sp.mask)
         return problems
 
     # -- reporting ------------------------------------------------------------------------------------
@@ -263,7 +239,7 @@ class SparseEngine:
         lines = [f"{self.cfg.method} at sparsity {self.cfg.sparsity:.3f} ({self.cfg.distribution}); "
                  f"{len(self.params)} sparse weights, density {self.density():.4f}"]
         for sp in self.params:
-            lines.append(f"  {sp.name:<40} {str(self.shapes[sp.name]):>14}  density {float(sp.mask.float().mean()):.4f}")
+            lines.append(f"  {sp.name:<40} {str(self.layers[sp.name].shape):>14}  density {float(sp.mask.float().mean()):.4f}")
         return "\n".join(lines)
 
     # -- state ----------------------------------------------------------------------------------------
@@ -283,7 +259,8 @@ class SparseEngine:
         self._scores = {k: v.clone() for k, v in state["scores"].items()}
         self._score_steps = state["score_steps"]
         self.n_updates = state["n_updates"]
-        self.fan_in = dict(state["fan_in"])
+        for name, k in state["fan_in"].items():
+            self.layers[name].fan_in = k
         self.last_stats = dict(state["last_stats"])
 
 

@@ -6,8 +6,9 @@ Conventions (say them with every figure):
 - attention scores (Q K^T and A V) cost 2 * 2 * T * C per layer per token at context T, width C (no
   discount for the causal mask, as in the PaLM/nanoGPT MFU convention); embeddings lookups cost 0;
 - training = forward + backward = 3x forward for dense and for static sparse weights (sparse input and
-  weight gradients); RigL adds a dense gradient every delta_t steps:
-  (3 f_s delta_t + 2 f_s + f_D) / (delta_t + 1), f_D the forward FLOPs with every sparse weight dense.
+  weight gradients); each DST method says its own cost (`DSTMethod.training_flops`): those that read the
+  dense gradient (RigL, SRigL, N:M) add it every delta_t steps: (3 f_s delta_t + 2 f_s + f_D) / (delta_t + 1),
+  f_D the forward FLOPs with every sparse weight dense.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch.nn as nn
+
+from dstlm.sparse.methods import method_class
 
 
 @dataclass
@@ -89,10 +92,10 @@ def dense_count(cfg, shapes: dict[str, tuple[int, int]], seq_len: int) -> FlopCo
 
 
 def training_flops(c: FlopCount, method: Optional[str], delta_t: int) -> float:
-    f_s, f_d = c.forward, c.forward_all_dense
-    if method in ("rigl", "srigl"):
-        return (3 * f_s * delta_t + 2 * f_s + f_d) / (delta_t + 1)
-    return 3.0 * f_s
+    """Training FLOPs per token: 3x forward for a dense model (method None), else what the method says."""
+    if method is None:
+        return 3.0 * c.forward
+    return method_class(method)(None).training_flops(c.forward, c.forward_all_dense, delta_t)
 
 
 def report(base: FlopCount, new: FlopCount, method: Optional[str], delta_t: int, seq_len: int) -> tuple[str, dict]:
@@ -113,7 +116,8 @@ def report(base: FlopCount, new: FlopCount, method: Optional[str], delta_t: int,
     ratio = new.forward / base.forward
     lines.append(f"{'total forward':<26} {base.forward / 1e6:>12.4f} {new.forward / 1e6:>12.4f} {ratio:>7.3f}")
     t_base, t_new = training_flops(base, None, delta_t), training_flops(new, method, delta_t)
-    how = f"{method}, delta_t={delta_t}" if method in ("rigl", "srigl") else (method or "dense")
+    reads_dense_grad = method is not None and method_class(method).uses_dense_grad
+    how = f"{method}, delta_t={delta_t}" if reads_dense_grad else (method or "dense")
     lines.append(f"{'training (' + how + ')':<26} {t_base / 1e6:>12.4f} {t_new / 1e6:>12.4f} {t_new / t_base:>7.3f}")
     if grew:
         lines.append("non-weight FLOPs that grew: " + "; ".join(grew))

@@ -1,0 +1,219 @@
+"""DST methods: one class each, in one registry. The engine, the FLOP counter and the config validation ask
+the method; none of them tests a method's name.
+
+A method decides four things about one sparse [out, in] matrix at a time:
+- `init_mask`: its first mask (and may fix the layer's exact budget, e.g. constant fan-in, N:M);
+- `is_update_step`: after which optimizer steps masks change;
+- `update`: the new mask from the weights, the old mask and (if `uses_dense_grad`) the dense-gradient score;
+- `check_invariants`: what must hold of a mask between updates.
+and one thing about the run: `training_flops`, from the forward FLOPs with sparse and with dense weights.
+The engine does everything shared: budgets and densities, the drop-fraction schedule, score capture,
+zeroing weights and optimizer state, cross-rank checks, state for checkpoints.
+
+Adding a method: subclass `DSTMethod` below (or in your own module imported before the config is built),
+decorate it with `@register`, and give it a test file (tests/test_sparse_rules.py shows the pattern).
+docs/architecture.md walks through it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Optional
+
+import torch
+
+from dstlm.sparse import rules
+from dstlm.sparse.schedule import UpdateSchedule, gmp_sparsity
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dstlm.sparse.config import SparsityConfig
+
+
+@dataclass
+class Layer:
+    """What the engine knows of one sparse matrix; methods read it and may update budget and fan_in."""
+
+    name: str
+    shape: tuple[int, int]
+    density: float
+    """Target (final) density from the distribution and overrides."""
+    budget: int
+    """Active weights the layer holds between updates."""
+    protected: bool = False
+    """Never ablate whole rows (SRigL): the last sparse layer and `no_ablate` patterns."""
+    fan_in: Optional[int] = None
+    """Active inputs per active row, for constant fan-in methods."""
+
+
+class DSTMethod:
+    """Base class: a static random mask of the layer's budget (subclasses override what differs)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    dynamic: ClassVar[bool] = True
+    """Masks change during training."""
+    uses_dense_grad: ClassVar[bool] = False
+    """Updates need |dL/dW| over every entry (pruned ones included), captured before the update."""
+    default_sparse_init: ClassVar[str] = "none"
+    """sparsity.sparse_init when the config leaves it unset."""
+    fixed_sparsity: ClassVar[bool] = False
+    """The method's structure fixes the sparsity (see `implied_sparsity`)."""
+
+    def __init__(self, cfg: "SparsityConfig") -> None:
+        self.cfg = cfg
+
+    # -- config -----------------------------------------------------------------------------------------
+    @classmethod
+    def implied_sparsity(cls, cfg: "SparsityConfig") -> Optional[float]:
+        """The sparsity this method's structure fixes (None: the config chooses)."""
+        return None
+
+    @classmethod
+    def check_config(cls, cfg: "SparsityConfig") -> None:
+        """Refuse settings this method cannot honour (one line naming the field and the fix)."""
+
+    # -- masks ------------------------------------------------------------------------------------------
+    def init_mask(self, layer: Layer, weight: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return rules.random_mask(layer.shape, layer.budget, gen)
+
+    def is_update_step(self, t: int, schedule: UpdateSchedule) -> bool:
+        return self.dynamic and schedule.is_update_step(t)
+
+    def update(self, layer: Layer, weight: torch.Tensor, mask: torch.Tensor, score: Optional[torch.Tensor],
+               n_swap: int, t: int, schedule: UpdateSchedule, gen: torch.Generator) -> torch.Tensor:
+        """The new bool mask ([out, in], like `mask`). `n_swap`: entries to drop (and regrow) at this step."""
+        raise NotImplementedError(f"{self.name} does not update masks")
+
+    def check_invariants(self, layer: Layer, mask: torch.Tensor) -> list[str]:
+        nnz = int(mask.sum())
+        return [] if nnz == layer.budget else [f"{layer.name}: {nnz} active != budget {layer.budget}"]
+
+    # -- cost -------------------------------------------------------------------------------------------
+    def training_flops(self, f_sparse: float, f_dense: float, delta_t: int) -> float:
+        """Training FLOPs per token (forward + backward) from the forward FLOPs with sparse weights
+        (`f_sparse`) and with every sparse weight dense (`f_dense`): 3 f_s, plus, for methods that read the
+        dense gradient, its extra cost once every delta_t steps: (3 f_s delta_t + 2 f_s + f_D) / (delta_t + 1)."""
+        if self.uses_dense_grad and self.dynamic:
+            return (3 * f_sparse * delta_t + 2 * f_sparse + f_dense) / (delta_t + 1)
+        return 3.0 * f_sparse
+
+
+METHODS: dict[str, type[DSTMethod]] = {}
+
+
+def register(cls: type[DSTMethod]) -> type[DSTMethod]:
+    """Class decorator: make a method available as `sparsity.method: <cls.name>`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} needs a `name` to be registered")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"a DST method named {cls.name!r} is already registered ({METHODS[cls.name].__qualname__})")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[DSTMethod]:
+    if name not in METHODS:
+        raise ValueError(f"sparsity.method={name!r} is unknown; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+# -- the built-in methods ---------------------------------------------------------------------------------
+@register
+class Static(DSTMethod):
+    name = "static"
+    summary = "a random mask at the layer's density, fixed for the whole run"
+    dynamic = False
+
+
+@register
+class SET(DSTMethod):
+    name = "set"
+    summary = "drop the smallest |W|, regrow at random (Mocanu et al. 2018)"
+
+    def update(self, layer, weight, mask, score, n_swap, t, schedule, gen):
+        return rules.set_update(weight, mask, n_swap, gen)
+
+
+@register
+class RigL(DSTMethod):
+    name = "rigl"
+    summary = "drop the smallest |W|, regrow the largest |dense gradient| (Evci et al. 2020)"
+    uses_dense_grad = True
+
+    def update(self, layer, weight, mask, score, n_swap, t, schedule, gen):
+        return rules.rigl_update(weight, mask, score, n_swap, gen)
+
+
+@register
+class SRigL(DSTMethod):
+    name = "srigl"
+    summary = "RigL with a constant fan-in per active row and neuron ablation (Lasby et al. 2024)"
+    uses_dense_grad = True
+    default_sparse_init = "rescale"
+
+    def init_mask(self, layer, weight, gen):
+        layer.fan_in = max(1, layer.budget // layer.shape[0])
+        mask = rules.constant_fan_in_mask(layer.shape, layer.fan_in, gen)
+        layer.budget = int(mask.sum())  # rows x fan-in: the exact count constant fan-in allows
+        return mask
+
+    def update(self, layer, weight, mask, score, n_swap, t, schedule, gen):
+        allow = self.cfg.ablation and not layer.protected
+        new, layer.fan_in = rules.srigl_update(weight, mask, score, n_swap, layer.budget, self.cfg.gamma_sal,
+                                               allow, gen)
+        return new
+
+    def check_invariants(self, layer, mask):
+        problems, rows, nnz = [], mask.sum(dim=1), int(mask.sum())
+        if not bool(((rows == 0) | (rows == layer.fan_in)).all()):
+            problems.append(f"{layer.name}: active rows do not all have fan-in {layer.fan_in}")
+        if nnz > layer.budget:
+            problems.append(f"{layer.name}: {nnz} active > budget {layer.budget}")
+        return problems
+
+
+@register
+class GMP(DSTMethod):
+    name = "gmp"
+    summary = "gradual magnitude pruning from dense (or gmp_initial_sparsity) on a cubic ramp (Zhu & Gupta 2017)"
+
+    def init_mask(self, layer, weight, gen):
+        return torch.ones(layer.shape, dtype=torch.bool)  # dense start, pruned by the schedule
+
+    def is_update_step(self, t, schedule):  # prunes at t_end itself too (the ramp ends there)
+        return t >= 1 and schedule.t_start <= t <= schedule.t_end and t % schedule.delta_t == 0
+
+    def update(self, layer, weight, mask, score, n_swap, t, schedule, gen):
+        cfg = self.cfg
+        s_t = gmp_sparsity(t, cfg.gmp_initial_sparsity, cfg.sparsity, schedule.t_start, schedule.t_end)
+        density = 1.0 - (1.0 - layer.density) * (s_t / cfg.sparsity if cfg.sparsity else 0)
+        return rules.gmp_prune(weight, mask, int(round(density * math.prod(layer.shape))), gen)
+
+    def check_invariants(self, layer, mask):
+        return []  # the count follows the ramp
+
+
+@register
+class NM(DSTMethod):
+    name = "nm"
+    summary = "N:M: n active in every m consecutive inputs of a row, regrown by |dense gradient| within groups"
+    uses_dense_grad = True
+    fixed_sparsity = True
+
+    @classmethod
+    def implied_sparsity(cls, cfg):
+        return 1.0 - cfg.n / cfg.m
+
+    @classmethod
+    def check_config(cls, cfg):
+        if not (isinstance(cfg.n, int) and isinstance(cfg.m, int) and 0 < cfg.n < cfg.m):
+            raise ValueError(f"sparsity.n={cfg.n}, sparsity.m={cfg.m}: need integers 0 < n < m (e.g. 2:4)")
+
+    def init_mask(self, layer, weight, gen):
+        mask = rules.nm_mask(weight.detach().float().cpu(), self.cfg.n, self.cfg.m, gen)
+        layer.budget = int(mask.sum())
+        return mask
+
+    def update(self, layer, weight, mask, score, n_swap, t, schedule, gen):
+        return rules.nm_update(weight, mask, score, n_swap, self.cfg.n, self.cfg.m, gen)

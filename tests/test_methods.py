@@ -1,0 +1,181 @@
+"""DST methods as registered classes, their config resolution, and the engine driven by a fake backend
+(no Lightning, no model zoo: a two-layer torch model and a backend that records what the engine asks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dstlm.sparse import SparseEngine, SparsityConfig
+from dstlm.sparse.flops import FlopCount, training_flops
+from dstlm.sparse.methods import METHODS, DSTMethod, method_class, register
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(16, 32, bias=False)
+        self.b = nn.Linear(32, 8, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class FakeBackend:
+    """A one-process backend that logs every call and keeps an Adam-like state per parameter."""
+
+    def __init__(self, model: nn.Module, agree: bool = True) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.state = {p: torch.ones_like(p) for p in model.parameters()}
+        self.agree = agree
+
+    def full_grad(self, param):
+        self.calls.append(("full_grad", id(param)))
+        return param.grad
+
+    def mask_grad_(self, param, pruned):
+        self.calls.append(("mask_grad_", id(param)))
+        param.grad.masked_fill_(pruned, 0)
+
+    def full_weight(self, param):
+        self.calls.append(("full_weight", id(param)))
+        return param.detach()
+
+    @torch.no_grad()
+    def mask_weight_(self, param, keep):
+        self.calls.append(("mask_weight_", id(param)))
+        param.mul_(keep)
+
+    def mask_optimizer_state_(self, param, keep):
+        self.calls.append(("mask_optimizer_state_", id(param)))
+        self.state[param].mul_(keep)
+
+    def optimizer_state_zero_outside(self, param, mask):
+        return bool((self.state[param][~mask] == 0).all())
+
+    def all_equal(self, values):
+        return self.agree
+
+    def all_reduce_mean_(self, tensor):
+        return tensor
+
+
+def step(model, engine, backend, t):
+    model.zero_grad()
+    model(torch.randn(4, 16)).square().mean().backward()
+    engine.before_optimizer_step(t, backend)
+    return engine.after_optimizer_step(t, backend)
+
+
+def engine_for(method: str, **kw) -> tuple[nn.Module, SparseEngine, FakeBackend]:
+    model = TwoLayers()
+    cfg = SparsityConfig(method=method, delta_t=2, t_end=6, include=["*"], distribution="uniform",
+                         **({} if method == "nm" else {"sparsity": 0.75}), **kw)
+    return model, SparseEngine(model, cfg, seed=0, max_steps=8), FakeBackend(model)
+
+
+def test_registry_holds_the_built_in_methods():
+    assert set(METHODS) == {"static", "set", "rigl", "srigl", "gmp", "nm"}
+    assert all(issubclass(c, DSTMethod) and c.summary for c in METHODS.values())
+    with pytest.raises(ValueError, match="sparsity.method='nope' is unknown; choose one of: static, set"):
+        method_class("nope")
+
+
+@pytest.mark.parametrize("method", ["rigl", "srigl", "nm"])
+def test_dense_gradient_read_only_before_updates(method):
+    model, engine, backend = engine_for(method)
+    for t in range(1, 7):
+        backend.calls.clear()
+        stats = step(model, engine, backend, t)
+        reads = [c for c in backend.calls if c[0] == "full_grad"]
+        # scores of the step that ends at an update step only; every step masks each parameter's gradient
+        assert len(reads) == (2 if t in (2, 4) else 0), t
+        assert sum(c[0] == "mask_grad_" for c in backend.calls) == 2
+        assert (stats is not None) == (t in (2, 4))
+        if stats is not None:  # one weight read, one weight and one state write per parameter
+            assert sum(c[0] == "full_weight" for c in backend.calls) == 2
+            assert sum(c[0] == "mask_weight_" for c in backend.calls) == 2
+            assert sum(c[0] == "mask_optimizer_state_" for c in backend.calls) == 2
+    assert engine.n_updates == 2 and engine.verify(backend) == []
+
+
+@pytest.mark.parametrize("method", ["static", "set", "gmp"])
+def test_methods_without_dense_gradient_never_read_it(method):
+    model, engine, backend = engine_for(method)
+    for t in range(1, 7):
+        step(model, engine, backend, t)
+    assert not any(c[0] == "full_grad" for c in backend.calls)
+    assert engine.n_updates == {"static": 0, "set": 2, "gmp": 3}[method]  # gmp also prunes at t_end = 6
+
+
+def test_engine_stops_when_ranks_disagree():
+    from dstlm.sparse import MaskMismatchError
+
+    model, engine, _ = engine_for("set")
+    with pytest.raises(MaskMismatchError, match="after the update at step 2"):
+        step(model, engine, FakeBackend(model, agree=False), 2)
+
+
+def test_nm_sparsity_and_distribution_come_from_the_method():
+    cfg = SparsityConfig(method="nm", n=1, m=4)
+    assert cfg.sparsity == 0.75 and cfg.distribution == "uniform"
+    with pytest.raises(ValueError, match=r"sparsity.sparsity=0.9 contradicts sparsity.method=nm .*set 0.5$"):
+        SparsityConfig(method="nm", sparsity=0.9)
+    with pytest.raises(ValueError, match="sparsity.distribution='erk' contradicts sparsity.method=nm"):
+        SparsityConfig(method="nm", distribution="erk")
+    with pytest.raises(ValueError, match="sparsity.n=4, sparsity.m=4: need integers 0 < n < m"):
+        SparsityConfig(method="nm", n=4, m=4)
+    assert SparsityConfig(method="nm", sparsity=0.5).sparsity == 0.5  # consistent values are fine
+
+
+def test_sparse_init_defaults_per_method_and_can_be_turned_off():
+    assert SparsityConfig(method="srigl").sparse_init == "rescale"
+    assert SparsityConfig(method="rigl").sparse_init == "none"
+    assert SparsityConfig(method="srigl", sparse_init="none").sparse_init == "none"
+    dense = TwoLayers().a.weight.detach().clone()
+    model, engine, _ = engine_for("srigl", sparse_init="none")
+    mask = model.a.weight_mask
+    assert torch.equal(model.a.weight.detach()[mask], dense[mask])  # kept at the dense init, not rescaled
+    model, engine, _ = engine_for("srigl")
+    assert not torch.equal(model.a.weight.detach()[mask], dense[mask])
+
+
+def test_training_flops_ask_the_method():
+    c = FlopCount(layers={"x": 100}, layers_dense={"x": 400})
+    dense_grad = (3 * 100 * 10 + 2 * 100 + 400) / 11
+    assert training_flops(c, None, 10) == 300
+    for name in ("static", "set", "gmp"):
+        assert training_flops(c, name, 10) == 300
+    for name in ("rigl", "srigl", "nm"):  # N:M reads the dense gradient too (it was counted as static)
+        assert training_flops(c, name, 10) == pytest.approx(dense_grad)
+
+
+def test_a_new_method_is_one_registered_class():
+    """The extension point the docs describe: a class with a name and an update, nothing else to touch."""
+
+    @register
+    class DropRandomGrowGradient(DSTMethod):
+        name = "test-random-drop"
+        summary = "drop at random, grow by |gradient|"
+        uses_dense_grad = True
+
+        def update(self, layer, weight, mask, score, n_swap, t, schedule, gen):
+            flat = mask.flatten().clone()
+            active = flat.nonzero().squeeze(1)
+            flat[active[torch.randperm(active.numel(), generator=gen)[:n_swap]]] = False
+            inactive = (~flat).nonzero().squeeze(1)
+            flat[inactive[score.flatten()[inactive].argsort(descending=True)[:n_swap]]] = True
+            return flat.view_as(mask)
+
+    try:
+        model, engine, backend = engine_for("test-random-drop")
+        budgets = dict(engine.budgets)
+        for t in range(1, 7):
+            step(model, engine, backend, t)
+        assert engine.n_updates == 2 and engine.verify(backend) == []
+        assert {n: int(la.sum()) for n, la in ((sp.name, sp.mask) for sp in engine.params)} == budgets
+        assert training_flops(FlopCount(layers={"x": 1}, layers_dense={"x": 1}), "test-random-drop", 1) == 3
+    finally:
+        del METHODS["test-random-drop"]
