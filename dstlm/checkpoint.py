@@ -9,9 +9,10 @@ from typing import Optional
 import torch
 
 from dstlm.data.tokenizer import TextTokenizer, tokenizer_from_json
+from dstlm.build import build_model, model_transforms
 from dstlm.models.gpt import GPT, GPTConfig
 from dstlm.models.moe import without_placement
-from dstlm.sparse.ift import SparseIFTConfig
+from dstlm.transforms.ift import SparseIFTConfig
 
 
 @dataclass
@@ -100,7 +101,7 @@ def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> Loa
         raise ValueError(f"checkpoint {str(p)!r} carries no tokenizer; re-save it with this dstlm version")
     tokenizer = tokenizer_from_json(tok_json, name=str(p))
     ift = SparseIFTConfig(**hp["ift"]) if hp.get("ift") else None
-    model = GPT(cfg, ift=ift)  # the same Sparse-IFT structure as in training
+    model = build_model(cfg, model_transforms(cfg, ift))  # the same (Sparse-IFT) structure as in training
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     masks = {k: v for k, v in state.items() if k.endswith("_mask")}
     weights = {k: v for k, v in state.items() if not k.endswith("_mask")}

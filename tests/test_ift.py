@@ -12,19 +12,24 @@ from dstlm.models.gpt import GPT, GPTConfig, dense_layer_shapes, linear_layer_na
 from dstlm.models.moe import MoEConfig
 from dstlm.sparse import SparseEngine, SparsityConfig
 from dstlm.sparse.flops import count_flops, dense_count
-from dstlm.sparse.ift import (SparseDopedLinear, SparseFactorizedLinear, SparseIFTConfig, SparseParallelLinear,
-                              doped_rank, factorized_rank, fold_to_dense, ift_sparsity_config)
+from dstlm.build import build_model
+from dstlm.transforms.ift import SparseIFT, SparseIFTConfig, fold_to_dense
+from dstlm.transforms.ift_layers import SparseDopedLinear, SparseFactorizedLinear, SparseParallelLinear
+from dstlm.transforms.ift_spec import doped_rank, factorized_rank
 
 CFG = GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=4, n_embd=64)
 FAMILIES = ["wide", "parallel", "factorized", "doped"]
 
 
+def ift_gpt(cfg, ift):
+    return build_model(cfg, [SparseIFT(ift, cfg)])
+
+
 def sparse_model(family, s, cfg=CFG, match="layers", **ift_kw):
     torch.manual_seed(0)
-    ift = SparseIFTConfig(family=family, sparsity=s, match=match, **ift_kw)
-    model = GPT(cfg, ift=ift)
-    sp = ift_sparsity_config(model, ift, dense_layer_shapes(cfg), model.ift_layers,
-                             SparsityConfig(method="static", sparsity=0.5), seq_len=cfg.block_size)
+    conv = SparseIFT(SparseIFTConfig(family=family, sparsity=s, match=match, **ift_kw), cfg)
+    model = build_model(cfg, [conv])
+    sp = conv.sparsity_config(model, SparsityConfig(method="static", sparsity=0.5), seq_len=cfg.block_size)
     engine = SparseEngine(model, sp, seed=0, max_steps=10)
     return model, engine
 
@@ -42,7 +47,7 @@ def test_each_transformed_layer_has_the_dense_layers_flops(family, s):
     layer, times its mask density, equals the dense layer's counted FLOPs within 1 %."""
     model, _ = sparse_model(family, s)
     shapes = dense_layer_shapes(CFG)
-    for name in model.ift_layers:
+    for name in SparseIFT(SparseIFTConfig(family=family, sparsity=s), CFG).layers:
         n_out, n_in = shapes[name]
         dense = torch_flops(nn.Linear(n_in, n_out, bias=False), torch.randn(1, 8, n_in))
         layer = model.get_submodule(name)
@@ -79,7 +84,7 @@ def test_sparse_wide_at_zero_is_the_dense_model():
     torch.manual_seed(3)
     dense = GPT(CFG)
     torch.manual_seed(3)
-    wide = GPT(CFG, ift=SparseIFTConfig(family="wide", sparsity=0.0))
+    wide = ift_gpt(CFG, SparseIFTConfig(family="wide", sparsity=0.0))
     assert wide.config == CFG
     for (n, a), (_, b) in zip(dense.state_dict().items(), wide.state_dict().items()):
         assert torch.equal(a, b), n
@@ -99,7 +104,7 @@ def test_whole_model_count_matches_torch_flop_counter():
     with FlopCounterMode(display=False) as counter:
         (q @ q.transpose(-1, -2)).softmax(-1) @ q
     assert counter.get_total_flops() * CFG.n_layer / T == base.attention
-    model = GPT(CFG, ift=SparseIFTConfig(family="parallel", sparsity=0.5))
+    model = ift_gpt(CFG, SparseIFTConfig(family="parallel", sparsity=0.5))
     counted = count_flops(model, linear_layer_names(CFG), T)
     assert torch_flops(model, idx) / T == counted.forward_all_dense - counted.attention
 
@@ -138,9 +143,9 @@ def test_bad_ift_config_one_line(kw, message):
 
 def test_bad_layer_selection_and_rounded_width():
     with pytest.raises(ValueError, match="ift.layers pattern 'blocks.*.attn.qkv' matches no linear layer"):
-        GPT(CFG, ift=SparseIFTConfig(family="parallel", layers=["blocks.*.attn.qkv"]))
+        ift_gpt(CFG, SparseIFTConfig(family="parallel", layers=["blocks.*.attn.qkv"]))
     with pytest.raises(ValueError, match="ift.family=wide widens shared hidden dimensions"):
-        GPT(CFG, ift=SparseIFTConfig(family="wide", layers=["blocks.*.attn.q_proj"]))
+        ift_gpt(CFG, SparseIFTConfig(family="wide", layers=["blocks.*.attn.q_proj"]))
     # 48 wide, 3 heads, RoPE: 48 / sqrt(0.5) = 67.9 is rounded to a multiple of 2 x 3 = 66; the densities
     # absorb the rounding so the FLOPs still match
     cfg = GPTConfig(vocab_size=512, block_size=32, n_layer=1, n_head=3, n_embd=48)
@@ -235,9 +240,9 @@ def test_each_family_on_moe_experts_has_the_dense_experts_flops(family, s):
     """Parallel / Factorized / Doped experts (selected with the MLP's names): torch's flop counter on each
     expert's sub-matrices, times the expert's mask density, equals the dense expert projection's FLOPs
     within 1 % -- for every expert and both projections; the analytic count of the MoE layer agrees."""
-    model = GPT(MOE_CFG, ift=SparseIFTConfig(family=family, sparsity=s))
-    sp = ift_sparsity_config(model, model.ift, model.dense_layer_shapes(), model.ift_layers,
-                             SparsityConfig(method="rigl", sparsity=0.5), 32)
+    conv = SparseIFT(SparseIFTConfig(family=family, sparsity=s), MOE_CFG)
+    model = build_model(MOE_CFG, [conv])
+    sp = conv.sparsity_config(model, SparsityConfig(method="rigl", sparsity=0.5), 32)
     engine = SparseEngine(model, sp, seed=0, max_steps=10)
     moe = model.blocks[1].mlp
     assert [p.family for p in moe.projections] == [family, family]

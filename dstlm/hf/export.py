@@ -129,7 +129,7 @@ def export(checkpoint: str, out_dir: str) -> Path:
                          f"`dstlm eval {checkpoint}` instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from dstlm.sparse.ift import fold_to_dense
+    from dstlm.transforms.ift import fold_to_dense
 
     hf = to_hf(fold_to_dense(loaded.model))  # Sparse-IFT layers folded into the dense layers they compute
     hf.save_pretrained(str(out), safe_serialization=True)

@@ -147,15 +147,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, cfg: GPTConfig, moe: bool = False, ift=None, expert_transform: tuple[str, ...] = ()) -> None:
+    def __init__(self, cfg: GPTConfig, moe: bool = False) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         if moe:
             hidden = cfg.moe.expert_hidden or cfg.mlp_hidden
-            self.mlp = MoEMLP(cfg.n_embd, hidden, cfg.moe, bias=cfg.bias, dropout=cfg.dropout, ift=ift,
-                              transform=expert_transform)
+            self.mlp = MoEMLP(cfg.n_embd, hidden, cfg.moe, bias=cfg.bias, dropout=cfg.dropout)
         else:
             self.mlp = MLP(cfg)
 
@@ -192,48 +191,29 @@ def dense_layer_shapes(cfg: GPTConfig) -> dict[str, tuple[int, int]]:
 
 
 class GPT(nn.Module):
-    """`ift`: an optional Sparse-IFT transformation (dstlm.sparse.ift.SparseIFTConfig) applied at
-    construction, so every rank, checkpoint loader and exporter rebuilds the same structure from
-    (base config, ift). `config` is the effective (possibly widened) shape, `base_config` the dense one."""
+    """The model of `cfg`. Model transforms (dstlm/transforms, e.g. Sparse-IFT) are applied by
+    dstlm.build.build_model, which builds with init=False, swaps modules, then calls reset_parameters()."""
 
-    def __init__(self, cfg: GPTConfig, ift=None) -> None:
+    def __init__(self, cfg: GPTConfig, init: bool = True) -> None:
         super().__init__()
-        self.base_config, self.ift, self.ift_layers = cfg, ift, []
-        expert_transform: dict[int, list[str]] = {}  # MoE block -> its expert projections Sparse-IFT transforms
-        if ift is not None:
-            from dstlm.sparse import ift as sift
-
-            every, experts = linear_layer_names(cfg), expert_layer_names(cfg)
-            selected = sift.selected_layers(every + list(experts), ift.layers)
-            self.ift_layers = [n for n in selected if n not in experts]
-            for n in selected:
-                if n in experts and ift.family != "wide":  # Sparse Wide widens the experts with the model
-                    i, w = experts[n]
-                    expert_transform.setdefault(i, []).append(w)
-            if ift.family == "wide":
-                cfg = sift.wide_config(cfg, ift, self.ift_layers, every)
         self.config = cfg
         V = cfg.padded_vocab_size
         self.wte = nn.Embedding(V, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, moe=cfg.moe is not None and cfg.moe.is_moe_layer(i), ift=ift,
-                                          expert_transform=tuple(expert_transform.get(i, ())))
+        self.blocks = nn.ModuleList(Block(cfg, moe=cfg.moe is not None and cfg.moe.is_moe_layer(i))
                                     for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = LMHead(cfg.n_embd, V, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        if ift is not None and ift.family != "wide":
-            sift.transform_modules(self, ift, self.ift_layers)
-        self.reset_parameters()
-
-    def dense_layer_shapes(self) -> dict[str, tuple[int, int]]:
-        """[out, in] of every block projection in the dense (untransformed) model."""
-        return dense_layer_shapes(self.base_config)
+        if init:
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, std) for linears/embeddings, residual projections scaled by 1/sqrt(2L)."""
+        """GPT-2 init: N(0, std) for linears/embeddings, residual projections scaled by 1/sqrt(2L). A module
+        that stands in for a dense linear (e.g. a Sparse-IFT family) provides `init_as_dense(std)`: it then
+        computes outputs at the scale of a dense linear initialised with that std."""
         std = self.config.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -246,9 +226,9 @@ class GPT(nn.Module):
                 nn.init.ones_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for module in self.modules():  # Sparse-IFT layers initialise themselves (dense-equivalent std)
-            if hasattr(module, "ift_init"):
-                module.ift_init(std)
+        for module in self.modules():
+            if hasattr(module, "init_as_dense"):
+                module.init_as_dense(std)
         for block in self.blocks:
             scaled = std / math.sqrt(2 * self.config.n_layer)
             if isinstance(block.mlp, MoEMLP):
@@ -256,8 +236,8 @@ class GPT(nn.Module):
             for proj in (block.attn.out_proj, getattr(block.mlp, "fc_out", None)):
                 if proj is None:
                     continue
-                if hasattr(proj, "ift_init"):
-                    proj.ift_init(scaled)
+                if hasattr(proj, "init_as_dense"):
+                    proj.init_as_dense(scaled)
                 else:
                     nn.init.normal_(proj.weight, mean=0.0, std=scaled)
 

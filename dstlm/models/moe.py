@@ -31,8 +31,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_to_all_single as all_to_all_autograd
 
-from dstlm.models.moe_ift import ExpertProjection
-
 
 @dataclass
 class MoEConfig:
@@ -176,23 +174,57 @@ def experts_alone(model: nn.Module):
             m.ep = ep
 
 
+class ExpertProjection:
+    """The layout of one expert projection (`w_in`: C -> H, `w_out`: H -> C) stored as one plain
+    [E, n_out, n_in] parameter on the MoE layer (no tensors here: they live on the layer). A model transform
+    may store a projection otherwise by substituting a subclass (`MoEMLP.set_projection`), e.g. Sparse-IFT's
+    branches or factors (dstlm/transforms/ift_experts.py)."""
+
+    family: Optional[str] = None  # None: plain; else the transform's name for this layout
+
+    def __init__(self, name: str, n_out: int, n_in: int) -> None:
+        self.name, self.n_out, self.n_in = name, n_out, n_in
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Batched [E, ...] matrices of this projection: name -> per-expert [rows, cols]."""
+        return {self.name: (self.n_out, self.n_in)}
+
+    def sparse(self) -> list[str]:
+        """The matrices DST may sparsify."""
+        return list(self.shapes())
+
+    def names(self) -> list[str]:
+        """Every parameter this projection owns on the layer (matrices first)."""
+        return list(self.shapes())
+
+    def create(self, layer: nn.Module, E: int) -> None:
+        for n, shape in self.shapes().items():
+            layer.register_parameter(n, nn.Parameter(torch.empty(E, *shape)))
+
+    @torch.no_grad()
+    def reset(self, layer: nn.Module, std: float) -> None:
+        nn.init.normal_(getattr(layer, self.name), 0.0, std)
+
+    def apply(self, layer: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, n_in] -> expert e's projection [n, n_out]."""
+        return x @ getattr(layer, self.name)[e].t()
+
+    @torch.no_grad()
+    def folded(self, layer: nn.Module) -> torch.Tensor:
+        """The [E, n_out, n_in] dense weights this projection computes."""
+        return getattr(layer, self.name).detach().clone()
+
+
 class MoEMLP(nn.Module):
     """Drop-in for the dense MLP: router + E experts (GELU MLPs) with batched weights."""
 
-    def __init__(self, n_embd: int, hidden: int, cfg: MoEConfig, bias: bool = False, dropout: float = 0.0,
-                 ift=None, transform: tuple[str, ...] = ()) -> None:
-        """`ift` (a dstlm.sparse.ift.SparseIFTConfig) with `transform` (a subset of w_in, w_out): the expert
-        projections stored as that Sparse-IFT family (dstlm/models/moe_ift.py); Sparse Wide needs nothing here
-        (it only changes the widths)."""
+    def __init__(self, n_embd: int, hidden: int, cfg: MoEConfig, bias: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         E = cfg.num_experts
         self.cfg = cfg
         self.router = nn.Linear(n_embd, E, bias=False)
         self.router.dstlm_dense = True  # routers are never sparsified
-        family = ift.family if ift is not None and ift.family != "wide" else None
-        s, mid = (ift.sparsity, ift.factorized_mid) if ift is not None else (0.0, "none")
-        self.projections = [ExpertProjection(name, n_out, n_in, family if name in transform else None, s, mid)
-                            for name, n_out, n_in in (("w_in", hidden, n_embd), ("w_out", n_embd, hidden))]
+        self.projections = [ExpertProjection("w_in", hidden, n_embd), ExpertProjection("w_out", n_embd, hidden)]
         for proj in self.projections:
             proj.create(self, E)
         self._index_params()
@@ -219,23 +251,32 @@ class MoEMLP(nn.Module):
     def transformed(self) -> bool:
         return any(p.family is not None for p in self.projections)
 
-    @torch.no_grad()
-    def fold_experts(self) -> None:
-        """Replace Sparse-IFT expert projections by the plain [E, out, in] weights they compute (in place)."""
-        if not self.transformed:
-            return
-        folded = {p.name: p.folded(self) for p in self.projections}
-        for p in self.projections:
-            for n in p.names():
-                delattr(self, n)
-                if f"{n}_mask" in self._buffers:
-                    delattr(self, f"{n}_mask")
-            p.family, p.branches, p.rank = None, 1, 0
-            self.register_parameter(p.name, nn.Parameter(folded[p.name]))
+    def set_projection(self, i: int, proj: ExpertProjection) -> None:
+        """Store projection i in another layout: its parameters (and masks) are replaced by uninitialised
+        ones of the new layout, kept in the canonical order (projections first, then biases)."""
+        for n in self.projections[i].names():
+            delattr(self, n)
+            if f"{n}_mask" in self._buffers:
+                delattr(self, f"{n}_mask")
+        self.projections[i] = proj
+        proj.create(self, self.cfg.num_experts)
+        for n in [n for p in self.projections for n in p.names()] + [n for n in ("b_in", "b_out") if n in
+                                                                      self._parameters]:
+            self._parameters[n] = self._parameters.pop(n)  # re-insert in canonical order
         self._index_params()
 
+    @torch.no_grad()
+    def fold_experts(self) -> None:
+        """Replace transformed expert projections by the plain [E, out, in] weights they compute (in place)."""
+        for i, p in enumerate(self.projections):
+            if p.family is None:
+                continue
+            folded = p.folded(self)
+            self.set_projection(i, ExpertProjection(p.name, p.n_out, p.n_in))
+            getattr(self, p.name).copy_(folded)
+
     def reset_experts(self, std: float, out_std: float) -> None:
-        """GPT-2 init per expert: N(0, std) in, N(0, out_std) out (the residual-scaled std); Sparse-IFT
+        """GPT-2 init per expert: N(0, std) in, N(0, out_std) out (the residual-scaled std); transformed
         projections keep each expert's product at that scale."""
         self.projections[0].reset(self, std)
         self.projections[1].reset(self, out_std)

@@ -12,7 +12,7 @@ from typing import Literal, Optional
 from dstlm.models.gpt import GPTConfig
 from dstlm.models.lm_loss import CHUNK_TOKENS
 from dstlm.sparse.config import SparsityConfig
-from dstlm.sparse.ift import SparseIFTConfig
+from dstlm.transforms.ift_spec import SparseIFTConfig
 from dstlm.training.eval_callback import EvalConfig
 
 

@@ -80,7 +80,8 @@ class EvalCallback(L.Callback):
             if not trainer.is_global_zero:
                 return None
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        whole = type(model)(model.base_config, ift=model.ift)
+        with torch.random.fork_rng():  # building draws an init: keep the training RNG as it was
+            whole = pl_module.build_fresh_model()
         for name, buf in model.named_buffers():  # mask buffers too
             module_name, _, attr = name.rpartition(".")
             target = whole.get_submodule(module_name) if module_name else whole

@@ -13,12 +13,13 @@ import torch.nn as nn
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 
+from dstlm.build import build_model, model_transforms
 from dstlm.models.gpt import GPT, GPTConfig
 from dstlm.models.lm_loss import CHUNK_TOKENS
 from dstlm.models.moe import ExpertParallel, set_expert_parallel, without_placement
 from dstlm.sparse import SparseEngine, SparsityConfig
-from dstlm.sparse.ift import SparseIFTConfig, ift_sparsity_config
 from dstlm.training.config import OptimConfig
+from dstlm.transforms.ift import SparseIFT, SparseIFTConfig
 
 
 def lr_lambda(cfg: OptimConfig, max_steps: int):
@@ -79,6 +80,7 @@ class LMModule(L.LightningModule):
                                    "ift": asdict(ift) if ift else None})
         self.model: GPT | None = None
         self.sparse_engine: SparseEngine | None = None
+        self.effective_sparsity: SparsityConfig | None = None  # what the engine runs (Sparse-IFT rewrites it)
         self.tokenizer_json: str | None = None  # set by the run builder; saved in checkpoints
         # how the model runs, not what it is: not hyper-parameters, free to change on resume
         self.compile_model = compile_model
@@ -93,16 +95,26 @@ class LMModule(L.LightningModule):
         """Training tokens/s over all ranks, averaged over the run so far (validation time excluded)."""
         return self._run_tokens / self._run_time if self._run_time > 0 else 0.0
 
+    def build_fresh_model(self) -> GPT:
+        """A new, initialised model of this run's structure (no masks): what configure_model starts from."""
+        return build_model(self.model_config, model_transforms(self.model_config, self.ift_config))
+
     def configure_model(self) -> None:
         # Built here (not in __init__) so strategies that shard at construction time can wrap it, and so
         # model transforms (sparsity, Sparse-IFT) run the same on every rank before wrapping.
         if self.model is None:
-            self.model = GPT(self.model_config, ift=self.ift_config)  # Sparse-IFT applied at construction
+            transforms = model_transforms(self.model_config, self.ift_config)
+            self.model = build_model(self.model_config, transforms)
             sparsity = self.sparsity_config
-            if self.ift_config is not None:
-                # the transformed weights, each at the density that keeps its layer at the dense FLOPs
-                sparsity = ift_sparsity_config(self.model, self.ift_config, self.model.dense_layer_shapes(),
-                                               self.model.ift_layers, sparsity, self.seq_len)
+            for t in transforms:
+                if isinstance(t, SparseIFT):
+                    # the transformed weights, each at the density that keeps its layer at the dense FLOPs
+                    sparsity = t.sparsity_config(self.model, sparsity, self.seq_len)
+                    ignored = t.overridden(self.sparsity_config)
+                    if ignored:
+                        rank_zero_warn(f"Sparse-IFT sets which weights are sparse and their densities itself; "
+                                       f"ignored: {', '.join(ignored)}")
+            self.effective_sparsity = sparsity
             if sparsity is not None:
                 # masks become persistent buffers on the modules, before any strategy wraps the model
                 self.sparse_engine = SparseEngine(self.model, sparsity, self.seed, self.max_steps)

@@ -77,7 +77,7 @@ def main() -> None:
         cfg.model.moe = MoEConfig(num_experts=4, top_k=2, every=2,
                                   expert_parallel_size=int(os.environ.get("DSTLM_EP", "1")))
     if os.environ.get("DSTLM_IFT"):  # a Sparse-IFT family at s = 0.5 on every block projection
-        from dstlm.sparse.ift import SparseIFTConfig
+        from dstlm.transforms.ift import SparseIFTConfig
 
         cfg.ift = SparseIFTConfig(family=os.environ["DSTLM_IFT"], sparsity=0.5)
     callbacks = [MaskDump(out)]

@@ -66,7 +66,7 @@ def run_case(name: str, tmp: Path, files: list[str]) -> dict:
     from conftest import tiny_run
     from dstlm.models.moe import MoEConfig
     from dstlm.sparse.config import SparsityConfig
-    from dstlm.sparse.ift import SparseIFTConfig
+    from dstlm.transforms.ift import SparseIFTConfig
     from dstlm.training.run import build
 
     method, kind, family = CASES[name]

@@ -1,0 +1,119 @@
+"""The layering of docs/architecture.md, checked on the source: imports under dstlm/ form a DAG (function-level
+imports included: a lazy import is still a dependency), the plain-torch core imports no training stack, and
+the model files know nothing of sparsity, transforms or training."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "dstlm"
+HEAVY = ("lightning", "pytorch_lightning", "deepspeed", "transformers", "lm_eval", "datasets", "tokenizers")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def walk_runtime(tree: ast.AST):
+    """ast.walk without the bodies of `if TYPE_CHECKING:` (imports for annotations only, never executed)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module this file imports, at any depth of the file (absolute names). `from pkg import mod` is an
+    edge to pkg.mod alone when mod is a module, else to pkg."""
+    out = set()
+    for node in walk_runtime(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            base = node.module
+            if node.level:  # relative import
+                pkg = module_name(path).split(".")
+                pkg = pkg[: len(pkg) - node.level + (1 if path.name == "__init__.py" else 0)]
+                base = ".".join(pkg + [node.module])
+            subs = {f"{base}.{a.name}" for a in node.names}
+            known = {m for m in subs if m in MODULE_FILES}
+            out.update(known)
+            if known != subs:
+                out.add(base)
+    return out
+
+
+MODULES = {module_name(p): p for p in PKG.rglob("*.py")}
+MODULE_FILES = set(MODULES)
+GRAPH = {m: {i for i in imports_of(p) if i in MODULES and i != m} for m, p in MODULES.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str]:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return []
+
+    for n in sorted(graph):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return []
+
+
+def test_the_walk_sees_the_package():
+    assert {"dstlm.sparse.engine", "dstlm.models.gpt", "dstlm.build", "dstlm.transforms.ift"} <= set(MODULES)
+    assert "dstlm.sparse.methods" in GRAPH["dstlm.sparse.engine"]  # a known edge is found
+
+
+def test_no_import_cycle_under_dstlm():
+    cycle = find_cycle(GRAPH)
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_find_cycle_finds_one():  # the checker itself can fail
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+@pytest.mark.parametrize("layer, forbidden", [
+    ("dstlm.sparse", HEAVY + ("dstlm.training", "dstlm.eval", "dstlm.hf", "dstlm.models", "dstlm.transforms")),
+    ("dstlm.models", HEAVY + ("dstlm.sparse", "dstlm.transforms", "dstlm.training", "dstlm.eval", "dstlm.hf",
+                              "dstlm.build")),
+    ("dstlm.transforms", HEAVY + ("dstlm.training", "dstlm.eval", "dstlm.hf")),
+])
+def test_layers_import_only_what_they_may(layer, forbidden):
+    bad = [(m, i) for m, p in MODULES.items() if m == layer or m.startswith(layer + ".")
+           for i in imports_of(p) if any(i == f or i.startswith(f + ".") for f in forbidden)]
+    assert not bad, f"{layer} imports {bad}"
+
+
+def test_sparse_core_loads_without_the_training_stack():
+    """Importing the whole sparse core pulls in none of the heavy libraries (checked in a fresh interpreter)."""
+    code = ("import sys, dstlm.sparse, dstlm.sparse.engine, dstlm.sparse.methods, dstlm.sparse.flops, "
+            "dstlm.sparse.rules; print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            f"{HEAVY!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", out.stdout
