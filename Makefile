@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train test test-all bench clean
+.PHONY: install train lint test test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -25,10 +25,13 @@ install: $(STAMP)
 train: $(STAMP)
 	.venv/bin/dstlm fit --config $(RECIPE) $(ARGS)
 
-test: $(STAMP)
+lint: $(STAMP)
+	.venv/bin/ruff check dstlm tests benchmarks
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) lint
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)

@@ -103,14 +103,16 @@ def main() -> None:
         tps = median_tokens_per_s(out / name, args.warmup)
         summary = json.loads((out / name / "summary.json").read_text())
         results[name] = {"tokens_per_s": tps, "mfu": fpt * tps / (args.peak_tflops * 1e12),
-                         "val_loss": summary.get("val_loss") or float("nan"), "sparsity": summary.get("sparsity") or 0.0,
+                         "val_loss": summary.get("val_loss") or float("nan"),
+                         "sparsity": summary.get("sparsity") or 0.0,
                          "peak_gib": summary.get("peak_memory_gib") or float("nan")}
         print(f"  {name}: {tps:,.0f} tokens/s, MFU {results[name]['mfu']:.1%}", flush=True)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     base = next(iter(results.values()))["tokens_per_s"]
     print(f"\n{gpu}, {args.recipe}, {args.steps} steps, median tokens/s after step {args.warmup}, "
           f"{fpt / 1e9:.3f} GFLOP/token, peak {args.peak_tflops:g} TFLOP/s")
-    print(f"{'variant':<30} {'tokens/s':>10} {'MFU':>7} {'vs first':>9} {'sparsity':>9} {'val loss':>9} {'peak GiB':>9}")
+    print(f"{'variant':<30} {'tokens/s':>10} {'MFU':>7} {'vs first':>9} {'sparsity':>9} {'val loss':>9} "
+          f"{'peak GiB':>9}")
     for name, r in results.items():
         print(f"{name:<30} {r['tokens_per_s']:>10,.0f} {r['mfu']:>7.1%} {r['tokens_per_s'] / base:>8.3f}x "
               f"{r['sparsity']:>9.3f} {r['val_loss']:>9.4f} {r['peak_gib']:>9.2f}")

@@ -57,7 +57,8 @@ def main() -> None:
             name = f"{fam}-{s}"
             rows.append((name, run(f"recipes/ift-{tiny}-{name}.yaml", name, out, args.steps, sparse=True)))
     tokens = rows[0][1]["train_tokens_seen"]
-    print(f"\n{'tiny MoE GPT' if args.moe else 'tiny GPT'}, {args.steps} steps, {tokens:,} tokens each, seed 1337, RigL for the sparse families")
+    print(f"\n{'tiny MoE GPT' if args.moe else 'tiny GPT'}, {args.steps} steps, {tokens:,} tokens each, seed 1337, "
+          f"RigL for the sparse families")
     print("| model | val loss | val ppl | params | forward FLOPs vs dense | wall s |")
     print("|---|---|---|---|---|---|")
     for name, s in rows:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dstlm.models import GPT, load_preset  # noqa: E402
 from dstlm.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig  # noqa: E402
 from dstlm.training.module import build_optimizer, lr_lambda  # noqa: E402
-from dstlm.training.run import build  # noqa: E402
+from dstlm.training.build import build  # noqa: E402
 
 
 class StepTimer(L.Callback):
@@ -109,7 +109,7 @@ def main() -> None:
     total = args.warmup + args.steps + 1
     tokens = args.batch_size * cfg.data.block_size
     results = {"plain torch": [], "dstlm (Lightning)": []}
-    for r in range(args.rounds):
+    for _ in range(args.rounds):
         results["plain torch"] += intervals(run_plain(cfg, total), args.warmup)
         results["dstlm (Lightning)"] += intervals(run_lightning(cfg, total), args.warmup)
     print(f"\nstep time, {args.preset} GPT, batch {args.batch_size} x {cfg.data.block_size} tokens, "

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,38 @@ class LoadedModel:
     sparsity: Optional[dict]
     step: int
     path: str
+
+
+SPARSITY_IDENTITY = ("method", "sparsity", "distribution", "include", "exclude", "n", "m")
+"""Sparsity fields that decide which weights are sparse and how many: a resume must keep them."""
+
+
+def check_resume_compatible(saved: dict, model: Optional[GPTConfig] = None, sparsity: Optional[dict] = None,
+                            ift: Optional[dict] = None, check_sparsity: bool = True, what: str = "checkpoint") -> None:
+    """Refuse, in one line naming the first differing field, a checkpoint whose hyper-parameters (`saved`: its
+    model / sparsity / ift dicts) do not fit this run's model config, sparsity and Sparse-IFT (as dicts). Where
+    an expert is computed (model.moe.expert_parallel_size) does not change the weights and is not compared."""
+    if model is not None and "model" in saved:
+        for k, now in dataclasses.asdict(model).items():
+            if k in saved["model"] and without_placement(saved["model"][k]) != without_placement(now):
+                raise ValueError(f"{what} model.{k}={saved['model'][k]!r} but this run has model.{k}={now!r}; "
+                                 f"use the checkpoint's model config")
+    if not check_sparsity:
+        return
+    if saved.get("ift") != ift:
+        raise ValueError(f"{what} has ift={saved.get('ift')!r} but this run has ift={ift!r}; resume with the same "
+                         f"Sparse-IFT config")
+    old = saved.get("sparsity")
+    if "sparsity" in saved and (old is None) != (sparsity is None):
+        kind = {True: "dense", False: "sparse"}
+        raise ValueError(f"{what} is {kind[old is None]}{'' if old is None else ' (' + old['method'] + ')'} but this "
+                         f"run is {kind[sparsity is None]}{'' if sparsity is None else ' (' + sparsity['method'] + ')'}"
+                         f"; resume with the same sparsity config")
+    if old and sparsity:
+        for k in SPARSITY_IDENTITY:
+            if old.get(k) != sparsity.get(k):
+                raise ValueError(f"{what} was trained with sparsity.{k}={old.get(k)!r}, this run has "
+                                 f"sparsity.{k}={sparsity.get(k)!r}; resume with the same sparsity config")
 
 
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
@@ -89,13 +122,10 @@ def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> Loa
     hp = ckpt.get("hyper_parameters", {})
     if "model" not in hp or "state_dict" not in ckpt:
         raise ValueError(f"{str(p)!r} is not a dstlm checkpoint (no model config inside); train it with `dstlm fit`")
-    known = {f.name for f in fields(GPTConfig)}
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
     cfg = GPTConfig(**{k: v for k, v in hp["model"].items() if k in known})
     if expect is not None:
-        for f in fields(GPTConfig):
-            if without_placement(getattr(expect, f.name)) != without_placement(getattr(cfg, f.name)):
-                raise ValueError(f"checkpoint model.{f.name}={getattr(cfg, f.name)!r} does not match the requested "
-                                 f"model.{f.name}={getattr(expect, f.name)!r}")
+        check_resume_compatible({"model": dataclasses.asdict(cfg)}, expect, check_sparsity=False)
     tok_json = (ckpt.get("dstlm") or {}).get("tokenizer")
     if not tok_json:
         raise ValueError(f"checkpoint {str(p)!r} carries no tokenizer; re-save it with this dstlm version")
@@ -108,7 +138,8 @@ def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> Loa
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"checkpoint weights do not fit model config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(f"checkpoint weights do not fit model config: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
     for name, mask in masks.items():  # keep masks visible on the loaded model (for reports / exports)
         module_name, attr = name.rsplit(".", 1)
         model.get_submodule(module_name).register_buffer(attr, mask.clone(), persistent=False)

@@ -1,179 +1,137 @@
-"""`dstlm` console script: one dispatcher for every subcommand.
+"""`dstlm` console script: subcommands are typed functions, parsed by jsonargparse.
 
     dstlm fit      --config recipes/default.yaml [--trainer.max_steps=100 ...] [--ckpt_path last|PATH]
     dstlm validate --config recipes/default.yaml --ckpt_path last|PATH
-    dstlm eval     --checkpoint PATH --tasks t1,t2 [--limit N] [--batch-size B] [--out results.json]
-    dstlm export   --checkpoint PATH --out DIR     a Hugging Face model directory
     dstlm flops    --config RECIPE [--key value]   FLOPs per token vs the dense baseline (Sparse-IFT check)
-    dstlm presets                                  list the model presets in configs/model/
+    dstlm eval     --checkpoint PATH --tasks t1,t2 [--limit N] [--batch_size B] [--out results.json]
+    dstlm export   --checkpoint PATH --out DIR     a Hugging Face model directory
     dstlm report   --checkpoint PATH [--layer NAME] [--out DIR]   sparsity pictures of a checkpoint
+    dstlm presets                                  list the model presets in configs/model/
 
-Every fit/validate option is a field of dstlm.training.config.RunConfig; `--print_config` prints the
-resolved YAML and exits. Errors in user input end in one line: `dstlm: error: <what> ...`.
+fit/validate/flops take every field of dstlm.training.config.RunConfig at the top level, as recipes write
+them (`--print_config` prints the parsed config; each run saves the config that ran as runs/<name>/config.yaml,
+which `dstlm fit --config` re-runs). The other subcommands take their function's parameters; the docstrings
+are the help. Errors in user input end in one line: `dstlm: error: <what> ...`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from argparse import ArgumentError
 from typing import Callable, Optional
 
-from argparse import ArgumentError
-
-from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from jsonargparse import ArgumentParser, set_parsing_settings
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 def run_parser(prog: str) -> ArgumentParser:
+    """The parser of a RunConfig: its fields at the top level, each section also loadable from a YAML file."""
     from dstlm.training.config import RunConfig
 
     parser = ArgumentParser(prog=prog, default_meta=False, exit_on_error=False, allow_abbrev=False,
                             description="Options are fields of RunConfig; YAML recipes set the same keys.")
-    parser.add_argument("--config", action=ActionConfigFile, help="A recipe YAML (recipes/*.yaml).")
+    parser.add_argument("--config", action="config", help="A recipe YAML (recipes/*.yaml) or a run's config.yaml.")
     parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                         help="Resume (fit) or evaluate (validate) from 'last' or a checkpoint path.")
-    parser.add_class_arguments(RunConfig, "run", as_group=True, sub_configs=True, instantiate=False)
+    parser.add_class_arguments(RunConfig, nested_key=None, sub_configs=True, fail_untyped=True)
     return parser
 
 
-def _parse_run(prog: str, argv: list[str]):
+def parse_run(prog: str, argv: list[str]):
+    """(RunConfig, ckpt_path) from the command line; the dataclasses validate themselves as they are built."""
     from dstlm.training.config import RunConfig
 
-    # Recipes and overrides address fields without the internal "run." prefix.
-    argv = [a if not a.startswith("--") or a.split("=")[0] in ("--config", "--ckpt_path", "--print_config", "--help")
-            else "--run." + a[2:] for a in argv]
     parser = run_parser(prog)
-    if "--help" in argv or "-h" in argv:
-        # show the options as users type them (without the internal "run." prefix)
-        text = parser.format_help().replace("--run.", "--").replace("[--run CONFIG]", "")
-        print(text.replace("run.", ""))
-        sys.exit(0)
-    print_config = "--print_config" in argv
-    argv = [a for a in argv if a != "--print_config"]
-    # recipes are written without the "run:" level; nest them under it
-    argv = _nest_configs(argv)
-    ns = parser.parse_args(argv)
-    run_ns = ns.run
-    yaml_text = parser.dump(ns)
-    cfg = _build(RunConfig, run_ns)
-    import yaml as _yaml
-
-    resolved = _yaml.safe_load(yaml_text)["run"]
-    resolved_text = _yaml.safe_dump(resolved, sort_keys=False)
-    if print_config:
-        print(resolved_text, end="")
-        sys.exit(0)
-    return cfg, ns.ckpt_path, resolved_text
+    built = parser.instantiate(parser.parse_args(argv))
+    cfg = RunConfig(**{f.name: built[f.name] for f in dataclasses.fields(RunConfig)})
+    return cfg, built.ckpt_path
 
 
-def _nest_configs(argv: list[str]) -> list[str]:
-    """Turn `--config FILE` into a nested `--run FILE` so recipe keys need no prefix."""
-    out, i = [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a == "--config" and i + 1 < len(argv):
-            out += ["--run", argv[i + 1]]
-            i += 2
-            continue
-        if a.startswith("--config="):
-            out += ["--run", a.split("=", 1)[1]]
-        else:
-            out.append(a)
-        i += 1
-    return out
-
-
-def _build(cls, ns):
-    """Instantiate nested dataclasses from a jsonargparse namespace (their __post_init__ validates)."""
-    import dataclasses
-
-    values = {}
-    for f in dataclasses.fields(cls):
-        if not hasattr(ns, f.name):
-            continue
-        v = getattr(ns, f.name)
-        ftype = f.type if not isinstance(f.type, str) else cls.__annotations__[f.name]
-        sub = _dataclass_type(cls, f.name)
-        if sub is not None and v is not None:
-            v = _build(sub, v)
-        elif hasattr(v, "as_dict"):
-            v = v.as_dict()
-        if isinstance(v, dict):
-            v.pop("__path__", None)
-        values[f.name] = tuple(v) if isinstance(v, list) and "tuple" in str(ftype) else v
-    return cls(**values)
-
-
-def _dataclass_type(cls, name: str):
-    import dataclasses
-    import typing
-
-    hint = typing.get_type_hints(cls)[name]
-    if typing.get_origin(hint) is typing.Union:  # Optional[SomeConfig]
-        inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        hint = inner[0] if len(inner) == 1 else hint
-    return hint if dataclasses.is_dataclass(hint) else None
-
-
-def cmd_fit(argv: list[str]) -> int:
-    from dstlm.training.run import fit, format_summary
-
-    cfg, ckpt, resolved = _parse_run("dstlm fit", argv)
-    summary = fit(cfg, ckpt_path=ckpt, config_yaml=resolved)
+def fit(argv: list[str]) -> int:
+    """train (or resume with --ckpt_path) a recipe"""
     from lightning.pytorch.utilities import rank_zero_only
 
+    from dstlm.training.run import fit as run_fit
+    from dstlm.training.summary import format_summary
+
+    cfg, ckpt = parse_run("dstlm fit", argv)
+    summary = run_fit(cfg, ckpt_path=ckpt)
     if rank_zero_only.rank == 0:
         print(format_summary(summary))
     return 0
 
 
-def cmd_validate(argv: list[str]) -> int:
-    from dstlm.training.run import validate
+def validate(argv: list[str]) -> int:
+    """validation loss/perplexity of a checkpoint"""
+    from dstlm.training.run import validate as run_validate
 
-    cfg, ckpt, _ = _parse_run("dstlm validate", argv)
-    results = validate(cfg, ckpt)
-    for k, v in results.items():
+    cfg, ckpt = parse_run("dstlm validate", argv)
+    for k, v in run_validate(cfg, ckpt).items():
         print(f"{k:<16} {v:.4f}")
     return 0
 
 
-def cmd_flops(argv: list[str]) -> int:
-    cfg, _, _ = _parse_run("dstlm flops", argv)
-    from dstlm.training.run import flops_report
+def flops(argv: list[str]) -> int:
+    """FLOPs per token of a recipe's (sparse / Sparse-IFT) model vs its dense baseline"""
+    from dstlm.training.summary import flops_report
 
-    text, _ = flops_report(cfg)
-    print(text)
+    cfg, _ = parse_run("dstlm flops", argv)
+    print(flops_report(cfg)[0])
     return 0
 
 
-def cmd_presets(argv: list[str]) -> int:
-    from dstlm.models import GPT, available_presets, load_preset
+# -- subcommands on a checkpoint: typed functions, their parameters are the options ------------------------
+def eval_checkpoint(checkpoint: str, tasks: str, limit: Optional[int] = None, batch_size: int = 8,
+                    device: str = "cpu", out: Optional[str] = None) -> int:
+    """lm-evaluation-harness scores of a checkpoint (offline tasks shipped).
 
-    import torch
+    Args:
+        checkpoint: a dstlm .ckpt, a run folder, a DeepSpeed checkpoint directory or a Hugging Face model folder
+        tasks: task names, comma-separated (hellaswag,piqa)
+        limit: documents per task (default: all)
+        batch_size: sequences per scoring batch
+        device: cpu or cuda
+        out: write lm-eval's results JSON here
+    """
+    from dstlm.eval.harness import format_table, run_eval, scores
 
-    for name in available_presets():
-        cfg = load_preset(name)
-        with torch.device("meta"):
-            n = GPT(cfg).num_params(non_embedding=False)
-        print(f"{name:<12} {cfg.n_layer:>3} layers  {cfg.n_embd:>5} wide  {cfg.n_head:>3} heads  "
-              f"ctx {cfg.block_size:>5}  vocab {cfg.vocab_size:>6}  {n / 1e6:8.1f} M params")
+    if batch_size <= 0:
+        raise ValueError(f"--batch_size={batch_size} must be positive")
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    print(format_table(scores(run_eval(checkpoint, names, limit, batch_size, device, out))))
+    if out:
+        print(f"wrote {out}")
     return 0
 
 
-def cmd_report(argv: list[str]) -> int:
-    import argparse
+def export(checkpoint: str, out: str) -> int:
+    """write a Hugging Face model directory (config, safetensors, tokenizer)
 
-    from dstlm.report import report
+    Args:
+        checkpoint: a dstlm .ckpt, a DeepSpeed checkpoint directory or a run folder
+        out: output directory
+    """
+    from dstlm.hf.export import export as hf_export
 
-    ap = argparse.ArgumentParser(prog="dstlm report", description="PNG of per-layer density and one layer's mask.")
-    ap.add_argument("--checkpoint", required=True, help="a .ckpt file of a sparse run")
-    ap.add_argument("--layer", default=None, help="weight name for the mask heat-map (default: the first)")
-    ap.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/report)")
-    args = ap.parse_args(argv)
+    print(f"wrote {hf_export(checkpoint, out)} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def report(checkpoint: str, layer: Optional[str] = None, out: Optional[str] = None) -> int:
+    """PNG of per-layer density and a mask heat-map of a sparse checkpoint
+
+    Args:
+        checkpoint: a .ckpt file of a sparse run
+        layer: weight name for the mask heat-map (default: the first)
+        out: output folder (default: <checkpoint folder>/report)
+    """
     from pathlib import Path
 
-    out = args.out or str(Path(args.checkpoint).resolve().parent / "report")
-    s = report(args.checkpoint, out, args.layer)
+    from dstlm.report import report as draw
+
+    s = draw(checkpoint, out or str(Path(checkpoint).resolve().parent / "report"), layer)
     print(f"global sparsity {s['global_sparsity']:.4f} over {len(s['layers'])} layers")
     for name, info in s["layers"].items():
         ablated = f"  ablated rows {info['ablated_rows']}" if info["ablated_rows"] else ""
@@ -182,59 +140,73 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
-def cmd_eval(argv: list[str]) -> int:
-    import argparse
+def presets() -> int:
+    """list the model size presets"""
+    import torch
 
-    ap = argparse.ArgumentParser(prog="dstlm eval", description="lm-evaluation-harness scores of a checkpoint.")
-    ap.add_argument("--checkpoint", required=True, help="a dstlm .ckpt, a run folder, or a Hugging Face model folder")
-    ap.add_argument("--tasks", required=True, help="comma-separated task names (see --list)")
-    ap.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=None, help="write lm-eval's results JSON here")
-    args = ap.parse_args(argv)
-    if args.batch_size <= 0:
-        raise ValueError(f"--batch-size={args.batch_size} must be positive")
-    from dstlm.eval.harness import format_table, run_eval, scores
+    from dstlm.build import build_model
+    from dstlm.models import available_presets, load_preset
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    results = run_eval(args.checkpoint, tasks, args.limit, args.batch_size, args.device, args.out)
-    print(format_table(scores(results)))
-    if args.out:
-        print(f"wrote {args.out}")
+    for name in available_presets():
+        cfg = load_preset(name)
+        with torch.device("meta"):
+            n = build_model(cfg).num_params(non_embedding=False)
+        print(f"{name:<12} {cfg.n_layer:>3} layers  {cfg.n_embd:>5} wide  {cfg.n_head:>3} heads  "
+              f"ctx {cfg.block_size:>5}  vocab {cfg.vocab_size:>6}  {n / 1e6:8.1f} M params")
     return 0
 
 
-def cmd_export(argv: list[str]) -> int:
-    import argparse
+def function_command(fn: Callable[..., int]) -> Callable[[list[str]], int]:
+    """A subcommand from a typed function: jsonargparse reads its signature and docstring."""
 
-    ap = argparse.ArgumentParser(prog="dstlm export", description="Write a Hugging Face model directory.")
-    ap.add_argument("--checkpoint", required=True, help="a dstlm .ckpt, a DeepSpeed checkpoint directory or a run folder")
-    ap.add_argument("--out", required=True, help="output directory")
-    args = ap.parse_args(argv)
-    from dstlm.hf.export import export
+    def run(argv: list[str]) -> int:
+        parser = ArgumentParser(prog=f"dstlm {name_of[fn]}", description=fn.__doc__.split("\n")[0],
+                                default_meta=False, exit_on_error=False, allow_abbrev=False)
+        parser.add_function_arguments(fn, fail_untyped=True)
+        ns = parser.parse_args(argv)
+        return fn(**{k: ns[k] for k in ns.keys()})
 
-    out = export(args.checkpoint, args.out)
-    print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
-    return 0
+    return run
 
 
-COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "fit": (cmd_fit, "train (or resume with --ckpt_path) a recipe"),
-    "validate": (cmd_validate, "validation loss/perplexity of a checkpoint"),
-    "presets": (cmd_presets, "list the model size presets"),
-    "eval": (cmd_eval, "lm-evaluation-harness scores of a checkpoint (offline tasks shipped)"),
-    "flops": (cmd_flops, "FLOPs per token of a recipe's (sparse / Sparse-IFT) model vs its dense baseline"),
-    "export": (cmd_export, "write a Hugging Face model directory (config, safetensors, tokenizer)"),
-    "report": (cmd_report, "PNG of per-layer density and a mask heat-map of a sparse checkpoint"),
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "fit": fit, "validate": validate, "presets": function_command(presets), "eval": function_command(eval_checkpoint),
+    "flops": flops, "export": function_command(export), "report": function_command(report),
 }
+name_of = {presets: "presets", eval_checkpoint: "eval", export: "export", report: "report"}
+HELP = {"fit": fit, "validate": validate, "presets": presets, "eval": eval_checkpoint, "flops": flops,
+        "export": export, "report": report}
 
 
 def usage() -> str:
     lines = ["usage: dstlm <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<10} {fn.__doc__.strip().splitlines()[0]}" for name, fn in HELP.items()]
     lines += ["", "`dstlm <command> --help` lists a command's options."]
     return "\n".join(lines)
+
+
+def one_line(err: BaseException) -> str:
+    """The message a user needs, on one line: the outermost exception in err's chain that dstlm's own code
+    raised (a config dataclass's check arrives wrapped in jsonargparse's union and nesting errors), else err's
+    own message (jsonargparse's parse errors name the key themselves)."""
+    chain = [err]
+    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    ours = [e for e in chain if isinstance(e, (ValueError, OSError, KeyError)) and _raised_in_dstlm(e)]
+    chosen = ours[0] if ours else err
+    text = chosen.args[0] if isinstance(chosen, KeyError) and chosen.args else str(chosen)
+    return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip()) or type(err).__name__
+
+
+def _raised_in_dstlm(e: BaseException) -> bool:
+    from pathlib import Path
+
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_code.co_filename.startswith(str(Path(__file__).resolve().parent) + "/")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -247,20 +219,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"dstlm: error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     import logging
+    import os
 
     # Lightning's start-up banner (GPU/TPU availability, tips) is noise on the console; warnings stay.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     # lm-eval announces that the shipped offline tasks override its online ones: expected, not news
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
-        return COMMANDS[name][0](rest)
-    except (ValueError, OSError, KeyError, ArgumentError) as err:
-        if "DSTLM_TRACEBACK" in __import__("os").environ:
+        return COMMANDS[name](rest)
+    except (ValueError, TypeError, OSError, KeyError, ArgumentError) as err:
+        if "DSTLM_TRACEBACK" in os.environ:
             raise
-        lines = [ln.strip(" -") for ln in str(err).strip().splitlines() if ln.strip()]
-        msg = lines[-1] if lines else type(err).__name__
-        msg = msg.replace('"run.', '"').replace("run.", "")  # internal prefix of the option names
-        print(f"dstlm: error: {msg}", file=sys.stderr)
+        print(f"dstlm: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,9 +40,9 @@ def test_two_ranks_match_single_process(tmp_path, small_corpus, strategy):
            "HF_DATASETS_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
     r = subprocess.run(["bash", "launch/torchrun.sh", "2", _recipe(tmp_path, small_corpus, "ddp", 4)], cwd=REPO,
                        capture_output=True, text=True, timeout=600,
-                       env={**env, "PYTHON": str(REPO / ".venv/bin/python"), "STRATEGY": strategy})
+                       env={**env, "PYTHON": sys.executable, "STRATEGY": strategy})
     assert r.returncode == 0, r.stderr[-4000:]
-    r1 = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "dstlm.cli", "fit", "--config",
+    r1 = subprocess.run([sys.executable, "-m", "dstlm.cli", "fit", "--config",
                          _recipe(tmp_path, small_corpus, "single", 8)], cwd=REPO, capture_output=True, text=True,
                         timeout=600, env=env)
     assert r1.returncode == 0, r1.stderr[-4000:]
@@ -61,7 +62,7 @@ def _torchrun(args, nproc, timeout=600, extra_env=None):
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
            **(extra_env or {})}
-    cmd = [str(REPO / ".venv/bin/python")]
+    cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     return subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
@@ -103,7 +104,8 @@ def test_deepspeed_bad_input_refused(tmp_path):
         TrainerConfig(strategy="deepspeed_stage_5")
     with pytest.raises(ValueError, match="offload_params=true needs ZeRO-3 but trainer.strategy='deepspeed_stage_2'"):
         TrainerConfig(strategy="deepspeed_stage_2", offload_params=True)
-    with pytest.raises(ValueError, match="offload_optimizer=true needs ZeRO stage 1, 2 or 3 but trainer.strategy='ddp'"):
+    with pytest.raises(ValueError,
+                       match="offload_optimizer=true needs ZeRO stage 1, 2 or 3 but trainer.strategy='ddp'"):
         TrainerConfig(strategy="ddp", offload_optimizer=True)
     with pytest.raises(ValueError, match="offload_optimizer=true needs ZeRO stage 1, 2 or 3"):
         TrainerConfig(strategy="deepspeed_stage_0", offload_optimizer=True)
@@ -116,7 +118,7 @@ def test_deepspeed_bad_input_refused(tmp_path):
 
 def _rigl_run(out, files, **trainer):
     from dstlm.sparse import SparsityConfig
-    from dstlm.training.run import build
+    from dstlm.training.build import build
 
     from conftest import tiny_run
 
@@ -202,7 +204,7 @@ def test_zero_dst_resume_after_second_update_is_exact(tmp_path, small_corpus, me
 
     from test_dst_training import sparse_run
     from test_training import BatchRecorder, StopAt
-    from dstlm.training.run import build
+    from dstlm.training.build import build
 
     over = dict(trainer=dict(max_steps=10, ckpt_every_n_steps=4, strategy=f"deepspeed_stage_{stage}"))
     full_b = BatchRecorder()
@@ -244,7 +246,7 @@ def test_kill_one_rank_then_resume_loses_at_most_one_interval(tmp_path, small_co
 
     run_env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
                "HF_DATASETS_OFFLINE": "1", **env, "DSTLM_STEP_SLEEP": "0.5"}
-    cmd = [str(REPO / ".venv/bin/python"), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            helper, str(tmp_path / "run"), "rigl", "4", *small_corpus]
     proc = subprocess.Popen(cmd, cwd=REPO, env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpts = tmp_path / "run" / "run" / "t" / "checkpoints"
@@ -352,7 +354,7 @@ def test_in_training_eval_under_zero3_on_two_ranks(tmp_path, small_corpus):
     recipe.write_text(open(_recipe(tmp_path, small_corpus, "z3eval", 4)).read()
                       + "eval:\n  tasks: [lambada_openai, copa]\n  limit: 4\n  every_n_steps: 4\n  batch_size: 4\n")
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_OFFLINE": "1", "PYTHON": str(REPO / ".venv/bin/python"), "STRATEGY": "deepspeed_stage_3"}
+           "HF_DATASETS_OFFLINE": "1", "PYTHON": sys.executable, "STRATEGY": "deepspeed_stage_3"}
     r = subprocess.run(["bash", "launch/torchrun.sh", "2", str(recipe)], cwd=REPO, capture_output=True, text=True,
                        timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -386,7 +388,7 @@ def test_zero_dst_with_gradient_accumulation_matches_plain_accumulation(tmp_path
     the DST callback acts only at the boundary, so RigL with 2 micro-batches per step under ZeRO gives the
     masks and validation loss of plain torch accumulation."""
     from dstlm.sparse import SparsityConfig
-    from dstlm.training.run import build
+    from dstlm.training.build import build
 
     from conftest import tiny_run
 
@@ -463,7 +465,7 @@ def test_expert_parallel_cli_run_evaluates_and_exports_on_one_process(tmp_path, 
         "  n_embd: 32\n", "  n_embd: 32\n  moe: {num_experts: 4, top_k: 2, every: 1, expert_parallel_size: 2}\n")
         + "eval:\n  tasks: [copa]\n  limit: 4\n  every_n_steps: 4\n  batch_size: 4\n")
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_OFFLINE": "1", "PYTHON": str(REPO / ".venv/bin/python")}
+           "HF_DATASETS_OFFLINE": "1", "PYTHON": sys.executable}
     r = subprocess.run(["bash", "launch/torchrun.sh", "2", str(recipe)], cwd=REPO, capture_output=True, text=True,
                        timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -8,7 +8,8 @@ import torch
 
 from conftest import REPO, tiny_run
 from dstlm.sparse import SparsityConfig, TorchBackend
-from dstlm.training.run import build, fit
+from dstlm.training.build import build
+from dstlm.training.run import fit
 from test_training import StopAt
 
 
@@ -111,7 +112,7 @@ def test_resume_after_second_update_matches_uninterrupted(tmp_path, small_corpus
     for i, (got, want) in enumerate(zip(first.updates + second.updates, full.updates)):
         for name in want:
             assert torch.equal(got[name], want[name]), (i, name)
-    for (k, v), (k2, v2) in zip(ref.model.state_dict().items(), mod.model.state_dict().items()):
+    for (k, v), (_, v2) in zip(ref.model.state_dict().items(), mod.model.state_dict().items()):
         assert torch.equal(v, v2), k
     assert mod.sparse_engine.generator.get_state().equal(ref.sparse_engine.generator.get_state())
 
@@ -140,7 +141,8 @@ def test_cli_sparse_fit_then_report(tmp_path, small_corpus):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sparsity (sparsified layers)" in r.stdout
     ckpt = tmp_path / "runs" / "smoke" / "checkpoints" / "last.ckpt"
-    r = _cli("report", "--checkpoint", str(ckpt), "--layer", "blocks.1.mlp.fc_in.weight", "--out", str(tmp_path / "rep"))
+    r = _cli("report", "--checkpoint", str(ckpt), "--layer", "blocks.1.mlp.fc_in.weight",
+             "--out", str(tmp_path / "rep"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "rep" / "density.png").stat().st_size > 5000
     assert (tmp_path / "rep" / "mask_blocks.1.mlp.fc_in.weight.png").stat().st_size > 5000

@@ -170,7 +170,7 @@ def test_each_family_trains_with_rigl_and_keeps_the_invariants(tmp_path, small_c
     exports to a standard HF model computing the same logits."""
     from conftest import tiny_run
     from dstlm.checkpoint import load_checkpoint
-    from dstlm.training.run import build
+    from dstlm.training.build import build
 
     cfg = tiny_run(tmp_path, small_corpus, trainer=dict(max_steps=5, val_every_n_steps=5),
                    ift=SparseIFTConfig(family=family, sparsity=0.5),
@@ -212,7 +212,7 @@ def test_sparse_wide_on_a_moe_model_widens_and_sparsifies_the_experts(tmp_path, 
     plus its router) keeps its dense FLOPs within 1 %; the model trains with RigL."""
     from conftest import tiny_run
     from dstlm.models.moe import MoEConfig
-    from dstlm.training.run import build
+    from dstlm.training.build import build
 
     moe = MoEConfig(num_experts=4, top_k=2, every=2)
     cfg = tiny_run(tmp_path, small_corpus, model=dict(moe=moe), trainer=dict(max_steps=5, val_every_n_steps=5),
@@ -251,10 +251,11 @@ def test_each_family_on_moe_experts_has_the_dense_experts_flops(family, s):
         dense = torch_flops(nn.Linear(proj.n_in, proj.n_out, bias=False), torch.randn(8, proj.n_in))
         for e in range(4):
             total = 0.0
-            for name, (rows, cols) in proj.shapes().items():
+            for name, (_, cols) in proj.shapes().items():
                 mask = getattr(moe, f"{name}_mask", None)
                 density = float(mask[e].float().mean()) if mask is not None else 1.0
-                total += torch_flops(lambda x: x @ getattr(moe, name)[e].t(), torch.randn(8, cols)) * density
+                weight = getattr(moe, name)[e]
+                total += torch_flops(lambda x, w=weight: x @ w.t(), torch.randn(8, cols)) * density
             assert abs(total / dense - 1) < 0.01, (proj.name, e, total / dense)
     base = dense_count(MOE_CFG, dense_layer_shapes(MOE_CFG), 32)
     mine = count_flops(model, linear_layer_names(MOE_CFG), 32)
@@ -268,7 +269,7 @@ def test_sparse_ift_experts_train_with_rigl_reload_and_fold(tmp_path, small_corp
     into plain [E, out, in] experts computing the same function."""
     from conftest import tiny_run
     from dstlm.checkpoint import load_checkpoint
-    from dstlm.training.run import build
+    from dstlm.training.build import build
 
     cfg = tiny_run(tmp_path, small_corpus, model=dict(moe=MOE_CFG.moe), trainer=dict(max_steps=5, val_every_n_steps=5),
                    ift=SparseIFTConfig(family=family, sparsity=0.5),

@@ -8,7 +8,7 @@ from conftest import tiny_run
 from dstlm.models.gpt import GPT, GPTConfig
 from dstlm.models.lm_loss import linear_cross_entropy
 from dstlm.training.config import OptimConfig, RunConfig, TrainerConfig
-from dstlm.training.run import build
+from dstlm.training.build import build
 
 
 def _inputs(n=301, c=24, vp=128, v=100, seed=0):
@@ -103,18 +103,20 @@ def _train(tmp_path, corpus, name, **kw):
 
 def test_fused_optimizer_clips_under_bf16_where_lightning_refuses(tmp_path, small_corpus):
     """optim.fused under bf16-mixed: Lightning's mixed-precision plugin would refuse to clip; dstlm clips
-    itself. With a clip value small enough to act at every step, the fused run's weights equal the foreach
-    run's (the same math in another kernel), and a run without clipping differs from both -- so the clipping
-    really happened."""
+    itself. With a clip value small enough to act at every step, the fused run lands on the foreach run's
+    weights (the same math in another kernel: they differ only by rounding, which bf16 activations amplify
+    over the steps -- up to 4e-5 here on an AMD AVX2 CPU, below 1e-6 on the machine this test was written on),
+    while a run without clipping lands far from both -- so the clipping really happened."""
     bf16 = {"precision": "bf16-mixed"}
     base, _ = _train(tmp_path, small_corpus, "foreach", trainer=bf16)
     fused, _ = _train(tmp_path, small_corpus, "fused", optim=dict(fused=True), trainer=bf16)
     unclipped, _ = _train(tmp_path, small_corpus, "noclip", optim=dict(fused=True),
                           trainer=dict(gradient_clip_val=None, **bf16))
     for k in base:
-        torch.testing.assert_close(fused[k], base[k], rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(fused[k], base[k], rtol=1e-3, atol=1e-4, msg=k)
+    rounding = max((fused[k] - base[k]).abs().max().item() for k in base)
     moved = max((unclipped[k] - base[k]).abs().max().item() for k in base)
-    assert moved > 1e-3, moved
+    assert moved > 1e-3 and moved > 20 * rounding, (moved, rounding)  # here: 1.9e-3 vs 3.6e-5
 
 
 def test_fused_optimizer_in_fp32_and_loss_chunking_keep_training(tmp_path, small_corpus):

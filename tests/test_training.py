@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_run
-from dstlm.training.run import build, fit
+from dstlm.training.build import build
+from dstlm.training.run import fit
 
 
 class StopAt(L.Callback):
@@ -89,10 +90,12 @@ def test_resume_across_epoch_boundary(tmp_path, small_corpus):
     over = dict(data=dict(batch_size=16), trainer=dict(val_every_n_steps=100))
     probe = tiny_run(tmp_path / "p", small_corpus, **over)
     _, _, data = build(probe, logger=False)
-    data.prepare_data(); data.setup("fit")
+    data.prepare_data()
+    data.setup("fit")
     n = data.train_sampler.batches_per_epoch
     full = BatchRecorder()
-    cfg = tiny_run(tmp_path / "a", small_corpus, trainer=dict(max_steps=n + 3, val_every_n_steps=100), data=dict(batch_size=16))
+    cfg = tiny_run(tmp_path / "a", small_corpus, trainer=dict(max_steps=n + 3, val_every_n_steps=100),
+                   data=dict(batch_size=16))
     trainer, module, data = build(cfg, [full], logger=False)
     trainer.fit(module, datamodule=data)
     cfg = tiny_run(tmp_path / "b", small_corpus, trainer=dict(max_steps=n + 3, val_every_n_steps=100),
@@ -203,7 +206,8 @@ def test_every_recipe_parses_without_duplicate_keys(recipe, monkeypatch):
     last silently: a second `data:` would drop the first one's fields)."""
     import yaml
 
-    from dstlm.cli import _parse_run
+    from dstlm.cli import parse_run
+    from dstlm.training.summary import config_yaml
 
     class Strict(yaml.SafeLoader):
         pass
@@ -217,8 +221,8 @@ def test_every_recipe_parses_without_duplicate_keys(recipe, monkeypatch):
     Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     yaml.load((REPO / "recipes" / recipe).read_text(), Loader=Strict)
     monkeypatch.chdir(REPO)
-    cfg, _, text = _parse_run("dstlm fit", ["--config", f"recipes/{recipe}"])
-    assert cfg.name and "model:" in text
+    cfg, _ = parse_run("dstlm fit", ["--config", f"recipes/{recipe}"])
+    assert cfg.name and recipe.startswith(cfg.name) and "model:" in config_yaml(cfg)
 
 
 def test_compiled_model_trains_and_saves_plain_keys(tmp_path, small_corpus):

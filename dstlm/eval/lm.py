@@ -99,11 +99,9 @@ class DstlmLM(TemplateLM):
         disable_tqdm = disable_tqdm or self.quiet
         out = []
         for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="dstlm rolling"):
-            windows = [
-                (None,) + make_disjoint_window(w)
-                for w in get_rolling_token_windows(token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                                                   max_seq_len=self.max_length, context_len=1)
-            ]
+            rolling = get_rolling_token_windows(token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                                                max_seq_len=self.max_length, context_len=1)
+            windows = [(None,) + make_disjoint_window(w) for w in rolling]
             scores = self._loglikelihood_tokens(windows, disable_tqdm=True)
             out.append(sum(s for s, _ in scores))
         return out

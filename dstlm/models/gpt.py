@@ -9,7 +9,7 @@ optional tied input/output embeddings, GPT-2 style initialisation (residual proj
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
 import torch

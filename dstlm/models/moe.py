@@ -332,10 +332,10 @@ class MoEMLP(nn.Module):
                                    recv_splits, send_splits, group=ep.group)
         chunks = recv.split(recv_counts.flatten().tolist())  # chunk s*L + l: source s, local expert l
         results: list[Optional[torch.Tensor]] = [None] * (P * L)
-        for l in range(L):  # one batch per local expert over the tokens of the whole group (possibly none)
-            y = self.expert_forward(ep.rank * L + l, torch.cat([chunks[s * L + l] for s in range(P)]))
-            for s, part in enumerate(y.split(recv_counts[:, l].tolist())):
-                results[s * L + l] = part
+        for j in range(L):  # one batch per local expert over the tokens of the whole group (possibly none)
+            y = self.expert_forward(ep.rank * L + j, torch.cat([chunks[s * L + j] for s in range(P)]))
+            for s, part in enumerate(y.split(recv_counts[:, j].tolist())):
+                results[s * L + j] = part
         back = all_to_all_autograd(send.new_empty(send.shape[0], flat.shape[1]), torch.cat(results),
                                    send_splits, recv_splits, group=ep.group)
         for (token, slot), y in zip(picks, back.split(counts.tolist())):

@@ -72,7 +72,8 @@ class SparsityConfig:
             self.sparsity = 0.9 if implied is None else implied
         elif implied is not None and abs(self.sparsity - implied) > 1e-9:
             raise ValueError(f"sparsity.sparsity={self.sparsity} contradicts sparsity.method={self.method} "
-                             f"(here n={self.n}, m={self.m}), which fixes it at {implied:g}; drop sparsity.sparsity or set {implied:g}")
+                             f"(here n={self.n}, m={self.m}), which fixes it at {implied:g}; drop sparsity.sparsity "
+                             f"or set {implied:g}")
         if self.distribution is None:
             self.distribution = "uniform" if cls.fixed_sparsity else "erk"
         elif cls.fixed_sparsity and self.distribution != "uniform":

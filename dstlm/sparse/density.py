@@ -44,7 +44,8 @@ def erk_densities(shapes: Mapping[str, Sequence[int]], density: float, power: fl
     return out
 
 
-def active_counts(shapes: Mapping[str, Sequence[int]], densities: Mapping[str, float], density: float) -> dict[str, int]:
+def active_counts(shapes: Mapping[str, Sequence[int]], densities: Mapping[str, float],
+                  density: float) -> dict[str, int]:
     """Integer non-zero budgets per layer whose sum equals round(density * total) exactly
     (largest-remainder rounding), so the global density is the target to one weight."""
     numel = {n: math.prod(s) for n, s in shapes.items()}

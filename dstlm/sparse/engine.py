@@ -239,7 +239,8 @@ class SparseEngine:
         lines = [f"{self.cfg.method} at sparsity {self.cfg.sparsity:.3f} ({self.cfg.distribution}); "
                  f"{len(self.params)} sparse weights, density {self.density():.4f}"]
         for sp in self.params:
-            lines.append(f"  {sp.name:<40} {str(self.layers[sp.name].shape):>14}  density {float(sp.mask.float().mean()):.4f}")
+            shape, density = str(self.layers[sp.name].shape), float(sp.mask.float().mean())
+            lines.append(f"  {sp.name:<40} {shape:>14}  density {density:.4f}")
         return "\n".join(lines)
 
     # -- state ----------------------------------------------------------------------------------------

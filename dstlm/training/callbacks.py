@@ -1,4 +1,5 @@
-"""Callbacks of every run: step-based checkpoints that keep the last K, and a PNG loss curve."""
+"""Callbacks of every run: step-based checkpoints that keep the last K, a PNG loss curve, RNG state, and the
+tokens/s meter."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import csv
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
@@ -180,3 +183,42 @@ class RNGState(L.Callback):
         random.setstate(state["python"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ThroughputMeter(L.Callback):
+    """Training tokens/s over all ranks, from the wall time between consecutive micro-batches: on the progress
+    bar and in the logs as `tok/s` (refreshed every >= `window_s` seconds), and the run average (validation
+    excluded) as `tokens_per_s` in summary.json."""
+
+    def __init__(self, window_s: float = 2.0) -> None:
+        self.window_s = window_s
+        self._t_last: float | None = None
+        self._win_tokens, self._win_time, self._rate = 0, 0.0, 0.0
+        self._run_tokens, self._run_time = 0, 0.0
+
+    @property
+    def average(self) -> float:
+        return self._run_tokens / self._run_time if self._run_time > 0 else 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._t_last is not None:
+            tokens = batch[0].numel() * trainer.world_size
+            self._win_tokens += tokens
+            self._run_tokens += tokens
+            self._win_time += now - self._t_last
+            self._run_time += now - self._t_last
+            if self._win_time >= self.window_s:
+                self._rate = self._win_tokens / self._win_time
+                self._win_tokens, self._win_time = 0, 0.0
+        self._t_last = now
+        # a CPU tensor: Lightning turns a Python number into a tensor on the module's device, and on a GPU that
+        # host-to-device copy would synchronise the stream every step
+        pl_module.log("tok/s", torch.tensor(self._rate, dtype=torch.float32), prog_bar=True, on_step=True,
+                      on_epoch=False, rank_zero_only=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._t_last = None  # the time spent validating must not count against training throughput
+
+    def summary(self) -> dict:
+        return {"tokens_per_s": round(self.average, 1)}

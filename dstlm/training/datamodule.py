@@ -24,20 +24,22 @@ class LMDataModule(L.LightningDataModule):
         self.cfg = cfg
         self.seed = seed
         self.files = list(cfg.files) or default_corpus_files()
-        self.tokenizer: Optional[TextTokenizer] = None
+        self._tokenizer: Optional[TextTokenizer] = None
         self.train_sampler: Optional[ResumableBatchSampler] = None
         self._pending_resume: Optional[int] = None
 
-    def _tokenizer(self) -> TextTokenizer:
-        if self.tokenizer is None:
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The run's tokenizer: the named one, or a BPE trained on the corpus (cached on disk), loaded once."""
+        if self._tokenizer is None:
             files = [] if self.cfg.hf_dataset else self.files
             if not self.cfg.hf_dataset:
                 missing = [f for f in self.files if not os.path.isfile(f)]
                 if missing:
                     raise FileNotFoundError(f"corpus file {missing[0]!r} does not exist; fix data.files "
                                             f"(or leave it empty for the shipped corpus)")
-            self.tokenizer = load_tokenizer(self.cfg.tokenizer, files, self.cfg.vocab_size)
-        return self.tokenizer
+            self._tokenizer = load_tokenizer(self.cfg.tokenizer, files, self.cfg.vocab_size)
+        return self._tokenizer
 
     def _packed(self):
         cfg = self.cfg
@@ -46,7 +48,7 @@ class LMDataModule(L.LightningDataModule):
             docs_key + f"|{cfg.text_field}",
             lambda: load_documents(self.files if not cfg.hf_dataset else (), cfg.hf_dataset, cfg.hf_split,
                                    cfg.text_field),
-            self._tokenizer(), cfg.block_size, cfg.val_fraction,
+            self.tokenizer, cfg.block_size, cfg.val_fraction,
         )
 
     def prepare_data(self) -> None:
@@ -69,7 +71,9 @@ class LMDataModule(L.LightningDataModule):
             self._pending_resume = None
         # validation: the first val_batches global batches, in order, split across ranks
         G = self.cfg.batch_size * world
-        n_val = len(self.val_set) // G if self.cfg.val_batches == 0 else min(self.cfg.val_batches, len(self.val_set) // G)
+        n_val = len(self.val_set) // G
+        if self.cfg.val_batches:
+            n_val = min(self.cfg.val_batches, n_val)
         if n_val == 0:
             raise ValueError(f"validation split has {len(self.val_set)} blocks, fewer than one global batch "
                              f"({G}); raise data.val_fraction or lower data.batch_size/block_size")
@@ -111,7 +115,8 @@ class LMDataModule(L.LightningDataModule):
                 f"matches to resume the data stream"
             )
         if state["seed"] != self.seed:
-            raise ValueError(f"checkpoint seed={state['seed']} differs from seed={self.seed}; resume with the same seed")
+            raise ValueError(f"checkpoint seed={state['seed']} differs from seed={self.seed}; "
+                             f"resume with the same seed")
         if self.train_sampler is not None:
             self.train_sampler.resume(state["batches_consumed"])
         else:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict
 
 import lightning as L
@@ -14,9 +13,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dstlm.build import build_model, model_transforms
+from dstlm.checkpoint import check_resume_compatible
 from dstlm.models.gpt import GPT, GPTConfig
 from dstlm.models.lm_loss import CHUNK_TOKENS
-from dstlm.models.moe import ExpertParallel, set_expert_parallel, without_placement
+from dstlm.models.moe import ExpertParallel, set_expert_parallel
 from dstlm.sparse import SparseEngine, SparsityConfig
 from dstlm.training.config import OptimConfig
 from dstlm.transforms.ift import SparseIFT, SparseIFTConfig
@@ -43,7 +43,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if isinstance(module, (nn.Embedding, nn.LayerNorm)):
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
     decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
@@ -61,7 +61,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 class LMModule(L.LightningModule):
-    """Trains a GPT on (inputs, targets) token blocks; logs loss, perplexity, LR and tokens/s."""
+    """Trains a GPT on (inputs, targets) token blocks; logs loss and perplexity (tokens/s: ThroughputMeter)."""
 
     def __init__(self, model: GPTConfig, optim: OptimConfig, max_steps: int,
                  sparsity: SparsityConfig | None = None, seed: int = 0, ift: SparseIFTConfig | None = None,
@@ -85,15 +85,6 @@ class LMModule(L.LightningModule):
         # how the model runs, not what it is: not hyper-parameters, free to change on resume
         self.compile_model = compile_model
         self.loss_chunk_tokens = loss_chunk_tokens
-        self._t_last: float | None = None
-        self._win_tokens, self._win_time = 0, 0.0
-        self._tok_per_s = 0.0
-        self._run_tokens, self._run_time = 0, 0.0  # whole run, validation excluded
-
-    @property
-    def average_tokens_per_s(self) -> float:
-        """Training tokens/s over all ranks, averaged over the run so far (validation time excluded)."""
-        return self._run_tokens / self._run_time if self._run_time > 0 else 0.0
 
     def build_fresh_model(self) -> GPT:
         """A new, initialised model of this run's structure (no masks): what configure_model starts from."""
@@ -139,29 +130,9 @@ class LMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model shape or sparsity setup with a one-line reason."""
-        saved = checkpoint.get("hyper_parameters", {})
-        if "model" in saved:
-            now = asdict(self.model_config)
-            diff = [k for k in now if k in saved["model"]
-                    and without_placement(saved["model"][k]) != without_placement(now[k])]
-            if diff:
-                k = diff[0]
-                raise ValueError(f"checkpoint model.{k}={saved['model'][k]!r} but this run has model.{k}={now[k]!r}; "
-                                 f"use the checkpoint's model config")
-        old_ift, new_ift = saved.get("ift"), asdict(self.ift_config) if self.ift_config else None
-        if old_ift != new_ift:
-            raise ValueError(f"checkpoint has ift={old_ift!r} but this run has ift={new_ift!r}; resume with the same "
-                             f"Sparse-IFT config")
-        old, new = saved.get("sparsity"), asdict(self.sparsity_config) if self.sparsity_config else None
-        if "sparsity" in saved and (old is None) != (new is None):
-            raise ValueError(f"checkpoint is {'dense' if old is None else 'sparse (' + old['method'] + ')'} but this "
-                             f"run is {'dense' if new is None else 'sparse (' + new['method'] + ')'}; resume with the "
-                             f"same sparsity config")
-        if old and new:
-            for k in ("method", "sparsity", "distribution", "include", "exclude", "n", "m"):
-                if old.get(k) != new.get(k):
-                    raise ValueError(f"checkpoint was trained with sparsity.{k}={old.get(k)!r}, this run has "
-                                     f"sparsity.{k}={new.get(k)!r}; resume with the same sparsity config")
+        check_resume_compatible(checkpoint.get("hyper_parameters", {}), self.model_config,
+                                asdict(self.sparsity_config) if self.sparsity_config else None,
+                                asdict(self.ift_config) if self.ift_config else None)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -169,7 +140,6 @@ class LMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = self.model.loss(x, y)
-        self._count_tokens(x.numel())
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         if self.model.config.moe is not None:
             self._log_moe()
@@ -186,24 +156,6 @@ class LMModule(L.LightningModule):
         metrics.update({f"moe/load/e{i}": v for i, v in enumerate(load)})
         self.log_dict(metrics, on_step=True, on_epoch=False)
 
-    def _count_tokens(self, n_local: int) -> None:
-        """Tokens/s over all ranks, from wall time between consecutive steps, refreshed every >= 2 s."""
-        now = time.perf_counter()
-        if self._t_last is not None:
-            self._win_tokens += n_local * self.trainer.world_size
-            self._win_time += now - self._t_last
-            self._run_tokens += n_local * self.trainer.world_size
-            self._run_time += now - self._t_last
-            if self._win_time >= 2.0:
-                self._tok_per_s = self._win_tokens / self._win_time
-                self._win_tokens, self._win_time = 0, 0.0
-        self._t_last = now
-        # a CPU tensor: Lightning turns a Python number into a tensor on the module's device, and on a GPU
-        # that host-to-device copy synchronises the stream in the middle of the step (after the forward is
-        # queued, before the backward is), leaving the GPU idle while the backward is launched
-        self.log("tok/s", torch.tensor(self._tok_per_s, dtype=torch.float32), prog_bar=True, on_step=True,
-                 on_epoch=False, rank_zero_only=True)
-
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._val_n = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -219,8 +171,6 @@ class LMModule(L.LightningModule):
         val_loss = (total[0] / total[1].clamp_min(1)).float()
         self.log("val/loss", val_loss, prog_bar=True, sync_dist=False, rank_zero_only=False)
         self.log("val/ppl", torch.exp(val_loss), sync_dist=False)
-        # the time spent validating must not count against training throughput
-        self._t_last = None
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's mixed-precision plugin refuses to clip for a fused optimizer, which would unscale fp16

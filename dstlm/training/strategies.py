@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Generator, Optional
+from typing import Any, Generator
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -139,7 +139,8 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
 
 def saved_world_size(ckpt_dir: str | Path) -> int:
     """Data-parallel ranks that wrote a DeepSpeed ZeRO checkpoint (one optimizer-state shard each)."""
-    shards = {p.name.split("_pp_rank_")[1].split("_")[0] for p in (Path(ckpt_dir) / "checkpoint").glob("*_optim_states.pt")}
+    files = (Path(ckpt_dir) / "checkpoint").glob("*_optim_states.pt")
+    shards = {p.name.split("_pp_rank_")[1].split("_")[0] for p in files}
     return len(shards)
 
 

@@ -65,8 +65,8 @@ class SparseIFT:
         """The DST config that drives the transformed weights: the user's method and schedule, with every sparse
         weight of the transformed layers included at its iso-FLOP density (nothing else is sparsified)."""
         if base.method_class.fixed_sparsity:
-            raise ValueError(f"ift.family={self.cfg.family} with sparsity.method={base.method}: that method fixes every "
-                             f"layer's density, so Sparse-IFT's iso-FLOP densities cannot be applied; use "
+            raise ValueError(f"ift.family={self.cfg.family} with sparsity.method={base.method}: that method fixes "
+                             f"every layer's density, so Sparse-IFT's iso-FLOP densities cannot be applied; use "
                              f"rigl, srigl, set or static")
         densities = iso_flop_densities(model, self.base, self.cfg, self.layers)
         if self.cfg.match == "total":
@@ -83,8 +83,8 @@ class SparseIFT:
     def overridden(base: SparsityConfig) -> list[str]:
         """The user's sparsity fields, set away from their defaults, that `sparsity_config` replaces."""
         defaults = SparsityConfig(method=base.method)
-        return [f"sparsity.{k}={getattr(base, k)!r}" for k in ("distribution", "include", "exclude", "overrides",
-                                                                 "no_ablate") if getattr(base, k) != getattr(defaults, k)]
+        fields = ("distribution", "include", "exclude", "overrides", "no_ablate")
+        return [f"sparsity.{k}={getattr(base, k)!r}" for k in fields if getattr(base, k) != getattr(defaults, k)]
 
     def describe(self, model: nn.Module) -> str:
         s = self.cfg.sparsity

@@ -4,7 +4,8 @@ mask update to OUT/rank<r>.pt. Used by tests/test_dist.py.
     python tests/helpers/dst_run.py OUT METHOD BATCH_PER_RANK FILE [FILE ...]
 
 Environment: DSTLM_STRATEGY (default ddp / auto), DSTLM_STEPS (8), DSTLM_CKPT_EVERY (0),
-DSTLM_STEP_SLEEP (seconds per step, to give a test time to kill a rank), DSTLM_IFT (a Sparse-IFT family), DSTLM_MOE (a MoE model), DSTLM_EP (its expert_parallel_size), DSTLM_RESUME (a checkpoint to resume
+DSTLM_STEP_SLEEP (seconds per step, to give a test time to kill a rank), DSTLM_IFT (a Sparse-IFT family),
+DSTLM_MOE (a MoE model), DSTLM_EP (its expert_parallel_size), DSTLM_RESUME (a checkpoint to resume
 from, through dstlm.training.run.fit). Each rank saves masks after every update, the masks at train start
 (after a restore), the final masks and the final (gathered) weights.
 """
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import tiny_run  # noqa: E402
 from dstlm.sparse import SparsityConfig  # noqa: E402
-from dstlm.training.run import build, fit  # noqa: E402
+from dstlm.training.build import build  # noqa: E402
+from dstlm.training.run import fit  # noqa: E402
 
 
 class Sleep(L.Callback):

@@ -1,0 +1,102 @@
+"""Build a run: (Trainer, LMModule, LMDataModule) from a RunConfig, with the callbacks every run has."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from dstlm.training.callbacks import LossPlot, RNGState, StepCheckpoint, ThroughputMeter
+from dstlm.training.config import RunConfig
+from dstlm.training.datamodule import LMDataModule
+from dstlm.training.dst_callback import DSTCallback
+from dstlm.training.eval_callback import EvalCallback
+from dstlm.training.module import LMModule
+from dstlm.training.summary import FlopsLog, RunRecord
+
+# Messages that are expected on CPU runs and only distract users.
+for _msg in (".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
+             ".*GPU available but not used.*", ".*is supported for historical reasons but its usage is discouraged.*",
+             ".*Experiment logs directory .* exists and is not empty.*", ".*srun.*", ".*LeafSpec.*",
+             ".*when logging on epoch level in distributed setting.*",
+             # LMModule overrides the clipping hook for fused optimizers under bf16 and defers to DeepSpeed's
+             # own clipping under DeepSpeed, where Lightning warns about any override
+             ".*Since DeepSpeed handles gradient clipping internally.*"):
+    warnings.filterwarnings("ignore", message=_msg)
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def _next_version(log_dir: Path) -> int:
+    versions = [int(p.name.split("_")[1]) for p in log_dir.glob("version_*") if p.name.split("_")[1].isdigit()]
+    return max(versions, default=-1) + 1
+
+
+def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool = True):
+    """(trainer, module, datamodule) for `cfg`; the run folder is out_dir/name."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision("high")
+    out = run_dir(cfg)
+    log_dir = out / "logs"
+    loggers = []
+    if logger:
+        # version numbers agree on all ranks because rank 0 creates the folder only after all have looked
+        version = _next_version(log_dir)
+        loggers = [CSVLogger(out, name="logs", version=version),
+                   TensorBoardLogger(out, name="logs", version=version, default_hp_metric=False)]
+    callbacks = [
+        StepCheckpoint(out / "checkpoints", cfg.trainer.ckpt_every_n_steps, cfg.trainer.keep_last_k),
+        LossPlot(log_dir, out / "loss.png"),
+        RNGState(),
+        ThroughputMeter(),
+        RunRecord(cfg, out),
+    ]
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    if cfg.sparsity is not None:
+        callbacks.append(DSTCallback())
+    if cfg.sparsity is not None or cfg.ift is not None:
+        callbacks.append(FlopsLog(cfg, out))
+    data = LMDataModule(cfg.data, cfg.seed)
+    if cfg.eval is not None:
+        callbacks.append(EvalCallback(cfg.eval, lambda: data.tokenizer))
+    callbacks += extra_callbacks or []
+    t = cfg.trainer
+    strategy = t.strategy
+    if strategy.startswith("deepspeed"):
+        from dstlm.training.strategies import DeepSpeedZeRO
+
+        cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+        strategy = DeepSpeedZeRO(stage=t.zero_stage, cpu=cpu, offload_optimizer=t.offload_optimizer,
+                                 offload_parameters=t.offload_params, config=t.deepspeed_config)
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
+        precision=t.precision, max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val, val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches,
+        check_val_every_n_epoch=None, log_every_n_steps=t.log_every_n_steps, logger=loggers or False,
+        callbacks=callbacks, enable_progress_bar=t.progress_bar, enable_model_summary=False,
+        deterministic=t.deterministic, use_distributed_sampler=False, num_sanity_val_steps=0,
+        default_root_dir=str(out),
+    )
+    module = LMModule(cfg.model, cfg.optim, t.max_steps, sparsity=cfg.sparsity, seed=cfg.seed, ift=cfg.ift,
+                      seq_len=cfg.data.block_size, compile_model=t.compile, loss_chunk_tokens=t.loss_chunk_tokens)
+    check_vocab(cfg, data)
+    # the tokenizer travels inside every checkpoint, so eval/export need nothing but the .ckpt file
+    module.tokenizer_json = data.tokenizer.tokenizer.to_str()
+    return trainer, module, data
+
+
+def check_vocab(cfg: RunConfig, data: LMDataModule) -> None:
+    vocab = data.tokenizer.vocab_size
+    if vocab > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {cfg.data.tokenizer!r} has {vocab} tokens but model.vocab_size="
+                         f"{cfg.model.vocab_size}; set model.vocab_size >= {vocab}")
