@@ -136,6 +136,14 @@ def report(checkpoint: str, layer: Optional[str] = None, out: Optional[str] = No
     for name, info in s["layers"].items():
         ablated = f"  ablated rows {info['ablated_rows']}" if info["ablated_rows"] else ""
         print(f"  {name:<40} density {info['density']:.4f}{ablated}")
+    c = s["unit_census"]
+    if c["units"]:
+        print(f"hidden units: {c['dead']} of {c['units']} dead (no consumer weight left: "
+              f"{100 * c['dead_unit_frac']:.1f} %), {c['orphans']} orphan (no producer weight); "
+              f"{100 * c['wasted_weight_frac']:.1f} % of the linked layers' active weights sit in them")
+        for name, row in c["links"].items():
+            if row["dead"] or row["orphans"]:
+                print(f"  {name:<62} dead {row['dead']:>5}  orphan {row['orphans']:>5}  of {row['units']}")
     print(f"wrote {s['density_png']}\nwrote {s['mask_png']}")
     return 0
 

@@ -1,7 +1,8 @@
-"""`dstlm report`: pictures of a checkpoint's sparsity — per-layer density and one layer's mask.
+"""`dstlm report`: pictures of a checkpoint's sparsity — per-layer density and one layer's mask — and the
+census of dead and orphan hidden units (dstlm/sparse/connectivity.py).
 
 Reads the mask buffers (`*.weight_mask`) straight from a Lightning checkpoint file, so it needs neither
-the config nor the data.
+the run config nor the data.
 """
 
 from __future__ import annotations
@@ -16,6 +17,29 @@ import torch
 def load_masks(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """{weight name: bool [out, in] mask} from a checkpoint (Lightning .ckpt, DeepSpeed checkpoint directory,
     run folder, or a plain state_dict file). Batched expert masks [E, out, in] become `<name>.<e>` entries."""
+    return _read(checkpoint)[0]
+
+
+def unit_pairs(ckpt: dict) -> list[tuple[str, str]]:
+    """The model's (producer, consumer) matrix pairs (GPT.unit_links), from the checkpoint's model and
+    Sparse-IFT config (built on the meta device: no memory, no weights); [] for a checkpoint without them."""
+    import dataclasses
+
+    from dstlm.build import build_model, model_transforms
+    from dstlm.models.gpt import GPTConfig
+    from dstlm.transforms.ift import SparseIFTConfig
+
+    hp = ckpt.get("hyper_parameters", {})
+    if "model" not in hp:
+        return []
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    cfg = GPTConfig(**{k: v for k, v in hp["model"].items() if k in known})
+    ift = SparseIFTConfig(**hp["ift"]) if hp.get("ift") else None
+    with torch.device("meta"):
+        return build_model(cfg, model_transforms(cfg, ift)).unit_links()
+
+
+def _read(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     from dstlm.checkpoint import read_checkpoint
 
     path = Path(checkpoint)
@@ -35,7 +59,7 @@ def load_masks(checkpoint: str | Path) -> dict[str, torch.Tensor]:
                 masks[name] = value
     if not masks:
         raise ValueError(f"checkpoint {str(path)!r} holds no sparsity masks (was it trained with a sparsity config?)")
-    return masks
+    return masks, ckpt
 
 
 def report(checkpoint: str | Path, out_dir: str | Path, layer: Optional[str] = None) -> dict:
@@ -45,7 +69,10 @@ def report(checkpoint: str | Path, out_dir: str | Path, layer: Optional[str] = N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    masks = load_masks(checkpoint)
+    from dstlm.sparse.connectivity import links_between, unit_census
+
+    masks, ckpt = _read(checkpoint)
+    census = unit_census(masks, links_between(unit_pairs(ckpt), {n: tuple(m.shape) for n, m in masks.items()}))
     if layer is None:
         layer = next(iter(masks))
     if layer not in masks:
@@ -88,6 +115,6 @@ def report(checkpoint: str | Path, out_dir: str | Path, layer: Optional[str] = N
     summary = {"checkpoint": str(checkpoint), "global_density": total, "global_sparsity": 1 - total,
                "layers": {n: {"density": d, "shape": list(masks[n].shape),
                               "ablated_rows": int((~masks[n].any(1)).sum())} for n, d in zip(names, dens)},
-               "density_png": str(density_png), "mask_png": str(mask_png)}
+               "unit_census": census, "density_png": str(density_png), "mask_png": str(mask_png)}
     (out / "sparsity.json").write_text(json.dumps(summary, indent=2))
     return summary

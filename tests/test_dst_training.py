@@ -144,6 +144,7 @@ def test_cli_sparse_fit_then_report(tmp_path, small_corpus):
     r = _cli("report", "--checkpoint", str(ckpt), "--layer", "blocks.1.mlp.fc_in.weight",
              "--out", str(tmp_path / "rep"))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "hidden units:" in r.stdout and "dead" in r.stdout  # the census of dead / orphan units
     assert (tmp_path / "rep" / "density.png").stat().st_size > 5000
     assert (tmp_path / "rep" / "mask_blocks.1.mlp.fc_in.weight.png").stat().st_size > 5000
     info = json.loads((tmp_path / "rep" / "sparsity.json").read_text())

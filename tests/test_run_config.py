@@ -64,6 +64,11 @@ def test_sparsity_yaml_records_what_the_engine_used(tmp_path, small_corpus):
         assert layer["budget"] == rows * layer["fan_in"], name  # constant fan-in: every row holds fan_in
         alive = rows - layer["final_ablated_rows"]
         assert layer["final_active"] <= layer["budget"] and layer["final_active"] % max(1, alive) == 0, name
+    census = json.loads((tmp_path / "runs" / "s" / "summary.json").read_text())["unit_census"]
+    assert census["units"] == 2 * (32 + 128)  # v_proj/out_proj and fc_in/fc_out units of 2 blocks
+    # SRigL's rows draw their inputs independently (2 of 320 units dead here after one update); with one input
+    # order shared by all rows, most fc_out / out_proj columns started empty
+    assert census["dead"] <= 0.02 * census["units"]
     total = sum(la["shape"][0] * la["shape"][1] for la in rec["layers"].values())
     assert rec["density"] == pytest.approx(sum(la["final_active"] for la in rec["layers"].values()) / total, abs=1e-6)
 

@@ -186,3 +186,15 @@ def test_engine_stops_on_rank_mismatch():
     engine = SparseEngine(model, SparsityConfig(method="set", sparsity=0.5, delta_t=1, t_end=10), seed=0, max_steps=10)
     with pytest.raises(MaskMismatchError, match="masks differ across data-parallel ranks after the update at step 1"):
         engine.after_optimizer_step(1, Disagreeing())
+
+
+def test_constant_fan_in_rows_choose_their_inputs_independently():
+    """Ties are broken per row: SRigL's initial mask gives every row its own random inputs. (A column order
+    shared by all rows gave every row the same k inputs: at GPT-2 MLP shapes, 90 % of fc_out's columns -- the
+    hidden units they read -- started without a single weight.)"""
+    mask = rules.constant_fan_in_mask((192, 768), 76, gen(0))
+    assert (mask.sum(dim=1) == 76).all()
+    assert int((~mask.any(dim=0)).sum()) == 0  # every input column is used (expected empty: 768 * 0.9^192 ~ 0)
+    assert len({tuple(r.nonzero().squeeze(1).tolist()) for r in mask}) == 192
+    ranks = rules._row_ranks(torch.zeros(50, 10), gen(1), descending=True)
+    assert len({tuple(r.tolist()) for r in ranks}) > 40  # all-tied rows: independent random orders

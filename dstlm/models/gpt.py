@@ -241,6 +241,22 @@ class GPT(nn.Module):
                 else:
                     nn.init.normal_(proj.weight, mean=0.0, std=scaled)
 
+    def unit_links(self) -> list[tuple[str, str]]:
+        """(producer, consumer) weight-matrix names whose producer row i and consumer column i meet in one hidden
+        unit: MLP fc_in / fc_out, attention v_proj / out_proj (attention mixes positions, not channels), and each
+        expert's w_in.e / w_out.e (a batched [E, out, in] parameter's matrix e is named `<param>.e`). Layers a
+        transform replaced (other names, or expert projections in another layout) are not listed."""
+        pairs = []
+        for i, block in enumerate(self.blocks):
+            b = f"blocks.{i}"
+            pairs.append((f"{b}.attn.v_proj.weight", f"{b}.attn.out_proj.weight"))
+            if isinstance(block.mlp, MoEMLP):
+                if all(p.family is None for p in block.mlp.projections):
+                    pairs += [(f"{b}.mlp.w_in.{e}", f"{b}.mlp.w_out.{e}") for e in range(block.mlp.cfg.num_experts)]
+            else:
+                pairs.append((f"{b}.mlp.fc_in.weight", f"{b}.mlp.fc_out.weight"))
+        return pairs
+
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx: (B, T) int64 token ids -> logits (B, T, V) over the real (unpadded) vocabulary; with targets
         (B, T) (-100 ignored) -> the mean next-token cross-entropy instead, through the LM head's fused,

@@ -56,6 +56,10 @@ class SparsityConfig:
     """N:M: active weights per group."""
     m: int = 4
     """N:M: group size (consecutive input weights of a row)."""
+    reclaim_dead_units: bool = False
+    """At each update, give back the active weights of producer rows whose hidden unit no consumer weight reads
+    any more (dead units: docs/sparse-training.md); they get no gradient. SET/RigL drop them and regrow as many
+    where gradients flow; SRigL ablates those rows (their budget goes to the surviving rows). set, rigl, srigl."""
     grad_accumulation: int = 1
     """Average the dense-gradient score over the last this-many optimizer steps before an update."""
     verify_every: int = 0

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from dstlm.sparse.config import SparsityConfig
+from dstlm.sparse.connectivity import UnitLink, dead_units, links_between, unit_census
 from dstlm.sparse.density import active_counts, erk_densities
 from dstlm.sparse.distributed import SparseBackend, TorchBackend
 from dstlm.sparse.masks import SparseParam, attach_mask, check_patterns_match, mask_checksum, select_params
@@ -61,6 +62,9 @@ class SparseEngine:
             sp.name for sp in self.params for pat in cfg.no_ablate if fnmatch.fnmatchcase(sp.name, pat)}
         self.layers: dict[str, Layer] = {n: Layer(n, shapes[n], densities[n], budgets[n], n in protected)
                                          for n in shapes}
+        # producer rows / consumer columns the model pairs (`unit_links()`: matrix names), for the census
+        pairs = model.unit_links() if hasattr(model, "unit_links") else []
+        self.links: list[UnitLink] = links_between(pairs, shapes)
         self.generator = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else seed)
         self.ever_active: dict[str, torch.Tensor] = {}
         self._scores: dict[str, torch.Tensor] = {}
@@ -155,6 +159,10 @@ class SparseEngine:
         drop_fraction = self.schedule.drop_fraction(t)
         keeps: dict[str, torch.Tensor] = {}
         weights: dict[tuple[int, str], torch.Tensor] = {}
+        masks = {sp.name: sp.mask for sp in self.params}
+        dead = {link.producer: dead_units(masks[link.producer], masks[link.consumer]).cpu()
+                for link in self.links} if self.cfg.reclaim_dead_units else {}
+        reclaimed_rows = 0
         for sp in self.params:
             layer = self.layers[sp.name]
             old = sp.mask.detach().cpu().clone()
@@ -164,7 +172,11 @@ class SparseEngine:
             w = sp.view(weights[key]).reshape(layer.shape)
             score = self._need(self._scores.get(sp.name), sp) if self.method.uses_dense_grad else None
             n_swap = int(round(drop_fraction * int(old.sum())))
-            new = self.method.update(layer, w, old, score, n_swap, t, self.schedule, self.generator)
+            layer.dead_rows = dead.get(sp.name)  # the rows to reclaim at this update (None: none)
+            if layer.dead_rows is not None:
+                reclaimed_rows += int((layer.dead_rows & old.any(dim=1)).sum())
+            new = self.method.update_layer(layer, w, old, score, n_swap, t, self.schedule, self.generator)
+            layer.dead_rows = None
             grown = new & ~old
             keeps[sp.name] = new & ~grown  # zero both dropped and newly grown entries (grown start at 0)
             sp.mask = new.to(sp.mask.device)
@@ -193,6 +205,9 @@ class SparseEngine:
             "itop": itop, "ablated_neurons": float(ablated), "drop_fraction": drop_fraction,
             "update_ms": (time.perf_counter() - start) * 1e3,
         }
+        if self.cfg.reclaim_dead_units:
+            self.last_stats["reclaimed_rows"] = float(reclaimed_rows)
+        self.last_stats.update(self.census_stats())
         self.last_stats.update({f"layer/{n}": d for n, d in per_layer.items()})
         return self.last_stats
 
@@ -231,6 +246,17 @@ class SparseEngine:
     def density(self) -> float:
         active = sum(int(sp.mask.sum()) for sp in self.params)
         return active / sum(sp.mask.numel() for sp in self.params)
+
+    def census(self) -> dict:
+        """Dead and orphan hidden units of the linked layers (dstlm/sparse/connectivity.py)."""
+        return unit_census({sp.name: sp.mask for sp in self.params}, self.links)
+
+    def census_stats(self) -> dict[str, float]:
+        if not self.links:
+            return {}
+        c = self.census()
+        return {"dead_units": float(c["dead"]), "dead_unit_frac": c["dead_unit_frac"],
+                "orphan_units": float(c["orphans"]), "wasted_weight_frac": c["wasted_weight_frac"]}
 
     def layer_densities(self) -> dict[str, float]:
         return {sp.name: float(sp.mask.float().mean()) for sp in self.params}

@@ -44,6 +44,9 @@ class Layer:
     """Never ablate whole rows (SRigL): the last sparse layer and `no_ablate` patterns."""
     fan_in: Optional[int] = None
     """Active inputs per active row, for constant fan-in methods."""
+    dead_rows: Optional[torch.Tensor] = None
+    """Set by the engine for one update when sparsity.reclaim_dead_units is on: bool [rows], the rows whose
+    unit no consumer reads (dstlm/sparse/connectivity.py). Their weights get no gradient: reclaim them."""
 
 
 class DSTMethod:
@@ -59,6 +62,8 @@ class DSTMethod:
     """sparsity.sparse_init when the config leaves it unset."""
     fixed_sparsity: ClassVar[bool] = False
     """The method's structure fixes the sparsity (see `implied_sparsity`)."""
+    can_reclaim: ClassVar[bool] = True
+    """Supports sparsity.reclaim_dead_units (a dynamic method whose budget may move between rows)."""
 
     def __init__(self, cfg: "SparsityConfig") -> None:
         self.cfg = cfg
@@ -72,6 +77,9 @@ class DSTMethod:
     @classmethod
     def check_config(cls, cfg: "SparsityConfig") -> None:
         """Refuse settings this method cannot honour (one line naming the field and the fix)."""
+        if cfg.reclaim_dead_units and not (cls.dynamic and cls.can_reclaim):
+            raise ValueError(f"sparsity.reclaim_dead_units=true needs a method that moves weights between rows; "
+                             f"sparsity.method={cls.name} does not: use set, rigl or srigl, or drop the option")
 
     # -- masks ------------------------------------------------------------------------------------------
     def init_mask(self, layer: Layer, weight: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -84,6 +92,22 @@ class DSTMethod:
                n_swap: int, t: int, schedule: UpdateSchedule, gen: torch.Generator) -> torch.Tensor:
         """The new bool mask ([out, in], like `mask`). `n_swap`: entries to drop (and regrow) at this step."""
         raise NotImplementedError(f"{self.name} does not update masks")
+
+    def update_layer(self, layer: Layer, weight: torch.Tensor, mask: torch.Tensor, score: Optional[torch.Tensor],
+                     n_swap: int, t: int, schedule: UpdateSchedule, gen: torch.Generator) -> torch.Tensor:
+        """What the engine calls: `update`, and, when the engine marked `layer.dead_rows`, the dead rows' active
+        weights dropped first and the same number regrown outside them (by |score| when the method reads
+        the dense gradient, else at random). Methods that reclaim in their own way override this."""
+        dead = layer.dead_rows
+        if dead is None or not bool(dead.any()):
+            return self.update(layer, weight, mask, score, n_swap, t, schedule, gen)
+        live = mask & ~dead[:, None]
+        new = self.update(layer, weight, live, score, n_swap, t, schedule, gen)
+        new = new & ~dead[:, None]  # what the rule itself grew in dead rows moves too
+        reclaimed = int(mask.sum()) - int(new.sum())
+        rank = score.abs() if score is not None else torch.zeros(mask.shape)
+        rank = torch.where(dead[:, None], torch.full_like(rank, -1.0), rank)  # dead rows only if nothing else is left
+        return rules.grow_top(new.flatten().clone(), rank, reclaimed, gen).view_as(mask)
 
     def check_invariants(self, layer: Layer, mask: torch.Tensor) -> list[str]:
         nnz = int(mask.sum())
@@ -161,8 +185,11 @@ class SRigL(DSTMethod):
     def update(self, layer, weight, mask, score, n_swap, t, schedule, gen):
         allow = self.cfg.ablation and not layer.protected
         new, layer.fan_in = rules.srigl_update(weight, mask, score, n_swap, layer.budget, self.cfg.gamma_sal,
-                                               allow, gen)
+                                               allow, gen, force_ablate=layer.dead_rows)
         return new
+
+    def update_layer(self, layer, weight, mask, score, n_swap, t, schedule, gen):
+        return self.update(layer, weight, mask, score, n_swap, t, schedule, gen)  # dead rows: ablated
 
     def check_invariants(self, layer, mask):
         problems, rows, nnz = [], mask.sum(dim=1), int(mask.sum())
@@ -176,6 +203,7 @@ class SRigL(DSTMethod):
 @register
 class GMP(DSTMethod):
     name = "gmp"
+    can_reclaim = False
     summary = "gradual magnitude pruning from dense (or gmp_initial_sparsity) on a cubic ramp (Zhu & Gupta 2017)"
 
     def init_mask(self, layer, weight, gen):
@@ -200,6 +228,7 @@ class NM(DSTMethod):
     summary = "N:M: n active in every m consecutive inputs of a row, regrown by |dense gradient| within groups"
     uses_dense_grad = True
     fixed_sparsity = True
+    can_reclaim = False  # every group of every row must keep n active
 
     @classmethod
     def implied_sparsity(cls, cfg):
@@ -207,6 +236,7 @@ class NM(DSTMethod):
 
     @classmethod
     def check_config(cls, cfg):
+        super().check_config(cfg)
         if not (isinstance(cfg.n, int) and isinstance(cfg.m, int) and 0 < cfg.n < cfg.m):
             raise ValueError(f"sparsity.n={cfg.n}, sparsity.m={cfg.m}: need integers 0 < n < m (e.g. 2:4)")
 

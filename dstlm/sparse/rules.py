@@ -18,14 +18,16 @@ def _ranked(score: torch.Tensor, gen: torch.Generator, descending: bool) -> torc
 
 
 def _row_ranks(score: torch.Tensor, gen: torch.Generator, descending: bool) -> torch.Tensor:
-    """rank[i, j] = position of entry j in row i sorted by score (0 = first), ties in random order."""
+    """rank[i, j] = position of entry j in row i sorted by score (0 = first), ties in random order drawn
+    independently for every row. (One column permutation shared by all rows, as before, broke every tie the
+    same way in every row: constant_fan_in_mask gave all rows the same inputs, leaving the other columns,
+    i.e. the hidden units they read, with no weight at all.)"""
     rows, cols = score.shape
-    perm = torch.randperm(cols, generator=gen, device="cpu").to(score.device)
-    order = torch.argsort(score[:, perm], dim=1, descending=descending, stable=True)  # permuted col ids
-    ranks_perm = torch.empty_like(order)
-    ranks_perm.scatter_(1, order, torch.arange(cols, device=score.device).expand(rows, cols).contiguous())
-    ranks = torch.empty_like(ranks_perm)
-    ranks[:, perm] = ranks_perm
+    perm = torch.rand(rows, cols, generator=gen, device="cpu").argsort(dim=1).to(score.device)  # [rows, cols]
+    order = torch.argsort(torch.gather(score, 1, perm), dim=1, descending=descending, stable=True)
+    columns = torch.gather(perm, 1, order)  # column ids of row i in rank order
+    ranks = torch.empty_like(columns)
+    ranks.scatter_(1, columns, torch.arange(cols, device=score.device).expand(rows, cols).contiguous())
     return ranks
 
 
@@ -63,7 +65,8 @@ def _drop_smallest(weight: torch.Tensor, mask: torch.Tensor, k: int, gen: torch.
     return flat
 
 
-def _grow_top(flat: torch.Tensor, score: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+def grow_top(flat: torch.Tensor, score: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Activate the k highest-scoring inactive entries of a flat bool mask (in place; ties in seeded random order)."""
     inactive = (~flat).nonzero().squeeze(1)
     k = min(k, inactive.numel())
     if k > 0:
@@ -76,7 +79,7 @@ def set_update(weight: torch.Tensor, mask: torch.Tensor, n_swap: int, gen: torch
     (a just-dropped position may come back)."""
     flat = _drop_smallest(weight, mask, n_swap, gen)
     n_drop = int(mask.sum()) - int(flat.sum())
-    return _grow_top(flat, torch.zeros(flat.numel(), device=flat.device), n_drop, gen).view_as(mask)
+    return grow_top(flat, torch.zeros(flat.numel(), device=flat.device), n_drop, gen).view_as(mask)
 
 
 def rigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int,
@@ -85,7 +88,7 @@ def rigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_
     positions inactive after the drop."""
     flat = _drop_smallest(weight, mask, n_swap, gen)
     n_drop = int(mask.sum()) - int(flat.sum())
-    return _grow_top(flat, grad.abs(), n_drop, gen).view_as(mask)
+    return grow_top(flat, grad.abs(), n_drop, gen).view_as(mask)
 
 
 def gmp_prune(weight: torch.Tensor, mask: torch.Tensor, n_keep: int, gen: torch.Generator) -> torch.Tensor:
@@ -108,12 +111,15 @@ def nm_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_sw
 
 
 def srigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int, budget: int,
-                 gamma_sal: float, allow_ablation: bool, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+                 gamma_sal: float, allow_ablation: bool, gen: torch.Generator,
+                 force_ablate: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """SRigL (Lasby et al. 2024): RigL with a constant fan-in k per active row and neuron ablation.
 
     1. Salient weights: the top n_keep = nnz − n_swap active by |W| and the top n_swap inactive by |grad|.
     2. Rows with fewer than m = max(1, int(γ_sal · k0)) salient weights are ablated (k0 = fan-in before),
        m lowered so at least budget // in_features rows survive; never when allow_ablation is False.
+       Rows in `force_ablate` (bool [rows], e.g. dead units) are ablated too, as long as budget // in_features
+       rows survive.
     3. k = budget // surviving rows (capped at in_features): ablation hands the freed budget to survivors.
     4. Keep the layer-wide top (k·rows − n_swap) active |W| in surviving rows, trimmed to ≤ k per row;
        refill each row to exactly k with its largest-|grad| inactive entries.
@@ -143,6 +149,10 @@ def srigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n
             m -= 1
         candidate = active_rows & (counts >= m)
         if int(candidate.sum()) >= min_rows:
+            survivors = candidate
+    if force_ablate is not None and n_rows > 0:
+        candidate = survivors & ~force_ablate
+        if int(candidate.sum()) >= min(int(survivors.sum()), max(1, budget // cols)):
             survivors = candidate
     n_surv = int(survivors.sum())
     k = min(cols, budget // max(1, n_surv))

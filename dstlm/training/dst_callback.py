@@ -107,5 +107,11 @@ class DSTCallback(L.Callback):
         if self.engine is None:
             return {}
         e = self.engine
-        return {"sparsity": 1.0 - e.density(), "sparsity_method": e.cfg.method, "mask_updates": e.n_updates,
-                "itop": e.last_stats.get("itop")}
+        out = {"sparsity": 1.0 - e.density(), "sparsity_method": e.cfg.method, "mask_updates": e.n_updates,
+               "itop": e.last_stats.get("itop")}
+        if e.links:
+            c = e.census()
+            out["unit_census"] = {"units": c["units"], "dead": c["dead"], "orphans": c["orphans"],
+                                  "dead_unit_frac": round(c["dead_unit_frac"], 4),
+                                  "wasted_weight_frac": round(c["wasted_weight_frac"], 4)}
+        return out

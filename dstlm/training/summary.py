@@ -134,6 +134,9 @@ def format_summary(summary: dict) -> str:
         if summary.get(key) is not None:
             value = summary[key]
             lines.append(f"   {label:<28} {value:,.3f}" if isinstance(value, float) else f"   {label:<28} {value:,}")
+    census = summary.get("unit_census")
+    if census:
+        lines.append(f"   {'dead hidden units':<28} {census['dead']:,} of {census['units']:,}")
     for task, metrics in (summary.get("eval") or {}).items():
         shown = ", ".join(f"{m} {v:.4f}" for m, v in metrics.items() if not m.endswith("stderr"))
         lines.append(f"   lm-eval {task:<14} {shown}")

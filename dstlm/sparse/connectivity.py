@@ -1,0 +1,74 @@
+"""Connectivity across sparse layers: a hidden unit is useful only if the layer that produces it and the
+layer that consumes it both keep weights for it.
+
+A `UnitLink(producer, consumer)` pairs two sparse [out, in] matrices: row i of the producer computes unit i,
+column i of the consumer reads it (an MLP's fc_in / fc_out, attention's v_proj / out_proj, an expert's
+w_in.e / w_out.e). Two ways a unit wastes budget:
+- dead: the consumer's column i is empty. Nothing downstream reads the unit, so the producer's row i gets
+  exactly zero gradient for ever: its active weights are budget that cannot learn (and weights grown there
+  stay 0).
+- orphan: the producer's row i is empty. The unit outputs a constant (0 without bias), so the consumer's
+  column i gets no useful gradient.
+Per-row rules (SRigL's constant fan-in, its ablation) judge each row alone and cannot see either case.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class UnitLink:
+    producer: str
+    """Sparse matrix whose row i computes unit i."""
+    consumer: str
+    """Sparse matrix whose column i reads unit i."""
+
+
+def links_between(pairs: Sequence[tuple[str, str]], shapes: Mapping[str, tuple[int, int]]) -> list[UnitLink]:
+    """The (producer, consumer) pairs whose two matrices are both sparse here and agree on the unit count;
+    others (a dense side, a Sparse-IFT layer that no longer has that name) are left out."""
+    out = []
+    for p, c in pairs:
+        if p in shapes and c in shapes and shapes[p][0] == shapes[c][1]:
+            out.append(UnitLink(p, c))
+    return out
+
+
+@torch.no_grad()
+def dead_units(producer: torch.Tensor, consumer: torch.Tensor) -> torch.Tensor:
+    """Bool [units]: units whose consumer column is empty (producer [units, in], consumer [out, units])."""
+    return ~consumer.any(dim=0)
+
+
+@torch.no_grad()
+def orphan_units(producer: torch.Tensor, consumer: torch.Tensor) -> torch.Tensor:
+    """Bool [units]: units whose producer row is empty."""
+    return ~producer.any(dim=1)
+
+
+@torch.no_grad()
+def unit_census(masks: Mapping[str, torch.Tensor], links: Sequence[UnitLink]) -> dict:
+    """Per link and in total: units, dead units and the producer weights they hold, orphan units and the
+    consumer weights they hold. Fractions are of the units, and of the active weights of the linked layers."""
+    per_link, units = {}, 0
+    dead = orphans = dead_w = orphan_w = active = 0
+    for link in links:
+        p, c = masks[link.producer], masks[link.consumer]
+        d, o = dead_units(p, c), orphan_units(p, c)
+        row = {"units": int(d.numel()), "dead": int(d.sum()), "dead_weights": int(p[d].sum()),
+               "orphans": int(o.sum()), "orphan_weights": int(c[:, o].sum()),
+               "active": int(p.sum()) + int(c.sum())}
+        per_link[f"{link.producer}->{link.consumer}"] = row
+        units += row["units"]
+        dead += row["dead"]
+        dead_w += row["dead_weights"]
+        orphans += row["orphans"]
+        orphan_w += row["orphan_weights"]
+        active += row["active"]
+    return {"links": per_link, "units": units, "dead": dead, "orphans": orphans,
+            "dead_unit_frac": dead / max(1, units), "orphan_unit_frac": orphans / max(1, units),
+            "wasted_weight_frac": (dead_w + orphan_w) / max(1, active)}
