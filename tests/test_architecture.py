@@ -20,23 +20,11 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def walk_runtime(tree: ast.AST):
-    """ast.walk without the bodies of `if TYPE_CHECKING:` (imports for annotations only, never executed)."""
-    todo = [tree]
-    while todo:
-        node = todo.pop()
-        yield node
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            todo.extend(node.orelse)
-            continue
-        todo.extend(ast.iter_child_nodes(node))
-
-
 def imports_of(path: Path) -> set[str]:
     """Every module this file imports, at any depth of the file (absolute names). `from pkg import mod` is an
     edge to pkg.mod alone when mod is a module, else to pkg."""
     out = set()
-    for node in walk_runtime(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text())):  # TYPE_CHECKING imports count too
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dstlm.sparse import SparseEngine, SparsityConfig
+from dstlm.sparse import SparseEngine, SparsityConfig, rules
 from dstlm.sparse.flops import FlopCount, training_flops
 from dstlm.sparse.methods import METHODS, DSTMethod, method_class, register
 
@@ -165,9 +165,7 @@ def test_a_new_method_is_one_registered_class():
             flat = mask.flatten().clone()
             active = flat.nonzero().squeeze(1)
             flat[active[torch.randperm(active.numel(), generator=gen)[:n_swap]]] = False
-            inactive = (~flat).nonzero().squeeze(1)
-            flat[inactive[score.flatten()[inactive].argsort(descending=True)[:n_swap]]] = True
-            return flat.view_as(mask)
+            return rules.grow_top(flat, score, n_swap, gen).view_as(mask)
 
     try:
         model, engine, backend = engine_for("test-random-drop")

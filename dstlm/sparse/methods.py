@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from dstlm.sparse import rules
 from dstlm.sparse.schedule import UpdateSchedule, gmp_sparsity
 
-if TYPE_CHECKING:  # pragma: no cover
-    from dstlm.sparse.config import SparsityConfig
+# `cfg` below is a dstlm.sparse.config.SparsityConfig; config imports this registry, so this module does not
+# import config (not even for annotations): the dependency runs one way
+SparsityConfig = Any
 
 
 @dataclass
