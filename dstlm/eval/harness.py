@@ -67,37 +67,59 @@ def build_lm(checkpoint: str, batch_size: int = 8, device: str = "cpu"):
 
 
 def evaluate(lm, tasks: Sequence[str], limit: Optional[int] = None, bootstrap_iters: int = 0) -> dict:
-    """Run lm-eval's simple_evaluate on an LM instance; returns lm-eval's results dict."""
+    """Run lm-eval's simple_evaluate on an LM instance; returns lm-eval's results dict.
+
+    bootstrap_iters > 0 makes lm-eval report standard errors: closed-form for accuracies, bootstrapped (that
+    many resamples, seeded) for perplexities. The resampling runs in this process: lm-eval's default worker
+    pool would fork a training process with its model and data loaders."""
+    import os
+
     import lm_eval
 
     tasks = list(tasks)
     if not tasks:
         raise ValueError("no tasks given; choose from: " + ", ".join(SHIPPED_TASKS))
     tm = task_manager(tasks)
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit,
-                                   bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=0,
-                                   numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    before = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit,
+                                       bootstrap_iters=bootstrap_iters, log_samples=False, random_seed=0,
+                                       numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    finally:
+        if before is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = before
 
 
-def scores(results: dict) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} without lm-eval's ',none' filter suffixes and stderr entries."""
+def scores(results: dict, stderr: bool = False) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} without lm-eval's ',none' filter suffixes; with stderr=True also the standard
+    errors lm-eval computed (as '<metric>_stderr'; absent when it computed none)."""
     out: dict[str, dict[str, float]] = {}
     for task, metrics in results["results"].items():
         out[task] = {}
         for key, value in metrics.items():
             name, _, filt = key.partition(",")
-            if filt == "none" and not name.endswith("_stderr") and isinstance(value, (int, float)):
+            if filt != "none" or not isinstance(value, (int, float)):
+                continue
+            if stderr or not name.endswith("_stderr"):
                 out[task][name] = float(value)
     return out
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
+    """The main metric(s) of each task, with '± stderr' where the scores carry one."""
     lines = [f"{'task':<16} {'metric':<16} {'value':>10}", "-" * 44]
     for task, metrics in table.items():
-        shown = [m for m in MAIN_METRICS.get(task, []) if m in metrics] or list(metrics)
+        shown = [m for m in MAIN_METRICS.get(task, []) if m in metrics]
+        shown = shown or [m for m in metrics if not m.endswith("_stderr")]
         for m in shown:
-            v = metrics[m]
-            lines.append(f"{task:<16} {m:<16} {v:>10.4f}" if math.isfinite(v) else f"{task:<16} {m:<16} {v!s:>10}")
+            v, err = metrics[m], metrics.get(f"{m}_stderr")
+            line = f"{task:<16} {m:<16} " + (f"{v:>10.4f}" if math.isfinite(v) else f"{v!s:>10}")
+            if err is not None and math.isfinite(err):
+                line += f" ± {err:.4f}"
+            lines.append(line)
     return "\n".join(lines)
 
 

@@ -64,8 +64,7 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     if cfg.sparsity is not None:
         callbacks.append(DSTCallback())
-    if cfg.sparsity is not None or cfg.ift is not None:
-        callbacks.append(FlopsLog(cfg, out))
+    callbacks.append(FlopsLog(cfg, out))  # dense runs too: the baseline every FLOPs comparison divides by
     data = LMDataModule(cfg.data, cfg.seed)
     if cfg.eval is not None:
         callbacks.append(EvalCallback(cfg.eval, lambda: data.tokenizer))
