@@ -163,7 +163,7 @@ def mean_std(xs: list[float], fmt: str) -> str:
         return "-"
     if len(xs) == 1:
         return format(xs[0], fmt)
-    return f"{format(statistics.mean(xs), fmt)} ± {format(statistics.stdev(xs), fmt)}"
+    return f"{format(statistics.mean(xs), fmt)} ± {format(statistics.stdev(xs), fmt.lstrip('+'))}"
 
 
 def eval_cell(r: Result, task: str, metric: str) -> str:
@@ -191,7 +191,8 @@ def collect(out_dir: Path, cells: list[Cell], seeds: list[int]) -> list[Result]:
     return results
 
 
-def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, command: str) -> Path:
+def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, command: str,
+           panels: dict[str, list[str]] | None = None) -> Path:
     docs.mkdir(parents=True, exist_ok=True)
     by_name = {r.cell.name: r for r in results}
     dense = by_name.get("dense")
@@ -209,7 +210,7 @@ def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, 
              "and the share of the linked layers' active weights they hold.", "",
              "| cell | method | sparsity | n | val loss | Δ vs dense | val ppl | "
              + " | ".join(f"{t} {m}" for t, m in EVAL_SHOWN)
-             + " | train PFLOP | FLOPs vs dense | updates | dead units | wasted |",
+             + " | train TFLOP | FLOPs vs dense | updates | dead units | wasted |",
              "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(EVAL_SHOWN) + "---:|---:|---:|---:|---:|"]
     for r in results:
         loss = r.values(lambda s: s["val_loss"])
@@ -221,10 +222,10 @@ def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, 
         sp = r.summaries[0].get("sparsity")
         lines.append(
             f"| {r.cell.name} | {r.summaries[0].get('sparsity_method', 'dense')} | "
-            f"{sp if sp is None else format(sp, '.3f')} | {len(r.runs)} | {mean_std(loss, '.4f')} | {delta} | "
+            f"{0 if sp is None else format(sp, '.3f')} | {len(r.runs)} | {mean_std(loss, '.4f')} | {delta} | "
             f"{mean_std(r.values(lambda s: s['val_ppl']), '.2f')} | "
             + " | ".join(eval_cell(r, t, m) for t, m in EVAL_SHOWN)
-            + f" | {f / 1e15:.3f} | {f / dense_flops if dense_flops else float('nan'):.3f} | "
+            + f" | {f / 1e12:.4g} | {f / dense_flops if dense_flops else float('nan'):.3f} | "
             f"{statistics.mean(r.values(lambda s: s.get('mask_updates', 0))):.0f} | {dead} | {wasted} |")
     pairs = [(r, by_name[r.cell.of]) for r in results if r.cell.of and r.cell.of in by_name]
     if pairs:
@@ -248,54 +249,58 @@ def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, 
             lines.append(f"| {var.cell.name} | {base.cell.name} | {len(common)} | {mean_std(dl, '+.4f')} | "
                          f"{mean_std(dp, '+.2f')} | {bd:.1f} → {vd:.1f} | {bw:.1f} % → {vw:.1f} % |")
     stem = f"{spec_name}-{budget_name}"
-    pngs = plot(results, flops, docs, stem)
+    pngs = plot(results, flops, docs, stem, panels)
     lines += ["", *[f"![{p.stem}]({p.name})" for p in pngs]]
     out = docs / f"{stem}.md"
     out.write_text("\n".join(lines) + "\n")
     return out
 
 
-def plot(results: list[Result], flops: dict, docs: Path, stem: str) -> list[Path]:
+def plot(results: list[Result], flops: dict, docs: Path, stem: str, panels: dict[str, list[str]] | None) -> list[Path]:
+    """Val loss (mean over seeds, band = min..max) against tokens and against training FLOPs: one panel per
+    entry of the spec's `panels` (default: one panel with every cell that is not a variant of another)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    main = [r for r in results if not r.cell.of]
-    if not main:
-        return []
+    by_name = {r.cell.name: r for r in results}
+    panels = {k: [by_name[n] for n in v if n in by_name] for k, v in (panels or {}).items()}
+    panels = {k: v for k, v in panels.items() if v} or {"": [r for r in results if not r.cell.of]}
+    colours = {r.cell.name: f"C{i % 10}" for i, r in enumerate(results)}
     outs = []
     for xkind in ("tokens", "flops"):
-        fig, ax = plt.subplots(figsize=(9, 5.5))
-        for i, r in enumerate(main):
-            curves = [dict(val_curve(run)) for run in r.runs]
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
-            if not steps:
-                continue
-            mean = [statistics.mean(c[k] for c in curves) for k in steps]
-            lo = [min(c[k] for c in curves) for k in steps]
-            hi = [max(c[k] for c in curves) for k in steps]
-            if xkind == "tokens":
-                per_step = r.summaries[0]["train_tokens_seen"] / r.summaries[0]["steps"]
-                xs = [k * per_step / 1e6 for k in steps]
-            else:
-                cums = [dict(f[1]) for f in flops[r.cell.name]]
-                xs = [statistics.mean(c[k] for c in cums) / 1e15 for k in steps]
-            style = "-" if r.summaries[0].get("sparsity_method") in (None, "dense") or "-90" in r.cell.name else "--"
-            line, = ax.plot(xs, mean, style, label=f"{r.cell.name} (n={len(r.runs)})", color=f"C{i % 10}")
-            if len(curves) > 1:
-                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
-        ax.set_xlabel("training tokens (M)" if xkind == "tokens" else "training FLOPs (PFLOP)")
-        ax.set_ylabel("validation loss (nats/token)")
-        finals = [statistics.mean(r.values(lambda s: s["val_loss"])) for r in main]
-        ax.set_ylim(min(finals) - 0.1, min(finals) + 1.5)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        ax.set_title(f"{stem}: val loss vs {'tokens' if xkind == 'tokens' else 'training FLOPs'} "
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), sharey=True, squeeze=False)
+        for ax, (title, rows) in zip(axes[0], panels.items()):
+            for r in rows:
+                curves = [dict(val_curve(run)) for run in r.runs]
+                steps = sorted(set.intersection(*(set(c) for c in curves)))
+                if not steps:
+                    continue
+                mean = [statistics.mean(c[k] for c in curves) for k in steps]
+                lo = [min(c[k] for c in curves) for k in steps]
+                hi = [max(c[k] for c in curves) for k in steps]
+                if xkind == "tokens":
+                    per_step = r.summaries[0]["train_tokens_seen"] / r.summaries[0]["steps"]
+                    xs = [k * per_step / 1e6 for k in steps]
+                else:
+                    cums = [dict(f[1]) for f in flops[r.cell.name]]
+                    xs = [statistics.mean(c[k] for c in cums) / 1e12 for k in steps]
+                ax.plot(xs, mean, "-", label=f"{r.cell.name} (n={len(r.runs)})", color=colours[r.cell.name])
+                if len(curves) > 1:
+                    ax.fill_between(xs, lo, hi, color=colours[r.cell.name], alpha=0.12)
+            ax.set_xlabel("training tokens (M)" if xkind == "tokens" else "training FLOPs (TFLOP)")
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("validation loss (nats/token)")
+        finals = [statistics.mean(r.values(lambda s: s["val_loss"])) for rows in panels.values() for r in rows]
+        axes[0][0].set_ylim(min(finals) - 0.1, min(finals) + 1.2)
+        fig.suptitle(f"{stem}: val loss vs {'tokens' if xkind == 'tokens' else 'training FLOPs'} "
                      "(mean over seeds, band = min..max)")
         fig.tight_layout()
         path = docs / f"{stem}-loss-vs-{xkind}.png"
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         outs.append(path)
     return outs
@@ -366,7 +371,7 @@ def main() -> None:
     command = " ".join(["python benchmarks/study.py", f"--spec {args.spec}", f"--budget {budget_name}",
                         f"--cells {','.join(names)}" if args.cells else f"--groups {args.groups}",
                         f"--seeds {','.join(map(str, seeds))}"])
-    path = report(spec_path.stem, budget_name, results, Path(args.docs), command)
+    path = report(spec_path.stem, budget_name, results, Path(args.docs), command, spec.get("panels"))
     print(path.read_text())
     if failed:
         sys.exit(1)
