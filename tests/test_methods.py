@@ -10,6 +10,7 @@ import torch.nn as nn
 from dstlm.sparse import SparseEngine, SparsityConfig, rules
 from dstlm.sparse.flops import FlopCount, training_flops
 from dstlm.sparse.methods import METHODS, DSTMethod, method_class, register
+from dstlm.sparse.selection import top_k
 
 
 class TwoLayers(nn.Module):
@@ -161,11 +162,9 @@ def test_a_new_method_is_one_registered_class():
         summary = "drop at random, grow by |gradient|"
         uses_dense_grad = True
 
-        def update(self, layer, weight, mask, score, n_swap, t, schedule, gen):
-            flat = mask.flatten().clone()
-            active = flat.nonzero().squeeze(1)
-            flat[active[torch.randperm(active.numel(), generator=gen)[:n_swap]]] = False
-            return rules.grow_top(flat, score, n_swap, gen).view_as(mask)
+        def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
+            kept = top_k(torch.zeros(mask.shape), int(mask.sum()) - n_swap, ties.sub("drop"), eligible=mask)
+            return rules.grow_top(kept, score, n_swap, ties)
 
     try:
         model, engine, backend = engine_for("test-random-drop")

@@ -27,6 +27,7 @@ from dstlm.sparse.distributed import SparseBackend, TorchBackend
 from dstlm.sparse.masks import SparseParam, attach_mask, check_patterns_match, mask_checksum, select_params
 from dstlm.sparse.methods import DSTMethod, Layer
 from dstlm.sparse.schedule import UpdateSchedule
+from dstlm.sparse.selection import Ties
 
 
 class MaskMismatchError(RuntimeError):
@@ -65,17 +66,16 @@ class SparseEngine:
         # producer rows / consumer columns the model pairs (`unit_links()`: matrix names), for the census
         pairs = model.unit_links() if hasattr(model, "unit_links") else []
         self.links: list[UnitLink] = links_between(pairs, shapes)
-        self.generator = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else seed)
+        # every random choice (initial masks, SET's growth, ties) comes from hashes keyed by this seed, the
+        # step and the layer (dstlm/sparse/selection.py): nothing to carry in checkpoints, same on every rank
+        self.tie_seed = int(cfg.seed if cfg.seed is not None else seed)
         self.ever_active: dict[str, torch.Tensor] = {}
         self._scores: dict[str, torch.Tensor] = {}
         self._score_steps = 0
         self.last_stats: dict[str, float] = {}
         self.n_updates = 0
         self._pruned_cache: dict[str, tuple] = {}
-        # masks are computed on the CPU with the CPU generator; strategies may build the model inside a
-        # device context (Lightning does, on the GPU), which would otherwise put every new tensor there
-        with torch.device("cpu"):
-            self._init_masks()
+        self._init_masks()
 
     # per-layer views (read-only dicts) of the layers' state
     @property
@@ -100,13 +100,13 @@ class SparseEngine:
         for sp in self.params:
             layer = self.layers[sp.name]
             w = sp.view(sp.weight)
-            mask = self.method.init_mask(layer, w, self.generator)
+            mask = self.method.init_mask(layer, w, Ties(self.tie_seed, "init", sp.name))
             attach_mask(sp, mask)
             w.mul_(sp.mask.to(w.dtype))
             if self.cfg.sparse_init == "rescale":
                 row_nnz = sp.mask.sum(dim=1, keepdim=True).clamp_min(1).to(w.dtype)
                 w.mul_(torch.sqrt(layer.shape[1] / row_nnz))
-            self.ever_active[sp.name] = sp.mask.detach().cpu().clone()
+            self.ever_active[sp.name] = sp.mask.detach().clone()
 
     # -- per step -------------------------------------------------------------------------------------
     def is_update_step(self, t: int) -> bool:
@@ -127,8 +127,11 @@ class SparseEngine:
                 if full is None:
                     continue
                 for sp in group:
-                    g = sp.view(full).detach().float().abs().reshape(self.layers[sp.name].shape).cpu()
-                    self._scores[sp.name] = self._scores[sp.name] + g if sp.name in self._scores else g
+                    g = sp.view(full).detach().reshape(self.layers[sp.name].shape)
+                    if sp.name in self._scores:  # accumulated in place, in fp32, where the gradient lives
+                        self._scores[sp.name].add_(g.abs())
+                    else:
+                        self._scores[sp.name] = g.abs().float()
             self._score_steps += 1
         for group in self.groups:
             backend.mask_grad_(group[0].weight, self.pruned(group[0]))
@@ -149,49 +152,49 @@ class SparseEngine:
         """Update masks if t is an update step; returns telemetry then, else None."""
         if not self.is_update_step(t):
             return None
-        with torch.device("cpu"):
-            return self._update(t, backend)
+        return self._update(t, backend)
 
     def _update(self, t: int, backend: SparseBackend) -> dict[str, float]:
+        """New masks, decided where the masks and weights live, one parameter (group of matrices) at a time;
+        that group's weights and optimizer state are zeroed before the next is read."""
         start = time.perf_counter()
         grown_total = active_total = numel_total = ablated = 0
         per_layer: dict[str, float] = {}
         drop_fraction = self.schedule.drop_fraction(t)
-        keeps: dict[str, torch.Tensor] = {}
-        weights: dict[tuple[int, str], torch.Tensor] = {}
         masks = {sp.name: sp.mask for sp in self.params}
-        dead = {link.producer: dead_units(masks[link.producer], masks[link.consumer]).cpu()
+        dead = {link.producer: dead_units(masks[link.producer], masks[link.consumer])
                 for link in self.links} if self.cfg.reclaim_dead_units else {}
         reclaimed_rows = 0
-        for sp in self.params:
-            layer = self.layers[sp.name]
-            old = sp.mask.detach().cpu().clone()
-            key = (id(sp.module), sp.attr)
-            if key not in weights:  # one (collective) read per parameter, before any of it is zeroed
-                weights[key] = backend.full_weight(sp.weight).detach().float().cpu()
-            w = sp.view(weights[key]).reshape(layer.shape)
-            score = self._need(self._scores.get(sp.name), sp) if self.method.uses_dense_grad else None
-            n_swap = int(round(drop_fraction * int(old.sum())))
-            layer.dead_rows = dead.get(sp.name)  # the rows to reclaim at this update (None: none)
-            if layer.dead_rows is not None:
-                reclaimed_rows += int((layer.dead_rows & old.any(dim=1)).sum())
-            new = self.method.update_layer(layer, w, old, score, n_swap, t, self.schedule, self.generator)
-            layer.dead_rows = None
-            grown = new & ~old
-            keeps[sp.name] = new & ~grown  # zero both dropped and newly grown entries (grown start at 0)
-            sp.mask = new.to(sp.mask.device)
-            self.ever_active[sp.name] |= new
-            grown_total += int(grown.sum())
-            active_total += int(new.sum())
-            numel_total += new.numel()
-            ablated += int((~new.any(dim=1)).sum())
-            per_layer[sp.name] = float(new.float().mean())
-        for group in self.groups:  # once per parameter, with the keep-mask of all its matrices
+        for group in self.groups:
             param = group[0].weight
-            if group[0].index is None:
-                keep = keeps[group[0].name]
-            else:  # a group lists its matrices in index order (select_params builds them so)
-                keep = torch.stack([keeps[sp.name] for sp in group])
+            full = backend.full_weight(param).detach()  # one (collective) read per parameter
+            keeps = []
+            for sp in group:
+                layer = self.layers[sp.name]
+                old = sp.mask
+                w = sp.view(full).reshape(layer.shape)
+                score = self._need(self._scores.get(sp.name), sp) if self.method.uses_dense_grad else None
+                if score is not None:
+                    score = score.to(w.device)
+                n_swap = int(round(drop_fraction * int(old.sum())))
+                layer.dead_rows = dead.get(sp.name)  # the rows to reclaim at this update (None: none)
+                if layer.dead_rows is not None:
+                    reclaimed_rows += int((layer.dead_rows & old.any(dim=1)).sum())
+                new = self.method.update_layer(layer, w, old.to(w.device), score, n_swap, t, self.schedule,
+                                               Ties(self.tie_seed, "update", t, sp.name)).to(old.device)
+                layer.dead_rows = None
+                grown = new & ~old
+                keeps.append(new & old)  # zero both dropped and newly grown entries (grown start at 0)
+                self.ever_active[sp.name] |= new.to(self.ever_active[sp.name].device)
+                grown_total += int(grown.sum())
+                active_total += int(new.sum())
+                numel_total += new.numel()
+                ablated += int((~new.any(dim=1)).sum())
+                per_layer[sp.name] = float(new.float().mean())
+                sp.mask = new
+            del full
+            # a group lists its matrices in index order (select_params builds them so)
+            keep = (keeps[0] if group[0].index is None else torch.stack(keeps))
             keep = keep.to(param.device).reshape(group[0].full_mask.shape)
             backend.mask_weight_(param, keep)
             backend.mask_optimizer_state_(param, keep)
@@ -271,7 +274,7 @@ class SparseEngine:
 
     # -- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "ever_active": dict(self.ever_active),
+        return {"tie_seed": self.tie_seed, "ever_active": dict(self.ever_active),
                 "scores": dict(self._scores), "score_steps": self._score_steps, "n_updates": self.n_updates,
                 "fan_in": dict(self.fan_in), "method": self.cfg.method, "sparsity": self.cfg.sparsity,
                 "last_stats": dict(self.last_stats)}
@@ -281,9 +284,14 @@ class SparseEngine:
             raise ValueError(f"checkpoint was trained with sparsity.method={state['method']!r} at sparsity "
                              f"{state['sparsity']}, this run has {self.cfg.method!r} at {self.cfg.sparsity}; "
                              f"resume with the same sparsity config")
-        self.generator.set_state(state["generator"])
-        self.ever_active = {k: v.clone() for k, v in state["ever_active"].items()}
-        self._scores = {k: v.clone() for k, v in state["scores"].items()}
+        if "tie_seed" not in state:
+            raise ValueError("this checkpoint's masks were decided by dstlm's earlier rules (a generator, not the "
+                             "seeded hashes of dstlm/sparse/selection.py); resume it with the dstlm version that "
+                             "wrote it, or start a new run")
+        self.tie_seed = int(state["tie_seed"])
+        device = {sp.name: sp.mask.device for sp in self.params}
+        self.ever_active = {k: v.to(device.get(k, v.device), copy=True) for k, v in state["ever_active"].items()}
+        self._scores = {k: v.to(device.get(k, v.device), copy=True) for k, v in state["scores"].items()}
         self._score_steps = state["score_steps"]
         self.n_updates = state["n_updates"]
         for name, k in state["fan_in"].items():

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from dstlm.sparse import rules
+from dstlm.sparse.selection import Ties
 from dstlm.sparse.schedule import UpdateSchedule, gmp_sparsity
 
 # `cfg` below is a dstlm.sparse.config.SparsityConfig; config imports this registry, so this module does not
@@ -83,32 +84,32 @@ class DSTMethod:
                              f"sparsity.method={cls.name} does not: use set, rigl or srigl, or drop the option")
 
     # -- masks ------------------------------------------------------------------------------------------
-    def init_mask(self, layer: Layer, weight: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return rules.random_mask(layer.shape, layer.budget, gen)
+    def init_mask(self, layer: Layer, weight: torch.Tensor, ties: Ties) -> torch.Tensor:
+        return rules.random_mask(layer.shape, layer.budget, ties, device=weight.device)
 
     def is_update_step(self, t: int, schedule: UpdateSchedule) -> bool:
         return self.dynamic and schedule.is_update_step(t)
 
     def update(self, layer: Layer, weight: torch.Tensor, mask: torch.Tensor, score: Optional[torch.Tensor],
-               n_swap: int, t: int, schedule: UpdateSchedule, gen: torch.Generator) -> torch.Tensor:
+               n_swap: int, t: int, schedule: UpdateSchedule, ties: Ties) -> torch.Tensor:
         """The new bool mask ([out, in], like `mask`). `n_swap`: entries to drop (and regrow) at this step."""
         raise NotImplementedError(f"{self.name} does not update masks")
 
     def update_layer(self, layer: Layer, weight: torch.Tensor, mask: torch.Tensor, score: Optional[torch.Tensor],
-                     n_swap: int, t: int, schedule: UpdateSchedule, gen: torch.Generator) -> torch.Tensor:
+                     n_swap: int, t: int, schedule: UpdateSchedule, ties: Ties) -> torch.Tensor:
         """What the engine calls: `update`, and, when the engine marked `layer.dead_rows`, the dead rows' active
         weights dropped first and the same number regrown outside them (by |score| when the method reads
         the dense gradient, else at random). Methods that reclaim in their own way override this."""
         dead = layer.dead_rows
         if dead is None or not bool(dead.any()):
-            return self.update(layer, weight, mask, score, n_swap, t, schedule, gen)
+            return self.update(layer, weight, mask, score, n_swap, t, schedule, ties)
         live = mask & ~dead[:, None]
-        new = self.update(layer, weight, live, score, n_swap, t, schedule, gen)
+        new = self.update(layer, weight, live, score, n_swap, t, schedule, ties)
         new = new & ~dead[:, None]  # what the rule itself grew in dead rows moves too
         reclaimed = int(mask.sum()) - int(new.sum())
-        rank = score.abs() if score is not None else torch.zeros(mask.shape)
+        rank = score.abs().float() if score is not None else torch.zeros(mask.shape, device=mask.device)
         rank = torch.where(dead[:, None], torch.full_like(rank, -1.0), rank)  # dead rows only if nothing else is left
-        return rules.grow_top(new.flatten().clone(), rank, reclaimed, gen).view_as(mask)
+        return rules.grow_top(new, rank, reclaimed, ties.sub("reclaim"))
 
     def check_invariants(self, layer: Layer, mask: torch.Tensor) -> list[str]:
         nnz = int(mask.sum())
@@ -156,8 +157,8 @@ class SET(DSTMethod):
     name = "set"
     summary = "drop the smallest |W|, regrow at random (Mocanu et al. 2018)"
 
-    def update(self, layer, weight, mask, score, n_swap, t, schedule, gen):
-        return rules.set_update(weight, mask, n_swap, gen)
+    def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
+        return rules.set_update(weight, mask, n_swap, ties)
 
 
 @register
@@ -166,8 +167,8 @@ class RigL(DSTMethod):
     summary = "drop the smallest |W|, regrow the largest |dense gradient| (Evci et al. 2020)"
     uses_dense_grad = True
 
-    def update(self, layer, weight, mask, score, n_swap, t, schedule, gen):
-        return rules.rigl_update(weight, mask, score, n_swap, gen)
+    def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
+        return rules.rigl_update(weight, mask, score, n_swap, ties)
 
 
 @register
@@ -177,20 +178,20 @@ class SRigL(DSTMethod):
     uses_dense_grad = True
     default_sparse_init = "rescale"
 
-    def init_mask(self, layer, weight, gen):
+    def init_mask(self, layer, weight, ties):
         layer.fan_in = max(1, layer.budget // layer.shape[0])
-        mask = rules.constant_fan_in_mask(layer.shape, layer.fan_in, gen)
+        mask = rules.constant_fan_in_mask(layer.shape, layer.fan_in, ties, device=weight.device)
         layer.budget = int(mask.sum())  # rows x fan-in: the exact count constant fan-in allows
         return mask
 
-    def update(self, layer, weight, mask, score, n_swap, t, schedule, gen):
+    def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
         allow = self.cfg.ablation and not layer.protected
         new, layer.fan_in = rules.srigl_update(weight, mask, score, n_swap, layer.budget, self.cfg.gamma_sal,
-                                               allow, gen, force_ablate=layer.dead_rows)
+                                               allow, ties, force_ablate=layer.dead_rows)
         return new
 
-    def update_layer(self, layer, weight, mask, score, n_swap, t, schedule, gen):
-        return self.update(layer, weight, mask, score, n_swap, t, schedule, gen)  # dead rows: ablated
+    def update_layer(self, layer, weight, mask, score, n_swap, t, schedule, ties):
+        return self.update(layer, weight, mask, score, n_swap, t, schedule, ties)  # dead rows: ablated
 
     def check_invariants(self, layer, mask):
         problems, rows, nnz = [], mask.sum(dim=1), int(mask.sum())
@@ -207,17 +208,17 @@ class GMP(DSTMethod):
     can_reclaim = False
     summary = "gradual magnitude pruning from dense (or gmp_initial_sparsity) on a cubic ramp (Zhu & Gupta 2017)"
 
-    def init_mask(self, layer, weight, gen):
-        return torch.ones(layer.shape, dtype=torch.bool)  # dense start, pruned by the schedule
+    def init_mask(self, layer, weight, ties):
+        return torch.ones(layer.shape, dtype=torch.bool, device=weight.device)  # dense start, pruned by the schedule
 
     def is_update_step(self, t, schedule):  # prunes at t_end itself too (the ramp ends there)
         return t >= 1 and schedule.t_start <= t <= schedule.t_end and t % schedule.delta_t == 0
 
-    def update(self, layer, weight, mask, score, n_swap, t, schedule, gen):
+    def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
         cfg = self.cfg
         s_t = gmp_sparsity(t, cfg.gmp_initial_sparsity, cfg.sparsity, schedule.t_start, schedule.t_end)
         density = 1.0 - (1.0 - layer.density) * (s_t / cfg.sparsity if cfg.sparsity else 0)
-        return rules.gmp_prune(weight, mask, int(round(density * math.prod(layer.shape))), gen)
+        return rules.gmp_prune(weight, mask, int(round(density * math.prod(layer.shape))), ties)
 
     def check_invariants(self, layer, mask):
         return []  # the count follows the ramp
@@ -241,10 +242,10 @@ class NM(DSTMethod):
         if not (isinstance(cfg.n, int) and isinstance(cfg.m, int) and 0 < cfg.n < cfg.m):
             raise ValueError(f"sparsity.n={cfg.n}, sparsity.m={cfg.m}: need integers 0 < n < m (e.g. 2:4)")
 
-    def init_mask(self, layer, weight, gen):
-        mask = rules.nm_mask(weight.detach().float().cpu(), self.cfg.n, self.cfg.m, gen)
+    def init_mask(self, layer, weight, ties):
+        mask = rules.nm_mask(weight.detach(), self.cfg.n, self.cfg.m, ties)
         layer.budget = int(mask.sum())
         return mask
 
-    def update(self, layer, weight, mask, score, n_swap, t, schedule, gen):
-        return rules.nm_update(weight, mask, score, n_swap, self.cfg.n, self.cfg.m, gen)
+    def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
+        return rules.nm_update(weight, mask, score, n_swap, self.cfg.n, self.cfg.m, ties)

@@ -1,0 +1,228 @@
+"""Exact top-k selection with seeded, sharding-invariant tie-breaks: the primitive every mask rule uses.
+
+Every selection here picks the k entries that come first in one total order: by score (descending), and
+among equal scores by a 32-bit hash of the entry's flat index in its layer, keyed by (seed, step, layer,
+purpose) (`Ties`). The order depends on nothing but the scores and those keys, not on which rank holds the
+entry, the device, or the order entries are visited in; a decision taken on shards can therefore equal
+the whole-tensor one (the sharded update builds on that), and no rank needs a permutation of a whole layer.
+
+The fast paths do O(n) work: the k-th largest value by sample-select (a strided sample gives a pivot, one
+comparison pass keeps the candidates at or above it, an exact kthvalue among them), hashes only for the
+entries tied at the threshold, and per-row top-k by `torch.topk` along rows. `reference_top_k` and
+`reference_row_top_k` compute the same sets by sorting composite (score, hash) keys: the tests hold the
+fast paths to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Iterator, Optional, Union
+
+import torch
+
+M32 = 0xFFFFFFFF
+INT64_MIN = -(2**63)
+_EXACT_BELOW = 1 << 18  # plain kthvalue below this many entries
+_USE_REFERENCE = False
+
+
+@contextlib.contextmanager
+def reference_selection() -> Iterator[None]:
+    """Route top_k and row_top_k to the sort-based references (benchmarks and tests compare the two)."""
+    global _USE_REFERENCE
+    before, _USE_REFERENCE = _USE_REFERENCE, True
+    try:
+        yield
+    finally:
+        _USE_REFERENCE = before
+
+
+def _round(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of [0, 2^32) (the 'lowbias32' integer hash), in place on an int64 tensor."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x &= M32
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x &= M32
+    x ^= x >> 16
+    return x
+
+
+class Ties:
+    """Seeded tie-breaks: `hash(index)` maps flat indices (< 2^32) to distinct 32-bit values in an order that
+    looks random and is fixed by the scope (seed, step, layer, purpose...). `sub(...)` narrows the scope."""
+
+    def __init__(self, seed: int, *scope: Union[int, str]) -> None:
+        self.scope = (int(seed),) + tuple(scope)
+        digest = hashlib.blake2b(repr(self.scope).encode(), digest_size=8).digest()
+        self.k1 = int.from_bytes(digest[:4], "little")
+        self.k2 = int.from_bytes(digest[4:], "little")
+
+    def sub(self, *scope: Union[int, str]) -> "Ties":
+        return Ties(*self.scope, *scope)
+
+    def hash(self, index: torch.Tensor) -> torch.Tensor:
+        x = index.to(torch.int64).clone()
+        x ^= self.k1
+        _round(x)
+        x ^= self.k2
+        return _round(x)
+
+    def __repr__(self) -> str:
+        return f"Ties{self.scope}"
+
+
+def _check_size(n: int) -> None:
+    if n >= 2**32:
+        raise ValueError(f"a sparse matrix of {n} entries is beyond the 2^32 entries tie-breaks index; split it")
+
+
+def _candidates(values: torch.Tensor, k: int) -> Optional[torch.Tensor]:
+    """Positions of a set that surely holds the k largest values, much smaller than `values` when k is: a
+    pivot from a strided sample, set a little below the expected k-th value; None when a pass would not pay
+    (small tensors, k not small) or the sample misled twice."""
+    n = values.numel()
+    if n <= _EXACT_BELOW or 4 * k > n:
+        return None
+    stride = max(1, n // 16384)
+    sample = values[::stride]
+    s = sample.numel()
+    want = k * s / n  # expected rank of the k-th value in the sample
+    for slack in (4.0, 16.0):
+        rank = min(s, int(want + slack * (want ** 0.5) + 16))
+        pivot = torch.kthvalue(sample, s - rank + 1).values
+        cand = (values >= pivot).nonzero().squeeze(1)
+        if cand.numel() >= k:
+            return cand
+    return None
+
+
+def _take_by_hash(flat_index: torch.Tensor, segment: torch.Tensor, need: torch.Tensor, ties: Ties) -> torch.Tensor:
+    """Of entries with (sorted or not) segment ids, a bool per entry: among each segment's entries, the
+    `need[segment]` with the largest hashes."""
+    h = ties.hash(flat_index)
+    composite = segment.to(torch.int64) * (M32 + 1) + (M32 - h)  # by segment, then hash descending
+    order = torch.argsort(composite)
+    seg_sorted = segment[order]
+    first = torch.searchsorted(seg_sorted, seg_sorted, right=False)
+    pos = torch.arange(seg_sorted.numel(), device=seg_sorted.device) - first
+    take = torch.zeros_like(order, dtype=torch.bool)
+    take[order] = pos < need[seg_sorted]
+    return take
+
+
+def _top_positions(values: torch.Tensor, k: int, ties: Ties, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """Positions (into the flat `values`, 0 < k < numel) of its k first entries in (value desc, hash desc)
+    order, where entry p's hash is of index[p] (of p itself when index is None)."""
+    cand = _candidates(values, k)
+    if cand is None:
+        cand = torch.arange(values.numel(), device=values.device)
+    cv = values[cand]
+    thr = torch.kthvalue(cv, cv.numel() - k + 1).values
+    above = cand[cv > thr]
+    tied = cand[cv == thr]
+    need = k - above.numel()
+    if tied.numel() > need:
+        where = tied if index is None else index[tied]
+        tied = tied[_take_by_hash(where, torch.zeros_like(where), torch.tensor([need], device=where.device), ties)]
+    return torch.cat([above, tied])
+
+
+def top_k(score: torch.Tensor, k: int, ties: Ties, eligible: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bool mask (score's shape) of the k first entries in (score desc, hash desc) order among `eligible`
+    (all when None); fewer when fewer are eligible."""
+    if _USE_REFERENCE:
+        return reference_top_k(score, k, ties, eligible)
+    flat = score.reshape(-1).float()
+    n = flat.numel()
+    _check_size(n)
+    e = eligible.reshape(-1) if eligible is not None else None
+    n_e = int(e.sum()) if e is not None else n
+    k = max(0, min(int(k), n_e))
+    out = torch.zeros(n, dtype=torch.bool, device=score.device)
+    if k == 0:
+        return out.view(score.shape)
+    if k == n_e:
+        return (e.clone() if e is not None else ~out).view(score.shape)
+    if e is None:
+        out[_top_positions(flat, k, ties, None)] = True
+    elif 4 * n_e <= n:  # few eligible (e.g. the active entries at 90 % sparsity): work on them alone
+        index = e.nonzero().squeeze(1)
+        out[index[_top_positions(flat[index], k, ties, index)]] = True
+    else:
+        out[_top_positions(flat.masked_fill(~e, float("-inf")), k, ties, None)] = True
+    return out.view(score.shape)
+
+
+def row_top_k(score: torch.Tensor, k: Union[int, torch.Tensor], ties: Ties,
+              eligible: Optional[torch.Tensor] = None, row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bool [R, C]: in every row i, the k[i] first entries in (score desc, hash of the flat index desc) order
+    among its eligible ones (fewer when fewer are eligible). `row_ids`: the layer rows these R rows are (when
+    they are a selection of its rows), so ties hash the entries' indices in the whole layer."""
+    if _USE_REFERENCE:
+        return reference_row_top_k(score, k, ties, eligible, row_ids)
+    rows, cols = score.shape
+    _check_size(rows * cols)
+    s = score.float()
+    if eligible is not None:
+        s = s.masked_fill(~eligible, float("-inf"))
+    kk = torch.as_tensor(k, device=score.device, dtype=torch.int64).expand(rows).clamp(0, cols)
+    if eligible is not None:
+        kk = torch.minimum(kk, eligible.sum(dim=1))
+    kmax = int(kk.max()) if rows else 0
+    if kmax == 0:
+        return torch.zeros(rows, cols, dtype=torch.bool, device=score.device)
+    top = torch.topk(s, kmax, dim=1, sorted=True).values
+    thr = top.gather(1, (kk - 1).clamp_min(0)[:, None])
+    thr.masked_fill_((kk == 0)[:, None], float("inf"))  # rows choosing nothing: no entry reaches +inf
+    out = s > thr
+    eq = s == thr
+    if eligible is not None and bool(torch.isneginf(thr).any()):  # a -inf threshold would admit ineligibles
+        eq &= eligible
+    need = kk - out.sum(dim=1)
+    n_eq = eq.sum(dim=1)
+    ambiguous = n_eq > need
+    if bool(ambiguous.any()):
+        r, c = (eq & ambiguous[:, None]).nonzero(as_tuple=True)
+        take = _take_by_hash((r if row_ids is None else row_ids[r]) * cols + c, r, need, ties)
+        eq[r[~take], c[~take]] = False
+    return out | eq
+
+
+# -- reference implementations (whole-tensor sorts of composite keys): what the tests compare against --
+
+
+def order_keys(score: torch.Tensor, ties: Ties, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int64 keys whose order is (score desc, hash desc): the float's order-preserving bits above the hash of
+    each entry's index (`index`, same shape; default: its flat position)."""
+    b = score.reshape(-1).float().contiguous().view(torch.int32).to(torch.int64)
+    b = torch.where(b < 0, b ^ 0x7FFFFFFF, b)
+    index = torch.arange(b.numel(), device=score.device) if index is None else index.reshape(-1)
+    return ((b << 32) | ties.hash(index)).view(score.shape)
+
+
+def reference_top_k(score: torch.Tensor, k: int, ties: Ties, eligible: Optional[torch.Tensor] = None) -> torch.Tensor:
+    keys = order_keys(score, ties).reshape(-1)
+    if eligible is not None:
+        keys = keys.masked_fill(~eligible.reshape(-1), INT64_MIN)
+        k = min(k, int(eligible.sum()))
+    out = torch.zeros(keys.numel(), dtype=torch.bool, device=score.device)
+    out[torch.argsort(keys, descending=True)[: max(0, k)]] = True
+    return out.view(score.shape)
+
+
+def reference_row_top_k(score: torch.Tensor, k: Union[int, torch.Tensor], ties: Ties,
+                        eligible: Optional[torch.Tensor] = None, row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    rows, cols = score.shape
+    index = None
+    if row_ids is not None:
+        index = row_ids[:, None] * cols + torch.arange(cols, device=score.device)
+    keys = order_keys(score, ties, index)
+    kk = torch.as_tensor(k, dtype=torch.int64, device=score.device).expand(rows).clamp(0, cols)
+    if eligible is not None:
+        keys = keys.masked_fill(~eligible, INT64_MIN)
+        kk = torch.minimum(kk, eligible.sum(dim=1))
+    ranks = torch.argsort(torch.argsort(keys, dim=1, descending=True), dim=1)
+    return ranks < kk[:, None]
