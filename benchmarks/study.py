@@ -114,14 +114,25 @@ def val_curve(run: Path) -> list[tuple[int, float]]:
     return sorted(set(out))
 
 
-def density_log(run: Path) -> list[tuple[int, float]]:
+def logged(run: Path, column: str) -> list[tuple[int, float]]:
+    """(step, value) of one column of the run's CSV log."""
     out = []
     for path in sorted((run / "logs").glob("version_*/metrics.csv")):
         with open(path) as f:
             for row in csv.DictReader(f):
-                if row.get("sparsity/density"):
-                    out.append((int(float(row["step"])), float(row["sparsity/density"])))
+                if row.get(column):
+                    out.append((int(float(row["step"])), float(row[column])))
     return sorted(set(out))
+
+
+def density_log(run: Path) -> list[tuple[int, float]]:
+    return logged(run, "sparsity/density")
+
+
+def max_dead_at_updates(run: Path) -> float | None:
+    """The most dead units the census found at any mask update of the run (None: not logged)."""
+    values = [v for _, v in logged(run, "sparsity/dead_units")]
+    return max(values) if values else None
 
 
 def training_flops(run: Path, summary: dict) -> tuple[float, list[tuple[int, float]]]:
@@ -206,8 +217,9 @@ def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, 
              f"{s0['train_tokens_seen']:,} training tokens per run. lm-eval: first 100 documents per task, mean "
              "over seeds with the mean lm-eval standard error of one run in brackets. Training FLOPs: whole run, "
              "forward + backward (+ the dense gradients RigL-like rules read at updates), GMP integrated over its "
-             "pruning. Dead units: hidden units no active consumer weight reads, at the end (mean over seeds), "
-             "and the share of the linked layers' active weights they hold.", "",
+             "pruning. Dead units: hidden units no active consumer weight reads, at the end (mean over seeds; in "
+             "brackets the most any seed had at any mask update), and the share of the linked layers' active "
+             "weights they hold at the end.", "",
              "| cell | method | sparsity | n | val loss | Δ vs dense | val ppl | "
              + " | ".join(f"{t} {m}" for t, m in EVAL_SHOWN)
              + " | train TFLOP | FLOPs vs dense | updates | dead units | wasted |",
@@ -217,7 +229,10 @@ def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, 
         delta = f"{statistics.mean(loss) - dense_loss:+.4f}" if dense_loss is not None else "-"
         f = statistics.mean(x[0] for x in flops[r.cell.name])
         census = [s.get("unit_census") for s in r.summaries if s.get("unit_census")]
+        peaks = [p for p in (max_dead_at_updates(run) for run in r.runs) if p is not None]
         dead = (f"{statistics.mean(c['dead'] for c in census):.1f} / {census[0]['units']}" if census else "-")
+        if peaks:
+            dead += f" (max {max(peaks):.0f})"
         wasted = f"{100 * statistics.mean(c['wasted_weight_frac'] for c in census):.1f} %" if census else "-"
         sp = r.summaries[0].get("sparsity")
         lines.append(
