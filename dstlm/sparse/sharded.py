@@ -1,0 +1,141 @@
+"""Exact top-k over a layer split across ranks, without gathering it: the distributed form of
+`selection.top_k`, the same set in the same total order (value desc, then the keyed hash of the entry's index
+in the layer desc).
+
+Each rank holds some entries of the layer (any split: ZeRO's flat partitions cut rows anywhere) as values
+and their flat indices in the whole layer. The k-th entry of the order is found by radix selection on
+order-preserving bit patterns, 8 bits at a time, with one all-reduce of a 256-bin histogram per round: 4
+rounds over the float's 32 bits give the threshold value and how many entries above it are in; when the
+threshold is tied, 4 more rounds over the 32-bit hashes of only the tied entries pick which of them. Each
+rank then keeps its entries at or above the threshold. Communication: at most 8 x 256 counts per selection,
+whatever the layer's size; compute: a few passes over the rank's own entries.
+
+`all_reduce` is any in-place sum over the ranks (torch.distributed.all_reduce over a process group, or an
+identity on one process), so the module imports no distributed framework.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from dstlm.sparse.selection import M32, Ties
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def single_process(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def torch_all_reduce(group=None) -> AllReduce:
+    """An in-place SUM all-reduce over `group` (the default process group when None)."""
+    import torch.distributed as dist
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+
+    return reduce
+
+
+def float_order_bits(values: torch.Tensor) -> torch.Tensor:
+    """int64 in [0, 2^32), increasing with the float32 value (the IEEE bits, sign-folded)."""
+    b = values.float().contiguous().view(torch.int32).to(torch.int64) & M32
+    negative = b >= 2**31
+    return torch.where(negative, (~b) & M32, b | 2**31)
+
+
+def _radix_select(bits: torch.Tensor, k: int, all_reduce: AllReduce) -> tuple[int, int]:
+    """Over all ranks' 32-bit patterns `bits` (int64 in [0, 2^32)), the k-th largest pattern (1 <= k <= total)
+    and how many patterns are strictly above it, in 4 all-reduced histogram rounds."""
+    prefix, above = 0, 0
+    live = bits
+    for shift in (24, 16, 8, 0):
+        digit = (live >> shift) & 0xFF
+        hist = torch.bincount(digit, minlength=256).to(torch.int64)
+        hist = all_reduce(hist.to(bits.device)).cpu()
+        from_top = torch.flip(hist, [0]).cumsum(0)  # from_top[j]: patterns with digit >= 255 - j
+        j = int(torch.searchsorted(from_top, torch.tensor(k - above)))
+        d = 255 - j
+        above += int(from_top[j - 1]) if j > 0 else 0
+        prefix |= d << shift
+        live = live[digit == d]
+    return prefix, above
+
+
+def sharded_top_k(values: torch.Tensor, index: torch.Tensor, k: int, ties: Ties,
+                  all_reduce: AllReduce = single_process, total: Optional[int] = None) -> torch.Tensor:
+    """bool per local entry: whether it is among the k first entries of the whole layer in (value desc, hash of
+    index desc) order, where the layer's entries are the union of every rank's (values, index).
+    `total`: the number of entries over all ranks, if the caller knows it (saves one all-reduce)."""
+    values, index = values.reshape(-1), index.reshape(-1)
+    if total is None:
+        total = int(all_reduce(torch.tensor([values.numel()], dtype=torch.int64, device=values.device)).item())
+    k = max(0, min(int(k), total))
+    if k == 0:
+        return torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    if k == total:
+        return torch.ones(values.numel(), dtype=torch.bool, device=values.device)
+    bits = float_order_bits(values)
+    threshold, above = _radix_select(bits, k, all_reduce)
+    out = bits > threshold
+    tied = (bits == threshold).nonzero().squeeze(1)
+    need = k - above  # entries to take among those tied at the threshold value, over all ranks
+    n_tied = int(all_reduce(torch.tensor([tied.numel()], dtype=torch.int64, device=values.device)).item())
+    if need >= n_tied:
+        out[tied] = True
+    else:
+        h = ties.hash(index[tied])
+        h_threshold, _ = _radix_select(h, need, all_reduce)
+        out[tied[h >= h_threshold]] = True
+    return out
+
+
+# -- rules on shards: each equal, over the union of the ranks' entries, to its whole-layer form in rules.py --
+
+
+def _global_count(mask: torch.Tensor, all_reduce: AllReduce) -> int:
+    return int(all_reduce(mask.sum().reshape(1).to(torch.int64)).item())
+
+
+def keep_largest_shard(weight: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, n_keep: int, ties: Ties,
+                       all_reduce: AllReduce, nnz: Optional[int] = None) -> torch.Tensor:
+    """rules.keep_largest on a shard: the n_keep largest |W| (over all ranks) among the active entries."""
+    active = mask.reshape(-1).nonzero().squeeze(1)
+    out = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    sel = sharded_top_k(weight.reshape(-1)[active].abs(), index.reshape(-1)[active], max(0, n_keep),
+                        ties.sub("keep"), all_reduce, total=nnz)
+    out[active[sel]] = True
+    return out.view(mask.shape)
+
+
+def grow_top_shard(mask: torch.Tensor, score: torch.Tensor, index: torch.Tensor, k: int, ties: Ties,
+                   all_reduce: AllReduce) -> torch.Tensor:
+    """rules.grow_top on a shard: `mask` plus the k highest scores (over all ranks) outside it."""
+    inactive = (~mask.reshape(-1)).nonzero().squeeze(1)
+    sel = sharded_top_k(score.reshape(-1)[inactive].float(), index.reshape(-1)[inactive], k, ties.sub("grow"),
+                        all_reduce)
+    out = mask.reshape(-1).clone()
+    out[inactive[sel]] = True
+    return out.view(mask.shape)
+
+
+def drop_and_grow_shard(weight: torch.Tensor, mask: torch.Tensor, score: Optional[torch.Tensor], n_swap: int,
+                        index: torch.Tensor, ties: Ties, all_reduce: AllReduce) -> torch.Tensor:
+    """RigL (score = |dense gradient|) or SET (score None: random growth) on a shard; `n_swap` is the layer's
+    (the same on every rank). Equal over the union of shards to rules.rigl_update / rules.set_update."""
+    nnz = _global_count(mask, all_reduce)
+    kept = keep_largest_shard(weight, mask, index, nnz - min(n_swap, nnz), ties, all_reduce, nnz=nnz)
+    n_grow = nnz - _global_count(kept, all_reduce)
+    grow_score = torch.zeros(mask.shape, device=mask.device) if score is None else score.abs()
+    return grow_top_shard(kept, grow_score, index, n_grow, ties, all_reduce)
+
+
+def gmp_prune_shard(weight: torch.Tensor, mask: torch.Tensor, n_keep: int, index: torch.Tensor, ties: Ties,
+                    all_reduce: AllReduce) -> torch.Tensor:
+    """rules.gmp_prune on a shard: keep the layer's n_keep largest |W| among active entries."""
+    nnz = _global_count(mask, all_reduce)
+    return keep_largest_shard(weight, mask, index, min(n_keep, nnz), ties, all_reduce, nnz=nnz)
