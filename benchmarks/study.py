@@ -246,7 +246,8 @@ def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, 
     if pairs:
         lines += ["", "## Each variant against the cell it varies (paired by seed)", "",
                   "Δ = variant − base per seed, mean ± std over the seeds both have; dead units base → variant.", "",
-                  "| variant | base | n | Δ val loss | Δ val ppl | dead units | wasted |", "|---|---|---:|---:|---:|---:|---:|"]
+                  "| variant | base | n | Δ val loss | Δ val ppl | dead units | wasted |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         for var, base in pairs:
             common = sorted(set(var.seeds) & set(base.seeds))
             if not common:
@@ -258,8 +259,9 @@ def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, 
 
             def dead(sums):
                 c = [s["unit_census"] for s in sums if s.get("unit_census")]
-                return (statistics.mean(x["dead"] for x in c), 100 * statistics.mean(x["wasted_weight_frac"] for x in c)) \
-                    if c else (float("nan"), float("nan"))
+                if not c:
+                    return float("nan"), float("nan")
+                return statistics.mean(x["dead"] for x in c), 100 * statistics.mean(x["wasted_weight_frac"] for x in c)
             (bd, bw), (vd, vw) = dead([b[k] for k in common]), dead([v[k] for k in common])
             lines.append(f"| {var.cell.name} | {base.cell.name} | {len(common)} | {mean_std(dl, '+.4f')} | "
                          f"{mean_std(dp, '+.2f')} | {bd:.1f} → {vd:.1f} | {bw:.1f} % → {vw:.1f} % |")

@@ -121,11 +121,11 @@ def main() -> None:
         held = 1 + 1  # bool mask + bool ever-active per sparse weight, between score capture and update +4
         for path in paths:
             rows.append((method, path, statistics.mean(times[path]), min(times[path]),
-                         max(added[path]) / n_sparse, n_sparse, same))
+                         max(added[path]) / n_sparse, same))
         print(f"{method}: {n_sparse:,} sparse weights; masks of {' and '.join(paths)} identical: {same}", flush=True)
     print("\n| method | path | mean update s | min update s | peak added by the update (B / sparse weight) |")
     print("|---|---|---:|---:|---:|")
-    for method, path, mean, low, per_w, n, _ in rows:
+    for method, path, mean, low, per_w, _ in rows:
         print(f"| {method} | {path} | {mean:.3f} | {low:.3f} | {per_w:.2f} |")
     for method in args.methods.split(","):
         r = {path: mean for m, path, mean, *_ in rows if m == method}

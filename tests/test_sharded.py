@@ -74,7 +74,10 @@ def test_union_of_shards_equals_the_whole_layer_decision(world, contiguous):
         whole = S.top_k(score, k, ties).reshape(-1)
         parts = split(n, world, gen, contiguous)
         flat = score.reshape(-1)
-        got = ThreadRanks(world).run(lambda r, reduce: sharded_top_k(flat[parts[r]], parts[r], k, ties, reduce))
+        def rank(r, reduce, flat=flat, parts=parts, k=k, ties=ties):
+            return sharded_top_k(flat[parts[r]], parts[r], k, ties, reduce)
+
+        got = ThreadRanks(world).run(rank)
         union = torch.zeros(n, dtype=torch.bool)
         for idx, sel in zip(parts, got):
             union[idx[sel]] = True
@@ -140,13 +143,17 @@ def test_rules_on_shards_equal_the_whole_layer_rules(rule, world):
         w = torch.randn(rows, cols, generator=gen).round(decimals=1) * mask  # rounded: ties in |W|
         g = torch.randn(rows, cols, generator=gen).round(decimals=1)
         ties = S.Ties(case, "update", 100, "layer")
-        whole = {"rigl": lambda: rules.rigl_update(w, mask, g, 90, ties),
-                 "set": lambda: rules.set_update(w, mask, 90, ties),
-                 "gmp": lambda: rules.gmp_prune(w, mask, 200, ties)}[rule]().reshape(-1)
+        if rule == "rigl":
+            whole = rules.rigl_update(w, mask, g, 90, ties)
+        elif rule == "set":
+            whole = rules.set_update(w, mask, 90, ties)
+        else:
+            whole = rules.gmp_prune(w, mask, 200, ties)
+        whole = whole.reshape(-1)
         parts = split(rows * cols, world, gen, contiguous=case % 2 == 0)
         fw, fm, fg = w.reshape(-1), mask.reshape(-1), g.reshape(-1)
 
-        def rank(r, reduce):
+        def rank(r, reduce, fw=fw, fm=fm, fg=fg, parts=parts, ties=ties):
             i = parts[r]
             if rule == "gmp":
                 return gmp_prune_shard(fw[i], fm[i], 200, i, ties, reduce)

@@ -214,7 +214,8 @@ def reference_top_k(score: torch.Tensor, k: int, ties: Ties, eligible: Optional[
 
 
 def reference_row_top_k(score: torch.Tensor, k: Union[int, torch.Tensor], ties: Ties,
-                        eligible: Optional[torch.Tensor] = None, row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        eligible: Optional[torch.Tensor] = None,
+                        row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     rows, cols = score.shape
     index = None
     if row_ids is not None:
