@@ -163,3 +163,87 @@ def test_rules_on_shards_equal_the_whole_layer_rules(rule, world):
         for i, sel in zip(parts, ThreadRanks(world).run(rank)):
             union[i] = sel
         assert torch.equal(union, whole), (rule, world, case)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_row_top_k_on_shards_cutting_rows_equals_the_whole_layer(world):
+    from dstlm.sparse.sharded import sharded_row_top_k
+
+    gen = torch.Generator().manual_seed(40 + world)
+    for case in range(10):
+        rows, cols = (int(v) for v in torch.randint(1, 20, (2,), generator=gen))
+        score = torch.randint(0, [1, 3, 100][case % 3], (rows, cols), generator=gen).float()
+        k = torch.randint(0, cols + 2, (rows,), generator=gen)
+        ties = S.Ties(case, "rows")
+        whole = S.row_top_k(score, k, ties).reshape(-1)
+        parts = split(rows * cols, world, gen, contiguous=case % 2 == 0)
+        flat = score.reshape(-1)
+
+        def rank(r, reduce, flat=flat, parts=parts, k=k, ties=ties, rows=rows, cols=cols):
+            i = parts[r]
+            return sharded_row_top_k(flat[i], i // cols, i, k, rows, ties, reduce)
+
+        union = torch.zeros(rows * cols, dtype=torch.bool)
+        for i, sel in zip(parts, ThreadRanks(world).run(rank)):
+            union[i[sel]] = True
+        assert torch.equal(union, whole), (world, case)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("ablation", [True, False])
+def test_srigl_on_shards_equals_the_whole_layer_rule(world, ablation):
+    from dstlm.sparse import rules
+    from dstlm.sparse.sharded import srigl_update_shard
+
+    gen = torch.Generator().manual_seed(world + 10 * ablation)
+    rows, cols, k0 = 32, 40, 6
+    for case in range(4):
+        mask = rules.constant_fan_in_mask((rows, cols), k0, S.Ties(case, "init"))
+        w = (torch.randn(rows, cols, generator=gen) * mask).round(decimals=1)
+        w[:8] *= 1e-3  # weak rows: ablation candidates
+        g = torch.randn(rows, cols, generator=gen).round(decimals=1)
+        g[:8] = 0.0
+        ties = S.Ties(case, "update", 50, "layer")
+        budget = int(mask.sum())
+        whole, k_whole = rules.srigl_update(w, mask, g, 48, budget, 0.3, ablation, ties)
+        parts = split(rows * cols, world, gen, contiguous=case % 2 == 0)
+        fw, fm, fg = w.reshape(-1), mask.reshape(-1), g.reshape(-1)
+
+        def rank(r, reduce, fw=fw, fm=fm, fg=fg, parts=parts, ties=ties, budget=budget):
+            i = parts[r]
+            return srigl_update_shard(fw[i], fm[i], fg[i], 48, budget, 0.3, ablation, i // cols, i, (rows, cols),
+                                      ties, reduce)
+
+        union = torch.zeros(rows * cols, dtype=torch.bool)
+        for i, (sel, k) in zip(parts, ThreadRanks(world).run(rank)):
+            union[i] = sel
+            assert k == k_whole
+        assert torch.equal(union, whole.reshape(-1)), (world, ablation, case)
+        if ablation:
+            assert int((whole.sum(1) == 0).sum()) > 0  # the case does ablate rows
+
+
+def test_nm_on_shards_cutting_groups_equals_the_whole_layer_rule():
+    from dstlm.sparse import rules
+    from dstlm.sparse.sharded import nm_update_shard
+
+    gen = torch.Generator().manual_seed(2)
+    rows, cols = 12, 16
+    w = torch.randn(rows, cols, generator=gen).round(decimals=1)
+    mask = rules.nm_mask(w, 2, 4, S.Ties(0))
+    w = w * mask
+    g = torch.randn(rows, cols, generator=gen).round(decimals=1)
+    ties = S.Ties(1, "update", 7, "nm")
+    whole = rules.nm_update(w, mask, g, 20, 2, 4, ties).reshape(-1)
+    for world, contiguous in ((2, True), (3, True), (3, False)):
+        parts = split(rows * cols, world, gen, contiguous)  # random cuts land inside groups of 4
+
+        def rank(r, reduce, parts=parts):
+            i = parts[r]
+            return nm_update_shard(w.reshape(-1)[i], mask.reshape(-1)[i], g.reshape(-1)[i], 20, 2, 4, i,
+                                   rows * cols, ties, reduce)
+
+        union = torch.zeros(rows * cols, dtype=torch.bool)
+        for i, sel in zip(parts, ThreadRanks(world).run(rank)):
+            union[i] = sel
+        assert torch.equal(union, whole), (world, contiguous)

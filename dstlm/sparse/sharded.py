@@ -139,3 +139,133 @@ def gmp_prune_shard(weight: torch.Tensor, mask: torch.Tensor, n_keep: int, index
     """rules.gmp_prune on a shard: keep the layer's n_keep largest |W| among active entries."""
     nnz = _global_count(mask, all_reduce)
     return keep_largest_shard(weight, mask, index, min(n_keep, nnz), ties, all_reduce, nnz=nnz)
+
+
+# -- per-row selections (SRigL's constant fan-in) when a shard cuts rows anywhere --------------------------
+
+
+def _radix_select_rows(bits: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, n_rows: int,
+                       all_reduce: AllReduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row r (over all ranks' entries, row ids `rows`), the k[r]-th largest 32-bit pattern and the count
+    strictly above it (k[r] >= 1 and <= the row's entries; rows with k[r] = 0 get meaningless values).
+    One all-reduced [n_rows, 256] histogram per round."""
+    prefix = torch.zeros(n_rows, dtype=torch.int64, device=bits.device)
+    above = torch.zeros(n_rows, dtype=torch.int64, device=bits.device)
+    live_bits, live_rows = bits, rows
+    for shift in (24, 16, 8, 0):
+        digit = (live_bits >> shift) & 0xFF
+        hist = torch.bincount(live_rows * 256 + digit, minlength=n_rows * 256).view(n_rows, 256)
+        hist = all_reduce(hist.to(torch.int64))
+        from_top = torch.flip(hist, [1]).cumsum(1)
+        j = torch.searchsorted(from_top, (k - above).clamp_min(1)[:, None]).squeeze(1).clamp_max(255)
+        above += torch.where(j > 0, from_top.gather(1, (j - 1).clamp_min(0)[:, None]).squeeze(1), 0)
+        d = 255 - j
+        prefix |= d << shift
+        keep = digit == d[live_rows]
+        live_bits, live_rows = live_bits[keep], live_rows[keep]
+    return prefix, above
+
+
+def sharded_row_top_k(values: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, k: torch.Tensor,
+                      n_rows: int, ties: Ties, all_reduce: AllReduce = single_process) -> torch.Tensor:
+    """bool per local entry: among the entries of its row (over all ranks), whether it is one of the k[row]
+    first in (value desc, hash of index desc) order: selection.row_top_k when the layer's rows are cut
+    across ranks. `rows`: each entry's row, `index`: its flat index in the layer, k: [n_rows]."""
+    values, rows, index = values.reshape(-1), rows.reshape(-1), index.reshape(-1)
+    per_row = all_reduce(torch.bincount(rows, minlength=n_rows).to(torch.int64))
+    k = torch.minimum(k.to(torch.int64).to(values.device), per_row)
+    bits = float_order_bits(values)
+    threshold, above = _radix_select_rows(bits, rows, k, n_rows, all_reduce)
+    live = k[rows] > 0
+    out = (bits > threshold[rows]) & live
+    tied = ((bits == threshold[rows]) & live).nonzero().squeeze(1)
+    need = k - above
+    n_tied = all_reduce(torch.bincount(rows[tied], minlength=n_rows).to(torch.int64))
+    take_all = need >= n_tied
+    all_in = tied[take_all[rows[tied]]]
+    out[all_in] = True
+    part = tied[~take_all[rows[tied]]]
+    # every rank takes part in the hash round (it is collective), with or without entries of its own
+    h = ties.hash(index[part])
+    need_h = torch.where(take_all, torch.zeros_like(need), need)
+    h_threshold, _ = _radix_select_rows(h, rows[part], need_h, n_rows, all_reduce)
+    out[part[h >= h_threshold[rows[part]]]] = True
+    return out
+
+
+def srigl_update_shard(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int, budget: int,
+                       gamma_sal: float, allow_ablation: bool, rows: torch.Tensor, index: torch.Tensor,
+                       shape: tuple[int, int], ties: Ties, all_reduce: AllReduce,
+                       force_ablate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
+    """rules.srigl_update on a shard (entries with their row and flat index in the [R, C] layer `shape`):
+    the same steps with layer-wide selections by sharded_top_k, per-row ones by sharded_row_top_k and row
+    counts all-reduced; over the union of the ranks equal to the whole-layer rule. Returns (mask, k)."""
+    n_rows, cols = shape
+    weight, mask, grad = weight.reshape(-1), mask.reshape(-1), grad.reshape(-1)
+    rows, index = rows.reshape(-1), index.reshape(-1)
+
+    def row_counts(sel: torch.Tensor) -> torch.Tensor:
+        return all_reduce(torch.bincount(rows[sel], minlength=n_rows).to(torch.int64))
+
+    def pick(sel: torch.Tensor, values: torch.Tensor, k: int, sub: str, total: Optional[int] = None):
+        idx = sel.nonzero().squeeze(1)
+        out = torch.zeros_like(sel)
+        out[idx[sharded_top_k(values[idx], index[idx], k, ties.sub(sub), all_reduce, total=total)]] = True
+        return out
+
+    row_nnz = row_counts(mask)
+    active_rows = row_nnz > 0
+    n_active_rows = int(active_rows.sum())
+    nnz = int(row_nnz.sum())
+    k0 = max(1, budget // max(1, n_active_rows))
+    n_swap = min(n_swap, nnz)
+    w_abs, g_abs = weight.abs(), grad.abs()
+    survivors = active_rows.clone()
+    if allow_ablation and n_active_rows > 0:
+        salient = pick(mask, w_abs, nnz - n_swap, "salient-w", total=nnz) | pick(~mask, g_abs, n_swap, "salient-g")
+        counts = row_counts(salient)
+        m = max(1, int(gamma_sal * k0))
+        min_rows = min(n_active_rows, max(1, budget // cols))
+        while m > 1 and int(((counts >= m) & active_rows).sum()) < min_rows:
+            m -= 1
+        candidate = active_rows & (counts >= m)
+        if int(candidate.sum()) >= min_rows:
+            survivors = candidate
+    if force_ablate is not None and n_active_rows > 0:
+        candidate = survivors & ~force_ablate
+        if int(candidate.sum()) >= min(int(survivors.sum()), max(1, budget // cols)):
+            survivors = candidate
+    n_surv = int(survivors.sum())
+    k = min(cols, budget // max(1, n_surv))
+    kept = pick(mask & survivors[rows], w_abs, max(0, k * n_surv - n_swap), "keep")
+    over = row_counts(kept) > k
+    if bool(over.any()):  # the same on every rank (all-reduced counts): the collective trim runs on all or none
+        trim_rows = kept & over[rows]
+        idx = trim_rows.nonzero().squeeze(1)
+        k_rows = torch.where(over, torch.full_like(over, k, dtype=torch.int64), 0)
+        sel = sharded_row_top_k(w_abs[idx], rows[idx], index[idx], k_rows, n_rows, ties.sub("trim"), all_reduce)
+        kept[idx[~sel]] = False
+    deficit = (k - row_counts(kept)) * survivors
+    idx = (~kept).nonzero().squeeze(1)
+    sel = sharded_row_top_k(g_abs[idx], rows[idx], index[idx], deficit, n_rows, ties.sub("grow"), all_reduce)
+    grown = torch.zeros_like(kept)
+    grown[idx[sel]] = True
+    return kept | grown, k
+
+
+def nm_update_shard(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int, n: int, m: int,
+                    index: torch.Tensor, numel: int, ties: Ties, all_reduce: AllReduce) -> torch.Tensor:
+    """rules.nm_update on a shard: groups are m consecutive flat entries (a cut may split one group across
+    ranks); drop by |W| layer-wide, refill every group to n by |grad|."""
+    weight, mask, grad, index = weight.reshape(-1), mask.reshape(-1), grad.reshape(-1), index.reshape(-1)
+    nnz = _global_count(mask, all_reduce)
+    kept = keep_largest_shard(weight, mask, index, nnz - min(n_swap, nnz), ties, all_reduce, nnz=nnz)
+    groups = index // m
+    n_groups = numel // m
+    deficit = n - all_reduce(torch.bincount(groups[kept], minlength=n_groups).to(torch.int64))
+    idx = (~kept).nonzero().squeeze(1)
+    sel = sharded_row_top_k(grad[idx].abs(), groups[idx], index[idx], deficit, n_groups, ties.sub("nm-grow"),
+                            all_reduce)
+    out = kept.clone()
+    out[idx[sel]] = True
+    return out
