@@ -57,6 +57,18 @@ def test_sample_select_path_is_exact_on_large_layers(k):
     assert int(fast.sum()) == k and torch.equal(fast, S.reference_top_k(score, k, ties))
 
 
+@pytest.mark.parametrize("share", [0.1, 0.8])
+def test_large_layers_with_eligible_entries(share):
+    # the compacted path (few eligible: the active entries) and the candidate pass over all (most eligible)
+    g = torch.Generator().manual_seed(int(share * 10))
+    score = torch.randint(0, 500, (2_000_000,), generator=g).float()
+    eligible = torch.rand(2_000_000, generator=g) < share
+    for k in (5, 40_000, int(0.5 * share * 2_000_000)):
+        ties = S.Ties(2, k)
+        fast = S.top_k(score, k, ties, eligible)
+        assert S.count(fast) == k and torch.equal(fast, S.reference_top_k(score, k, ties, eligible))
+
+
 def test_a_misleading_sample_still_gives_the_exact_answer():
     # the strided sample sees only zeros (every 183rd entry); the real top values sit between its points
     n = 3_000_000

@@ -19,6 +19,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from dstlm.sparse.selection import count, row_counts
+
 
 @dataclass(frozen=True)
 class UnitLink:
@@ -41,13 +43,13 @@ def links_between(pairs: Sequence[tuple[str, str]], shapes: Mapping[str, tuple[i
 @torch.no_grad()
 def dead_units(producer: torch.Tensor, consumer: torch.Tensor) -> torch.Tensor:
     """Bool [units]: units whose consumer column is empty (producer [units, in], consumer [out, units])."""
-    return ~consumer.any(dim=0)
+    return consumer.view(torch.uint8).sum(dim=0, dtype=torch.int64) == 0
 
 
 @torch.no_grad()
 def orphan_units(producer: torch.Tensor, consumer: torch.Tensor) -> torch.Tensor:
     """Bool [units]: units whose producer row is empty."""
-    return ~producer.any(dim=1)
+    return row_counts(producer) == 0
 
 
 @torch.no_grad()
@@ -59,9 +61,8 @@ def unit_census(masks: Mapping[str, torch.Tensor], links: Sequence[UnitLink]) ->
     for link in links:
         p, c = masks[link.producer], masks[link.consumer]
         d, o = dead_units(p, c), orphan_units(p, c)
-        row = {"units": int(d.numel()), "dead": int(d.sum()), "dead_weights": int(p[d].sum()),
-               "orphans": int(o.sum()), "orphan_weights": int(c[:, o].sum()),
-               "active": int(p.sum()) + int(c.sum())}
+        row = {"units": int(d.numel()), "dead": count(d), "dead_weights": count(p[d]),
+               "orphans": count(o), "orphan_weights": count(c[:, o]), "active": count(p) + count(c)}
         per_link[f"{link.producer}->{link.consumer}"] = row
         units += row["units"]
         dead += row["dead"]

@@ -27,7 +27,7 @@ from dstlm.sparse.distributed import SparseBackend, TorchBackend
 from dstlm.sparse.masks import SparseParam, attach_mask, check_patterns_match, mask_checksum, select_params
 from dstlm.sparse.methods import DSTMethod, Layer
 from dstlm.sparse.schedule import UpdateSchedule
-from dstlm.sparse.selection import Ties
+from dstlm.sparse.selection import Ties, count, row_counts
 
 
 class MaskMismatchError(RuntimeError):
@@ -176,21 +176,22 @@ class SparseEngine:
                 score = self._need(self._scores.get(sp.name), sp) if self.method.uses_dense_grad else None
                 if score is not None:
                     score = score.to(w.device)
-                n_swap = int(round(drop_fraction * int(old.sum())))
+                n_swap = int(round(drop_fraction * count(old)))
                 layer.dead_rows = dead.get(sp.name)  # the rows to reclaim at this update (None: none)
                 if layer.dead_rows is not None:
-                    reclaimed_rows += int((layer.dead_rows & old.any(dim=1)).sum())
+                    reclaimed_rows += count(layer.dead_rows & (row_counts(old) > 0))
                 new = self.method.update_layer(layer, w, old.to(w.device), score, n_swap, t, self.schedule,
                                                Ties(self.tie_seed, "update", t, sp.name)).to(old.device)
                 layer.dead_rows = None
                 grown = new & ~old
                 keeps.append(new & old)  # zero both dropped and newly grown entries (grown start at 0)
                 self.ever_active[sp.name] |= new.to(self.ever_active[sp.name].device)
-                grown_total += int(grown.sum())
-                active_total += int(new.sum())
+                n_new = count(new)
+                grown_total += count(grown)
+                active_total += n_new
                 numel_total += new.numel()
-                ablated += int((~new.any(dim=1)).sum())
-                per_layer[sp.name] = float(new.float().mean())
+                ablated += count(row_counts(new) == 0)
+                per_layer[sp.name] = n_new / new.numel()
                 sp.mask = new
             del full
             # a group lists its matrices in index order (select_params builds them so)
@@ -202,7 +203,7 @@ class SparseEngine:
         self._score_steps = 0
         self.n_updates += 1
         self.check_ranks_agree(backend, t)
-        itop = sum(int(e.sum()) for e in self.ever_active.values()) / max(1, numel_total)
+        itop = sum(count(e) for e in self.ever_active.values()) / max(1, numel_total)
         self.last_stats = {
             "density": active_total / max(1, numel_total), "churn": grown_total / max(1, active_total),
             "itop": itop, "ablated_neurons": float(ablated), "drop_fraction": drop_fraction,
@@ -247,7 +248,7 @@ class SparseEngine:
 
     # -- reporting ------------------------------------------------------------------------------------
     def density(self) -> float:
-        active = sum(int(sp.mask.sum()) for sp in self.params)
+        active = sum(count(sp.mask) for sp in self.params)
         return active / sum(sp.mask.numel() for sp in self.params)
 
     def census(self) -> dict:

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from dstlm.sparse import rules
-from dstlm.sparse.selection import Ties
+from dstlm.sparse.selection import Ties, count
 from dstlm.sparse.schedule import UpdateSchedule, gmp_sparsity
 
 # `cfg` below is a dstlm.sparse.config.SparsityConfig; config imports this registry, so this module does not
@@ -101,18 +101,18 @@ class DSTMethod:
         weights dropped first and the same number regrown outside them (by |score| when the method reads
         the dense gradient, else at random). Methods that reclaim in their own way override this."""
         dead = layer.dead_rows
-        if dead is None or not bool(dead.any()):
+        if dead is None or count(dead) == 0:
             return self.update(layer, weight, mask, score, n_swap, t, schedule, ties)
         live = mask & ~dead[:, None]
         new = self.update(layer, weight, live, score, n_swap, t, schedule, ties)
         new = new & ~dead[:, None]  # what the rule itself grew in dead rows moves too
-        reclaimed = int(mask.sum()) - int(new.sum())
+        reclaimed = count(mask) - count(new)
         rank = score.abs().float() if score is not None else torch.zeros(mask.shape, device=mask.device)
         rank = torch.where(dead[:, None], torch.full_like(rank, -1.0), rank)  # dead rows only if nothing else is left
         return rules.grow_top(new, rank, reclaimed, ties.sub("reclaim"))
 
     def check_invariants(self, layer: Layer, mask: torch.Tensor) -> list[str]:
-        nnz = int(mask.sum())
+        nnz = count(mask)
         return [] if nnz == layer.budget else [f"{layer.name}: {nnz} active != budget {layer.budget}"]
 
     # -- cost -------------------------------------------------------------------------------------------

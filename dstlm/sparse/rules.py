@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dstlm.sparse.selection import Ties, row_top_k, top_k
+from dstlm.sparse.selection import Ties, count, row_counts, row_top_k, top_k
 
 
 def random_mask(shape: tuple[int, ...], n_active: int, ties: Ties, device=None) -> torch.Tensor:
@@ -48,23 +48,23 @@ def grow_top(mask: torch.Tensor, score: torch.Tensor, k: int, ties: Ties) -> tor
 def set_update(weight: torch.Tensor, mask: torch.Tensor, n_swap: int, ties: Ties) -> torch.Tensor:
     """SET: drop the n_swap smallest |W| among active, grow as many at uniformly random inactive positions
     (a just-dropped position may come back)."""
-    nnz = int(mask.sum())
+    nnz = count(mask)
     kept = keep_largest(weight, mask, nnz - min(n_swap, nnz), ties)
-    return grow_top(kept, torch.zeros_like(weight, dtype=torch.float32), nnz - int(kept.sum()), ties)
+    return grow_top(kept, torch.zeros_like(weight, dtype=torch.float32), nnz - count(kept), ties)
 
 
 def rigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int,
                 ties: Ties) -> torch.Tensor:
     """RigL: drop the n_swap smallest |W| among active, grow the n_swap largest |dL/dW| among the
     positions inactive after the drop."""
-    nnz = int(mask.sum())
+    nnz = count(mask)
     kept = keep_largest(weight, mask, nnz - min(n_swap, nnz), ties)
-    return grow_top(kept, grad.abs(), nnz - int(kept.sum()), ties)
+    return grow_top(kept, grad.abs(), nnz - count(kept), ties)
 
 
 def gmp_prune(weight: torch.Tensor, mask: torch.Tensor, n_keep: int, ties: Ties) -> torch.Tensor:
     """GMP: keep the n_keep largest |W| among active entries (prune-only)."""
-    return keep_largest(weight, mask, min(n_keep, int(mask.sum())), ties)
+    return keep_largest(weight, mask, min(n_keep, count(mask)), ties)
 
 
 def nm_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int, n: int, m: int,
@@ -72,9 +72,9 @@ def nm_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_sw
     """Dynamic N:M: drop the n_swap smallest |W| among active, then refill every group to exactly n
     active with the largest |grad| of its inactive entries."""
     rows, cols = mask.shape
-    nnz = int(mask.sum())
+    nnz = count(mask)
     kept = keep_largest(weight, mask, nnz - min(n_swap, nnz), ties).view(rows * cols // m, m)
-    deficit = n - kept.sum(dim=1)
+    deficit = n - row_counts(kept)
     grow = row_top_k(grad.abs().reshape(kept.shape), deficit, ties.sub("nm-grow"), eligible=~kept)
     return (kept | grow).reshape(rows, cols)
 
@@ -95,9 +95,9 @@ def srigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n
     Returns (new mask, k).
     """
     rows, cols = mask.shape
-    active_rows = mask.any(dim=1)
+    active_rows = row_counts(mask) > 0
     n_rows = int(active_rows.sum())
-    nnz = int(mask.sum())
+    nnz = count(mask)
     k0 = max(1, budget // max(1, n_rows))
     n_swap = min(n_swap, nnz)
     w_abs, g_abs = weight.abs(), grad.abs()
@@ -107,7 +107,7 @@ def srigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n
     if allow_ablation and n_rows > 0:
         salient = top_k(w_abs, nnz - n_swap, ties.sub("salient-w"), eligible=mask)
         salient |= top_k(g_abs, n_swap, ties.sub("salient-g"), eligible=~mask)
-        counts = salient.sum(dim=1)
+        counts = row_counts(salient)
         m = max(1, int(gamma_sal * k0))
         min_rows = min(n_rows, max(1, budget // cols))
         while m > 1 and int(((counts >= m) & active_rows).sum()) < min_rows:
@@ -125,10 +125,10 @@ def srigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n
     # 4: drop (layer-wide magnitude, then trim rows to k), grow per row by gradient
     keep_total = max(0, k * n_surv - n_swap)
     kept = top_k(w_abs, keep_total, ties.sub("keep"), eligible=mask & survivors[:, None])
-    over = kept.sum(dim=1) > k  # rows holding more than k after the layer-wide keep: trim them to k
+    over = row_counts(kept) > k  # rows holding more than k after the layer-wide keep: trim them to k
     if bool(over.any()):
         rows_over = over.nonzero().squeeze(1)
         kept[rows_over] = row_top_k(w_abs[rows_over], k, ties.sub("trim"), eligible=kept[rows_over], row_ids=rows_over)
-    deficit = (k - kept.sum(dim=1)) * survivors
+    deficit = (k - row_counts(kept)) * survivors
     grow = row_top_k(g_abs, deficit, ties.sub("grow"), eligible=~kept)
     return kept | grow, k

@@ -74,26 +74,44 @@ class Ties:
         return f"Ties{self.scope}"
 
 
+def count(mask: torch.Tensor) -> int:
+    """True entries of a bool tensor (count_nonzero: ~20x faster than bool.sum() on the CPU)."""
+    return int(torch.count_nonzero(mask))
+
+
+def row_counts(mask: torch.Tensor) -> torch.Tensor:
+    """int64 [rows]: True entries per row of a bool [rows, cols] (summed as bytes, not as int64 per entry)."""
+    return mask.view(torch.uint8).sum(dim=1, dtype=torch.int64)
+
+
 def _check_size(n: int) -> None:
     if n >= 2**32:
         raise ValueError(f"a sparse matrix of {n} entries is beyond the 2^32 entries tie-breaks index; split it")
 
 
-def _candidates(values: torch.Tensor, k: int) -> Optional[torch.Tensor]:
-    """Positions of a set that surely holds the k largest values, much smaller than `values` when k is: a
-    pivot from a strided sample, set a little below the expected k-th value; None when a pass would not pay
-    (small tensors, k not small) or the sample misled twice."""
-    n = values.numel()
+def _candidates(values: torch.Tensor, k: int, eligible: Optional[torch.Tensor] = None,
+                n_eligible: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Positions of a set of eligible entries that surely holds the k largest eligible values, much smaller
+    than them when k is: a pivot from a strided sample, set a little below the expected k-th value; None when
+    a pass would not pay (few entries, k not small) or the sample misled twice."""
+    n = values.numel() if eligible is None else int(n_eligible)
     if n <= _EXACT_BELOW or 4 * k > n:
         return None
-    stride = max(1, n // 16384)
+    stride = max(1, values.numel() // 16384)
     sample = values[::stride]
+    if eligible is not None:
+        sample = sample[eligible[::stride]]
     s = sample.numel()
+    if s < 256:
+        return None
     want = k * s / n  # expected rank of the k-th value in the sample
     for slack in (4.0, 16.0):
         rank = min(s, int(want + slack * (want ** 0.5) + 16))
         pivot = torch.kthvalue(sample, s - rank + 1).values
-        cand = (values >= pivot).nonzero().squeeze(1)
+        hit = values >= pivot
+        if eligible is not None:
+            hit &= eligible
+        cand = hit.nonzero().squeeze(1)
         if cand.numel() >= k:
             return cand
     return None
@@ -113,12 +131,13 @@ def _take_by_hash(flat_index: torch.Tensor, segment: torch.Tensor, need: torch.T
     return take
 
 
-def _top_positions(values: torch.Tensor, k: int, ties: Ties, index: Optional[torch.Tensor]) -> torch.Tensor:
-    """Positions (into the flat `values`, 0 < k < numel) of its k first entries in (value desc, hash desc)
-    order, where entry p's hash is of index[p] (of p itself when index is None)."""
-    cand = _candidates(values, k)
+def _top_positions(values: torch.Tensor, k: int, ties: Ties, index: Optional[torch.Tensor],
+                   eligible: Optional[torch.Tensor] = None, n_eligible: Optional[int] = None) -> torch.Tensor:
+    """Positions (into the flat `values`, 0 < k < number eligible) of the k first eligible entries in (value
+    desc, hash desc) order, where entry p's hash is of index[p] (of p itself when index is None)."""
+    cand = _candidates(values, k, eligible, n_eligible)
     if cand is None:
-        cand = torch.arange(values.numel(), device=values.device)
+        cand = torch.arange(values.numel(), device=values.device) if eligible is None else eligible.nonzero().squeeze(1)
     cv = values[cand]
     thr = torch.kthvalue(cv, cv.numel() - k + 1).values
     above = cand[cv > thr]
@@ -139,7 +158,7 @@ def top_k(score: torch.Tensor, k: int, ties: Ties, eligible: Optional[torch.Tens
     n = flat.numel()
     _check_size(n)
     e = eligible.reshape(-1) if eligible is not None else None
-    n_e = int(e.sum()) if e is not None else n
+    n_e = count(e) if e is not None else n
     k = max(0, min(int(k), n_e))
     out = torch.zeros(n, dtype=torch.bool, device=score.device)
     if k == 0:
@@ -151,8 +170,8 @@ def top_k(score: torch.Tensor, k: int, ties: Ties, eligible: Optional[torch.Tens
     elif 4 * n_e <= n:  # few eligible (e.g. the active entries at 90 % sparsity): work on them alone
         index = e.nonzero().squeeze(1)
         out[index[_top_positions(flat[index], k, ties, index)]] = True
-    else:
-        out[_top_positions(flat.masked_fill(~e, float("-inf")), k, ties, None)] = True
+    else:  # most are eligible (e.g. the inactive entries): candidates straight from a pass over all
+        out[_top_positions(flat, k, ties, None, e, n_e)] = True
     return out.view(score.shape)
 
 
@@ -170,7 +189,7 @@ def row_top_k(score: torch.Tensor, k: Union[int, torch.Tensor], ties: Ties,
         s = s.masked_fill(~eligible, float("-inf"))
     kk = torch.as_tensor(k, device=score.device, dtype=torch.int64).expand(rows).clamp(0, cols)
     if eligible is not None:
-        kk = torch.minimum(kk, eligible.sum(dim=1))
+        kk = torch.minimum(kk, row_counts(eligible))
     kmax = int(kk.max()) if rows else 0
     if kmax == 0:
         return torch.zeros(rows, cols, dtype=torch.bool, device=score.device)
@@ -181,8 +200,8 @@ def row_top_k(score: torch.Tensor, k: Union[int, torch.Tensor], ties: Ties,
     eq = s == thr
     if eligible is not None and bool(torch.isneginf(thr).any()):  # a -inf threshold would admit ineligibles
         eq &= eligible
-    need = kk - out.sum(dim=1)
-    n_eq = eq.sum(dim=1)
+    need = kk - row_counts(out)
+    n_eq = row_counts(eq)
     ambiguous = n_eq > need
     if bool(ambiguous.any()):
         r, c = (eq & ambiguous[:, None]).nonzero(as_tuple=True)

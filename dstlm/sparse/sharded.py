@@ -98,7 +98,7 @@ def sharded_top_k(values: torch.Tensor, index: torch.Tensor, k: int, ties: Ties,
 
 
 def _global_count(mask: torch.Tensor, all_reduce: AllReduce) -> int:
-    return int(all_reduce(mask.sum().reshape(1).to(torch.int64)).item())
+    return int(all_reduce(torch.count_nonzero(mask).reshape(1).to(torch.int64)).item())
 
 
 def keep_largest_shard(weight: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, n_keep: int, ties: Ties,
