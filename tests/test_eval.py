@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_run
 from dstlm.checkpoint import load_checkpoint
-from dstlm.eval.harness import SHIPPED_TASKS, evaluate, run_eval, scores
+from dstlm.eval.harness import SHIPPED_TASKS, evaluate, format_table, run_eval, scores
 from dstlm.training.run import fit
 
 
@@ -76,6 +76,23 @@ def test_every_shipped_task_runs(trained, tmp_path):
     assert 0.0 <= table["boolq"]["acc"] <= 1.0 and table["wikitext"]["word_perplexity"] > 1.0
     saved = json.loads((tmp_path / "r.json").read_text())
     assert "hellaswag" in saved["results"]
+
+
+def test_standard_errors_on_request(trained):
+    """bootstrap_iters > 0: accuracies get lm-eval's closed-form standard error sqrt(p(1-p)/(n-1)) for 0/1
+    scores, perplexities a bootstrapped one (in this process, seeded: the same twice); none without it."""
+    from dstlm.eval.lm import DstlmLM
+
+    lm = DstlmLM(checkpoint=str(trained["rope"]), batch_size=8)
+    plain = scores(evaluate(lm, ["copa", "lambada_openai"], limit=20))
+    assert not any(m.endswith("_stderr") for ms in plain.values() for m in ms)
+    first = scores(evaluate(lm, ["copa", "lambada_openai"], limit=20, bootstrap_iters=200), stderr=True)
+    again = scores(evaluate(lm, ["copa", "lambada_openai"], limit=20, bootstrap_iters=200), stderr=True)
+    p = first["copa"]["acc"]
+    assert first["copa"]["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 19))
+    assert first["lambada_openai"]["perplexity_stderr"] > 0
+    assert first == again
+    assert "± " in format_table(first)
 
 
 def test_generate_until_stops(trained):
