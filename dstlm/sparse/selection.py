@@ -143,9 +143,9 @@ def _top_positions(values: torch.Tensor, k: int, ties: Ties, index: Optional[tor
     above = cand[cv > thr]
     tied = cand[cv == thr]
     need = k - above.numel()
-    if tied.numel() > need:
-        where = tied if index is None else index[tied]
-        tied = tied[_take_by_hash(where, torch.zeros_like(where), torch.tensor([need], device=where.device), ties)]
+    if tied.numel() > need:  # the `need` largest hashes among the tied (hashes are distinct): one kthvalue
+        h = ties.hash(tied if index is None else index[tied])
+        tied = tied[h >= torch.kthvalue(h, h.numel() - need + 1).values]
     return torch.cat([above, tied])
 
 
