@@ -203,7 +203,7 @@ def collect(out_dir: Path, cells: list[Cell], seeds: list[int]) -> list[Result]:
 
 
 def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, command: str,
-           panels: dict[str, list[str]] | None = None) -> Path:
+           panels: dict[str, list[str]] | None = None, note: str = "") -> Path:
     docs.mkdir(parents=True, exist_ok=True)
     by_name = {r.cell.name: r for r in results}
     dense = by_name.get("dense")
@@ -212,7 +212,7 @@ def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, 
     dense_flops = statistics.mean(f[0] for f in flops["dense"]) if dense else None
     s0 = results[0].summaries[0]
     lines = [f"# Study `{spec_name}`, budget `{budget_name}`", "",
-             f"Regenerate: `{command}`", "",
+             f"Regenerate: `{command}`", "", *([note, ""] if note else []),
              f"Each row: mean ± sample std over the seeds listed (n); {s0['steps']} optimizer steps, "
              f"{s0['train_tokens_seen']:,} training tokens per run. lm-eval: first 100 documents per task, mean "
              "over seeds with the mean lm-eval standard error of one run in brackets. Training FLOPs: whole run, "
@@ -334,6 +334,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="train nothing; tabulate the runs there are")
     ap.add_argument("--out-dir", default="runs/study")
     ap.add_argument("--docs", default="docs/study")
+    ap.add_argument("--note", default="", help="a line for the report's header (e.g. which code made the runs)")
     args = ap.parse_args()
 
     spec_path = Path(args.spec)
@@ -388,7 +389,7 @@ def main() -> None:
     command = " ".join(["python benchmarks/study.py", f"--spec {args.spec}", f"--budget {budget_name}",
                         f"--cells {','.join(names)}" if args.cells else f"--groups {args.groups}",
                         f"--seeds {','.join(map(str, seeds))}"])
-    path = report(spec_path.stem, budget_name, results, Path(args.docs), command, spec.get("panels"))
+    path = report(spec_path.stem, budget_name, results, Path(args.docs), command, spec.get("panels"), args.note)
     print(path.read_text())
     if failed:
         sys.exit(1)
