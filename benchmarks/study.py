@@ -284,7 +284,7 @@ def plot(results: list[Result], flops: dict, docs: Path, stem: str, panels: dict
     by_name = {r.cell.name: r for r in results}
     panels = {k: [by_name[n] for n in v if n in by_name] for k, v in (panels or {}).items()}
     panels = {k: v for k, v in panels.items() if v} or {"": [r for r in results if not r.cell.of]}
-    colours = {r.cell.name: f"C{i % 10}" for i, r in enumerate(results)}
+    colours = {r.cell.name: plt.get_cmap("tab20")(i % 20) for i, r in enumerate(results)}
     outs = []
     for xkind in ("tokens", "flops"):
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), sharey=True, squeeze=False)
