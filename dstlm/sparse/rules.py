@@ -98,29 +98,17 @@ def srigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n
     active_rows = row_counts(mask) > 0
     n_rows = int(active_rows.sum())
     nnz = count(mask)
-    k0 = max(1, budget // max(1, n_rows))
     n_swap = min(n_swap, nnz)
     w_abs, g_abs = weight.abs(), grad.abs()
 
     # 1-2: saliency and ablation
-    survivors = active_rows.clone()
+    counts = None
     if allow_ablation and n_rows > 0:
         salient = top_k(w_abs, nnz - n_swap, ties.sub("salient-w"), eligible=mask)
         salient |= top_k(g_abs, n_swap, ties.sub("salient-g"), eligible=~mask)
         counts = row_counts(salient)
-        m = max(1, int(gamma_sal * k0))
-        min_rows = min(n_rows, max(1, budget // cols))
-        while m > 1 and int(((counts >= m) & active_rows).sum()) < min_rows:
-            m -= 1
-        candidate = active_rows & (counts >= m)
-        if int(candidate.sum()) >= min_rows:
-            survivors = candidate
-    if force_ablate is not None and n_rows > 0:
-        candidate = survivors & ~force_ablate
-        if int(candidate.sum()) >= min(int(survivors.sum()), max(1, budget // cols)):
-            survivors = candidate
+    survivors, k = srigl_survivors(active_rows, counts, budget, cols, gamma_sal, force_ablate)
     n_surv = int(survivors.sum())
-    k = min(cols, budget // max(1, n_surv))
 
     # 4: drop (layer-wide magnitude, then trim rows to k), grow per row by gradient
     keep_total = max(0, k * n_surv - n_swap)
@@ -132,3 +120,25 @@ def srigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n
     deficit = (k - row_counts(kept)) * survivors
     grow = row_top_k(g_abs, deficit, ties.sub("grow"), eligible=~kept)
     return kept | grow, k
+
+
+def srigl_survivors(active_rows: torch.Tensor, salient_counts: torch.Tensor | None, budget: int, cols: int,
+                    gamma_sal: float, force_ablate: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """SRigL steps 2-3 on row-level counts (shared by the whole-layer and the sharded rule): the rows that
+    survive ablation (salient_counts None: no ablation) and the fan-in k they then get."""
+    n_rows = int(active_rows.sum())
+    survivors = active_rows.clone()
+    if salient_counts is not None and n_rows > 0:
+        k0 = max(1, budget // n_rows)
+        m = max(1, int(gamma_sal * k0))
+        min_rows = min(n_rows, max(1, budget // cols))
+        while m > 1 and int(((salient_counts >= m) & active_rows).sum()) < min_rows:
+            m -= 1
+        candidate = active_rows & (salient_counts >= m)
+        if int(candidate.sum()) >= min_rows:
+            survivors = candidate
+    if force_ablate is not None and n_rows > 0:
+        candidate = survivors & ~force_ablate
+        if int(candidate.sum()) >= min(int(survivors.sum()), max(1, budget // cols)):
+            survivors = candidate
+    return survivors, min(cols, budget // max(1, int(survivors.sum())))

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
+from dstlm.sparse.rules import srigl_survivors
 from dstlm.sparse.selection import M32, Ties
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -217,26 +218,14 @@ def srigl_update_shard(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Ten
     active_rows = row_nnz > 0
     n_active_rows = int(active_rows.sum())
     nnz = int(row_nnz.sum())
-    k0 = max(1, budget // max(1, n_active_rows))
     n_swap = min(n_swap, nnz)
     w_abs, g_abs = weight.abs(), grad.abs()
-    survivors = active_rows.clone()
+    counts = None
     if allow_ablation and n_active_rows > 0:
         salient = pick(mask, w_abs, nnz - n_swap, "salient-w", total=nnz) | pick(~mask, g_abs, n_swap, "salient-g")
         counts = row_counts(salient)
-        m = max(1, int(gamma_sal * k0))
-        min_rows = min(n_active_rows, max(1, budget // cols))
-        while m > 1 and int(((counts >= m) & active_rows).sum()) < min_rows:
-            m -= 1
-        candidate = active_rows & (counts >= m)
-        if int(candidate.sum()) >= min_rows:
-            survivors = candidate
-    if force_ablate is not None and n_active_rows > 0:
-        candidate = survivors & ~force_ablate
-        if int(candidate.sum()) >= min(int(survivors.sum()), max(1, budget // cols)):
-            survivors = candidate
+    survivors, k = srigl_survivors(active_rows, counts, budget, cols, gamma_sal, force_ablate)
     n_surv = int(survivors.sum())
-    k = min(cols, budget // max(1, n_surv))
     kept = pick(mask & survivors[rows], w_abs, max(0, k * n_surv - n_swap), "keep")
     over = row_counts(kept) > k
     if bool(over.any()):  # the same on every rank (all-reduced counts): the collective trim runs on all or none
