@@ -2,7 +2,7 @@
 reference (both with the same tie-breaks, so both give the same masks; checked here).
 
     .venv/bin/python benchmarks/update_scale.py [--preset gpt2-124m] [--n-layer 12] [--methods rigl,srigl]
-        [--paths fast,reference] [--repeats 2] [--sparsity 0.9]
+        [--paths fast,reference] [--repeats 2] [--sparsity 0.9] [--worlds 1,2,4]
 
 One process, the model in fp32 on the CPU, random gradients standing in for a backward pass. For each
 (method, path), `repeats` updates at step delta_t (drop fraction 0.3), interleaved so machine noise falls on
@@ -10,6 +10,13 @@ both paths alike; reported: mean and min update seconds, the peak resident memor
 every 2 ms from /proc/self/statm), and the bytes DST holds per sparse weight between updates. Run it under
 another dstlm checkout (PYTHONPATH=<tree>) to time that tree's update with `--paths fast` (a tree without
 dstlm.sparse.selection times its own rules).
+
+--worlds 1,2,4: the fast path at each world size, ranks as gloo processes on this machine (each with
+cores / world threads) holding replicas, as under DDP: on more than one rank every rank decides the masks of
+its 1/world of each weight with the sharded rules and the masks are joined by a byte all-reduce
+(dstlm/sparse/sharded.py). Reported per world: mean update seconds (slowest rank), the most any rank's
+update added to its resident memory, the fp32 score bytes each rank held, and whether the masks equal the
+one-process run's.
 """
 
 from __future__ import annotations
@@ -88,6 +95,71 @@ def one_update(model, engine, backend, reference: bool) -> tuple[float, int, dic
     return seconds, mem.added, {sp.name: sp.mask.clone() for sp in engine.params}
 
 
+def _rank(rank: int, world: int, rdzv: str, args: argparse.Namespace, out: torch.Tensor) -> None:
+    """One rank of a --worlds run: out[rank, method] = (mean seconds, max added bytes, score bytes, digest)."""
+    import torch.distributed as dist
+
+    from dstlm.sparse.masks import mask_checksum
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
+    for i, method in enumerate(args.methods.split(",")):
+        seconds, added = [], []
+        for _ in range(args.repeats):
+            model, engine, backend = build(args.preset, args.n_layer, method, args.sparsity)
+            gen = torch.Generator().manual_seed(1)
+            for sp in engine.params:
+                sp.weight.grad = torch.randn(sp.weight.shape, generator=gen)
+            engine.before_optimizer_step(100, backend)
+            score_bytes = sum(v.numel() * v.element_size() for v in (*engine._scores.values(),
+                                                                     *engine._shard_scores.values()))
+            if world > 1:
+                dist.barrier()
+            with PeakRSS() as mem:
+                start = time.perf_counter()
+                engine.after_optimizer_step(100, backend)
+                seconds.append(time.perf_counter() - start)
+            added.append(mem.added)
+            digest = mask_checksum(sp.mask for sp in engine.params)
+            del model, engine
+        out[rank, i] = torch.tensor([statistics.mean(seconds), max(added), score_bytes,
+                                     float(digest[:, 1].sum() % (2**40))], dtype=torch.float64)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def sweep_worlds(args: argparse.Namespace) -> None:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    methods = args.methods.split(",")
+    _, engine, _ = build(args.preset, args.n_layer, methods[0], args.sparsity)
+    n_sparse = sum(sp.mask.numel() for sp in engine.params)
+    del engine
+    rows, digests = [], {}
+    for world in (int(w) for w in args.worlds.split(",")):
+        out = torch.zeros(world, len(methods), 4, dtype=torch.float64).share_memory_()
+        with tempfile.TemporaryDirectory() as tmp:
+            if world == 1:
+                _rank(0, 1, "", args, out)
+            else:
+                mp.spawn(_rank, args=(world, f"{tmp}/rdzv", args, out), nprocs=world, join=True)
+        for i, method in enumerate(methods):
+            digests.setdefault(method, float(out[0, i, 3]))
+            same = all(float(out[r, i, 3]) == digests[method] for r in range(world))
+            rows.append((method, world, float(out[:, i, 0].max()), float(out[:, i, 1].max()) / n_sparse,
+                         float(out[:, i, 2].max()) / n_sparse, same))
+            print(f"{method} world {world}: {rows[-1][2]:.3f} s", flush=True)
+    print(f"\n{n_sparse:,} sparse weights, {os.cpu_count()} cores shared by the ranks")
+    print("| method | world | update s (slowest rank) | peak added by the update (B / sparse weight, worst rank) "
+          "| fp32 score held per rank (B / sparse weight) | masks equal world 1 |")
+    print("|---|---:|---:|---:|---:|---|")
+    for method, world, sec, per_w, score, same in rows:
+        print(f"| {method} | {world} | {sec:.3f} | {per_w:.2f} | {score:.2f} | {same} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="gpt2-124m")
@@ -96,7 +168,11 @@ def main() -> None:
     ap.add_argument("--paths", default="fast,reference")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--worlds", default=None, help="comma-separated world sizes: sweep the fast path over them")
     args = ap.parse_args()
+    if args.worlds:
+        sweep_worlds(args)
+        return
     paths = args.paths.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, preset {args.preset}"
           + (f" with {args.n_layer} layers" if args.n_layer else ""))

@@ -69,8 +69,11 @@ def _torchrun(args, nproc, timeout=600, extra_env=None):
 
 
 def _dst_job(out, method, batch, files, nproc, extra_env=None) -> list[dict]:
-    """Run tests/helpers/dst_run.py on nproc ranks; the per-rank dumps (masks after each update, weights)."""
+    """Run tests/helpers/dst_run.py on nproc ranks; the per-rank dumps (masks after each update, weights).
+    On more than one rank every mask update is also decided whole by the sort-based reference, and the run
+    stops if a sharded decision differs (DSTLM_CHECK_REFERENCE)."""
     helper = str(REPO / "tests" / "helpers" / "dst_run.py")
+    extra_env = {"DSTLM_CHECK_REFERENCE": "1", **(extra_env or {})}
     r = _torchrun([helper, str(out), method, str(batch), *files], nproc=nproc, extra_env=extra_env)
     assert r.returncode == 0, r.stderr[-4000:]
     return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(nproc)]
@@ -92,6 +95,27 @@ def test_ddp_masks_identical_across_ranks_and_match_single_process(tmp_path, sma
     for a, b in zip(rank0["masks"], single["masks"]):
         agree = sum(int((a[n] == b[n]).sum()) for n in a) / sum(a[n].numel() for n in a)
         assert agree >= 0.999, agree
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy,nproc,method", [
+    ("deepspeed_stage_3", 4, "srigl"), ("deepspeed_stage_2", 2, "nm"),
+    pytest.param("deepspeed_stage_2", 4, "rigl", marks=pytest.mark.slow),
+    pytest.param("ddp", 4, "set", marks=pytest.mark.slow),
+    pytest.param("deepspeed_stage_3", 2, "gmp", marks=pytest.mark.slow),
+    pytest.param("deepspeed_stage_3", 4, "nm", marks=pytest.mark.slow),
+])
+def test_sharded_decisions_equal_the_whole_tensor_reference(tmp_path, small_corpus, strategy, nproc, method):
+    """Each rank decides the masks of its own fragment of every weight (ZeRO: its partition; DDP: an even
+    split), ranks joined by all-reduced counts; at every update the run also decides whole from gathered
+    weights and scores with the sort-based selection and stops on any difference. ZeRO-3's and 4 ranks'
+    partitions cut rows and N:M groups anywhere."""
+    dumps = _dst_job(tmp_path / "run", method, 2, small_corpus, nproc=nproc, extra_env={"DSTLM_STRATEGY": strategy})
+    n = len(dumps[0]["masks"])
+    assert n >= 3 and all(d["sharded"] == [1.0] * n for d in dumps)
+    for d in dumps[1:]:
+        for a, b in zip(dumps[0]["masks"], d["masks"]):
+            assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_deepspeed_bad_input_refused(tmp_path):

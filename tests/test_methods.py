@@ -53,8 +53,12 @@ class FakeBackend:
         self.calls.append(("mask_optimizer_state_", id(param)))
         self.state[param].mul_(keep)
 
-    def optimizer_state_zero_outside(self, param, mask):
-        return bool((self.state[param][~mask] == 0).all())
+    world_size = 1  # whole decisions
+
+    def violations(self, param, mask):
+        self.calls.append(("violations", id(param)))
+        off = ~mask
+        return torch.tensor([int((param.detach()[off] != 0).sum()), 0, int((self.state[param][off] != 0).sum())])
 
     def all_equal(self, values):
         return self.agree

@@ -181,7 +181,7 @@ def test_row_top_k_on_shards_cutting_rows_equals_the_whole_layer(world):
 
         def rank(r, reduce, flat=flat, parts=parts, k=k, ties=ties, rows=rows, cols=cols):
             i = parts[r]
-            return sharded_row_top_k(flat[i], i // cols, i, k, rows, ties, reduce)
+            return sharded_row_top_k(flat[i], i, k, rows, cols, ties, reduce)
 
         union = torch.zeros(rows * cols, dtype=torch.bool)
         for i, sel in zip(parts, ThreadRanks(world).run(rank)):

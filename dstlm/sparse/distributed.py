@@ -5,6 +5,12 @@ gradient and weight of a parameter, how to mask a gradient and write a weight, h
 state at given positions, and how to compare values across data-parallel ranks. `TorchBackend` covers one process and
 DDP (whose gradients are already all-reduced after backward); sharded strategies implement the same
 methods over their fragments.
+
+On more than one rank the engine decides masks on shards (dstlm/sparse/sharded.py): each rank takes the
+entries of a contiguous fragment of each parameter's flat index (`fragment`), reads its weights and reduced
+gradient there (`local_weight`, `local_grad`), and the new masks are joined by one byte all-reduce
+(`assemble`). ZeRO's fragments are the rank's own partitions; DDP's replicas split each parameter evenly, so
+every rank does 1/world of the work.
 """
 
 from __future__ import annotations
@@ -21,9 +27,14 @@ class SparseBackend(Protocol):
     def full_weight(self, param: torch.nn.Parameter) -> torch.Tensor: ...
     def mask_weight_(self, param: torch.nn.Parameter, keep: torch.Tensor) -> None: ...
     def mask_optimizer_state_(self, param: torch.nn.Parameter, keep: torch.Tensor) -> None: ...
-    def optimizer_state_zero_outside(self, param: torch.nn.Parameter, mask: torch.Tensor) -> bool: ...
     def all_equal(self, values: torch.Tensor) -> bool: ...
     def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    # decisions on shards (world > 1)
+    shards: bool
+    def fragment(self, param: torch.nn.Parameter) -> tuple[int, int]: ...
+    def local_weight(self, param: torch.nn.Parameter) -> torch.Tensor: ...
+    def local_grad(self, param: torch.nn.Parameter) -> Optional[torch.Tensor]: ...
+    def violations(self, param: torch.nn.Parameter, mask: torch.Tensor) -> torch.Tensor: ...
 
 
 class Collectives:
@@ -40,11 +51,42 @@ class Collectives:
         dist.all_gather(gathered, values)
         return all(torch.equal(g, gathered[0]) for g in gathered)
 
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if self.world_size > 1 else 0
+
     def all_reduce_mean_(self, tensor):
         if self.world_size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
             tensor /= self.world_size
         return tensor
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """In-place sum over the ranks (the reduction the sharded rules run on)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def assemble(self, numel: int, start: int, local: torch.Tensor) -> torch.Tensor:
+        """The whole flat tensor of which each rank holds `local` at [start, start + len): fragments are
+        disjoint and cover it, so a sum over the ranks joins them (a bool joins as uint8, 1 byte per entry)."""
+        dtype = torch.uint8 if local.dtype == torch.bool else local.dtype
+        out = torch.zeros(numel, dtype=dtype, device=local.device)
+        out[start:start + local.numel()] = local.reshape(-1).to(dtype)
+        self.all_reduce_sum_(out)
+        return out.bool() if local.dtype == torch.bool else out
+
+
+def even_fragment(numel: int, rank: int, world: int) -> tuple[int, int]:
+    """(start, length) of rank's part when a flat index of `numel` entries is cut into `world` near-equal runs."""
+    per = -(-numel // world)
+    start = min(numel, rank * per)
+    return start, min(numel, start + per) - start
+
+
+def count_nonzero_outside(values: torch.Tensor, keep: torch.Tensor) -> int:
+    """Non-zero entries of `values` where `keep` (same length) is False."""
+    return int(torch.count_nonzero(values.reshape(-1).masked_fill(keep.reshape(-1).to(values.device), 0)))
 
 
 class TorchBackend(Collectives):
@@ -86,5 +128,27 @@ class TorchBackend(Collectives):
         for t in self._states(param):
             t.mul_(keep.to(t.dtype))
 
-    def optimizer_state_zero_outside(self, param, mask):
-        return all(bool((t[~mask] == 0).all()) for t in self._states(param))
+    # -- on shards: replicas split each parameter evenly ---------------------------------------------
+    shards = True
+
+    def fragment(self, param):
+        return even_fragment(param.numel(), self.rank, self.world_size)
+
+    def local_weight(self, param):
+        start, n = self.fragment(param)
+        return param.detach().reshape(-1)[start:start + n]
+
+    def local_grad(self, param):
+        grad = self.full_grad(param)
+        if grad is None:
+            return None
+        start, n = self.fragment(param)
+        return grad.reshape(-1)[start:start + n]
+
+    def violations(self, param, mask):
+        """[non-zero weights, non-zero module weights, non-zero optimizer state] at pruned entries of this
+        rank's fragment (the fragments of all ranks cover the parameter once)."""
+        start, n = self.fragment(param)
+        keep = mask.reshape(-1)[start:start + n]
+        states = sum(count_nonzero_outside(t.reshape(-1)[start:start + n], keep) for t in self._states(param))
+        return torch.tensor([count_nonzero_outside(self.local_weight(param), keep), 0, states], dtype=torch.int64)

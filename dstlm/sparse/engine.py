@@ -27,7 +27,8 @@ from dstlm.sparse.distributed import SparseBackend, TorchBackend
 from dstlm.sparse.masks import SparseParam, attach_mask, check_patterns_match, mask_checksum, select_params
 from dstlm.sparse.methods import DSTMethod, Layer
 from dstlm.sparse.schedule import UpdateSchedule
-from dstlm.sparse.selection import Ties, count, row_counts
+from dstlm.sparse.selection import Ties, count, reference_selection, row_counts
+from dstlm.sparse.sharded import Shard
 
 
 class MaskMismatchError(RuntimeError):
@@ -70,7 +71,12 @@ class SparseEngine:
         # step and the layer (dstlm/sparse/selection.py): nothing to carry in checkpoints, same on every rank
         self.tie_seed = int(cfg.seed if cfg.seed is not None else seed)
         self.ever_active: dict[str, torch.Tensor] = {}
-        self._scores: dict[str, torch.Tensor] = {}
+        self._scores: dict[str, torch.Tensor] = {}  # whole decisions: per matrix, [out, in]
+        self._shard_scores: dict[str, torch.Tensor] = {}  # sharded decisions: the rank's fragment per parameter
+        self._backend: Optional[SparseBackend] = None
+        self.check_reference = False
+        """Tests and debugging: with sharded decisions, also decide every mask whole from gathered weights and
+        scores with the sort-based reference selection, and stop if any differs (costs the gathers)."""
         self._score_steps = 0
         self.last_stats: dict[str, float] = {}
         self.n_updates = 0
@@ -118,20 +124,38 @@ class SparseEngine:
             return False
         return any(self.is_update_step(t + j) for j in range(self.cfg.grad_accumulation))
 
+    def sharded(self, backend: SparseBackend) -> bool:
+        """Whether masks are decided on shards (dstlm/sparse/sharded.py): on more than one rank, for methods
+        that have a sharded rule, with a backend that exposes fragments; else every rank decides whole."""
+        return backend.world_size > 1 and self.method.shardable and getattr(backend, "shards", False)
+
     @torch.no_grad()
     def before_optimizer_step(self, t: int, backend: SparseBackend) -> None:
         """Called with the accumulated gradients of the step that will become optimizer step t."""
+        self._backend = backend
         if self.needs_scores(t):
-            for group in self.groups:
-                full = backend.full_grad(group[0].weight)  # one (collective) read per parameter
-                if full is None:
-                    continue
-                for sp in group:
-                    g = sp.view(full).detach().reshape(self.layers[sp.name].shape)
-                    if sp.name in self._scores:  # accumulated in place, in fp32, where the gradient lives
-                        self._scores[sp.name].add_(g.abs())
+            if self.sharded(backend):
+                self._localize_scores(backend)
+                for group in self.groups:  # the rank's fragment of the reduced gradient, nothing gathered
+                    g = backend.local_grad(group[0].weight)
+                    if g is None:
+                        continue
+                    key = _param_name(group)
+                    if key in self._shard_scores:
+                        self._shard_scores[key].add_(g.abs())
                     else:
-                        self._scores[sp.name] = g.abs().float()
+                        self._shard_scores[key] = g.abs().float()
+            else:
+                for group in self.groups:
+                    full = backend.full_grad(group[0].weight)  # one (collective) read per parameter
+                    if full is None:
+                        continue
+                    for sp in group:
+                        g = sp.view(full).detach().reshape(self.layers[sp.name].shape)
+                        if sp.name in self._scores:  # accumulated in place, in fp32, where the gradient lives
+                            self._scores[sp.name].add_(g.abs())
+                        else:
+                            self._scores[sp.name] = g.abs().float()
             self._score_steps += 1
         for group in self.groups:
             backend.mask_grad_(group[0].weight, self.pruned(group[0]))
@@ -164,42 +188,36 @@ class SparseEngine:
         masks = {sp.name: sp.mask for sp in self.params}
         dead = {link.producer: dead_units(masks[link.producer], masks[link.consumer])
                 for link in self.links} if self.cfg.reclaim_dead_units else {}
-        reclaimed_rows = 0
+        reclaimed_rows = sum(count(dead[sp.name] & (row_counts(sp.mask) > 0)) for sp in self.params
+                             if dead.get(sp.name) is not None)
+        sharded = self.sharded(backend)
+        if sharded:
+            self._localize_scores(backend)
         for group in self.groups:
-            param = group[0].weight
-            full = backend.full_weight(param).detach()  # one (collective) read per parameter
-            keeps = []
+            decide = self._decide_shards if sharded else self._decide_whole
+            reference = self._reference(group, backend, t, drop_fraction, dead) if sharded and \
+                self.check_reference else None
+            new_full = decide(group, backend, t, drop_fraction, dead).reshape(group[0].full_mask.shape)
+            if reference is not None and not torch.equal(reference.reshape(new_full.shape), new_full):
+                n_diff = count(reference.reshape(new_full.shape) != new_full)
+                raise MaskMismatchError(f"{_param_name(group)}: the sharded decision at step {t} differs from the "
+                                        f"whole-tensor reference in {n_diff} entries")
+            keep = new_full & group[0].full_mask  # zero both dropped and newly grown entries (grown start at 0)
             for sp in group:
-                layer = self.layers[sp.name]
-                old = sp.mask
-                w = sp.view(full).reshape(layer.shape)
-                score = self._need(self._scores.get(sp.name), sp) if self.method.uses_dense_grad else None
-                if score is not None:
-                    score = score.to(w.device)
-                n_swap = int(round(drop_fraction * count(old)))
-                layer.dead_rows = dead.get(sp.name)  # the rows to reclaim at this update (None: none)
-                if layer.dead_rows is not None:
-                    reclaimed_rows += count(layer.dead_rows & (row_counts(old) > 0))
-                new = self.method.update_layer(layer, w, old.to(w.device), score, n_swap, t, self.schedule,
-                                               Ties(self.tie_seed, "update", t, sp.name)).to(old.device)
-                layer.dead_rows = None
-                grown = new & ~old
-                keeps.append(new & old)  # zero both dropped and newly grown entries (grown start at 0)
+                new, old = sp.view(new_full), sp.mask
                 self.ever_active[sp.name] |= new.to(self.ever_active[sp.name].device)
                 n_new = count(new)
-                grown_total += count(grown)
+                grown_total += count(new & ~old)
                 active_total += n_new
                 numel_total += new.numel()
                 ablated += count(row_counts(new) == 0)
                 per_layer[sp.name] = n_new / new.numel()
-                sp.mask = new
-            del full
-            # a group lists its matrices in index order (select_params builds them so)
-            keep = (keeps[0] if group[0].index is None else torch.stack(keeps))
-            keep = keep.to(param.device).reshape(group[0].full_mask.shape)
+            group[0].full_mask.copy_(new_full)
+            param = group[0].weight
             backend.mask_weight_(param, keep)
             backend.mask_optimizer_state_(param, keep)
         self._scores.clear()
+        self._shard_scores.clear()
         self._score_steps = 0
         self.n_updates += 1
         self.check_ranks_agree(backend, t)
@@ -207,13 +225,100 @@ class SparseEngine:
         self.last_stats = {
             "density": active_total / max(1, numel_total), "churn": grown_total / max(1, active_total),
             "itop": itop, "ablated_neurons": float(ablated), "drop_fraction": drop_fraction,
-            "update_ms": (time.perf_counter() - start) * 1e3,
+            "update_ms": (time.perf_counter() - start) * 1e3, "sharded": float(sharded),
         }
         if self.cfg.reclaim_dead_units:
             self.last_stats["reclaimed_rows"] = float(reclaimed_rows)
         self.last_stats.update(self.census_stats())
         self.last_stats.update({f"layer/{n}": d for n, d in per_layer.items()})
         return self.last_stats
+
+    def _decide_whole(self, group: list[SparseParam], backend: SparseBackend, t: int, drop_fraction: float,
+                      dead: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The group's new masks from its whole weight (one collective read where it is sharded)."""
+        full = backend.full_weight(group[0].weight).detach()
+        news = []
+        for sp in group:
+            layer = self.layers[sp.name]
+            old = sp.mask
+            w = sp.view(full).reshape(layer.shape)
+            score = self._need(self._scores.get(sp.name), sp) if self.method.uses_dense_grad else None
+            if score is not None:
+                score = score.to(w.device)
+            n_swap = int(round(drop_fraction * count(old)))
+            layer.dead_rows = dead.get(sp.name)  # the rows to reclaim at this update (None: none)
+            news.append(self.method.update_layer(layer, w, old.to(w.device), score, n_swap, t, self.schedule,
+                                                 Ties(self.tie_seed, "update", t, sp.name)).to(old.device))
+            layer.dead_rows = None
+        # a group lists its matrices in index order (select_params builds them so)
+        return news[0] if group[0].index is None else torch.stack(news)
+
+    def _decide_shards(self, group: list[SparseParam], backend: SparseBackend, t: int, drop_fraction: float,
+                       dead: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The group's new masks, each rank deciding the entries of its fragment of the parameter's flat index
+        with the sharded rules, joined by one byte all-reduce. No rank reads another's weights or scores."""
+        param, full_old = group[0].weight, group[0].full_mask.reshape(-1)
+        f_start, f_len = backend.fragment(param)
+        weight = backend.local_weight(param).detach().reshape(-1)
+        score = self._shard_scores.get(_param_name(group)) if self.method.uses_dense_grad else None
+        if self.method.uses_dense_grad and score is None:
+            self._need(None, group[0])
+        new_local = torch.zeros(f_len, dtype=torch.bool, device=full_old.device)
+        for sp in group:
+            layer = self.layers[sp.name]
+            numel = layer.shape[0] * layer.shape[1]
+            base = 0 if sp.index is None else sp.index * numel  # the matrix's run in the parameter's flat index
+            a = min(max(f_start, base), base + numel)
+            b = max(a, min(f_start + f_len, base + numel))
+            lo, hi = a - f_start, b - f_start
+            shard = Shard(weight[lo:hi].to(full_old.device), full_old[a:b],
+                          None if score is None else score[lo:hi].to(full_old.device),
+                          torch.arange(a - base, b - base, device=full_old.device), backend.all_reduce_sum_)
+            layer.dead_rows = dead.get(sp.name)
+            n_swap = int(round(drop_fraction * count(sp.mask)))
+            new_local[lo:hi] = self.method.update_layer_shard(layer, shard, n_swap, t, self.schedule,
+                                                              Ties(self.tie_seed, "update", t, sp.name))
+            layer.dead_rows = None
+        return backend.assemble(full_old.numel(), f_start, new_local)
+
+    def _reference(self, group: list[SparseParam], backend: SparseBackend, t: int, drop_fraction: float,
+                   dead: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The whole-tensor decision with the sort-based reference selection, from gathered weights and
+        scores (for check_reference)."""
+        saved = dict(self._scores)
+        fan_in = {sp.name: self.layers[sp.name].fan_in for sp in group}
+        try:
+            self._scores = self._whole_scores(backend, [group])
+            with reference_selection():
+                return self._decide_whole(group, backend, t, drop_fraction, dead)
+        finally:
+            self._scores = saved
+            for sp in group:  # the sharded rule sets it again
+                self.layers[sp.name].fan_in = fan_in[sp.name]
+
+    def _localize_scores(self, backend: SparseBackend) -> None:
+        """Scores restored from a checkpoint (whole, per matrix) become this rank's fragments."""
+        if not self._scores:
+            return
+        for group in self.groups:
+            if group[0].name not in self._scores:
+                continue
+            whole = torch.cat([self._scores.pop(sp.name).reshape(-1) for sp in group])
+            f_start, f_len = backend.fragment(group[0].weight)
+            self._shard_scores[_param_name(group)] = whole[f_start:f_start + f_len].clone()
+
+    def _whole_scores(self, backend: SparseBackend, groups: Optional[list] = None) -> dict[str, torch.Tensor]:
+        """Sharded scores joined whole, per matrix (collective; for checkpoints taken inside a score window)."""
+        out = {}
+        for group in self.groups if groups is None else groups:
+            local = self._shard_scores.get(_param_name(group))
+            if local is None:
+                continue
+            f_start, _ = backend.fragment(group[0].weight)
+            whole = backend.assemble(group[0].full_mask.numel(), f_start, local)
+            for sp in group:
+                out[sp.name] = sp.view(whole.reshape(group[0].full_mask.shape)).clone()
+        return out
 
     def _need(self, score: Optional[torch.Tensor], sp: SparseParam) -> torch.Tensor:
         if score is None:
@@ -229,19 +334,17 @@ class SparseEngine:
 
     @torch.no_grad()
     def verify(self, backend: SparseBackend) -> list[str]:
-        """Invariant violations (empty list = all hold): W == W*M and zero optimizer state off the mask."""
+        """Invariant violations (empty list = all hold): W == W*M (fp32 master and module copy) and zero
+        optimizer state off the mask. Each rank counts on what it holds; one all-reduce joins the counts, so
+        every rank returns the same list and no weight is gathered."""
         problems = []
-        module_check = getattr(backend, "module_weight_zero_outside", None)
-        for group in self.groups:  # whole parameters (one collective read each)
-            param, mask, name = group[0].weight, group[0].full_mask, group[0].name.rsplit(".", 1)[0] \
-                if group[0].index is not None else group[0].name
-            w = backend.full_weight(param).reshape(mask.shape)
-            if bool((w[~mask.to(w.device)] != 0).any()):
-                problems.append(f"{name}: non-zero weights at pruned entries")
-            if module_check is not None and not module_check(param, mask):
-                problems.append(f"{name}: non-zero module weights at pruned entries")
-            if not backend.optimizer_state_zero_outside(param, mask):
-                problems.append(f"{name}: non-zero optimizer state at pruned entries")
+        counts = torch.stack([backend.violations(g[0].weight, g[0].full_mask).to(torch.int64).cpu()
+                              for g in self.groups])
+        if backend.world_size > 1:
+            counts = backend.all_reduce_sum_(counts.to(self.groups[0][0].full_mask.device)).cpu()
+        what = ("non-zero weights", "non-zero module weights", "non-zero optimizer state")
+        for group, row in zip(self.groups, counts.tolist()):
+            problems += [f"{_param_name(group)}: {what[i]} at pruned entries ({n})" for i, n in enumerate(row) if n]
         for sp in self.params:
             problems += self.method.check_invariants(self.layers[sp.name], sp.mask)
         return problems
@@ -275,8 +378,12 @@ class SparseEngine:
 
     # -- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Called on every rank (a collective when sharded scores are pending, inside a score window)."""
+        scores = dict(self._scores)
+        if self._shard_scores:
+            scores.update(self._whole_scores(self._backend))
         return {"tie_seed": self.tie_seed, "ever_active": dict(self.ever_active),
-                "scores": dict(self._scores), "score_steps": self._score_steps, "n_updates": self.n_updates,
+                "scores": scores, "score_steps": self._score_steps, "n_updates": self.n_updates,
                 "fan_in": dict(self.fan_in), "method": self.cfg.method, "sparsity": self.cfg.sparsity,
                 "last_stats": dict(self.last_stats)}
 
@@ -293,11 +400,17 @@ class SparseEngine:
         device = {sp.name: sp.mask.device for sp in self.params}
         self.ever_active = {k: v.to(device.get(k, v.device), copy=True) for k, v in state["ever_active"].items()}
         self._scores = {k: v.to(device.get(k, v.device), copy=True) for k, v in state["scores"].items()}
+        self._shard_scores = {}
         self._score_steps = state["score_steps"]
         self.n_updates = state["n_updates"]
         for name, k in state["fan_in"].items():
             self.layers[name].fan_in = k
         self.last_stats = dict(state["last_stats"])
+
+
+def _param_name(group: list[SparseParam]) -> str:
+    """The parameter's name (a batched parameter's matrices are named <parameter>.<index>)."""
+    return group[0].name.rsplit(".", 1)[0] if group[0].index is not None else group[0].name
 
 
 __all__ = ["MaskMismatchError", "SparseEngine", "TorchBackend"]

@@ -23,8 +23,9 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from dstlm.sparse import rules
+from dstlm.sparse import rules, sharded
 from dstlm.sparse.selection import Ties, count
+from dstlm.sparse.sharded import Shard
 from dstlm.sparse.schedule import UpdateSchedule, gmp_sparsity
 
 # `cfg` below is a dstlm.sparse.config.SparsityConfig; config imports this registry, so this module does not
@@ -111,6 +112,32 @@ class DSTMethod:
         rank = torch.where(dead[:, None], torch.full_like(rank, -1.0), rank)  # dead rows only if nothing else is left
         return rules.grow_top(new, rank, reclaimed, ties.sub("reclaim"))
 
+    # -- the same decisions on one rank's part of the matrix (dstlm/sparse/sharded.py) ---------------------
+    def update_shard(self, layer: Layer, shard: Shard, n_swap: int, t: int, schedule: UpdateSchedule,
+                     ties: Ties) -> torch.Tensor:
+        """`update` decided on one rank's entries (bool over them): every rank calls it for every layer, and
+        the union over the ranks must equal `update` on the whole matrix. A method without it is decided
+        whole, from gathered weights (correct, but each rank then holds each whole weight in turn)."""
+        raise NotImplementedError(f"{self.name} has no sharded update")
+
+    @property
+    def shardable(self) -> bool:
+        return type(self).update_shard is not DSTMethod.update_shard
+
+    def update_layer_shard(self, layer: Layer, shard: Shard, n_swap: int, t: int, schedule: UpdateSchedule,
+                           ties: Ties) -> torch.Tensor:
+        """`update_layer` on shards: the same dead-row reclaiming, with counts and the regrowth over all ranks."""
+        dead = layer.dead_rows
+        if dead is None or count(dead) == 0:
+            return self.update_shard(layer, shard, n_swap, t, schedule, ties)
+        in_dead = dead.to(shard.index.device)[shard.rows(layer.shape[1])]
+        live = Shard(shard.weight, shard.mask & ~in_dead, shard.score, shard.index, shard.all_reduce)
+        new = self.update_shard(layer, live, n_swap, t, schedule, ties) & ~in_dead
+        reclaimed = shard.count(shard.mask) - shard.count(new)
+        rank = shard.score.abs().float() if shard.score is not None else torch.zeros(new.shape, device=new.device)
+        rank = torch.where(in_dead, torch.full_like(rank, -1.0), rank)
+        return sharded.grow_top_shard(new, rank, shard.index, reclaimed, ties.sub("reclaim"), shard.all_reduce)
+
     def check_invariants(self, layer: Layer, mask: torch.Tensor) -> list[str]:
         nnz = count(mask)
         return [] if nnz == layer.budget else [f"{layer.name}: {nnz} active != budget {layer.budget}"]
@@ -160,6 +187,10 @@ class SET(DSTMethod):
     def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
         return rules.set_update(weight, mask, n_swap, ties)
 
+    def update_shard(self, layer, shard, n_swap, t, schedule, ties):
+        return sharded.drop_and_grow_shard(shard.weight, shard.mask, None, n_swap, shard.index, ties,
+                                           shard.all_reduce)
+
 
 @register
 class RigL(DSTMethod):
@@ -169,6 +200,10 @@ class RigL(DSTMethod):
 
     def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
         return rules.rigl_update(weight, mask, score, n_swap, ties)
+
+    def update_shard(self, layer, shard, n_swap, t, schedule, ties):
+        return sharded.drop_and_grow_shard(shard.weight, shard.mask, shard.score, n_swap, shard.index, ties,
+                                           shard.all_reduce)
 
 
 @register
@@ -190,8 +225,19 @@ class SRigL(DSTMethod):
                                                allow, ties, force_ablate=layer.dead_rows)
         return new
 
+    def update_shard(self, layer, shard, n_swap, t, schedule, ties):
+        allow = self.cfg.ablation and not layer.protected
+        new, layer.fan_in = sharded.srigl_update_shard(
+            shard.weight, shard.mask, shard.score, n_swap, layer.budget, self.cfg.gamma_sal, allow,
+            shard.rows(layer.shape[1]), shard.index, layer.shape, ties, shard.all_reduce,
+            force_ablate=layer.dead_rows)
+        return new
+
     def update_layer(self, layer, weight, mask, score, n_swap, t, schedule, ties):
         return self.update(layer, weight, mask, score, n_swap, t, schedule, ties)  # dead rows: ablated
+
+    def update_layer_shard(self, layer, shard, n_swap, t, schedule, ties):
+        return self.update_shard(layer, shard, n_swap, t, schedule, ties)
 
     def check_invariants(self, layer, mask):
         problems, rows, nnz = [], mask.sum(dim=1), int(mask.sum())
@@ -214,11 +260,18 @@ class GMP(DSTMethod):
     def is_update_step(self, t, schedule):  # prunes at t_end itself too (the ramp ends there)
         return t >= 1 and schedule.t_start <= t <= schedule.t_end and t % schedule.delta_t == 0
 
-    def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
+    def _n_keep(self, layer, t, schedule) -> int:
         cfg = self.cfg
         s_t = gmp_sparsity(t, cfg.gmp_initial_sparsity, cfg.sparsity, schedule.t_start, schedule.t_end)
         density = 1.0 - (1.0 - layer.density) * (s_t / cfg.sparsity if cfg.sparsity else 0)
-        return rules.gmp_prune(weight, mask, int(round(density * math.prod(layer.shape))), ties)
+        return int(round(density * math.prod(layer.shape)))
+
+    def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
+        return rules.gmp_prune(weight, mask, self._n_keep(layer, t, schedule), ties)
+
+    def update_shard(self, layer, shard, n_swap, t, schedule, ties):
+        return sharded.gmp_prune_shard(shard.weight, shard.mask, self._n_keep(layer, t, schedule), shard.index,
+                                       ties, shard.all_reduce)
 
     def check_invariants(self, layer, mask):
         return []  # the count follows the ramp
@@ -249,3 +302,7 @@ class NM(DSTMethod):
 
     def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
         return rules.nm_update(weight, mask, score, n_swap, self.cfg.n, self.cfg.m, ties)
+
+    def update_shard(self, layer, shard, n_swap, t, schedule, ties):
+        return sharded.nm_update_shard(shard.weight, shard.mask, shard.score, n_swap, self.cfg.n, self.cfg.m,
+                                       shard.index, math.prod(layer.shape), ties, shard.all_reduce)

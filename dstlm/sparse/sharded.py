@@ -16,18 +16,43 @@ identity on one process), so the module imports no distributed framework.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from dstlm.sparse.rules import srigl_survivors
-from dstlm.sparse.selection import M32, Ties
+from dstlm.sparse.selection import M32, Ties, row_top_k
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 def single_process(t: torch.Tensor) -> torch.Tensor:
     return t
+
+
+@dataclass
+class Shard:
+    """One rank's part of one sparse [R, C] matrix: the entries it decides, as 1-D tensors over the same
+    positions (any subset of the matrix; ZeRO's flat partitions cut rows anywhere), and the reduction that
+    joins the ranks deciding the other parts."""
+
+    weight: torch.Tensor
+    """Weight values (fp32 master where one exists)."""
+    mask: torch.Tensor
+    """bool: the current mask at these entries."""
+    score: Optional[torch.Tensor]
+    """|dense gradient| accumulated over the score window (None for methods that read no gradient)."""
+    index: torch.Tensor
+    """int64: each entry's flat index in the [R, C] matrix (row = index // C)."""
+    all_reduce: AllReduce = single_process
+
+    def rows(self, cols: int) -> torch.Tensor:
+        return self.index // cols
+
+    def count(self, sel: torch.Tensor) -> int:
+        """Entries selected by `sel` (bool over this shard's entries) over all ranks."""
+        return _global_count(sel, self.all_reduce)
 
 
 def torch_all_reduce(group=None) -> AllReduce:
@@ -167,14 +192,45 @@ def _radix_select_rows(bits: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, 
     return prefix, above
 
 
-def sharded_row_top_k(values: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, k: torch.Tensor,
-                      n_rows: int, ties: Ties, all_reduce: AllReduce = single_process) -> torch.Tensor:
+def sharded_row_top_k(values: torch.Tensor, index: torch.Tensor, k: torch.Tensor, n_rows: int, cols: int,
+                      ties: Ties, all_reduce: AllReduce = single_process) -> torch.Tensor:
     """bool per local entry: among the entries of its row (over all ranks), whether it is one of the k[row]
     first in (value desc, hash of index desc) order: selection.row_top_k when the layer's rows are cut
-    across ranks. `rows`: each entry's row, `index`: its flat index in the layer, k: [n_rows]."""
-    values, rows, index = values.reshape(-1), rows.reshape(-1), index.reshape(-1)
-    per_row = all_reduce(torch.bincount(rows, minlength=n_rows).to(torch.int64))
+    across ranks. `index`: each entry's flat index in the [n_rows, cols] layer; k: [n_rows].
+    Rows whose entries are all on one rank are decided there alone (selection.row_top_k on those rows);
+    only rows cut between ranks (at most world - 1 per layer for contiguous fragments) go through the
+    collective radix selection, on histograms of those rows only."""
+    values, index = values.reshape(-1), index.reshape(-1)
+    rows = index // cols
+    local = torch.bincount(rows, minlength=n_rows).to(torch.int64)
+    per_row = all_reduce(local.clone())
     k = torch.minimum(k.to(torch.int64).to(values.device), per_row)
+    shared = all_reduce(((local > 0) & (local < per_row)).to(torch.int64)) > 0  # the same on every rank
+    out = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    own = (~shared[rows]).nonzero().squeeze(1)
+    if own.numel():
+        r, c = rows[own], index[own] % cols
+        row_ids, inv = torch.unique(r, return_inverse=True)
+        dense = torch.zeros(row_ids.numel(), cols, dtype=torch.float32, device=values.device)
+        eligible = torch.zeros(row_ids.numel(), cols, dtype=torch.bool, device=values.device)
+        dense[inv, c] = values[own].float()
+        eligible[inv, c] = True
+        sel = row_top_k(dense, k[row_ids], ties, eligible=eligible, row_ids=row_ids)
+        out[own] = sel[inv, c]
+    shared_ids = shared.nonzero().squeeze(1)
+    if shared_ids.numel():  # the same on every rank: the collective part runs on all or none
+        slot = torch.full((n_rows,), -1, dtype=torch.int64, device=values.device)
+        slot[shared_ids] = torch.arange(shared_ids.numel(), device=values.device)
+        cut = (shared[rows]).nonzero().squeeze(1)
+        out[cut] = _collective_row_top_k(values[cut], slot[rows[cut]], index[cut], k[shared_ids],
+                                         shared_ids.numel(), ties, all_reduce)
+    return out
+
+
+def _collective_row_top_k(values: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, k: torch.Tensor,
+                          n_rows: int, ties: Ties, all_reduce: AllReduce) -> torch.Tensor:
+    """sharded_row_top_k's radix selection for rows cut between ranks (`rows`: 0..n_rows-1, the same row
+    numbering on every rank; k already clamped to each row's entries over all ranks)."""
     bits = float_order_bits(values)
     threshold, above = _radix_select_rows(bits, rows, k, n_rows, all_reduce)
     live = k[rows] > 0
@@ -232,11 +288,11 @@ def srigl_update_shard(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Ten
         trim_rows = kept & over[rows]
         idx = trim_rows.nonzero().squeeze(1)
         k_rows = torch.where(over, torch.full_like(over, k, dtype=torch.int64), 0)
-        sel = sharded_row_top_k(w_abs[idx], rows[idx], index[idx], k_rows, n_rows, ties.sub("trim"), all_reduce)
+        sel = sharded_row_top_k(w_abs[idx], index[idx], k_rows, n_rows, cols, ties.sub("trim"), all_reduce)
         kept[idx[~sel]] = False
     deficit = (k - row_counts(kept)) * survivors
     idx = (~kept).nonzero().squeeze(1)
-    sel = sharded_row_top_k(g_abs[idx], rows[idx], index[idx], deficit, n_rows, ties.sub("grow"), all_reduce)
+    sel = sharded_row_top_k(g_abs[idx], index[idx], deficit, n_rows, cols, ties.sub("grow"), all_reduce)
     grown = torch.zeros_like(kept)
     grown[idx[sel]] = True
     return kept | grown, k
@@ -253,8 +309,7 @@ def nm_update_shard(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor
     n_groups = numel // m
     deficit = n - all_reduce(torch.bincount(groups[kept], minlength=n_groups).to(torch.int64))
     idx = (~kept).nonzero().squeeze(1)
-    sel = sharded_row_top_k(grad[idx].abs(), groups[idx], index[idx], deficit, n_groups, ties.sub("nm-grow"),
-                            all_reduce)
+    sel = sharded_row_top_k(grad[idx].abs(), index[idx], deficit, n_groups, m, ties.sub("nm-grow"), all_reduce)
     out = kept.clone()
     out[idx[sel]] = True
     return out

@@ -3,24 +3,26 @@
 - Gradients of pruned entries are masked by a tensor hook on each sparse weight, which sees the rank's
   local, full-shape gradient before DeepSpeed reduces it; so the reduced gradient is exactly the masked
   global average. On steps whose dense gradient feeds a mask update the hook lets the gradient through;
-  the engine then reads the reduced dense gradient (`safe_get_full_grad`) and writes back the masked one
-  (`safe_set_full_grad`) before the optimizer step.
-- Weights are zeroed in the fp32 master partitions (`safe_set_full_fp32_param`) and in the module's copy
-  (ZeRO-1/2 keep it whole; ZeRO-3 partitions it too, so it is gathered, zeroed and re-partitioned with
-  `GatheredParameters`: otherwise the next forward would still see the dropped weights), AdamW moments
-  through `safe_{get,set}_full_optimizer_state`.
-All `safe_*_full_*` calls are collectives: every rank calls them for the same parameters in the same
-order, which the engine guarantees by walking its parameter list identically on every rank.
+  the engine then reads the reduced dense gradient and masks it before the optimizer step.
+- Weights, gradients and AdamW moments are read and masked on the rank's own fragment only, with no
+  gather: under ZeRO-1/2 the fragment of the parameter that the rank's flat fp32 partition holds
+  (`param._hp_mapping`: its range in the parameter, the fp32 master view, the reduced gradient and the
+  optimizer-state views), under ZeRO-3 the parameter's partition (`safe_{get,set}_local_*`, and the
+  module's partition `param.ds_tensor`, which the next forward gathers). ZeRO-1/2 hold the module weight
+  whole on every rank: each rank zeroes it whole (no communication).
+- On more than one rank the engine decides masks on shards from the same fragments (`fragment`,
+  `local_weight`, `local_grad`). `full_grad` / `full_weight` (collective gathers, `safe_get_full_*`) serve only
+  whole decisions: one rank, or a method without a sharded rule; every rank calls them for the same
+  parameters in the same order.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 
-from dstlm.sparse.distributed import Collectives
+from dstlm.sparse.distributed import Collectives, count_nonzero_outside
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -34,14 +36,6 @@ class ZeROBackend(Collectives):
         self.capture_dense = False  # set for the micro-steps whose gradients feed a mask update
         # one hook per parameter (a batched expert weight holds several sparse matrices)
         self._handles = [group[0].weight.register_hook(self._hook_for(group[0])) for group in engine.groups]
-
-    def _gathered(self, param, modify: bool = False):
-        """Context in which a ZeRO-3 partitioned module weight is whole (a no-op for stages 0-2)."""
-        if self.stage != 3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters([param], modifier_rank=0 if modify else None)
 
     def _hook_for(self, sp):
         pruned = self.sparse.pruned
@@ -64,57 +58,169 @@ class ZeROBackend(Collectives):
 
         return safe_get_full_grad(param)
 
-    @torch.no_grad()
     def mask_grad_(self, param, pruned: torch.Tensor) -> None:
-        if not self.capture_dense:
-            return  # the hook masked the local gradients before the reduction
-        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
-
-        grad = safe_get_full_grad(param)
-        if grad is not None:
-            safe_set_full_grad(param, grad.masked_fill(pruned.to(grad.device), 0))
+        if self.capture_dense:  # else the hook masked the local gradients before the reduction
+            self.mask_local_grad_(param, pruned)
 
     def full_weight(self, param):
         from deepspeed.utils import safe_get_full_fp32_param
 
         return safe_get_full_fp32_param(param)
 
-    @torch.no_grad()
     def mask_weight_(self, param, keep):
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        self.mask_local_weight_(param, keep)
 
-        master = safe_get_full_fp32_param(param)
-        safe_set_full_fp32_param(param, master * keep.to(master.dtype))
-        # the module's copy is refreshed from the master only at the next optimizer step: zero it now, or the
-        # next forward still sees the dropped weights (under ZeRO-3 gather, zero, re-partition)
-        with self._gathered(param, modify=True):
-            param.data.mul_(keep.to(param.dtype))
+    def mask_optimizer_state_(self, param, keep):
+        self.mask_local_optimizer_state_(param, keep)
 
-    def _state(self, param, key):
-        from deepspeed.utils import safe_get_full_optimizer_state
+    # -- on shards: the rank's own fragment of each parameter --------------------------------------------
+    @property
+    def shards(self) -> bool:
+        return self.stage in (1, 2, 3)
 
-        try:
-            return safe_get_full_optimizer_state(param, key)
-        except (TypeError, KeyError):  # no state before the first optimizer step
-            return None
+    def fragment(self, param) -> tuple[int, int]:
+        """(start, length) in the parameter's flat index of the entries this rank's optimizer partition holds."""
+        if self.stage == 3:
+            size = param.ds_tensor.ds_numel
+            start = min(param.ds_numel, self._z3_rank(param) * size)
+            return start, min(param.ds_numel, start + size) - start
+        if not hasattr(param, "_hp_mapping"):  # not partitioned (stage 0): the whole parameter
+            return 0, param.numel()
+        mapping = param._hp_mapping
+        if mapping is None:  # no entry of this parameter in the rank's partition
+            return 0, 0
+        return mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+
+    @staticmethod
+    def _z3_whole(param) -> bool:
+        """Whether a ZeRO-3 parameter is held whole right now (persistent parameters, below
+        stage3_param_persistence_threshold, are never released after their first gather)."""
+        return param.data.numel() == param.ds_numel > 0
+
+    @staticmethod
+    def _z3_rank(param) -> int:
+        from deepspeed import comm
+
+        return comm.get_rank(group=param.ds_process_group)
+
+    def local_weight(self, param) -> torch.Tensor:
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return safe_get_local_fp32_param(param).reshape(-1)[:self.fragment(param)[1]]
+        if not hasattr(param, "_hp_mapping"):
+            return param.detach().reshape(-1)
+        mapping = param._hp_mapping
+        return mapping.get_hp_fragment().reshape(-1) if mapping is not None else param.new_zeros(0, dtype=torch.float32)
+
+    def _grad_fragment(self, param) -> Optional[torch.Tensor]:
+        """A view of this rank's fragment of the reduced gradient (ZeRO-1/2), as deepspeed's own
+        get_full_hp_grad reads it."""
+        start, n = self.fragment(param)
+        if param.grad is not None:
+            return param.grad.reshape(-1)[start:start + n]
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            return param.new_zeros(0, dtype=torch.float32) if hasattr(param, "_hp_mapping") else None
+        frag = mapping.get_lp_grad_fragment(param._index_in_param_group).reshape(-1)
+        if frag.numel() == param.numel() and frag.numel() != n:
+            frag = frag.narrow(0, start, n)  # a whole accumulation buffer: the fragment only
+        return frag
+
+    def local_grad(self, param) -> Optional[torch.Tensor]:
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad
+
+            grad = safe_get_local_grad(param)
+            return None if grad is None else grad.reshape(-1)[:self.fragment(param)[1]]
+        return self._grad_fragment(param)
 
     @torch.no_grad()
-    def mask_optimizer_state_(self, param, keep):
-        from deepspeed.utils import safe_set_full_optimizer_state
+    def mask_local_grad_(self, param, pruned: torch.Tensor) -> None:
+        """Zero the rank's fragment of the reduced gradient at pruned entries (the dense steps' gradients
+        reached the reduction unmasked)."""
+        start, n = self.fragment(param)
+        off = pruned.reshape(-1)[start:start + n]
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
+            grad = safe_get_local_grad(param)
+            if grad is not None:
+                flat = grad.reshape(-1).clone()
+                flat[:n].masked_fill_(off.to(flat.device), 0)
+                safe_set_local_grad(param, flat)
+            return
+        if param.grad is not None:
+            param.grad.masked_fill_(pruned.reshape(param.grad.shape).to(param.grad.device), 0)
+            return
+        frag = self._grad_fragment(param)
+        if frag is not None:
+            frag.masked_fill_(off.to(frag.device), 0)
+
+    @torch.no_grad()
+    def mask_local_weight_(self, param, keep: torch.Tensor) -> None:
+        """Zero the rank's fp32 master fragment and the module's copy (its partition under ZeRO-3; under
+        ZeRO-1/2 every rank holds the module weight whole and zeroes it whole) where `keep` (whole) is False."""
+        start, n = self.fragment(param)
+        local_keep = keep.reshape(-1)[start:start + n]
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+            master = safe_get_local_fp32_param(param).reshape(-1).clone()
+            master[:n].mul_(local_keep.to(master.device, master.dtype))
+            safe_set_local_fp32_param(param, master)
+            param.ds_tensor.data.reshape(-1)[:n].mul_(local_keep.to(param.ds_tensor.device, param.ds_tensor.dtype))
+            if self._z3_whole(param):  # a persistent (small) parameter stays gathered: the next forward reads it
+                param.data.mul_(keep.reshape(param.data.shape).to(param.device, param.dtype))
+            return
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is not None:
+            hp = mapping.get_hp_fragment()
+            hp.mul_(local_keep.to(hp.device, hp.dtype).reshape(hp.shape))
+        param.data.mul_(keep.reshape(param.shape).to(param.device, param.dtype))
+
+    def _local_states(self, param) -> list[torch.Tensor]:
+        out = []
         for key in STATE_KEYS:
-            state = self._state(param, key)
+            try:
+                if self.stage == 3:
+                    from deepspeed.utils import safe_get_local_optimizer_state
+
+                    state = safe_get_local_optimizer_state(param, key)
+                else:
+                    mapping = getattr(param, "_hp_mapping", None)
+                    state = None if mapping is None else mapping.get_hp_fragment(key)
+            except (TypeError, KeyError, ValueError):  # no state before the first optimizer step
+                state = None
             if state is not None:
-                safe_set_full_optimizer_state(param, state * keep.to(state.dtype), key)
+                out.append((key, state))
+        return out
 
-    def optimizer_state_zero_outside(self, param, mask):
-        ok = True
-        for key in STATE_KEYS:
-            state = self._state(param, key)
-            if state is not None and bool((state[~mask.to(state.device)] != 0).any()):
-                ok = False
-        return ok
+    @torch.no_grad()
+    def mask_local_optimizer_state_(self, param, keep: torch.Tensor) -> None:
+        start, n = self.fragment(param)
+        local_keep = keep.reshape(-1)[start:start + n]
+        for key, state in self._local_states(param):
+            if self.stage == 3:
+                from deepspeed.utils import safe_set_local_optimizer_state
 
-    def module_weight_zero_outside(self, param, mask) -> bool:
-        with self._gathered(param):
-            return not bool((param.detach()[~mask.to(param.device)] != 0).any())
+                flat = state.reshape(-1).clone()
+                flat[:n].mul_(local_keep.to(flat.device, flat.dtype))
+                safe_set_local_optimizer_state(param, flat, key)
+            else:  # a view into the flat optimizer state
+                state.mul_(local_keep.to(state.device, state.dtype).reshape(state.shape))
+
+    def violations(self, param, mask) -> torch.Tensor:
+        """[non-zero fp32 master, non-zero module weights, non-zero optimizer state] at pruned entries of the
+        rank's fragment; the fragments of all ranks cover each parameter once."""
+        start, n = self.fragment(param)
+        keep = mask.reshape(-1)[start:start + n]
+        module = 0
+        if self.stage != 3 or self._z3_whole(param):  # the whole module copy the next forward reads
+            module += count_nonzero_outside(param.detach().reshape(-1)[start:start + n], keep)
+        if self.stage == 3:
+            module += count_nonzero_outside(param.ds_tensor.reshape(-1)[:n], keep)
+        states = sum(count_nonzero_outside(s.reshape(-1)[:n], keep) for _, s in self._local_states(param))
+        master = self.local_weight(param)
+        return torch.tensor([count_nonzero_outside(master, keep) if master.numel() == n else 0, module, states],
+                            dtype=torch.int64)

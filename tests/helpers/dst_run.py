@@ -3,7 +3,8 @@ mask update to OUT/rank<r>.pt. Used by tests/test_dist.py.
 
     python tests/helpers/dst_run.py OUT METHOD BATCH_PER_RANK FILE [FILE ...]
 
-Environment: DSTLM_STRATEGY (default ddp / auto), DSTLM_STEPS (8), DSTLM_CKPT_EVERY (0),
+Environment: DSTLM_STRATEGY (default ddp / auto), DSTLM_STEPS (8), DSTLM_CKPT_EVERY (0), DSTLM_CHECK_REFERENCE
+(stop at an update where a sharded decision differs from the whole-tensor reference),
 DSTLM_STEP_SLEEP (seconds per step, to give a test time to kill a rank), DSTLM_IFT (a Sparse-IFT family),
 DSTLM_MOE (a MoE model), DSTLM_EP (its expert_parallel_size), DSTLM_RESUME (a checkpoint to resume
 from, through dstlm.training.run.fit). Each rank saves masks after every update, the masks at train start
@@ -37,16 +38,19 @@ class Sleep(L.Callback):
 
 class MaskDump(L.Callback):
     def __init__(self, out: Path):
-        self.out, self.snapshots, self.start, self.losses = out, [], {}, {}
+        self.out, self.snapshots, self.start, self.losses, self.sharded = out, [], {}, {}, []
 
     def on_train_start(self, trainer, pl_module):  # after a checkpoint was restored
         self.start = {sp.name: sp.mask.clone() for sp in pl_module.sparse_engine.params}
+        # sharded decisions also decided whole by the sort-based reference; any difference stops the run
+        pl_module.sparse_engine.check_reference = bool(os.environ.get("DSTLM_CHECK_REFERENCE"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses[trainer.global_step] = float(outputs["loss"])
         engine = pl_module.sparse_engine
         if engine.n_updates > len(self.snapshots):
             self.snapshots.append({sp.name: sp.mask.clone() for sp in engine.params})
+            self.sharded.append(engine.last_stats["sharded"])
 
     def on_train_end(self, trainer, pl_module):
         params = list(pl_module.model.parameters())
@@ -58,6 +62,7 @@ class MaskDump(L.Callback):
         else:
             weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
         torch.save({"masks": self.snapshots, "start_masks": self.start, "weights": weights, "losses": self.losses,
+                    "sharded": self.sharded,
                     "final_masks": {sp.name: sp.mask.clone() for sp in pl_module.sparse_engine.params}},
                    self.out / f"rank{trainer.global_rank}.pt")
 
@@ -72,7 +77,8 @@ def main() -> None:
     cfg = tiny_run(out / "run", files, data=dict(batch_size=batch),
                    trainer=dict(max_steps=steps, val_every_n_steps=steps, devices=world, strategy=strategy,
                                 ckpt_every_n_steps=int(os.environ.get("DSTLM_CKPT_EVERY", "0")), keep_last_k=10))
-    cfg.sparsity = SparsityConfig(method=method, sparsity=0.8, delta_t=2, t_end=1.0, drop_fraction=0.3)
+    extra = dict(sparsity=0.5, n=2, m=4) if method == "nm" else dict(sparsity=0.8)
+    cfg.sparsity = SparsityConfig(method=method, delta_t=2, t_end=1.0, drop_fraction=0.3, **extra)
     if os.environ.get("DSTLM_MOE"):  # 4 experts, top-2, in every 2nd block
         from dstlm.models.moe import MoEConfig
 

@@ -1,0 +1,137 @@
+"""The engine deciding masks on shards (SparseEngine on more than one rank) equals the engine deciding whole
+on one rank, bit for bit, for every rule: ranks simulated by threads, each with its own replica of the
+model and a backend that splits every parameter evenly (so cuts fall inside rows, inside N:M groups and
+between the matrices of a batched expert weight). Weights and gradients are quantised to a few levels, so
+ties in |W| and in the score are everywhere and the keyed tie-break decides them. Real multi-process runs
+(DDP, ZeRO-2, ZeRO-3 at 2 and 4 ranks) are in tests/test_dist.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from dstlm.sparse import SparsityConfig, TorchBackend
+from dstlm.sparse.engine import MaskMismatchError, SparseEngine
+from dstlm.sparse.methods import RigL
+from test_sharded import ThreadRanks
+
+
+class Toy(nn.Module):
+    """A producer/consumer pair (a unit link) and a batched [3, 8, 10] weight of three sparse matrices."""
+
+    batched_params = ("experts",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(12, 20, bias=False)  # cuts at 240 / 3, / 4 fall inside rows
+        self.b = nn.Linear(20, 12, bias=False)
+        self.experts = nn.Parameter(torch.zeros(3, 8, 12))
+
+    def unit_links(self):
+        return [("a.weight", "b.weight")]
+
+
+def quantised(gen: torch.Generator, shape, levels: int) -> torch.Tensor:
+    return (torch.randint(-levels, levels + 1, shape, generator=gen) * 0.125).float()
+
+
+class ThreadBackend(TorchBackend):
+    """TorchBackend of one of `world` replicas, with the threads' all-reduce."""
+
+    def __init__(self, world: int, rank: int, reduce) -> None:
+        super().__init__(optimizer=None, grads_synced=True)
+        self._world, self._rank, self._reduce = world, rank, reduce
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    def all_reduce_sum_(self, tensor):
+        return self._reduce(tensor) if self._world > 1 else tensor
+
+    def all_equal(self, values):
+        slots = torch.zeros((self._world, *values.shape), dtype=values.dtype)
+        slots[self._rank] = values
+        slots = self.all_reduce_sum_(slots)
+        return all(torch.equal(slots[r], slots[0]) for r in range(self._world))
+
+
+def run(method: str, world: int, rank: int, reduce, steps: int = 8, method_class=None, check=False, **kw):
+    """Train-like loop on quantised weights and gradients (the same on every replica); masks after each update."""
+    torch.manual_seed(0)
+    model = Toy()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(quantised(gen, p.shape, 6))
+    extra = {"sparsity": 0.8} if method != "nm" else {}
+    cfg = SparsityConfig(method=method, delta_t=2, t_end=steps, include=["*"], distribution="uniform",
+                         drop_fraction=0.4, **{**extra, **kw})
+    engine = SparseEngine(model, cfg, seed=3, max_steps=steps)
+    if method_class is not None:
+        engine.method = method_class(cfg)
+    engine.check_reference = check
+    backend = ThreadBackend(world, rank, reduce)
+    masks, sharded = [], []
+    for t in range(1, steps + 1):
+        for p in model.parameters():
+            p.grad = quantised(gen, p.shape, 3)
+        engine.before_optimizer_step(t, backend)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(p.grad * 0.125)  # stays on the 1/64 grid: |W| keeps ties
+        stats = engine.after_optimizer_step(t, backend)
+        if stats is not None:
+            masks.append({sp.name: sp.mask.clone() for sp in engine.params})
+            sharded.append(stats["sharded"])
+            assert engine.verify(backend) == []
+    return masks, sharded
+
+
+RECLAIM = {"reclaim_dead_units": True, "sparsity": 0.9}
+CASES = [("set", {}), ("rigl", {}), ("srigl", {}), ("srigl", {"ablation": False}), ("gmp", {}), ("nm", {}),
+         ("rigl", RECLAIM), ("set", RECLAIM), ("srigl", RECLAIM)]
+IDS = [m + "".join(f"-{k}={v}" for k, v in kw.items()) for m, kw in CASES]
+
+
+@pytest.mark.parametrize("method,kw", CASES, ids=IDS)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_masks_decided_on_shards_equal_the_whole_decision(method, kw, world):
+    whole, sharded_flags = run(method, 1, 0, None, **kw)
+    assert len(whole) >= 3 and sharded_flags == [0.0] * len(whole)
+    got = ThreadRanks(world).run(lambda r, reduce: run(method, world, r, reduce, **kw))
+    for rank, (masks, flags) in enumerate(got):
+        assert flags == [1.0] * len(whole)
+        for i, (a, b) in enumerate(zip(masks, whole)):
+            for name in b:
+                assert torch.equal(a[name], b[name]), (rank, i, name)
+    changed = any(not torch.equal(whole[0][n], whole[-1][n]) for n in whole[0])
+    assert changed  # the masks did move
+
+
+def test_reclaim_case_has_dead_units_to_act_on():
+    torch.manual_seed(0)
+    masks, _ = run("rigl", 1, 0, None, reclaim_dead_units=True, sparsity=0.9)
+    from dstlm.sparse.connectivity import dead_units
+
+    assert any(int(dead_units(m["a.weight"], m["b.weight"]).sum()) > 0 for m in masks[:-1])
+
+
+class BrokenRigL(RigL):
+    def update_shard(self, layer, shard, n_swap, t, schedule, ties):
+        new = super().update_shard(layer, shard, n_swap, t, schedule, ties)
+        if shard.index.numel():
+            new[0] = ~new[0]  # one entry wrong on each rank
+        return new
+
+
+def test_check_reference_catches_a_wrong_sharded_rule():
+    with pytest.raises(MaskMismatchError, match="differs from the whole-tensor reference"):
+        ThreadRanks(2).run(lambda r, reduce: run("rigl", 2, r, reduce, method_class=BrokenRigL, check=True))
+    # and passes the right one
+    ThreadRanks(2).run(lambda r, reduce: run("rigl", 2, r, reduce, check=True))
