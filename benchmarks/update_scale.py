@@ -12,8 +12,9 @@ another dstlm checkout (PYTHONPATH=<tree>) to time that tree's update with `--pa
 dstlm.sparse.selection times its own rules).
 
 --worlds 1,2,4: the fast path at each world size, ranks as gloo processes on this machine (each with
-cores / world threads) holding replicas, as under DDP: on more than one rank every rank decides the masks of
-its 1/world of each weight with the sharded rules and the masks are joined by a byte all-reduce
+cores / world threads, or --threads) holding replicas, as under DDP: on more than one rank every rank
+decides the masks of its 1/world of each weight with the sharded rules and the masks are joined by a byte
+all-reduce
 (dstlm/sparse/sharded.py). Reported per world: mean update seconds (slowest rank), the most any rank's
 update added to its resident memory, the fp32 score bytes each rank held, and whether the masks equal the
 one-process run's.
@@ -101,7 +102,7 @@ def _rank(rank: int, world: int, rdzv: str, args: argparse.Namespace, out: torch
 
     from dstlm.sparse.masks import mask_checksum
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{rdzv}", rank=rank, world_size=world)
     for i, method in enumerate(args.methods.split(",")):
@@ -152,7 +153,8 @@ def sweep_worlds(args: argparse.Namespace) -> None:
             rows.append((method, world, float(out[:, i, 0].max()), float(out[:, i, 1].max()) / n_sparse,
                          float(out[:, i, 2].max()) / n_sparse, same))
             print(f"{method} world {world}: {rows[-1][2]:.3f} s", flush=True)
-    print(f"\n{n_sparse:,} sparse weights, {os.cpu_count()} cores shared by the ranks")
+    threads = args.threads or "cores / world"
+    print(f"\n{n_sparse:,} sparse weights, {os.cpu_count()} cores shared by the ranks, {threads} thread(s) per rank")
     print("| method | world | update s (slowest rank) | peak added by the update (B / sparse weight, worst rank) "
           "| fp32 score held per rank (B / sparse weight) | masks equal world 1 |")
     print("|---|---:|---:|---:|---:|---|")
@@ -169,6 +171,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--worlds", default=None, help="comma-separated world sizes: sweep the fast path over them")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads per rank in --worlds runs (default: cores / world); 1 compares equal work per "
+                         "core across world sizes on a machine with fewer cores than ranks x threads")
     args = ap.parse_args()
     if args.worlds:
         sweep_worlds(args)

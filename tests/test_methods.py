@@ -36,9 +36,9 @@ class FakeBackend:
         self.calls.append(("full_grad", id(param)))
         return param.grad
 
-    def mask_grad_(self, param, pruned):
+    def mask_grad_(self, param, mask):
         self.calls.append(("mask_grad_", id(param)))
-        param.grad.masked_fill_(pruned, 0)
+        param.grad.masked_fill_(~mask, 0)
 
     def full_weight(self, param):
         self.calls.append(("full_weight", id(param)))

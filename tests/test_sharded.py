@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dstlm.sparse import selection as S
-from dstlm.sparse.sharded import float_order_bits, sharded_top_k, torch_all_reduce
+from dstlm.sparse.sharded import float_order_bits, float_order_key, sharded_top_k, torch_all_reduce
 
 
 class ThreadRanks:
@@ -104,10 +104,15 @@ def test_eligible_entries_alone_on_each_rank():
     assert torch.equal(union, whole)
 
 
-def test_float_order_bits_are_monotone():
+def test_float_order_keys_are_monotone():
     x = torch.tensor([float("-inf"), -3.5, -1e-30, 0.0, 1e-30, 2.0, 7.25, float("inf")])
     b = float_order_bits(x)
     assert bool((b[1:] > b[:-1]).all()) and int(b.min()) >= 0 and int(b.max()) < 2**32
+    key = float_order_key(x)
+    assert key.dtype == torch.int32 and bool((key[1:] > key[:-1]).all()) and int(key.min()) > -(2**31)
+    zeros = torch.tensor([-0.0, 0.0])  # equal values: the same key (and bits), so the hash decides between them
+    assert float_order_key(zeros)[0] == float_order_key(zeros)[1]
+    assert float_order_bits(zeros)[0] == float_order_bits(zeros)[1]
 
 
 def _gloo_worker(rank, world, path, score, k, out):

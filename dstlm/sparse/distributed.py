@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 class SparseBackend(Protocol):
     def full_grad(self, param: torch.nn.Parameter) -> Optional[torch.Tensor]: ...
-    def mask_grad_(self, param: torch.nn.Parameter, pruned: torch.Tensor) -> None: ...
+    def mask_grad_(self, param: torch.nn.Parameter, mask: torch.Tensor) -> None: ...
     def full_weight(self, param: torch.nn.Parameter) -> torch.Tensor: ...
     def mask_weight_(self, param: torch.nn.Parameter, keep: torch.Tensor) -> None: ...
     def mask_optimizer_state_(self, param: torch.nn.Parameter, keep: torch.Tensor) -> None: ...
@@ -69,12 +69,39 @@ class Collectives:
 
     def assemble(self, numel: int, start: int, local: torch.Tensor) -> torch.Tensor:
         """The whole flat tensor of which each rank holds `local` at [start, start + len): fragments are
-        disjoint and cover it, so a sum over the ranks joins them (a bool joins as uint8, 1 byte per entry)."""
-        dtype = torch.uint8 if local.dtype == torch.bool else local.dtype
-        out = torch.zeros(numel, dtype=dtype, device=local.device)
-        out[start:start + local.numel()] = local.reshape(-1).to(dtype)
-        self.all_reduce_sum_(out)
-        return out.bool() if local.dtype == torch.bool else out
+        disjoint and cover it, so a sum over the ranks joins them. A bool joins bit-packed (1/8 byte per
+        entry on the wire: the ranks' bits are disjoint, so the byte sum is their OR)."""
+        if local.dtype != torch.bool:
+            out = torch.zeros(numel, dtype=local.dtype, device=local.device)
+            out[start:start + local.numel()] = local.reshape(-1)
+            return self.all_reduce_sum_(out)
+        packed = torch.zeros(-(-numel // 8), dtype=torch.uint8, device=local.device)
+        n = local.numel()
+        if n:
+            lo, hi = start // 8, -(-(start + n) // 8)
+            bits = torch.zeros((hi - lo) * 8, dtype=torch.uint8, device=local.device)
+            bits[start - lo * 8:start - lo * 8 + n] = local.reshape(-1)
+            packed[lo:hi] = pack_bits(bits)
+        return unpack_bits(self.all_reduce_sum_(packed), numel)
+
+
+_BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """uint8 [8 m] of 0/1 -> uint8 [m], bit i of byte j = bits[8 j + i]."""
+    return (bits.view(-1, 8) * _BIT.to(bits.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """pack_bits' inverse: bool [numel]."""
+    return ((packed[:, None] & _BIT.to(packed.device)) != 0).view(-1)[:numel]
+
+
+def keep_where_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """tensor = 0 where `keep` is False, in place (NaN and inf included, unlike a multiply), with no ~keep
+    temporary: the masks are the only per-weight state the gradient masking needs."""
+    return torch.where(keep.to(tensor.device), tensor, tensor.new_zeros(()), out=tensor)
 
 
 def even_fragment(numel: int, rank: int, world: int) -> tuple[int, int]:
@@ -106,9 +133,9 @@ class TorchBackend(Collectives):
         return grad
 
     @torch.no_grad()
-    def mask_grad_(self, param, pruned):
+    def mask_grad_(self, param, mask):
         if param.grad is not None:
-            param.grad.masked_fill_(pruned, 0)
+            keep_where_(param.grad, mask)
 
     def full_weight(self, param):
         return param.detach()

@@ -80,7 +80,6 @@ class SparseEngine:
         self._score_steps = 0
         self.last_stats: dict[str, float] = {}
         self.n_updates = 0
-        self._pruned_cache: dict[str, tuple] = {}
         self._init_masks()
 
     # per-layer views (read-only dicts) of the layers' state
@@ -158,18 +157,7 @@ class SparseEngine:
                             self._scores[sp.name] = g.abs().float()
             self._score_steps += 1
         for group in self.groups:
-            backend.mask_grad_(group[0].weight, self.pruned(group[0]))
-
-    def pruned(self, sp: SparseParam) -> torch.Tensor:
-        """~mask of the whole parameter holding sp (all its matrices), cached until the mask buffer is
-        modified in place (update or checkpoint load)."""
-        mask = sp.full_mask
-        key = (mask.data_ptr(), mask._version)
-        cached = self._pruned_cache.get((id(sp.module), sp.attr))
-        if cached is None or cached[0] != key:
-            cached = (key, ~mask)
-            self._pruned_cache[(id(sp.module), sp.attr)] = cached
-        return cached[1]
+            backend.mask_grad_(group[0].weight, group[0].full_mask)
 
     @torch.no_grad()
     def after_optimizer_step(self, t: int, backend: SparseBackend) -> Optional[dict[str, float]]:
@@ -220,7 +208,7 @@ class SparseEngine:
         self._shard_scores.clear()
         self._score_steps = 0
         self.n_updates += 1
-        self.check_ranks_agree(backend, t)
+        self.check_ranks_agree(backend, t, sharded)
         itop = sum(count(e) for e in self.ever_active.values()) / max(1, numel_total)
         self.last_stats = {
             "density": active_total / max(1, numel_total), "churn": grown_total / max(1, active_total),
@@ -327,8 +315,15 @@ class SparseEngine:
         return score
 
     # -- checks ---------------------------------------------------------------------------------------
-    def check_ranks_agree(self, backend: SparseBackend, t: int) -> None:
-        if not backend.all_equal(mask_checksum(sp.mask for sp in self.params)):
+    def check_ranks_agree(self, backend: SparseBackend, t: int, sharded: bool = False) -> None:
+        """Stop if the ranks' masks disagree. Masks joined from shards are the same bytes on every rank by
+        construction (one all-reduce result): then what must agree is checked, every layer's active count and
+        fan-in (a few numbers); masks decided whole on each rank are compared by checksum."""
+        if sharded:
+            values = torch.tensor([[count(sp.mask), self.layers[sp.name].fan_in or 0] for sp in self.params])
+        else:
+            values = mask_checksum(sp.mask for sp in self.params)
+        if not backend.all_equal(values):
             raise MaskMismatchError(f"masks differ across data-parallel ranks after the update at step {t}; "
                                     f"training stopped (ranks must see identical scores and seeds)")
 

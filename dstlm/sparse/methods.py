@@ -189,7 +189,7 @@ class SET(DSTMethod):
 
     def update_shard(self, layer, shard, n_swap, t, schedule, ties):
         return sharded.drop_and_grow_shard(shard.weight, shard.mask, None, n_swap, shard.index, ties,
-                                           shard.all_reduce)
+                                           shard.all_reduce, numel=math.prod(layer.shape))
 
 
 @register
@@ -203,7 +203,7 @@ class RigL(DSTMethod):
 
     def update_shard(self, layer, shard, n_swap, t, schedule, ties):
         return sharded.drop_and_grow_shard(shard.weight, shard.mask, shard.score, n_swap, shard.index, ties,
-                                           shard.all_reduce)
+                                           shard.all_reduce, numel=math.prod(layer.shape))
 
 
 @register

@@ -4,11 +4,18 @@ in the layer desc).
 
 Each rank holds some entries of the layer (any split: ZeRO's flat partitions cut rows anywhere) as values
 and their flat indices in the whole layer. The k-th entry of the order is found by radix selection on
-order-preserving bit patterns, 8 bits at a time, with one all-reduce of a 256-bin histogram per round: 4
-rounds over the float's 32 bits give the threshold value and how many entries above it are in; when the
-threshold is tied, 4 more rounds over the 32-bit hashes of only the tied entries pick which of them. Each
-rank then keeps its entries at or above the threshold. Communication: at most 8 x 256 counts per selection,
-whatever the layer's size; compute: a few passes over the rank's own entries.
+order-preserving int32 keys (a non-negative float's own bits), 11, 11 and 10 bits at a time, with one
+all-reduce of a histogram of at most 2048 counts per round: 3 rounds give the threshold value, how many
+entries above it are in and how many sit at it (only the first round reads every entry; the others read the
+entries sharing the digits chosen so far); when the threshold is tied, 3 more rounds over the 32-bit hashes
+of only the tied entries pick which of them. Entries that are not candidates (eligibility) take the lowest
+key instead of being compacted out. Communication: 3 (or 6) small all-reduces per selection, whatever the
+layer's size; compute: a few passes over the rank's own entries, about what the one-process selection
+makes.
+
+Per-row selections (SRigL's fan-in, N:M's groups) decide every row whose candidates are all on one rank
+there alone, with `selection.row_top_k`; only the rows cut between ranks (at most world - 1 per layer for
+contiguous fragments) go through radix rounds, on [cut rows, 256] histograms.
 
 `all_reduce` is any in-place sum over the ranks (torch.distributed.all_reduce over a process group, or an
 identity on one process), so the module imports no distributed framework.
@@ -68,55 +75,93 @@ def torch_all_reduce(group=None) -> AllReduce:
 
 
 def float_order_bits(values: torch.Tensor) -> torch.Tensor:
-    """int64 in [0, 2^32), increasing with the float32 value (the IEEE bits, sign-folded)."""
-    b = values.float().contiguous().view(torch.int32).to(torch.int64) & M32
+    """int64 in [0, 2^32), increasing with the float32 value (the IEEE bits, sign-folded; -0.0 as +0.0)."""
+    b = (values.float() + 0.0).contiguous().view(torch.int32).to(torch.int64) & M32
     negative = b >= 2**31
     return torch.where(negative, (~b) & M32, b | 2**31)
 
 
-def _radix_select(bits: torch.Tensor, k: int, all_reduce: AllReduce) -> tuple[int, int]:
-    """Over all ranks' 32-bit patterns `bits` (int64 in [0, 2^32)), the k-th largest pattern (1 <= k <= total)
-    and how many patterns are strictly above it, in 4 all-reduced histogram rounds."""
-    prefix, above = 0, 0
-    live = bits
-    for shift in (24, 16, 8, 0):
-        digit = (live >> shift) & 0xFF
-        hist = torch.bincount(digit, minlength=256).to(torch.int64)
-        hist = all_reduce(hist.to(bits.device)).cpu()
-        from_top = torch.flip(hist, [0]).cumsum(0)  # from_top[j]: patterns with digit >= 255 - j
-        j = int(torch.searchsorted(from_top, torch.tensor(k - above)))
-        d = 255 - j
-        above += int(from_top[j - 1]) if j > 0 else 0
-        prefix |= d << shift
-        live = live[digit == d]
-    return prefix, above
+INT32_MIN = -(2**31)
+
+
+def float_order_key(values: torch.Tensor) -> torch.Tensor:
+    """int32 whose (signed) order is the float32 order of `values` (-0.0 counted as +0.0; INT32_MIN is
+    left to mark ineligible entries: only a negative NaN maps there)."""
+    b = (values.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 becomes +0.0
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+# radix rounds over int32 keys: (shift, bits) from the top; small histograms (2048 counts, 16 KB) keep each
+# all-reduce latency-bound, and the first round already leaves only the entries near the threshold
+_ROUNDS = ((21, 11), (10, 11), (0, 10))
+
+
+def _pick_digit(digit: torch.Tensor, bins: int, k: int, all_reduce: AllReduce) -> tuple[int, int, int]:
+    """Over all ranks' digits (0..bins-1), the digit of the k-th largest, how many are larger and how many
+    equal it."""
+    hist = all_reduce(torch.bincount(digit, minlength=bins).to(torch.int64)).cpu()
+    from_top = torch.flip(hist, [0]).cumsum(0)  # from_top[j]: digits >= bins - 1 - j
+    j = int(torch.searchsorted(from_top, torch.tensor(k)))
+    return bins - 1 - j, (int(from_top[j - 1]) if j > 0 else 0), int(hist[bins - 1 - j])
+
+
+def _select_keys(key: torch.Tensor, k: int,
+                 all_reduce: AllReduce) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Over all ranks' int32 keys: the local entries surely among the k largest (bool), the local entries at
+    the k-th largest key (indices), how many of those tied entries, over all ranks, are still to be taken,
+    and how many there are over all ranks. Three radix rounds (11, 11, 10 bits); only the first reads every
+    entry, the others read the entries that share the digits chosen so far."""
+    (shift, bits), rest = _ROUNDS[0], _ROUNDS[1:]
+    digit = key >> shift
+    digit += 1 << (bits - 1)  # the signed top digit, shifted to 0..2^bits-1
+    d, above, _ = _pick_digit(digit, 1 << bits, k, all_reduce)
+    out = digit > d
+    live = (digit == d).nonzero().squeeze(1)
+    del digit
+    live_key = key[live]
+    for shift, bits in rest:
+        digit = (live_key >> shift) & ((1 << bits) - 1)
+        d, more, at = _pick_digit(digit, 1 << bits, k - above, all_reduce)
+        above += more
+        out[live[digit > d]] = True
+        same = digit == d
+        live, live_key = live[same], live_key[same]
+    return out, live, k - above, at
 
 
 def sharded_top_k(values: torch.Tensor, index: torch.Tensor, k: int, ties: Ties,
-                  all_reduce: AllReduce = single_process, total: Optional[int] = None) -> torch.Tensor:
+                  all_reduce: AllReduce = single_process, total: Optional[int] = None,
+                  eligible: Optional[torch.Tensor] = None, nonnegative: bool = False) -> torch.Tensor:
     """bool per local entry: whether it is among the k first entries of the whole layer in (value desc, hash of
-    index desc) order, where the layer's entries are the union of every rank's (values, index).
-    `total`: the number of entries over all ranks, if the caller knows it (saves one all-reduce)."""
+    index desc) order, where the layer's entries are the union of every rank's (values, index) — only the
+    `eligible` ones (bool per entry) when given. `total`: the number of (eligible) entries over all ranks, if
+    the caller knows it (saves one all-reduce). `nonnegative`: the caller guarantees values >= 0 (|W|, |grad|):
+    their float bits are then their order, with no conversion pass. Entries are never compacted: ineligible
+    ones get the lowest key, below every eligible one, and k never reaches them."""
     values, index = values.reshape(-1), index.reshape(-1)
     if total is None:
-        total = int(all_reduce(torch.tensor([values.numel()], dtype=torch.int64, device=values.device)).item())
+        n = values.numel() if eligible is None else torch.count_nonzero(eligible)
+        total = int(all_reduce(torch.as_tensor(n, dtype=torch.int64, device=values.device).reshape(1)).item())
     k = max(0, min(int(k), total))
     if k == 0:
         return torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
     if k == total:
-        return torch.ones(values.numel(), dtype=torch.bool, device=values.device)
-    bits = float_order_bits(values)
-    threshold, above = _radix_select(bits, k, all_reduce)
-    out = bits > threshold
-    tied = (bits == threshold).nonzero().squeeze(1)
-    need = k - above  # entries to take among those tied at the threshold value, over all ranks
-    n_tied = int(all_reduce(torch.tensor([tied.numel()], dtype=torch.int64, device=values.device)).item())
+        return torch.ones(values.numel(), dtype=torch.bool, device=values.device) if eligible is None \
+            else eligible.reshape(-1).clone()
+    if nonnegative:  # + 0.0 would only turn -0.0 into +0.0, which |x| never yields
+        key = values.float().contiguous().view(torch.int32)
+    else:
+        key = float_order_key(values)
+    if eligible is not None:
+        key = torch.where(eligible.reshape(-1), key, torch.tensor(INT32_MIN, dtype=torch.int32, device=key.device))
+    out, tied, need, n_tied = _select_keys(key, k, all_reduce)
     if need >= n_tied:
         out[tied] = True
-    else:
-        h = ties.hash(index[tied])
-        h_threshold, _ = _radix_select(h, need, all_reduce)
-        out[tied[h >= h_threshold]] = True
+    else:  # the tied entries' 32-bit hashes, shifted into int32's signed range (an order-preserving shift)
+        h = (ties.hash(index[tied]) - 2**31).to(torch.int32)
+        sure, at, _, _ = _select_keys(h, need, all_reduce)
+        out[tied[sure]] = True
+        out[tied[at]] = True  # hashes are distinct: the need-th one is the only one at the threshold
     return out
 
 
@@ -130,34 +175,33 @@ def _global_count(mask: torch.Tensor, all_reduce: AllReduce) -> int:
 def keep_largest_shard(weight: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, n_keep: int, ties: Ties,
                        all_reduce: AllReduce, nnz: Optional[int] = None) -> torch.Tensor:
     """rules.keep_largest on a shard: the n_keep largest |W| (over all ranks) among the active entries."""
-    active = mask.reshape(-1).nonzero().squeeze(1)
-    out = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
-    sel = sharded_top_k(weight.reshape(-1)[active].abs(), index.reshape(-1)[active], max(0, n_keep),
-                        ties.sub("keep"), all_reduce, total=nnz)
-    out[active[sel]] = True
+    out = sharded_top_k(weight.reshape(-1).abs(), index, max(0, n_keep), ties.sub("keep"), all_reduce,
+                        total=nnz, eligible=mask.reshape(-1), nonnegative=True)
     return out.view(mask.shape)
 
 
 def grow_top_shard(mask: torch.Tensor, score: torch.Tensor, index: torch.Tensor, k: int, ties: Ties,
-                   all_reduce: AllReduce) -> torch.Tensor:
-    """rules.grow_top on a shard: `mask` plus the k highest scores (over all ranks) outside it."""
-    inactive = (~mask.reshape(-1)).nonzero().squeeze(1)
-    sel = sharded_top_k(score.reshape(-1)[inactive].float(), index.reshape(-1)[inactive], k, ties.sub("grow"),
-                        all_reduce)
-    out = mask.reshape(-1).clone()
-    out[inactive[sel]] = True
-    return out.view(mask.shape)
+                   all_reduce: AllReduce, nonnegative: bool = False,
+                   n_eligible: Optional[int] = None) -> torch.Tensor:
+    """rules.grow_top on a shard: `mask` plus the k highest scores (over all ranks) outside it. `n_eligible`:
+    the entries outside the mask over all ranks, if known (saves an all-reduce)."""
+    grown = sharded_top_k(score.reshape(-1), index, k, ties.sub("grow"), all_reduce, eligible=~mask.reshape(-1),
+                          nonnegative=nonnegative, total=n_eligible)
+    return (mask.reshape(-1) | grown).view(mask.shape)
 
 
 def drop_and_grow_shard(weight: torch.Tensor, mask: torch.Tensor, score: Optional[torch.Tensor], n_swap: int,
-                        index: torch.Tensor, ties: Ties, all_reduce: AllReduce) -> torch.Tensor:
+                        index: torch.Tensor, ties: Ties, all_reduce: AllReduce,
+                        numel: Optional[int] = None) -> torch.Tensor:
     """RigL (score = |dense gradient|) or SET (score None: random growth) on a shard; `n_swap` is the layer's
-    (the same on every rank). Equal over the union of shards to rules.rigl_update / rules.set_update."""
+    (the same on every rank), `numel` its size if known. Equal over the union of shards to
+    rules.rigl_update / rules.set_update."""
     nnz = _global_count(mask, all_reduce)
-    kept = keep_largest_shard(weight, mask, index, nnz - min(n_swap, nnz), ties, all_reduce, nnz=nnz)
-    n_grow = nnz - _global_count(kept, all_reduce)
+    n_keep = nnz - min(n_swap, nnz)
+    kept = keep_largest_shard(weight, mask, index, n_keep, ties, all_reduce, nnz=nnz)  # exactly n_keep, over all
     grow_score = torch.zeros(mask.shape, device=mask.device) if score is None else score.abs()
-    return grow_top_shard(kept, grow_score, index, n_grow, ties, all_reduce)
+    return grow_top_shard(kept, grow_score, index, nnz - n_keep, ties, all_reduce, nonnegative=True,
+                          n_eligible=None if numel is None else numel - n_keep)
 
 
 def gmp_prune_shard(weight: torch.Tensor, mask: torch.Tensor, n_keep: int, index: torch.Tensor, ties: Ties,
@@ -193,38 +237,89 @@ def _radix_select_rows(bits: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, 
 
 
 def sharded_row_top_k(values: torch.Tensor, index: torch.Tensor, k: torch.Tensor, n_rows: int, cols: int,
-                      ties: Ties, all_reduce: AllReduce = single_process) -> torch.Tensor:
-    """bool per local entry: among the entries of its row (over all ranks), whether it is one of the k[row]
-    first in (value desc, hash of index desc) order: selection.row_top_k when the layer's rows are cut
-    across ranks. `index`: each entry's flat index in the [n_rows, cols] layer; k: [n_rows].
-    Rows whose entries are all on one rank are decided there alone (selection.row_top_k on those rows);
-    only rows cut between ranks (at most world - 1 per layer for contiguous fragments) go through the
-    collective radix selection, on histograms of those rows only."""
+                      ties: Ties, all_reduce: AllReduce = single_process,
+                      eligible: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bool per local entry: among the (eligible) entries of its row over all ranks, whether it is one of the
+    k[row] first in (value desc, hash of index desc) order: selection.row_top_k when the layer's rows are cut
+    across ranks. `index`: each entry's flat index in the [n_rows, cols] layer, ascending; k: [n_rows].
+    Rows whose eligible entries are all on one rank are decided there alone (selection.row_top_k); only rows
+    cut between ranks (at most world - 1 per layer for contiguous fragments) go through the collective radix
+    selection, on histograms of those rows only. A contiguous run of indices (ZeRO's and the engine's
+    fragments) is laid out as whole rows in place, with no compaction."""
     values, index = values.reshape(-1), index.reshape(-1)
-    rows = index // cols
+    n = values.numel()
+    eligible = torch.ones(n, dtype=torch.bool, device=values.device) if eligible is None else eligible.reshape(-1)
+    if n and int(index[-1]) - int(index[0]) + 1 == n:
+        return _row_top_k_run(values, eligible, int(index[0]), k, n_rows, cols, ties, all_reduce)
+    idx = eligible.nonzero().squeeze(1)  # any other subset of entries: the eligible ones, compacted
+    rows = index[idx] // cols
     local = torch.bincount(rows, minlength=n_rows).to(torch.int64)
-    per_row = all_reduce(local.clone())
-    k = torch.minimum(k.to(torch.int64).to(values.device), per_row)
-    shared = all_reduce(((local > 0) & (local < per_row)).to(torch.int64)) > 0  # the same on every rank
-    out = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    k, shared = _clamp_and_cut_rows(local, k, all_reduce)
+    out = torch.zeros(n, dtype=torch.bool, device=values.device)
     own = (~shared[rows]).nonzero().squeeze(1)
     if own.numel():
-        r, c = rows[own], index[own] % cols
-        row_ids, inv = torch.unique(r, return_inverse=True)
-        dense = torch.zeros(row_ids.numel(), cols, dtype=torch.float32, device=values.device)
-        eligible = torch.zeros(row_ids.numel(), cols, dtype=torch.bool, device=values.device)
-        dense[inv, c] = values[own].float()
-        eligible[inv, c] = True
-        sel = row_top_k(dense, k[row_ids], ties, eligible=eligible, row_ids=row_ids)
-        out[own] = sel[inv, c]
-    shared_ids = shared.nonzero().squeeze(1)
-    if shared_ids.numel():  # the same on every rank: the collective part runs on all or none
-        slot = torch.full((n_rows,), -1, dtype=torch.int64, device=values.device)
-        slot[shared_ids] = torch.arange(shared_ids.numel(), device=values.device)
-        cut = (shared[rows]).nonzero().squeeze(1)
-        out[cut] = _collective_row_top_k(values[cut], slot[rows[cut]], index[cut], k[shared_ids],
-                                         shared_ids.numel(), ties, all_reduce)
+        r, c = rows[own], index[idx[own]] % cols
+        r0 = int(r.min())
+        dense = torch.zeros(int(r.max()) + 1 - r0, cols, dtype=torch.float32, device=values.device)
+        ok = torch.zeros(dense.shape, dtype=torch.bool, device=values.device)
+        dense[r - r0, c] = values[idx[own]].float()
+        ok[r - r0, c] = True
+        sel = row_top_k(dense, k[r0:r0 + dense.shape[0]], ties, eligible=ok,
+                        row_ids=torch.arange(r0, r0 + dense.shape[0], device=values.device))
+        out[idx[own]] = sel[r - r0, c]
+    cut = shared[rows]
+    _cut_rows(out, idx[cut], values[idx[cut]], index[idx[cut]], rows[cut], shared, k, ties, all_reduce)
     return out
+
+
+def _clamp_and_cut_rows(local: torch.Tensor, k: torch.Tensor, all_reduce: AllReduce):
+    """k clamped to each row's eligible entries over all ranks, and the rows cut between ranks (the same on
+    every rank): a rank holds some but not all of the row's eligible entries."""
+    per_row = all_reduce(local.clone())
+    k = torch.minimum(k.to(torch.int64).to(local.device), per_row)
+    shared = all_reduce(((local > 0) & (local < per_row)).to(torch.int64)) > 0
+    return k, shared
+
+
+def _cut_rows(out: torch.Tensor, pos: torch.Tensor, values: torch.Tensor, index: torch.Tensor, rows: torch.Tensor,
+              shared: torch.Tensor, k: torch.Tensor, ties: Ties, all_reduce: AllReduce) -> None:
+    """Decide out[pos], the entries of the cut rows (their values, flat indices and rows), collectively.
+    Every rank calls it; the collective part runs when any row is cut (the same on every rank)."""
+    shared_ids = shared.nonzero().squeeze(1)
+    if shared_ids.numel():
+        slot = torch.full((shared.numel(),), -1, dtype=torch.int64, device=values.device)
+        slot[shared_ids] = torch.arange(shared_ids.numel(), device=values.device)
+        out[pos] = _collective_row_top_k(values, slot[rows], index, k[shared_ids], shared_ids.numel(), ties,
+                                         all_reduce)
+
+
+def _row_top_k_run(values: torch.Tensor, eligible: torch.Tensor, start: int, k: torch.Tensor, n_rows: int,
+                   cols: int, ties: Ties, all_reduce: AllReduce) -> torch.Tensor:
+    """sharded_row_top_k for the entries [start, start + n) of the layer: padded to whole rows in place."""
+    n, dev = values.numel(), values.device
+    first, last = start // cols, (start + n - 1) // cols
+    pad, n_local = start - first * cols, last - first + 1
+    dense = torch.zeros(n_local * cols, dtype=torch.float32, device=dev)
+    ok = torch.zeros(n_local * cols, dtype=torch.bool, device=dev)
+    dense[pad:pad + n] = values
+    ok[pad:pad + n] = eligible
+    dense, ok = dense.view(n_local, cols), ok.view(n_local, cols)
+    local = torch.zeros(n_rows, dtype=torch.int64, device=dev)
+    local[first:last + 1] = torch.count_nonzero(ok, dim=1)
+    k, shared = _clamp_and_cut_rows(local, k, all_reduce)
+    sel = torch.zeros(n_local, cols, dtype=torch.bool, device=dev)
+    # only the first and the last row of a run can be cut; the rows between are this rank's alone
+    a = 1 if bool(shared[first]) else 0
+    b = n_local - 1 if (last > first and bool(shared[last])) else n_local
+    if b > a:
+        sel[a:b] = row_top_k(dense[a:b], k[first + a:first + b], ties, eligible=ok[a:b],
+                             row_ids=torch.arange(first + a, first + b, device=dev))
+    cut = [r for r in {0, n_local - 1} if bool(shared[first + r])]
+    pos = torch.cat([r * cols + ok[r].nonzero().squeeze(1) for r in cut]) if cut else \
+        torch.zeros(0, dtype=torch.int64, device=dev)
+    flat = sel.view(-1)
+    _cut_rows(flat, pos, dense.view(-1)[pos], pos + first * cols, first + pos // cols, shared, k, ties, all_reduce)
+    return flat[pad:pad + n].clone()
 
 
 def _collective_row_top_k(values: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, k: torch.Tensor,
@@ -261,14 +356,13 @@ def srigl_update_shard(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Ten
     weight, mask, grad = weight.reshape(-1), mask.reshape(-1), grad.reshape(-1)
     rows, index = rows.reshape(-1), index.reshape(-1)
 
-    def row_counts(sel: torch.Tensor) -> torch.Tensor:
-        return all_reduce(torch.bincount(rows[sel], minlength=n_rows).to(torch.int64))
+    def row_counts(sel: torch.Tensor) -> torch.Tensor:  # one pass, no compaction
+        counts = torch.zeros(n_rows, dtype=torch.int32, device=sel.device).index_add_(0, rows, sel.to(torch.int32))
+        return all_reduce(counts.to(torch.int64))
 
     def pick(sel: torch.Tensor, values: torch.Tensor, k: int, sub: str, total: Optional[int] = None):
-        idx = sel.nonzero().squeeze(1)
-        out = torch.zeros_like(sel)
-        out[idx[sharded_top_k(values[idx], index[idx], k, ties.sub(sub), all_reduce, total=total)]] = True
-        return out
+        return sharded_top_k(values, index, k, ties.sub(sub), all_reduce, total=total, eligible=sel,
+                             nonnegative=True)
 
     row_nnz = row_counts(mask)
     active_rows = row_nnz > 0
@@ -286,15 +380,11 @@ def srigl_update_shard(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Ten
     over = row_counts(kept) > k
     if bool(over.any()):  # the same on every rank (all-reduced counts): the collective trim runs on all or none
         trim_rows = kept & over[rows]
-        idx = trim_rows.nonzero().squeeze(1)
         k_rows = torch.where(over, torch.full_like(over, k, dtype=torch.int64), 0)
-        sel = sharded_row_top_k(w_abs[idx], index[idx], k_rows, n_rows, cols, ties.sub("trim"), all_reduce)
-        kept[idx[~sel]] = False
+        sel = sharded_row_top_k(w_abs, index, k_rows, n_rows, cols, ties.sub("trim"), all_reduce, eligible=trim_rows)
+        kept &= ~trim_rows | sel
     deficit = (k - row_counts(kept)) * survivors
-    idx = (~kept).nonzero().squeeze(1)
-    sel = sharded_row_top_k(g_abs[idx], index[idx], deficit, n_rows, cols, ties.sub("grow"), all_reduce)
-    grown = torch.zeros_like(kept)
-    grown[idx[sel]] = True
+    grown = sharded_row_top_k(g_abs, index, deficit, n_rows, cols, ties.sub("grow"), all_reduce, eligible=~kept)
     return kept | grown, k
 
 
@@ -308,8 +398,6 @@ def nm_update_shard(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor
     groups = index // m
     n_groups = numel // m
     deficit = n - all_reduce(torch.bincount(groups[kept], minlength=n_groups).to(torch.int64))
-    idx = (~kept).nonzero().squeeze(1)
-    sel = sharded_row_top_k(grad[idx].abs(), index[idx], deficit, n_groups, m, ties.sub("nm-grow"), all_reduce)
-    out = kept.clone()
-    out[idx[sel]] = True
-    return out
+    grown = sharded_row_top_k(grad.abs(), index, deficit, n_groups, m, ties.sub("nm-grow"), all_reduce,
+                              eligible=~kept)
+    return kept | grown

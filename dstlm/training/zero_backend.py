@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from dstlm.sparse.distributed import Collectives, count_nonzero_outside
+from dstlm.sparse.distributed import Collectives, count_nonzero_outside, keep_where_
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -38,12 +38,10 @@ class ZeROBackend(Collectives):
         self._handles = [group[0].weight.register_hook(self._hook_for(group[0])) for group in engine.groups]
 
     def _hook_for(self, sp):
-        pruned = self.sparse.pruned
-
         def hook(grad: torch.Tensor) -> Optional[torch.Tensor]:
             if self.capture_dense:
                 return None
-            return grad.masked_fill(pruned(sp).to(grad.device), 0)
+            return torch.where(sp.full_mask.to(grad.device), grad, grad.new_zeros(()))
 
         return hook
 
@@ -58,9 +56,9 @@ class ZeROBackend(Collectives):
 
         return safe_get_full_grad(param)
 
-    def mask_grad_(self, param, pruned: torch.Tensor) -> None:
+    def mask_grad_(self, param, mask: torch.Tensor) -> None:
         if self.capture_dense:  # else the hook masked the local gradients before the reduction
-            self.mask_local_grad_(param, pruned)
+            self.mask_local_grad_(param, mask)
 
     def full_weight(self, param):
         from deepspeed.utils import safe_get_full_fp32_param
@@ -136,26 +134,26 @@ class ZeROBackend(Collectives):
         return self._grad_fragment(param)
 
     @torch.no_grad()
-    def mask_local_grad_(self, param, pruned: torch.Tensor) -> None:
-        """Zero the rank's fragment of the reduced gradient at pruned entries (the dense steps' gradients
-        reached the reduction unmasked)."""
+    def mask_local_grad_(self, param, mask: torch.Tensor) -> None:
+        """Zero the rank's fragment of the reduced gradient off the mask (the dense steps' gradients reached
+        the reduction unmasked)."""
         start, n = self.fragment(param)
-        off = pruned.reshape(-1)[start:start + n]
+        keep = mask.reshape(-1)[start:start + n]
         if self.stage == 3:
             from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
             grad = safe_get_local_grad(param)
             if grad is not None:
                 flat = grad.reshape(-1).clone()
-                flat[:n].masked_fill_(off.to(flat.device), 0)
+                keep_where_(flat[:n], keep)
                 safe_set_local_grad(param, flat)
             return
         if param.grad is not None:
-            param.grad.masked_fill_(pruned.reshape(param.grad.shape).to(param.grad.device), 0)
+            keep_where_(param.grad, mask.reshape(param.grad.shape))
             return
         frag = self._grad_fragment(param)
         if frag is not None:
-            frag.masked_fill_(off.to(frag.device), 0)
+            keep_where_(frag, keep)
 
     @torch.no_grad()
     def mask_local_weight_(self, param, keep: torch.Tensor) -> None:
