@@ -1,7 +1,8 @@
 """The engine deciding masks on shards (SparseEngine on more than one rank) equals the engine deciding whole
 on one rank, bit for bit, for every rule: ranks simulated by threads, each with its own replica of the
-model and a backend that splits every parameter evenly (so cuts fall inside rows, inside N:M groups and
-between the matrices of a batched expert weight). Weights and gradients are quantised to a few levels, so
+model and a backend that either splits every parameter evenly (shard_by="entries", as ZeRO's partitions:
+cuts fall inside rows, inside N:M groups and between the matrices of a batched expert weight) or gives each
+parameter to one owner (shard_by="owner", DDP's default). Weights and gradients are quantised to a few levels, so
 ties in |W| and in the score are everywhere and the keyed tie-break decides them. Real multi-process runs
 (DDP, ZeRO-2, ZeRO-3 at 2 and 4 ranks) are in tests/test_dist.py."""
 
@@ -39,8 +40,8 @@ def quantised(gen: torch.Generator, shape, levels: int) -> torch.Tensor:
 class ThreadBackend(TorchBackend):
     """TorchBackend of one of `world` replicas, with the threads' all-reduce."""
 
-    def __init__(self, world: int, rank: int, reduce) -> None:
-        super().__init__(optimizer=None, grads_synced=True)
+    def __init__(self, world: int, rank: int, reduce, shard_by: str = "entries") -> None:
+        super().__init__(optimizer=None, grads_synced=True, shard_by=shard_by)
         self._world, self._rank, self._reduce = world, rank, reduce
 
     @property
@@ -61,7 +62,8 @@ class ThreadBackend(TorchBackend):
         return all(torch.equal(slots[r], slots[0]) for r in range(self._world))
 
 
-def run(method: str, world: int, rank: int, reduce, steps: int = 8, method_class=None, check=False, **kw):
+def run(method: str, world: int, rank: int, reduce, steps: int = 8, method_class=None, check=False,
+        shard_by: str = "entries", **kw):
     """Train-like loop on quantised weights and gradients (the same on every replica); masks after each update."""
     torch.manual_seed(0)
     model = Toy()
@@ -76,7 +78,7 @@ def run(method: str, world: int, rank: int, reduce, steps: int = 8, method_class
     if method_class is not None:
         engine.method = method_class(cfg)
     engine.check_reference = check
-    backend = ThreadBackend(world, rank, reduce)
+    backend = ThreadBackend(world, rank, reduce, shard_by)
     masks, sharded = [], []
     for t in range(1, steps + 1):
         for p in model.parameters():
@@ -100,11 +102,12 @@ IDS = [m + "".join(f"-{k}={v}" for k, v in kw.items()) for m, kw in CASES]
 
 
 @pytest.mark.parametrize("method,kw", CASES, ids=IDS)
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_masks_decided_on_shards_equal_the_whole_decision(method, kw, world):
+@pytest.mark.parametrize("world,shard_by", [(2, "entries"), (3, "entries"), (4, "entries"), (2, "owner"),
+                                            (3, "owner")])
+def test_masks_decided_on_shards_equal_the_whole_decision(method, kw, world, shard_by):
     whole, sharded_flags = run(method, 1, 0, None, **kw)
     assert len(whole) >= 3 and sharded_flags == [0.0] * len(whole)
-    got = ThreadRanks(world).run(lambda r, reduce: run(method, world, r, reduce, **kw))
+    got = ThreadRanks(world).run(lambda r, reduce: run(method, world, r, reduce, shard_by=shard_by, **kw))
     for rank, (masks, flags) in enumerate(got):
         assert flags == [1.0] * len(whole)
         for i, (a, b) in enumerate(zip(masks, whole)):
@@ -135,3 +138,13 @@ def test_check_reference_catches_a_wrong_sharded_rule():
         ThreadRanks(2).run(lambda r, reduce: run("rigl", 2, r, reduce, method_class=BrokenRigL, check=True))
     # and passes the right one
     ThreadRanks(2).run(lambda r, reduce: run("rigl", 2, r, reduce, check=True))
+
+
+def test_owners_balance_the_parameters():
+    model = Toy()
+    backend = ThreadBackend(2, 0, None, "owner")
+    params = [model.a.weight, model.b.weight, model.experts]  # 240, 240 and 288 entries
+    backend.plan(params)
+    owners = [backend._owner[id(p)] for p in params]
+    assert owners == [1, 1, 0]  # largest first to rank 0, then each to the least loaded (ties: the lower rank)
+    assert backend.fragment(model.experts) == (0, 288) and backend.fragment(model.a.weight) == (0, 0)

@@ -32,6 +32,8 @@ class SparseBackend(Protocol):
     # decisions on shards (world > 1)
     shards: bool
     def fragment(self, param: torch.nn.Parameter) -> tuple[int, int]: ...
+    # optional: `plan(params)` (called once with every sparse parameter) and `whole_fragments` (every
+    # fragment is a whole parameter or nothing: the owner decides it with the one-process rules)
     def local_weight(self, param: torch.nn.Parameter) -> torch.Tensor: ...
     def local_grad(self, param: torch.nn.Parameter) -> Optional[torch.Tensor]: ...
     def violations(self, param: torch.nn.Parameter, mask: torch.Tensor) -> torch.Tensor: ...
@@ -119,10 +121,15 @@ def count_nonzero_outside(values: torch.Tensor, keep: torch.Tensor) -> int:
 class TorchBackend(Collectives):
     """Single process or DDP with a plain torch optimizer (state tensors shaped like the parameter)."""
 
-    def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None, grads_synced: bool = True) -> None:
+    def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None, grads_synced: bool = True,
+                 shard_by: str = "owner") -> None:
         self.optimizer = optimizer
         # DDP all-reduces (averages) gradients during backward; then the score needs no further reduction.
         self.grads_synced = grads_synced
+        if shard_by not in ("owner", "entries"):
+            raise ValueError(f"shard_by={shard_by!r}: use 'owner' or 'entries'")
+        self.shard_by = shard_by
+        self._owner: dict[int, int] = {}
 
     def full_grad(self, param):
         if param.grad is None:
@@ -155,11 +162,30 @@ class TorchBackend(Collectives):
         for t in self._states(param):
             t.mul_(keep.to(t.dtype))
 
-    # -- on shards: replicas split each parameter evenly ---------------------------------------------
+    # -- on shards --------------------------------------------------------------------------------
+    # Every replica holds every weight and gradient whole, so a rank can decide whole parameters alone:
+    # shard_by="owner" (default) gives each parameter to one rank (largest first, to the least loaded), which
+    # decides it with the one-process rules and no collective inside, and the masks are joined;
+    # shard_by="entries" splits every parameter evenly and decides with the sharded rules, as under ZeRO.
     shards = True
 
+    @property
+    def whole_fragments(self) -> bool:
+        return self.shard_by == "owner"
+
+    def plan(self, params: list[torch.nn.Parameter]) -> None:
+        """Owners of the sparse parameters (called by the engine with the same list on every rank)."""
+        loads = [0] * self.world_size
+        self._owner = {}
+        for i in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
+            rank = min(range(self.world_size), key=lambda r: (loads[r], r))
+            self._owner[id(params[i])] = rank
+            loads[rank] += params[i].numel()
+
     def fragment(self, param):
-        return even_fragment(param.numel(), self.rank, self.world_size)
+        if self.shard_by == "owner" and id(param) in self._owner:
+            return (0, param.numel()) if self._owner[id(param)] == self.rank else (0, 0)
+        return even_fragment(param.numel(), self.rank, self.world_size)  # also before any plan (checks)
 
     def local_weight(self, param):
         start, n = self.fragment(param)

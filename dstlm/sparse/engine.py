@@ -74,6 +74,7 @@ class SparseEngine:
         self._scores: dict[str, torch.Tensor] = {}  # whole decisions: per matrix, [out, in]
         self._shard_scores: dict[str, torch.Tensor] = {}  # sharded decisions: the rank's fragment per parameter
         self._backend: Optional[SparseBackend] = None
+        self._planned: Optional[SparseBackend] = None
         self.check_reference = False
         """Tests and debugging: with sharded decisions, also decide every mask whole from gathered weights and
         scores with the sort-based reference selection, and stop if any differs (costs the gathers)."""
@@ -126,7 +127,11 @@ class SparseEngine:
     def sharded(self, backend: SparseBackend) -> bool:
         """Whether masks are decided on shards (dstlm/sparse/sharded.py): on more than one rank, for methods
         that have a sharded rule, with a backend that exposes fragments; else every rank decides whole."""
-        return backend.world_size > 1 and self.method.shardable and getattr(backend, "shards", False)
+        sharded = backend.world_size > 1 and self.method.shardable and getattr(backend, "shards", False)
+        if sharded and hasattr(backend, "plan") and self._planned is not backend:
+            backend.plan([group[0].weight for group in self.groups])  # who owns which parameter
+            self._planned = backend
+        return sharded
 
     @torch.no_grad()
     def before_optimizer_step(self, t: int, backend: SparseBackend) -> None:
@@ -181,29 +186,40 @@ class SparseEngine:
         sharded = self.sharded(backend)
         if sharded:
             self._localize_scores(backend)
-        for group in self.groups:
-            decide = self._decide_shards if sharded else self._decide_whole
+        owned = None
+        if sharded and getattr(backend, "whole_fragments", False):
+            # every owner decides all its parameters first (no collective), then the masks are joined: joining
+            # each right after its decision would make the ranks take turns
+            owned = [self._decide_owned(group, backend, t, drop_fraction, dead) for group in self.groups]
+        for gi, group in enumerate(self.groups):
             reference = self._reference(group, backend, t, drop_fraction, dead) if sharded and \
                 self.check_reference else None
-            new_full = decide(group, backend, t, drop_fraction, dead).reshape(group[0].full_mask.shape)
+            if owned is not None:
+                new_full = backend.assemble(group[0].full_mask.numel(), 0, owned[gi])
+            else:
+                decide = self._decide_shards if sharded else self._decide_whole
+                new_full = decide(group, backend, t, drop_fraction, dead)
+            new_full = new_full.reshape(group[0].full_mask.shape)
             if reference is not None and not torch.equal(reference.reshape(new_full.shape), new_full):
                 n_diff = count(reference.reshape(new_full.shape) != new_full)
                 raise MaskMismatchError(f"{_param_name(group)}: the sharded decision at step {t} differs from the "
                                         f"whole-tensor reference in {n_diff} entries")
             keep = new_full & group[0].full_mask  # zero both dropped and newly grown entries (grown start at 0)
             for sp in group:
-                new, old = sp.view(new_full), sp.mask
+                new = sp.view(new_full)
                 self.ever_active[sp.name] |= new.to(self.ever_active[sp.name].device)
                 n_new = count(new)
-                grown_total += count(new & ~old)
+                grown_total += n_new - count(sp.view(keep))
                 active_total += n_new
                 numel_total += new.numel()
-                ablated += count(row_counts(new) == 0)
+                ablated += new.shape[0] - count(new.any(dim=1))
                 per_layer[sp.name] = n_new / new.numel()
             group[0].full_mask.copy_(new_full)
             param = group[0].weight
             backend.mask_weight_(param, keep)
             backend.mask_optimizer_state_(param, keep)
+        if sharded and getattr(backend, "whole_fragments", False):
+            self._share_fan_ins(backend)
         self._scores.clear()
         self._shard_scores.clear()
         self._score_steps = 0
@@ -225,14 +241,19 @@ class SparseEngine:
                       dead: dict[str, torch.Tensor]) -> torch.Tensor:
         """The group's new masks from its whole weight (one collective read where it is sharded)."""
         full = backend.full_weight(group[0].weight).detach()
+        return self._decide_matrices(group, full, lambda sp: self._scores.get(sp.name), t, drop_fraction, dead)
+
+    def _decide_matrices(self, group: list[SparseParam], full: torch.Tensor, score_of, t: int,
+                         drop_fraction: float, dead: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The one-process rules on every matrix of the group, from the parameter's whole weight `full`."""
         news = []
         for sp in group:
             layer = self.layers[sp.name]
             old = sp.mask
             w = sp.view(full).reshape(layer.shape)
-            score = self._need(self._scores.get(sp.name), sp) if self.method.uses_dense_grad else None
+            score = self._need(score_of(sp), sp) if self.method.uses_dense_grad else None
             if score is not None:
-                score = score.to(w.device)
+                score = score.to(w.device).reshape(layer.shape)
             n_swap = int(round(drop_fraction * count(old)))
             layer.dead_rows = dead.get(sp.name)  # the rows to reclaim at this update (None: none)
             news.append(self.method.update_layer(layer, w, old.to(w.device), score, n_swap, t, self.schedule,
@@ -240,6 +261,19 @@ class SparseEngine:
             layer.dead_rows = None
         # a group lists its matrices in index order (select_params builds them so)
         return news[0] if group[0].index is None else torch.stack(news)
+
+    def _decide_owned(self, group: list[SparseParam], backend: SparseBackend, t: int, drop_fraction: float,
+                      dead: dict[str, torch.Tensor]) -> torch.Tensor:
+        """With whole-parameter fragments (replicas): the owner's new masks of the group, flat, decided with the
+        one-process rules and no collective; an empty tensor on the other ranks."""
+        param, full_mask = group[0].weight, group[0].full_mask
+        if backend.fragment(param)[1] != full_mask.numel():
+            return torch.zeros(0, dtype=torch.bool, device=full_mask.device)
+        score = self._shard_scores.get(_param_name(group)) if self.method.uses_dense_grad else None
+        whole_score = None if score is None else score.reshape(full_mask.shape)
+        weight = backend.local_weight(param).detach().reshape(full_mask.shape)
+        return self._decide_matrices(group, weight, lambda sp: None if whole_score is None else sp.view(whole_score),
+                                     t, drop_fraction, dead).reshape(-1)
 
     def _decide_shards(self, group: list[SparseParam], backend: SparseBackend, t: int, drop_fraction: float,
                        dead: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -268,6 +302,17 @@ class SparseEngine:
                                                               Ties(self.tie_seed, "update", t, sp.name))
             layer.dead_rows = None
         return backend.assemble(full_old.numel(), f_start, new_local)
+
+    def _share_fan_ins(self, backend: SparseBackend) -> None:
+        """After decisions by owner: the fan-ins the owners' rules set (SRigL), on every rank (one all-reduce)."""
+        names = [sp.name for sp in self.params if self.layers[sp.name].fan_in is not None]
+        if not names:
+            return
+        owned = {sp.name: backend.fragment(sp.weight)[1] > 0 for sp in self.params}
+        values = torch.tensor([self.layers[n].fan_in if owned[n] else 0 for n in names], dtype=torch.int64,
+                              device=self.params[0].mask.device)  # where the process group's backend reduces
+        for name, k in zip(names, backend.all_reduce_sum_(values).tolist()):
+            self.layers[name].fan_in = int(k)
 
     def _reference(self, group: list[SparseParam], backend: SparseBackend, t: int, drop_fraction: float,
                    dead: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -323,7 +368,7 @@ class SparseEngine:
             values = torch.tensor([[count(sp.mask), self.layers[sp.name].fan_in or 0] for sp in self.params])
         else:
             values = mask_checksum(sp.mask for sp in self.params)
-        if not backend.all_equal(values):
+        if not backend.all_equal(values.to(self.params[0].mask.device)):
             raise MaskMismatchError(f"masks differ across data-parallel ranks after the update at step {t}; "
                                     f"training stopped (ranks must see identical scores and seeds)")
 
