@@ -267,9 +267,11 @@ class SparseEngine:
         """With whole-parameter fragments (replicas): the owner's new masks of the group, flat, decided with the
         one-process rules and no collective; an empty tensor on the other ranks."""
         param, full_mask = group[0].weight, group[0].full_mask
+        score = self._shard_scores.get(_param_name(group)) if self.method.uses_dense_grad else None
+        if self.method.uses_dense_grad and score is None:
+            self._need(None, group[0])  # on every rank alike (no rank may wait in a join the others skip)
         if backend.fragment(param)[1] != full_mask.numel():
             return torch.zeros(0, dtype=torch.bool, device=full_mask.device)
-        score = self._shard_scores.get(_param_name(group)) if self.method.uses_dense_grad else None
         whole_score = None if score is None else score.reshape(full_mask.shape)
         weight = backend.local_weight(param).detach().reshape(full_mask.shape)
         return self._decide_matrices(group, weight, lambda sp: None if whole_score is None else sp.view(whole_score),
