@@ -177,6 +177,7 @@ class SparseEngine:
         start = time.perf_counter()
         grown_total = active_total = numel_total = ablated = 0
         per_layer: dict[str, float] = {}
+        active: dict[str, int] = {}
         drop_fraction = self.schedule.drop_fraction(t)
         masks = {sp.name: sp.mask for sp in self.params}
         dead = {link.producer: dead_units(masks[link.producer], masks[link.consumer])
@@ -186,8 +187,9 @@ class SparseEngine:
         sharded = self.sharded(backend)
         if sharded:
             self._localize_scores(backend)
+        by_owner = sharded and getattr(backend, "whole_fragments", False)
         owned = None
-        if sharded and getattr(backend, "whole_fragments", False):
+        if by_owner:
             # every owner decides all its parameters first (no collective), then the masks are joined: joining
             # each right after its decision would make the ranks take turns
             owned = [self._decide_owned(group, backend, t, drop_fraction, dead) for group in self.groups]
@@ -214,17 +216,18 @@ class SparseEngine:
                 numel_total += new.numel()
                 ablated += new.shape[0] - count(new.any(dim=1))
                 per_layer[sp.name] = n_new / new.numel()
+                active[sp.name] = n_new
             group[0].full_mask.copy_(new_full)
             param = group[0].weight
             backend.mask_weight_(param, keep)
             backend.mask_optimizer_state_(param, keep)
-        if sharded and getattr(backend, "whole_fragments", False):
+        if by_owner:
             self._share_fan_ins(backend)
         self._scores.clear()
         self._shard_scores.clear()
         self._score_steps = 0
         self.n_updates += 1
-        self.check_ranks_agree(backend, t, sharded)
+        self.check_ranks_agree(backend, t, active if sharded else None)
         itop = sum(count(e) for e in self.ever_active.values()) / max(1, numel_total)
         self.last_stats = {
             "density": active_total / max(1, numel_total), "churn": grown_total / max(1, active_total),
@@ -362,12 +365,13 @@ class SparseEngine:
         return score
 
     # -- checks ---------------------------------------------------------------------------------------
-    def check_ranks_agree(self, backend: SparseBackend, t: int, sharded: bool = False) -> None:
+    def check_ranks_agree(self, backend: SparseBackend, t: int, active: Optional[dict[str, int]] = None) -> None:
         """Stop if the ranks' masks disagree. Masks joined from shards are the same bytes on every rank by
-        construction (one all-reduce result): then what must agree is checked, every layer's active count and
-        fan-in (a few numbers); masks decided whole on each rank are compared by checksum."""
-        if sharded:
-            values = torch.tensor([[count(sp.mask), self.layers[sp.name].fan_in or 0] for sp in self.params])
+        construction (one all-reduce result): then what must agree is checked, every layer's active count
+        (`active`, as the update counted it) and fan-in; masks decided whole on each rank are compared by
+        checksum."""
+        if active is not None:
+            values = torch.tensor([[active[sp.name], self.layers[sp.name].fan_in or 0] for sp in self.params])
         else:
             values = mask_checksum(sp.mask for sp in self.params)
         if not backend.all_equal(values.to(self.params[0].mask.device)):
