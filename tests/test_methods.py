@@ -31,6 +31,8 @@ class FakeBackend:
         self.calls: list[tuple[str, int]] = []
         self.state = {p: torch.ones_like(p) for p in model.parameters()}
         self.agree = agree
+        if not agree:
+            self.world_size = 2  # ranks are compared only when there are several (whole decisions here)
 
     def full_grad(self, param):
         self.calls.append(("full_grad", id(param)))

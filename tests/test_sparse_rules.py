@@ -182,7 +182,10 @@ def test_engine_stops_on_rank_mismatch():
     from dstlm.models import GPT, GPTConfig
     from dstlm.sparse import MaskMismatchError, SparseEngine, TorchBackend
 
-    class Disagreeing(TorchBackend):
+    class Disagreeing(TorchBackend):  # two ranks deciding whole masks that come out different
+        world_size = 2
+        shards = False
+
         def all_equal(self, values):
             return False
 

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from dstlm.sparse.selection import count, row_counts
+from dstlm.sparse.selection import column_counts, count, row_counts
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def links_between(pairs: Sequence[tuple[str, str]], shapes: Mapping[str, tuple[i
 @torch.no_grad()
 def dead_units(producer: torch.Tensor, consumer: torch.Tensor) -> torch.Tensor:
     """Bool [units]: units whose consumer column is empty (producer [units, in], consumer [out, units])."""
-    return consumer.view(torch.uint8).sum(dim=0, dtype=torch.int64) == 0
+    return column_counts(consumer) == 0
 
 
 @torch.no_grad()
@@ -55,14 +55,16 @@ def orphan_units(producer: torch.Tensor, consumer: torch.Tensor) -> torch.Tensor
 @torch.no_grad()
 def unit_census(masks: Mapping[str, torch.Tensor], links: Sequence[UnitLink]) -> dict:
     """Per link and in total: units, dead units and the producer weights they hold, orphan units and the
-    consumer weights they hold. Fractions are of the units, and of the active weights of the linked layers."""
+    consumer weights they hold. Fractions are of the units, and of the active weights of the linked layers.
+    One pass over each mask: the producer's row counts and the consumer's column counts say it all."""
     per_link, units = {}, 0
     dead = orphans = dead_w = orphan_w = active = 0
     for link in links:
-        p, c = masks[link.producer], masks[link.consumer]
-        d, o = dead_units(p, c), orphan_units(p, c)
-        row = {"units": int(d.numel()), "dead": count(d), "dead_weights": count(p[d]),
-               "orphans": count(o), "orphan_weights": count(c[:, o]), "active": count(p) + count(c)}
+        rows, cols = row_counts(masks[link.producer]), column_counts(masks[link.consumer])
+        d, o = cols == 0, rows == 0
+        row = {"units": int(d.numel()), "dead": count(d), "dead_weights": int(rows[d].sum()),
+               "orphans": count(o), "orphan_weights": int(cols[o].sum()),
+               "active": int(rows.sum()) + int(cols.sum())}
         per_link[f"{link.producer}->{link.consumer}"] = row
         units += row["units"]
         dead += row["dead"]

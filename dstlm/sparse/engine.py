@@ -27,7 +27,7 @@ from dstlm.sparse.distributed import SparseBackend, TorchBackend
 from dstlm.sparse.masks import SparseParam, attach_mask, check_patterns_match, mask_checksum, select_params
 from dstlm.sparse.methods import DSTMethod, Layer
 from dstlm.sparse.schedule import UpdateSchedule
-from dstlm.sparse.selection import Ties, count, reference_selection, row_counts
+from dstlm.sparse.selection import Ties, active_rows, count, reference_selection, row_counts
 from dstlm.sparse.sharded import Shard
 
 
@@ -214,7 +214,7 @@ class SparseEngine:
                 grown_total += n_new - count(sp.view(keep))
                 active_total += n_new
                 numel_total += new.numel()
-                ablated += new.shape[0] - count(new.any(dim=1))
+                ablated += new.shape[0] - count(active_rows(new))
                 per_layer[sp.name] = n_new / new.numel()
                 active[sp.name] = n_new
             group[0].full_mask.copy_(new_full)
@@ -370,6 +370,8 @@ class SparseEngine:
         construction (one all-reduce result): then what must agree is checked, every layer's active count
         (`active`, as the update counted it) and fan-in; masks decided whole on each rank are compared by
         checksum."""
+        if backend.world_size == 1:
+            return
         if active is not None:
             values = torch.tensor([[active[sp.name], self.layers[sp.name].fan_in or 0] for sp in self.params])
         else:

@@ -9,6 +9,8 @@ and optimizer state is the engine's job.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from dstlm.sparse.selection import Ties, count, row_counts, row_top_k, top_k
@@ -35,22 +37,26 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, ties: Ties) -> torch.Tensor:
     return row_top_k(groups, n, ties.sub("nm")).reshape(rows, cols)
 
 
-def keep_largest(weight: torch.Tensor, mask: torch.Tensor, n_keep: int, ties: Ties) -> torch.Tensor:
-    """The n_keep largest |W| among the active entries of `mask` (the rest of them dropped)."""
-    return top_k(weight.abs(), max(0, n_keep), ties.sub("keep"), eligible=mask)
+def keep_largest(weight: torch.Tensor, mask: torch.Tensor, n_keep: int, ties: Ties,
+                 nnz: Optional[int] = None) -> torch.Tensor:
+    """The n_keep largest |W| among the active entries of `mask` (the rest of them dropped); `nnz`:
+    count(mask) when known."""
+    return top_k(weight.abs(), max(0, n_keep), ties.sub("keep"), eligible=mask, n_eligible=nnz)
 
 
-def grow_top(mask: torch.Tensor, score: torch.Tensor, k: int, ties: Ties) -> torch.Tensor:
-    """`mask` plus the k highest-scoring entries outside it (a new tensor)."""
-    return mask | top_k(score, k, ties.sub("grow"), eligible=~mask)
+def grow_top(mask: torch.Tensor, score: torch.Tensor, k: int, ties: Ties, nnz: Optional[int] = None) -> torch.Tensor:
+    """`mask` plus the k highest-scoring entries outside it (a new tensor); `nnz`: count(mask) when known."""
+    outside = None if nnz is None else mask.numel() - nnz
+    return mask | top_k(score, k, ties.sub("grow"), eligible=~mask, n_eligible=outside)
 
 
 def set_update(weight: torch.Tensor, mask: torch.Tensor, n_swap: int, ties: Ties) -> torch.Tensor:
     """SET: drop the n_swap smallest |W| among active, grow as many at uniformly random inactive positions
     (a just-dropped position may come back)."""
     nnz = count(mask)
-    kept = keep_largest(weight, mask, nnz - min(n_swap, nnz), ties)
-    return grow_top(kept, torch.zeros_like(weight, dtype=torch.float32), nnz - count(kept), ties)
+    n_drop = min(n_swap, nnz)
+    kept = keep_largest(weight, mask, nnz - n_drop, ties, nnz)
+    return grow_top(kept, torch.zeros_like(weight, dtype=torch.float32), n_drop, ties, nnz - n_drop)
 
 
 def rigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int,
@@ -58,13 +64,15 @@ def rigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_
     """RigL: drop the n_swap smallest |W| among active, grow the n_swap largest |dL/dW| among the
     positions inactive after the drop."""
     nnz = count(mask)
-    kept = keep_largest(weight, mask, nnz - min(n_swap, nnz), ties)
-    return grow_top(kept, grad.abs(), nnz - count(kept), ties)
+    n_drop = min(n_swap, nnz)
+    kept = keep_largest(weight, mask, nnz - n_drop, ties, nnz)  # exactly nnz - n_drop entries
+    return grow_top(kept, grad.abs(), n_drop, ties, nnz - n_drop)
 
 
 def gmp_prune(weight: torch.Tensor, mask: torch.Tensor, n_keep: int, ties: Ties) -> torch.Tensor:
     """GMP: keep the n_keep largest |W| among active entries (prune-only)."""
-    return keep_largest(weight, mask, min(n_keep, count(mask)), ties)
+    nnz = count(mask)
+    return keep_largest(weight, mask, min(n_keep, nnz), ties, nnz)
 
 
 def nm_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int, n: int, m: int,
@@ -73,7 +81,7 @@ def nm_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_sw
     active with the largest |grad| of its inactive entries."""
     rows, cols = mask.shape
     nnz = count(mask)
-    kept = keep_largest(weight, mask, nnz - min(n_swap, nnz), ties).view(rows * cols // m, m)
+    kept = keep_largest(weight, mask, nnz - min(n_swap, nnz), ties, nnz).view(rows * cols // m, m)
     deficit = n - row_counts(kept)
     grow = row_top_k(grad.abs().reshape(kept.shape), deficit, ties.sub("nm-grow"), eligible=~kept)
     return (kept | grow).reshape(rows, cols)
@@ -95,29 +103,33 @@ def srigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n
     Returns (new mask, k).
     """
     rows, cols = mask.shape
-    active_rows = row_counts(mask) > 0
+    mask_rows = row_counts(mask)
+    active_rows = mask_rows > 0
     n_rows = int(active_rows.sum())
-    nnz = count(mask)
+    nnz = int(mask_rows.sum())
     n_swap = min(n_swap, nnz)
     w_abs, g_abs = weight.abs(), grad.abs()
 
     # 1-2: saliency and ablation
     counts = None
     if allow_ablation and n_rows > 0:
-        salient = top_k(w_abs, nnz - n_swap, ties.sub("salient-w"), eligible=mask)
-        salient |= top_k(g_abs, n_swap, ties.sub("salient-g"), eligible=~mask)
+        salient = top_k(w_abs, nnz - n_swap, ties.sub("salient-w"), eligible=mask, n_eligible=nnz)
+        salient |= top_k(g_abs, n_swap, ties.sub("salient-g"), eligible=~mask, n_eligible=mask.numel() - nnz)
         counts = row_counts(salient)
     survivors, k = srigl_survivors(active_rows, counts, budget, cols, gamma_sal, force_ablate)
     n_surv = int(survivors.sum())
 
     # 4: drop (layer-wide magnitude, then trim rows to k), grow per row by gradient
     keep_total = max(0, k * n_surv - n_swap)
-    kept = top_k(w_abs, keep_total, ties.sub("keep"), eligible=mask & survivors[:, None])
-    over = row_counts(kept) > k  # rows holding more than k after the layer-wide keep: trim them to k
+    kept = top_k(w_abs, keep_total, ties.sub("keep"), eligible=mask & survivors[:, None],
+                 n_eligible=int(mask_rows[survivors].sum()))
+    kept_rows = row_counts(kept)
+    over = kept_rows > k  # rows holding more than k after the layer-wide keep: trim them to k
     if bool(over.any()):
         rows_over = over.nonzero().squeeze(1)
         kept[rows_over] = row_top_k(w_abs[rows_over], k, ties.sub("trim"), eligible=kept[rows_over], row_ids=rows_over)
-    deficit = (k - row_counts(kept)) * survivors
+        kept_rows[rows_over] = k
+    deficit = (k - kept_rows) * survivors
     grow = row_top_k(g_abs, deficit, ties.sub("grow"), eligible=~kept)
     return kept | grow, k
 

@@ -79,9 +79,36 @@ def count(mask: torch.Tensor) -> int:
     return int(torch.count_nonzero(mask))
 
 
+def _byte_chunk(n: int) -> int:
+    """The largest divisor of n that is at most 255 (a uint8 sum of that many 0/1 bytes cannot overflow)."""
+    return next(c for c in range(min(n, 255), 0, -1) if n % c == 0)
+
+
 def row_counts(mask: torch.Tensor) -> torch.Tensor:
-    """int64 [rows]: True entries per row of a bool [rows, cols] (summed as bytes, not as int64 per entry)."""
-    return mask.view(torch.uint8).sum(dim=1, dtype=torch.int64)
+    """int64 [rows]: True entries per row of a bool [rows, cols]. Summed as bytes in runs of <= 255 (no
+    overflow), then the run sums: a sum with dtype=int64 first widens every byte (~15x slower on the CPU)."""
+    rows, cols = mask.shape
+    c = _byte_chunk(cols) if cols else 1
+    if c < 16:  # e.g. a prime width: widen to int32 instead (still 4x cheaper than int64)
+        return mask.view(torch.uint8).sum(dim=1, dtype=torch.int32).to(torch.int64)
+    runs = mask.view(torch.uint8).reshape(rows, cols // c, c).sum(dim=2, dtype=torch.uint8)
+    return runs.sum(dim=1, dtype=torch.int64)
+
+
+def column_counts(mask: torch.Tensor) -> torch.Tensor:
+    """int64 [cols]: True entries per column of a bool [rows, cols] (byte runs as in row_counts)."""
+    rows, cols = mask.shape
+    c = _byte_chunk(rows) if rows else 1
+    if c < 16:
+        return mask.view(torch.uint8).sum(dim=0, dtype=torch.int32).to(torch.int64)
+    runs = mask.view(torch.uint8).reshape(rows // c, c, cols).sum(dim=1, dtype=torch.uint8)
+    return runs.sum(dim=0, dtype=torch.int64)
+
+
+def active_rows(mask: torch.Tensor) -> torch.Tensor:
+    """uint8 [rows], non-zero where a row of the bool [rows, cols] has a True entry (a byte max: bool any()
+    along rows is ~50x slower on the CPU)."""
+    return mask.view(torch.uint8).amax(dim=1)
 
 
 def _check_size(n: int) -> None:
@@ -90,12 +117,13 @@ def _check_size(n: int) -> None:
 
 
 def _candidates(values: torch.Tensor, k: int, eligible: Optional[torch.Tensor] = None,
-                n_eligible: Optional[int] = None) -> Optional[torch.Tensor]:
-    """Positions of a set of eligible entries that surely holds the k largest eligible values, much smaller
-    than them when k is: a pivot from a strided sample, set a little below the expected k-th value; None when
-    a pass would not pay (few entries, k not small) or the sample misled twice."""
+                n_eligible: Optional[int] = None, largest: bool = True) -> Optional[torch.Tensor]:
+    """Positions of a set of eligible entries that surely holds the k largest (smallest: largest=False)
+    eligible values, much smaller than them when k is: a pivot from a strided sample, set a little beyond the
+    expected k-th value; None when a pass would not pay (few entries; k not small where the alternative is every
+    entry, whereas compacting the eligible ones costs a pass anyway) or the sample misled twice."""
     n = values.numel() if eligible is None else int(n_eligible)
-    if n <= _EXACT_BELOW or 4 * k > n:
+    if n <= _EXACT_BELOW or (eligible is None and 4 * k > n):
         return None
     stride = max(1, values.numel() // 16384)
     sample = values[::stride]
@@ -107,8 +135,10 @@ def _candidates(values: torch.Tensor, k: int, eligible: Optional[torch.Tensor] =
     want = k * s / n  # expected rank of the k-th value in the sample
     for slack in (4.0, 16.0):
         rank = min(s, int(want + slack * (want ** 0.5) + 16))
-        pivot = torch.kthvalue(sample, s - rank + 1).values
-        hit = values >= pivot
+        if largest:
+            hit = values >= torch.kthvalue(sample, s - rank + 1).values
+        else:
+            hit = values <= torch.kthvalue(sample, rank).values
         if eligible is not None:
             hit &= eligible
         cand = hit.nonzero().squeeze(1)
@@ -132,45 +162,49 @@ def _take_by_hash(flat_index: torch.Tensor, segment: torch.Tensor, need: torch.T
 
 
 def _top_positions(values: torch.Tensor, k: int, ties: Ties, index: Optional[torch.Tensor],
-                   eligible: Optional[torch.Tensor] = None, n_eligible: Optional[int] = None) -> torch.Tensor:
+                   eligible: Optional[torch.Tensor] = None, n_eligible: Optional[int] = None,
+                   largest: bool = True) -> torch.Tensor:
     """Positions (into the flat `values`, 0 < k < number eligible) of the k first eligible entries in (value
-    desc, hash desc) order, where entry p's hash is of index[p] (of p itself when index is None)."""
-    cand = _candidates(values, k, eligible, n_eligible)
+    desc, hash desc) order, where entry p's hash is of index[p] (of p itself when index is None); with
+    largest=False the k last ones in that order."""
+    cand = _candidates(values, k, eligible, n_eligible, largest)
     if cand is None:
         cand = torch.arange(values.numel(), device=values.device) if eligible is None else eligible.nonzero().squeeze(1)
     cv = values[cand]
-    thr = torch.kthvalue(cv, cv.numel() - k + 1).values
-    above = cand[cv > thr]
+    thr = torch.kthvalue(cv, cv.numel() - k + 1 if largest else k).values
+    beyond = cand[cv > thr] if largest else cand[cv < thr]
     tied = cand[cv == thr]
-    need = k - above.numel()
-    if tied.numel() > need:  # the `need` largest hashes among the tied (hashes are distinct): one kthvalue
+    need = k - beyond.numel()
+    if tied.numel() > need:  # of the tied (distinct hashes): the `need` largest hashes, or smallest; one kthvalue
         h = ties.hash(tied if index is None else index[tied])
-        tied = tied[h >= torch.kthvalue(h, h.numel() - need + 1).values]
-    return torch.cat([above, tied])
+        if largest:
+            tied = tied[h >= torch.kthvalue(h, h.numel() - need + 1).values]
+        else:
+            tied = tied[h <= torch.kthvalue(h, need).values]
+    return torch.cat([beyond, tied])
 
 
-def top_k(score: torch.Tensor, k: int, ties: Ties, eligible: Optional[torch.Tensor] = None) -> torch.Tensor:
+def top_k(score: torch.Tensor, k: int, ties: Ties, eligible: Optional[torch.Tensor] = None,
+          n_eligible: Optional[int] = None) -> torch.Tensor:
     """bool mask (score's shape) of the k first entries in (score desc, hash desc) order among `eligible`
-    (all when None); fewer when fewer are eligible."""
+    (all when None); fewer when fewer are eligible. `n_eligible`: count(eligible), when the caller knows it."""
     if _USE_REFERENCE:
         return reference_top_k(score, k, ties, eligible)
     flat = score.reshape(-1).float()
     n = flat.numel()
     _check_size(n)
     e = eligible.reshape(-1) if eligible is not None else None
-    n_e = count(e) if e is not None else n
+    n_e = n if e is None else (count(e) if n_eligible is None else int(n_eligible))
     k = max(0, min(int(k), n_e))
     out = torch.zeros(n, dtype=torch.bool, device=score.device)
     if k == 0:
         return out.view(score.shape)
     if k == n_e:
         return (e.clone() if e is not None else ~out).view(score.shape)
-    if e is None:
-        out[_top_positions(flat, k, ties, None)] = True
-    elif 4 * n_e <= n:  # few eligible (e.g. the active entries at 90 % sparsity): work on them alone
-        index = e.nonzero().squeeze(1)
-        out[index[_top_positions(flat[index], k, ties, index)]] = True
-    else:  # most are eligible (e.g. the inactive entries): candidates straight from a pass over all
+    if 2 * k > n_e:  # most are chosen (e.g. the active entries that stay): leave out the n_e - k last instead
+        out = e.clone() if e is not None else ~out
+        out[_top_positions(flat, n_e - k, ties, None, e, n_e, largest=False)] = False
+    else:  # candidates straight from one pass over all (e.g. the inactive entries to grow)
         out[_top_positions(flat, k, ties, None, e, n_e)] = True
     return out.view(score.shape)
 
@@ -184,15 +218,41 @@ def row_top_k(score: torch.Tensor, k: Union[int, torch.Tensor], ties: Ties,
         return reference_row_top_k(score, k, ties, eligible, row_ids)
     rows, cols = score.shape
     _check_size(rows * cols)
-    s = score.float()
-    if eligible is not None:
-        s = s.masked_fill(~eligible, float("-inf"))
     kk = torch.as_tensor(k, device=score.device, dtype=torch.int64).expand(rows).clamp(0, cols)
-    if eligible is not None:
-        kk = torch.minimum(kk, row_counts(eligible))
+    n_e = row_counts(eligible) if eligible is not None else None
+    if n_e is not None:
+        kk = torch.minimum(kk, n_e)
     kmax = int(kk.max()) if rows else 0
     if kmax == 0:
         return torch.zeros(rows, cols, dtype=torch.bool, device=score.device)
+    if rows * cols > _EXACT_BELOW and rows_choose_few(kk, cols, eligible, n_e):
+        out = _row_top_k_candidates(score.float(), kk, kmax, n_e, ties, eligible, row_ids)
+        if out is not None:
+            return out
+    return _row_top_k_dense(score.float(), kk, kmax, ties, eligible, row_ids)
+
+
+def rows_choose_few(k: torch.Tensor, cols: int, eligible: Optional[torch.Tensor] = None,
+                    n_eligible: Optional[torch.Tensor] = None) -> bool:
+    """Whether row_top_k takes its candidate path on wide enough rows: a quarter or less of the eligible
+    entries chosen."""
+    if cols < 256:
+        return False
+    if eligible is not None and n_eligible is None:
+        n_eligible = row_counts(eligible)
+    kk = torch.as_tensor(k).clamp(0, cols)
+    if n_eligible is not None:
+        kk = torch.minimum(kk, n_eligible)
+    total = k.numel() * cols if n_eligible is None else int(n_eligible.sum())
+    return 4 * int(kk.sum()) <= total
+
+
+def _row_top_k_dense(s: torch.Tensor, kk: torch.Tensor, kmax: int, ties: Ties, eligible: Optional[torch.Tensor],
+                     row_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    """row_top_k by torch.topk along whole rows (kk: per-row counts, already capped by the eligible ones)."""
+    cols = s.shape[1]
+    if eligible is not None:
+        s = s.masked_fill(~eligible, float("-inf"))
     top = torch.topk(s, kmax, dim=1, sorted=True).values
     thr = top.gather(1, (kk - 1).clamp_min(0)[:, None])
     thr.masked_fill_((kk == 0)[:, None], float("inf"))  # rows choosing nothing: no entry reaches +inf
@@ -208,6 +268,60 @@ def row_top_k(score: torch.Tensor, k: Union[int, torch.Tensor], ties: Ties,
         take = _take_by_hash((r if row_ids is None else row_ids[r]) * cols + c, r, need, ties)
         eq[r[~take], c[~take]] = False
     return out | eq
+
+
+def _row_top_k_candidates(s: torch.Tensor, kk: torch.Tensor, kmax: int, n_e: Optional[torch.Tensor], ties: Ties,
+                          eligible: Optional[torch.Tensor], row_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """row_top_k when rows choose few of their entries (e.g. SRigL's regrowth): a per-row pivot from a strided
+    sample of columns, one comparison pass for the candidates at or above it, and the exact per-row threshold
+    among those alone (a topk over a [rows, max candidates] table). Rows the sample misled take all their
+    eligible entries as candidates; None (use the dense path) when that is more than a few rows."""
+    rows, cols = s.shape
+    neg_inf, pos_inf = float("-inf"), float("inf")
+    stride = max(2, cols // 384)
+    sample = s[:, ::stride]
+    n_all = torch.full((rows,), cols, dtype=torch.int64, device=s.device) if n_e is None else n_e
+    if eligible is None:
+        n_sample = torch.full((rows,), sample.shape[1], dtype=torch.int64, device=s.device)
+    else:
+        e_sample = eligible[:, ::stride].contiguous()
+        sample = torch.where(e_sample, sample, neg_inf)
+        n_sample = row_counts(e_sample)
+    want = kk.double() * n_sample / n_all.clamp_min(1)  # expected sample rank of each row's kk-th value
+    rank = (want + 3.0 * want.sqrt() + 4.0).ceil().to(torch.int64).clamp(1, sample.shape[1])
+    pivot = torch.topk(sample, int(rank.max()), dim=1).values.gather(1, (rank - 1)[:, None])
+    pivot.masked_fill_((kk == 0)[:, None], pos_inf)
+    hit = s >= pivot  # a -inf pivot (sample short of eligible entries) admits the whole row
+    if eligible is not None:
+        hit &= eligible
+    counts = row_counts(hit)
+    bad = counts < kk
+    if bool(bad.any()):
+        if 8 * count(bad) > rows:
+            return None
+        hit[bad] = True if eligible is None else eligible[bad]
+        counts[bad] = n_all[bad]
+    r, c = hit.nonzero(as_tuple=True)  # row-major: each row's candidates are one run
+    vals = s[r, c]
+    pos = torch.arange(r.numel(), device=s.device) - (torch.cumsum(counts, 0) - counts)[r]
+    table = torch.full((rows, int(counts.max())), neg_inf, device=s.device)
+    table[r, pos] = vals
+    thr = torch.topk(table, kmax, dim=1).values.gather(1, (kk - 1).clamp_min(0)[:, None]).squeeze(1)
+    thr.masked_fill_(kk == 0, pos_inf)
+    t = thr[r]
+    above, eq = vals > t, vals == t
+    need = kk - torch.bincount(r[above], minlength=rows)
+    n_eq = torch.bincount(r[eq], minlength=rows)
+    chosen = above | eq
+    ambiguous = n_eq > need
+    if bool(ambiguous.any()):
+        idx = (eq & ambiguous[r]).nonzero().squeeze(1)
+        rr = r[idx]
+        take = _take_by_hash((rr if row_ids is None else row_ids[rr]) * cols + c[idx], rr, need, ties)
+        chosen[idx[~take]] = False
+    out = torch.zeros(rows * cols, dtype=torch.bool, device=s.device)
+    out[(r * cols + c)[chosen]] = True  # a flat scatter: ~2x cheaper than a 2-d one on the CPU
+    return out.view(rows, cols)
 
 
 # -- reference implementations (whole-tensor sorts of composite keys): what the tests compare against --
