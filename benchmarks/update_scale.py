@@ -11,6 +11,10 @@ every 2 ms from /proc/self/statm), and the bytes DST holds per sparse weight bet
 another dstlm checkout (PYTHONPATH=<tree>) to time that tree's update with `--paths fast` (a tree without
 dstlm.sparse.selection times its own rules).
 
+--against TREE: the same update timed by another dstlm checkout (e.g. a worktree of the engine the speed-up
+is claimed against), each (tree, method, repeat) in a fresh process, the trees interleaved, one table with the
+ratio. The old tree's masks follow its own rules (other tie-breaks), so they are not compared.
+
 --worlds 1,2,4: the fast path at each world size, ranks as gloo processes on this machine (each with
 cores / world threads, or --threads) holding replicas, as under DDP: on more than one rank every rank
 decides the masks of its 1/world of each weight with the sharded rules and the masks are joined by a byte
@@ -162,6 +166,40 @@ def sweep_worlds(args: argparse.Namespace) -> None:
         print(f"| {method} | {world} | {sec:.3f} | {per_w:.2f} | {score:.2f} | {same} |")
 
 
+def against(args: argparse.Namespace) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parents[1])
+    trees = {"this tree": here, "other tree": str(Path(args.against).resolve())}
+    results: dict[tuple[str, str], list[dict]] = {}
+    for rep in range(args.repeats):
+        for method in args.methods.split(","):
+            for label, tree in trees.items():  # interleaved: machine noise falls on both alike
+                env = dict(os.environ, PYTHONPATH=tree)
+                cmd = [sys.executable, __file__, "--preset", args.preset, "--methods", method, "--paths", "fast",
+                       "--repeats", "1", "--sparsity", str(args.sparsity), "--emit-json"]
+                if args.n_layer:
+                    cmd += ["--n-layer", str(args.n_layer)]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                results.setdefault((method, label), []).append(row)
+                print(f"repeat {rep + 1}: {method} on {label} ({tree}): {row['seconds']:.3f} s", flush=True)
+    print(f"\n{args.preset}{f' with {args.n_layer} layers' if args.n_layer else ''}, {torch.get_num_threads()} "
+          f"threads, {args.repeats} repeat(s) per tree, each update in a fresh process")
+    print("| method | other tree: mean (min) s | this tree: mean (min) s | speed-up (means) | peak added, B / sparse "
+          "weight (other -> this) |")
+    print("|---|---:|---:|---:|---:|")
+    for method in args.methods.split(","):
+        old, new = results[(method, "other tree")], results[(method, "this tree")]
+        mo, mn = (statistics.mean(r["seconds"] for r in x) for x in (old, new))
+        lo, ln = (min(r["seconds"] for r in x) for x in (old, new))
+        bo, bn = (max(r["added_per_weight"] for r in x) for x in (old, new))
+        print(f"| {method} | {mo:.2f} ({lo:.2f}) | {mn:.2f} ({ln:.2f}) | {mo / mn:.1f}x | {bo:.2f} -> {bn:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="gpt2-124m")
@@ -174,7 +212,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="threads per rank in --worlds runs (default: cores / world); 1 compares equal work per "
                          "core across world sizes on a machine with fewer cores than ranks x threads")
+    ap.add_argument("--against", default=None, help="another dstlm checkout to time in the same run (see above)")
+    ap.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)  # one update, one JSON line
     args = ap.parse_args()
+    if args.against:
+        against(args)
+        return
+    if args.emit_json:
+        import json
+
+        method = args.methods.split(",")[0]
+        model, engine, backend = build(args.preset, args.n_layer, method, args.sparsity)
+        n_sparse = sum(sp.mask.numel() for sp in engine.params)
+        seconds, added, _ = one_update(model, engine, backend, reference=False)
+        print(json.dumps({"seconds": seconds, "added_per_weight": added / n_sparse}))
+        return
     if args.worlds:
         sweep_worlds(args)
         return

@@ -111,18 +111,22 @@ def srigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n
     w_abs, g_abs = weight.abs(), grad.abs()
 
     # 1-2: saliency and ablation
-    counts = None
+    counts = salient_w = None
     if allow_ablation and n_rows > 0:
-        salient = top_k(w_abs, nnz - n_swap, ties.sub("salient-w"), eligible=mask, n_eligible=nnz)
-        salient |= top_k(g_abs, n_swap, ties.sub("salient-g"), eligible=~mask, n_eligible=mask.numel() - nnz)
+        # the salient weights are step 4's keep when no row is ablated: one selection (and tie scope) for both
+        salient_w = top_k(w_abs, nnz - n_swap, ties.sub("keep"), eligible=mask, n_eligible=nnz)
+        salient = salient_w | top_k(g_abs, n_swap, ties.sub("salient-g"), eligible=~mask, n_eligible=mask.numel() - nnz)
         counts = row_counts(salient)
     survivors, k = srigl_survivors(active_rows, counts, budget, cols, gamma_sal, force_ablate)
     n_surv = int(survivors.sum())
 
     # 4: drop (layer-wide magnitude, then trim rows to k), grow per row by gradient
     keep_total = max(0, k * n_surv - n_swap)
-    kept = top_k(w_abs, keep_total, ties.sub("keep"), eligible=mask & survivors[:, None],
-                 n_eligible=int(mask_rows[survivors].sum()))
+    if salient_w is not None and keep_total == nnz - n_swap and torch.equal(survivors, active_rows):
+        kept = salient_w  # the same selection: same values, eligible entries, count and tie scope
+    else:
+        kept = top_k(w_abs, keep_total, ties.sub("keep"), eligible=mask & survivors[:, None],
+                     n_eligible=int(mask_rows[survivors].sum()))
     kept_rows = row_counts(kept)
     over = kept_rows > k  # rows holding more than k after the layer-wide keep: trim them to k
     if bool(over.any()):

@@ -370,13 +370,17 @@ def srigl_update_shard(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Ten
     nnz = int(row_nnz.sum())
     n_swap = min(n_swap, nnz)
     w_abs, g_abs = weight.abs(), grad.abs()
-    counts = None
+    counts = salient_w = None
     if allow_ablation and n_active_rows > 0:
-        salient = pick(mask, w_abs, nnz - n_swap, "salient-w", total=nnz) | pick(~mask, g_abs, n_swap, "salient-g")
-        counts = row_counts(salient)
+        salient_w = pick(mask, w_abs, nnz - n_swap, "keep", total=nnz)  # step 4's keep when nothing is ablated
+        counts = row_counts(salient_w | pick(~mask, g_abs, n_swap, "salient-g"))
     survivors, k = srigl_survivors(active_rows, counts, budget, cols, gamma_sal, force_ablate)
     n_surv = int(survivors.sum())
-    kept = pick(mask & survivors[rows], w_abs, max(0, k * n_surv - n_swap), "keep")
+    keep_total = max(0, k * n_surv - n_swap)
+    if salient_w is not None and keep_total == nnz - n_swap and torch.equal(survivors, active_rows):
+        kept = salient_w  # decided alike on every rank (all-reduced counts): the collectives stay in step
+    else:
+        kept = pick(mask & survivors[rows], w_abs, keep_total, "keep")
     over = row_counts(kept) > k
     if bool(over.any()):  # the same on every rank (all-reduced counts): the collective trim runs on all or none
         trim_rows = kept & over[rows]
