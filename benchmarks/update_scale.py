@@ -67,7 +67,7 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def build(preset: str, n_layer: int | None, method: str, sparsity: float, seed: int = 0):
+def build(preset: str, n_layer: int | None, method: str, sparsity: float, seed: int = 0, shard_by: str = "owner"):
     from dstlm.models.gpt import GPT
     from dstlm.models.presets import load_preset
     from dstlm.sparse import SparseEngine, SparsityConfig, TorchBackend
@@ -77,7 +77,7 @@ def build(preset: str, n_layer: int | None, method: str, sparsity: float, seed: 
     model = GPT(load_preset(preset, **overrides))
     cfg = SparsityConfig(method=method, sparsity=sparsity, delta_t=100, t_end=1000, drop_fraction=0.3)
     engine = SparseEngine(model, cfg, seed=seed, max_steps=1000)
-    return model, engine, TorchBackend()
+    return model, engine, TorchBackend(shard_by=shard_by)
 
 
 def one_update(model, engine, backend, reference: bool) -> tuple[float, int, dict]:
@@ -112,7 +112,7 @@ def _rank(rank: int, world: int, rdzv: str, args: argparse.Namespace, out: torch
     for i, method in enumerate(args.methods.split(",")):
         seconds, added = [], []
         for _ in range(args.repeats):
-            model, engine, backend = build(args.preset, args.n_layer, method, args.sparsity)
+            model, engine, backend = build(args.preset, args.n_layer, method, args.sparsity, shard_by=args.shard_by)
             gen = torch.Generator().manual_seed(1)
             for sp in engine.params:
                 sp.weight.grad = torch.randn(sp.weight.shape, generator=gen)
@@ -158,7 +158,8 @@ def sweep_worlds(args: argparse.Namespace) -> None:
                          float(out[:, i, 2].max()) / n_sparse, same))
             print(f"{method} world {world}: {rows[-1][2]:.3f} s", flush=True)
     threads = args.threads or "cores / world"
-    print(f"\n{n_sparse:,} sparse weights, {os.cpu_count()} cores shared by the ranks, {threads} thread(s) per rank")
+    print(f"\n{n_sparse:,} sparse weights, {os.cpu_count()} cores shared by the ranks, {threads} thread(s) per rank, "
+          f"decisions on shards by {args.shard_by}")
     print("| method | world | update s (slowest rank) | peak added by the update (B / sparse weight, worst rank) "
           "| fp32 score held per rank (B / sparse weight) | masks equal world 1 |")
     print("|---|---:|---:|---:|---:|---|")
@@ -212,6 +213,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="threads per rank in --worlds runs (default: cores / world); 1 compares equal work per "
                          "core across world sizes on a machine with fewer cores than ranks x threads")
+    ap.add_argument("--shard-by", default="owner", choices=["owner", "entries"],
+                    help="--worlds runs: replicas decide whole parameters by owner (DDP's default) or split every "
+                         "parameter evenly and decide with the collective rules (what ZeRO runs)")
     ap.add_argument("--against", default=None, help="another dstlm checkout to time in the same run (see above)")
     ap.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)  # one update, one JSON line
     args = ap.parse_args()

@@ -252,3 +252,22 @@ def test_nm_on_shards_cutting_groups_equals_the_whole_layer_rule():
         for i, sel in zip(parts, ThreadRanks(world).run(rank)):
             union[i] = sel
         assert torch.equal(union, whole), (world, contiguous)
+
+
+@pytest.mark.parametrize("n", [8, 64, 1000, 3 * 2**20 + 8])
+def test_bit_packing_round_trips_and_puts_bit_i_of_byte_j_at_entry_8j_plus_i(n):
+    from dstlm.sparse.distributed import pack_bits, unpack_bits
+
+    g = torch.Generator().manual_seed(n)
+    m = -(-n // 8)
+    bits = torch.zeros(8 * m, dtype=torch.uint8)
+    bits[:n] = (torch.rand(n, generator=g) < 0.3).to(torch.uint8)
+    bits[-1] = 1  # the last entry of the last byte (its top bit)
+    packed = pack_bits(bits)
+    expect = (bits.view(m, 8).to(torch.int64) << torch.arange(8)).sum(1)
+    assert packed.dtype == torch.uint8 and torch.equal(packed.to(torch.int64), expect)
+    assert torch.equal(unpack_bits(packed, 8 * m), bits.bool())
+    assert torch.equal(pack_bits(bits[8:]), packed[1:])  # a slice starting mid-storage packs alike
+    shifted = torch.zeros(8 * m + 3, dtype=torch.uint8)
+    shifted[3:] = bits
+    assert torch.equal(pack_bits(shifted[3:]), packed)  # ...also one not aligned to 8 bytes

@@ -87,17 +87,30 @@ class Collectives:
         return unpack_bits(self.all_reduce_sum_(packed), numel)
 
 
-_BIT = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+# byte v -> the 8 bytes (0/1) of its bits, as one int64 each (little-endian: bit i in byte i)
+_UNPACK = torch.tensor([[(v >> i) & 1 for i in range(8)] for v in range(256)], dtype=torch.uint8).view(torch.int64)
+_UNPACK_ON: dict[torch.device, torch.Tensor] = {}
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """uint8 [8 m] of 0/1 -> uint8 [m], bit i of byte j = bits[8 j + i]."""
-    return (bits.view(-1, 8) * _BIT.to(bits.device)).sum(1, dtype=torch.uint8)
+    """uint8 [8 m] of 0/1 -> uint8 [m], bit i of byte j = bits[8 j + i]. Each 8 bytes are read as one int64 and
+    their low bits gathered by multiplying each 4-byte half by 2^7 + 2^14 + 2^21 + 2^28 (no int64 overflow;
+    ~4x cheaper than a multiply-and-sum over bytes on the CPU)."""
+    words = bits.contiguous().view(torch.uint8)
+    if words.storage_offset() % 8:
+        words = words.clone()
+    words = words.view(torch.int64)
+    lo = ((words & 0xFFFFFFFF) * 0x10204080) >> 28
+    hi = ((words >> 32) * 0x10204080) >> 24
+    return ((lo & 0xF) | (hi & 0xF0)).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """pack_bits' inverse: bool [numel]."""
-    return ((packed[:, None] & _BIT.to(packed.device)) != 0).view(-1)[:numel]
+    """pack_bits' inverse: bool [numel] (a table lookup of 8 bytes per packed byte)."""
+    table = _UNPACK_ON.get(packed.device)
+    if table is None:
+        table = _UNPACK_ON[packed.device] = _UNPACK.view(-1).to(packed.device)
+    return table.index_select(0, packed.to(torch.int64)).view(torch.uint8).view(torch.bool)[:numel]
 
 
 def keep_where_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -149,7 +162,7 @@ class TorchBackend(Collectives):
 
     @torch.no_grad()
     def mask_weight_(self, param, keep):
-        param.mul_(keep.to(param.dtype))
+        keep_where_(param.data, keep)
 
     def _states(self, param):
         if self.optimizer is None:
@@ -160,7 +173,7 @@ class TorchBackend(Collectives):
     @torch.no_grad()
     def mask_optimizer_state_(self, param, keep):
         for t in self._states(param):
-            t.mul_(keep.to(t.dtype))
+            keep_where_(t, keep)
 
     # -- on shards --------------------------------------------------------------------------------
     # Every replica holds every weight and gradient whole, so a rank can decide whole parameters alone:
