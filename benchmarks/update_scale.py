@@ -255,7 +255,7 @@ def main() -> None:
         if len(paths) > 1:
             a, b = masks[paths[0]], masks[paths[1]]
             same = all(torch.equal(a[n], b[n]) for n in a)
-        held = 1 + 1  # bool mask + bool ever-active per sparse weight, between score capture and update +4
+        held = 1 + 1 / 8  # bool mask + bit-packed ever-active per sparse weight; +4 from score capture to update
         for path in paths:
             rows.append((method, path, statistics.mean(times[path]), min(times[path]),
                          max(added[path]) / n_sparse, same))
@@ -268,7 +268,7 @@ def main() -> None:
         r = {path: mean for m, path, mean, *_ in rows if m == method}
         if "fast" in r and "reference" in r:
             print(f"{method}: reference / fast = {r['reference'] / r['fast']:.1f}x")
-    print(f"DST state between updates: {held} B per sparse weight (mask, ever-active), plus 4 B of fp32 score "
+    print(f"DST state between updates: {held:.3f} B per sparse weight (mask, ever-active), plus 4 B of fp32 score "
           "from the first captured gradient to the update (RigL-like rules)")
 
 

@@ -182,3 +182,29 @@ def test_a_new_method_is_one_registered_class():
         assert training_flops(FlopCount(layers={"x": 1}, layers_dense={"x": 1}), "test-random-drop", 1) == 3
     finally:
         del METHODS["test-random-drop"]
+
+
+def test_ever_active_is_a_bit_packed_union_of_every_mask_and_old_checkpoints_load():
+    from dstlm.sparse.distributed import pack_mask, unpack_bits
+
+    model, engine, backend = engine_for("rigl")
+    union = {sp.name: sp.mask.clone() for sp in engine.params}
+    stats = None
+    for t in range(1, 7):
+        stats = step(model, engine, backend, t) or stats
+        for sp in engine.params:
+            union[sp.name] |= sp.mask
+    n = sum(m.numel() for m in union.values())
+    for sp in engine.params:
+        packed = engine.ever_active[sp.name]
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-sp.mask.numel() // 8)
+        assert torch.equal(unpack_bits(packed, sp.mask.numel()).view(sp.mask.shape), union[sp.name])
+    assert engine.n_updates == 2 and stats is not None
+    assert stats["itop"] == pytest.approx(sum(int(m.sum()) for m in union.values()) / n)
+    assert stats["itop"] > 0.25  # RigL moved weights: more than the 25 % density was ever active
+    # a checkpoint written before the packing holds bool masks: they load packed
+    state = engine.state_dict()
+    state["ever_active"] = {k: union[k].clone() for k in state["ever_active"]}
+    _, fresh, _ = engine_for("rigl")
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.ever_active[k], pack_mask(union[k])) for k in union)

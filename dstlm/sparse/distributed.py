@@ -113,6 +113,19 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return table.index_select(0, packed.to(torch.int64)).view(torch.uint8).view(torch.bool)[:numel]
 
 
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor bit-packed (flat order, zero-padded to whole bytes): uint8 [ceil(numel / 8)]."""
+    flat = mask.reshape(-1)
+    bits = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8, device=mask.device)
+    bits[:flat.numel()] = flat
+    return pack_bits(bits)
+
+
+def count_packed(packed: torch.Tensor) -> int:
+    """Set bits of a packed mask."""
+    return int(torch.count_nonzero(unpack_bits(packed, packed.numel() * 8)))
+
+
 def keep_where_(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """tensor = 0 where `keep` is False, in place (NaN and inf included, unlike a multiply), with no ~keep
     temporary: the masks are the only per-weight state the gradient masking needs."""

@@ -23,7 +23,7 @@ import torch.nn as nn
 from dstlm.sparse.config import SparsityConfig
 from dstlm.sparse.connectivity import UnitLink, dead_units, links_between, unit_census
 from dstlm.sparse.density import active_counts, erk_densities
-from dstlm.sparse.distributed import SparseBackend, TorchBackend
+from dstlm.sparse.distributed import SparseBackend, TorchBackend, count_packed, pack_mask
 from dstlm.sparse.masks import SparseParam, attach_mask, check_patterns_match, mask_checksum, select_params
 from dstlm.sparse.methods import DSTMethod, Layer
 from dstlm.sparse.schedule import UpdateSchedule
@@ -70,7 +70,7 @@ class SparseEngine:
         # every random choice (initial masks, SET's growth, ties) comes from hashes keyed by this seed, the
         # step and the layer (dstlm/sparse/selection.py): nothing to carry in checkpoints, same on every rank
         self.tie_seed = int(cfg.seed if cfg.seed is not None else seed)
-        self.ever_active: dict[str, torch.Tensor] = {}
+        self.ever_active: dict[str, torch.Tensor] = {}  # per matrix, bit-packed (1/8 byte per sparse weight)
         self._scores: dict[str, torch.Tensor] = {}  # whole decisions: per matrix, [out, in]
         self._shard_scores: dict[str, torch.Tensor] = {}  # sharded decisions: the rank's fragment per parameter
         self._backend: Optional[SparseBackend] = None
@@ -112,7 +112,7 @@ class SparseEngine:
             if self.cfg.sparse_init == "rescale":
                 row_nnz = sp.mask.sum(dim=1, keepdim=True).clamp_min(1).to(w.dtype)
                 w.mul_(torch.sqrt(layer.shape[1] / row_nnz))
-            self.ever_active[sp.name] = sp.mask.detach().clone()
+            self.ever_active[sp.name] = pack_mask(sp.mask)
 
     # -- per step -------------------------------------------------------------------------------------
     def is_update_step(self, t: int) -> bool:
@@ -209,7 +209,7 @@ class SparseEngine:
             keep = new_full & group[0].full_mask  # zero both dropped and newly grown entries (grown start at 0)
             for sp in group:
                 new = sp.view(new_full)
-                self.ever_active[sp.name] |= new.to(self.ever_active[sp.name].device)
+                self.ever_active[sp.name] |= pack_mask(new).to(self.ever_active[sp.name].device)
                 n_new = count(new)
                 grown_total += n_new - count(sp.view(keep))
                 active_total += n_new
@@ -228,7 +228,7 @@ class SparseEngine:
         self._score_steps = 0
         self.n_updates += 1
         self.check_ranks_agree(backend, t, active if sharded else None)
-        itop = sum(count(e) for e in self.ever_active.values()) / max(1, numel_total)
+        itop = sum(count_packed(e) for e in self.ever_active.values()) / max(1, numel_total)
         self.last_stats = {
             "density": active_total / max(1, numel_total), "churn": grown_total / max(1, active_total),
             "itop": itop, "ablated_neurons": float(ablated), "drop_fraction": drop_fraction,
@@ -446,7 +446,9 @@ class SparseEngine:
                              "wrote it, or start a new run")
         self.tie_seed = int(state["tie_seed"])
         device = {sp.name: sp.mask.device for sp in self.params}
-        self.ever_active = {k: v.to(device.get(k, v.device), copy=True) for k, v in state["ever_active"].items()}
+        # bit-packed since session 8; a checkpoint from before holds bool masks
+        self.ever_active = {k: (pack_mask(v) if v.dtype == torch.bool else v).to(device.get(k, v.device), copy=True)
+                            for k, v in state["ever_active"].items()}
         self._scores = {k: v.to(device.get(k, v.device), copy=True) for k, v in state["scores"].items()}
         self._shard_scores = {}
         self._score_steps = state["score_steps"]
