@@ -175,7 +175,9 @@ class TorchBackend(Collectives):
 
     @torch.no_grad()
     def mask_weight_(self, param, keep):
-        keep_where_(param.data, keep)
+        # a multiply (not keep_where_): pruned negative weights become -0.0, as the recorded runs of
+        # tests/test_golden.py have them; a where pass would save ~0.1 s per 124M update
+        param.mul_(keep.to(param.dtype))
 
     def _states(self, param):
         if self.optimizer is None:
@@ -186,7 +188,7 @@ class TorchBackend(Collectives):
     @torch.no_grad()
     def mask_optimizer_state_(self, param, keep):
         for t in self._states(param):
-            keep_where_(t, keep)
+            t.mul_(keep.to(t.dtype))
 
     # -- on shards --------------------------------------------------------------------------------
     # Every replica holds every weight and gradient whole, so a rank can decide whole parameters alone:
