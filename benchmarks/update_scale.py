@@ -77,7 +77,8 @@ def build(preset: str, n_layer: int | None, method: str, sparsity: float, seed: 
     model = GPT(load_preset(preset, **overrides))
     cfg = SparsityConfig(method=method, sparsity=sparsity, delta_t=100, t_end=1000, drop_fraction=0.3)
     engine = SparseEngine(model, cfg, seed=seed, max_steps=1000)
-    return model, engine, TorchBackend(shard_by=shard_by)
+    # the default spelled out only when not the default: an older checkout (--against) has no shard_by
+    return model, engine, (TorchBackend() if shard_by == "owner" else TorchBackend(shard_by=shard_by))
 
 
 def one_update(model, engine, backend, reference: bool) -> tuple[float, int, dict]:
@@ -184,7 +185,10 @@ def against(args: argparse.Namespace) -> None:
                        "--repeats", "1", "--sparsity", str(args.sparsity), "--emit-json"]
                 if args.n_layer:
                     cmd += ["--n-layer", str(args.n_layer)]
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise SystemExit(f"the update on {tree} failed:\n{proc.stderr[-3000:]}")
+                out = proc.stdout
                 row = json.loads(out.strip().splitlines()[-1])
                 results.setdefault((method, label), []).append(row)
                 print(f"repeat {rep + 1}: {method} on {label} ({tree}): {row['seconds']:.3f} s", flush=True)
