@@ -89,7 +89,17 @@ class Collectives:
 
 # byte v -> the 8 bytes (0/1) of its bits, as one int64 each (little-endian: bit i in byte i)
 _UNPACK = torch.tensor([[(v >> i) & 1 for i in range(8)] for v in range(256)], dtype=torch.uint8).view(torch.int64)
-_UNPACK_ON: dict[torch.device, torch.Tensor] = {}
+_UNPACK = _UNPACK.view(-1)
+_POPCOUNT = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.uint8)  # byte v -> its set bits
+_TABLES_ON: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table_on(name: str, table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A lookup table copied to `device` once."""
+    key = (name, device)
+    if key not in _TABLES_ON:
+        _TABLES_ON[key] = table.to(device)
+    return _TABLES_ON[key]
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -107,14 +117,8 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """pack_bits' inverse: bool [numel] (a table lookup of 8 bytes per packed byte)."""
-    table = _UNPACK_ON.get(packed.device)
-    if table is None:
-        table = _UNPACK_ON[packed.device] = _UNPACK.view(-1).to(packed.device)
+    table = _table_on("unpack", _UNPACK, packed.device)
     return table.index_select(0, packed.to(torch.int64)).view(torch.uint8).view(torch.bool)[:numel]
-
-
-_POPCOUNT = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.uint8)
-_POPCOUNT_ON: dict[torch.device, torch.Tensor] = {}
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -129,9 +133,7 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def count_packed(packed: torch.Tensor) -> int:
     """Set bits of a packed mask (a 256-entry popcount table; nothing unpacked)."""
-    table = _POPCOUNT_ON.get(packed.device)
-    if table is None:
-        table = _POPCOUNT_ON[packed.device] = _POPCOUNT.to(packed.device)
+    table = _table_on("popcount", _POPCOUNT, packed.device)
     return int(table.index_select(0, packed.to(torch.int64)).sum(dtype=torch.int64))
 
 
@@ -184,9 +186,8 @@ class TorchBackend(Collectives):
 
     @torch.no_grad()
     def mask_weight_(self, param, keep):
-        # a multiply by the bool mask itself (cast inside the kernel: no float copy of the mask, whose fresh
-        # allocations cost ~1 s per 124M update on two ranks here); pruned negative weights become -0.0, as the
-        # recorded runs of tests/test_golden.py have them (keep_where_ would give +0.0)
+        # a multiply by the bool mask itself (cast inside the kernel: no float copy of the mask); pruned negative
+        # weights become -0.0, as the recorded runs of tests/test_golden.py have them (keep_where_ gives +0.0)
         param.mul_(keep)
 
     def _states(self, param):

@@ -122,8 +122,8 @@ def srigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n
 
     # 4: drop (layer-wide magnitude, then trim rows to k), grow per row by gradient
     keep_total = max(0, k * n_surv - n_swap)
-    if salient_w is not None and keep_total == nnz - n_swap and torch.equal(survivors, active_rows):
-        kept = salient_w  # the same selection: same values, eligible entries, count and tie scope
+    if salient_w is not None and srigl_keep_is_salient(keep_total, nnz, n_swap, survivors, active_rows):
+        kept = salient_w
     else:
         kept = top_k(w_abs, keep_total, ties.sub("keep"), eligible=mask & survivors[:, None],
                      n_eligible=int(mask_rows[survivors].sum()))
@@ -136,6 +136,14 @@ def srigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n
     deficit = (k - kept_rows) * survivors
     grow = row_top_k(g_abs, deficit, ties.sub("grow"), eligible=~kept)
     return kept | grow, k
+
+
+def srigl_keep_is_salient(keep_total: int, nnz: int, n_swap: int, survivors: torch.Tensor,
+                          active_rows: torch.Tensor) -> bool:
+    """Whether SRigL's step-4 keep is the step-1 selection of salient weights by |W| (no row ablated and the
+    same count): both then select the same values among the same entries in the same tie scope ("keep"), so
+    the whole-layer and the sharded rule reuse it instead of selecting again."""
+    return keep_total == nnz - n_swap and torch.equal(survivors, active_rows)
 
 
 def srigl_survivors(active_rows: torch.Tensor, salient_counts: torch.Tensor | None, budget: int, cols: int,

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from dstlm.sparse.rules import srigl_survivors
+from dstlm.sparse.rules import srigl_keep_is_salient, srigl_survivors
 from dstlm.sparse.selection import M32, Ties, row_top_k
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -377,7 +377,7 @@ def srigl_update_shard(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Ten
     survivors, k = srigl_survivors(active_rows, counts, budget, cols, gamma_sal, force_ablate)
     n_surv = int(survivors.sum())
     keep_total = max(0, k * n_surv - n_swap)
-    if salient_w is not None and keep_total == nnz - n_swap and torch.equal(survivors, active_rows):
+    if salient_w is not None and srigl_keep_is_salient(keep_total, nnz, n_swap, survivors, active_rows):
         kept = salient_w  # decided alike on every rank (all-reduced counts): the collectives stay in step
     else:
         kept = pick(mask & survivors[rows], w_abs, keep_total, "keep")
