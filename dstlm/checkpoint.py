@@ -5,22 +5,25 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+import torch.nn as nn
 
-from dstlm.data.tokenizer import TextTokenizer, tokenizer_from_json
+from dstlm.data.tokenizer import EOS, TextTokenizer, tokenizer_from_json
+from dstlm.hf.source import HFModelConfig
 from dstlm.build import build_model, model_transforms
-from dstlm.models.gpt import GPT, GPTConfig
+from dstlm.models.gpt import GPTConfig
 from dstlm.models.moe import without_placement
 from dstlm.transforms.ift import SparseIFTConfig
 
 
 @dataclass
 class LoadedModel:
-    model: GPT
+    model: nn.Module
+    """dstlm's GPT, or an HFCausalLM for a Hugging Face model source"""
     tokenizer: TextTokenizer
-    config: GPTConfig
+    config: Union[GPTConfig, HFModelConfig]
     sparsity: Optional[dict]
     step: int
     path: str
@@ -53,9 +56,15 @@ def check_resume_compatible(saved: dict, model: Optional[GPTConfig] = None, spar
                          f"; resume with the same sparsity config")
     if old and sparsity:
         for k in SPARSITY_IDENTITY:
-            if old.get(k) != sparsity.get(k):
+            if _identity(k, old.get(k)) != _identity(k, sparsity.get(k)):
                 raise ValueError(f"{what} was trained with sparsity.{k}={old.get(k)!r}, this run has "
                                  f"sparsity.{k}={sparsity.get(k)!r}; resume with the same sparsity config")
+
+
+def _identity(key: str, value):
+    """A sparsity field as resumes compare it: an unset include is the model's default, which checkpoints
+    from before it could be unset wrote out as ["blocks.*"] (GPT names; other models have none such)."""
+    return ["blocks.*"] if key == "include" and value is None else value
 
 
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
@@ -122,21 +131,29 @@ def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> Loa
     hp = ckpt.get("hyper_parameters", {})
     if "model" not in hp or "state_dict" not in ckpt:
         raise ValueError(f"{str(p)!r} is not a dstlm checkpoint (no model config inside); train it with `dstlm fit`")
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    cfg = GPTConfig(**{k: v for k, v in hp["model"].items() if k in known})
-    if expect is not None:
-        check_resume_compatible({"model": dataclasses.asdict(cfg)}, expect, check_sparsity=False)
-    tok_json = (ckpt.get("dstlm") or {}).get("tokenizer")
+    extra = ckpt.get("dstlm") or {}
+    if "hf" in hp["model"]:  # a Hugging Face model source: rebuilt from the architecture the checkpoint carries
+        cfg = HFModelConfig(**hp["model"])
+        if "hf_config" not in extra:
+            raise ValueError(f"checkpoint {str(p)!r} of the Hugging Face model {cfg.hf!r} carries no architecture; "
+                             f"re-save it with this dstlm version")
+        model = build_model(cfg, hf_config=extra["hf_config"], weights=False)
+    else:
+        known = {f.name for f in dataclasses.fields(GPTConfig)}
+        cfg = GPTConfig(**{k: v for k, v in hp["model"].items() if k in known})
+        if expect is not None:
+            check_resume_compatible({"model": dataclasses.asdict(cfg)}, expect, check_sparsity=False)
+        ift = SparseIFTConfig(**hp["ift"]) if hp.get("ift") else None
+        model = build_model(cfg, model_transforms(cfg, ift))  # the same (Sparse-IFT) structure as in training
+    tok_json = extra.get("tokenizer")
     if not tok_json:
         raise ValueError(f"checkpoint {str(p)!r} carries no tokenizer; re-save it with this dstlm version")
-    tokenizer = tokenizer_from_json(tok_json, name=str(p))
-    ift = SparseIFTConfig(**hp["ift"]) if hp.get("ift") else None
-    model = build_model(cfg, model_transforms(cfg, ift))  # the same (Sparse-IFT) structure as in training
+    tokenizer = tokenizer_from_json(tok_json, name=str(p), eos=extra.get("eos") or EOS)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     masks = {k: v for k, v in state.items() if k.endswith("_mask")}
     weights = {k: v for k, v in state.items() if not k.endswith("_mask")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
+    missing = [m for m in missing if not (getattr(cfg, "tie_embeddings", False) and m == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"checkpoint weights do not fit model config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")

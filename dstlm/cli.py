@@ -5,6 +5,7 @@
     dstlm flops    --config RECIPE [--key value]   FLOPs per token vs the dense baseline (Sparse-IFT check)
     dstlm eval     --checkpoint PATH --tasks t1,t2 [--limit N] [--batch_size B] [--out results.json]
     dstlm export   --checkpoint PATH --out DIR     a Hugging Face model directory
+    dstlm prune    --config RECIPE --out DIR       one-shot masks of a Hugging Face model source, exported
     dstlm report   --checkpoint PATH [--layer NAME] [--out DIR]   sparsity pictures of a checkpoint
     dstlm presets                                  list the model presets in configs/model/
 
@@ -39,14 +40,17 @@ def run_parser(prog: str) -> ArgumentParser:
     return parser
 
 
-def parse_run(prog: str, argv: list[str]):
-    """(RunConfig, ckpt_path) from the command line; the dataclasses validate themselves as they are built."""
+def parse_run(prog: str, argv: list[str], out: bool = False):
+    """(RunConfig, ckpt_path) from the command line; the dataclasses validate themselves as they are built.
+    With `out`, a required --out folder too: (RunConfig, out)."""
     from dstlm.training.config import RunConfig
 
     parser = run_parser(prog)
+    if out:
+        parser.add_argument("--out", type=str, required=True, help="Output folder.")
     built = parser.instantiate(parser.parse_args(argv))
     cfg = RunConfig(**{f.name: built[f.name] for f in dataclasses.fields(RunConfig)})
-    return cfg, built.ckpt_path
+    return cfg, (built.out if out else built.ckpt_path)
 
 
 def fit(argv: list[str]) -> int:
@@ -79,6 +83,15 @@ def flops(argv: list[str]) -> int:
 
     cfg, _ = parse_run("dstlm flops", argv)
     print(flops_report(cfg)[0])
+    return 0
+
+
+def prune(argv: list[str]) -> int:
+    """one-shot masks (magnitude / wanda / N:M) of a Hugging Face model, exported without training"""
+    from dstlm.hf.oneshot import one_shot
+
+    cfg, out = parse_run("dstlm prune", argv, out=True)
+    print(f"wrote {one_shot(cfg, out)} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -179,11 +192,11 @@ def function_command(fn: Callable[..., int]) -> Callable[[list[str]], int]:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "fit": fit, "validate": validate, "presets": function_command(presets), "eval": function_command(eval_checkpoint),
-    "flops": flops, "export": function_command(export), "report": function_command(report),
+    "flops": flops, "export": function_command(export), "report": function_command(report), "prune": prune,
 }
 name_of = {presets: "presets", eval_checkpoint: "eval", export: "export", report: "report"}
 HELP = {"fit": fit, "validate": validate, "presets": presets, "eval": eval_checkpoint, "flops": flops,
-        "export": export, "report": report}
+        "export": export, "report": report, "prune": prune}
 
 
 def usage() -> str:

@@ -22,13 +22,14 @@ class TextTokenizer:
     Byte-level BPE without prefix space, so decode(encode(text)) == text for any string.
     """
 
-    def __init__(self, tokenizer: Tokenizer, name: str) -> None:
+    def __init__(self, tokenizer: Tokenizer, name: str, eos: str = EOS) -> None:
         self.tokenizer = tokenizer
         self.name = name
-        eos = tokenizer.token_to_id(EOS)
-        if eos is None:
-            raise ValueError(f"tokenizer {name!r} has no {EOS!r} token; add it as a special token")
-        self.eos_id = eos
+        eos_id = tokenizer.token_to_id(eos)
+        if eos_id is None:
+            raise ValueError(f"tokenizer {name!r} has no {eos!r} token; add it as a special token")
+        self.eos = eos
+        self.eos_id = eos_id
 
     @property
     def vocab_size(self) -> int:
@@ -93,6 +94,9 @@ def load_tokenizer(spec: str, files: Sequence[str] = (), vocab_size: int = 4096)
     path = Path(spec)
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
+            eos = _hf_eos(path)
+            if eos is not None:  # a Hugging Face model folder: its own end-of-text token
+                return TextTokenizer(Tokenizer.from_file(str(path / "tokenizer.json")), str(path), eos)
             path = path / "tokenizer.json"
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             bpe = ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"), add_prefix_space=False)
@@ -105,9 +109,18 @@ def load_tokenizer(spec: str, files: Sequence[str] = (), vocab_size: int = 4096)
     )
 
 
-def tokenizer_from_json(text: str, name: str = "checkpoint") -> TextTokenizer:
+def _hf_eos(directory: Path):
+    """The eos token named by a Hugging Face tokenizer_config.json (None without one)."""
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    eos = json.loads(path.read_text()).get("eos_token")
+    return eos.get("content") if isinstance(eos, dict) else eos
+
+
+def tokenizer_from_json(text: str, name: str = "checkpoint", eos: str = EOS) -> TextTokenizer:
     """A tokenizer from its serialized tokenizer.json text (as embedded in dstlm checkpoints)."""
-    return TextTokenizer(Tokenizer.from_str(text), name)
+    return TextTokenizer(Tokenizer.from_str(text), name, eos)
 
 
 def tokenizer_fingerprint(tok: TextTokenizer) -> str:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dstlm.data.tokenizer import EOS, TextTokenizer
+from dstlm.hf.publish import save_tokenizer
+from dstlm.hf.source import HFModelConfig
 from dstlm.models.gpt import GPT
 
 
@@ -110,19 +111,15 @@ def to_hf(model: GPT):
     return to_gpt_neox(model) if model.config.pos_emb == "rope" else to_gpt2(model)
 
 
-def save_tokenizer(tokenizer: TextTokenizer, out: Path, max_length: int) -> None:
-    from transformers import PreTrainedTokenizerFast
-
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS,
-                                   model_max_length=max_length, clean_up_tokenization_spaces=False)
-    fast.save_pretrained(str(out))
-
-
 def export(checkpoint: str, out_dir: str) -> Path:
     """Write a Hugging Face model directory for a dstlm checkpoint; returns the directory."""
     from dstlm.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint)
+    if isinstance(loaded.config, HFModelConfig):  # back to the model's own architecture, masks and card
+        from dstlm.hf.publish import export_hf_source
+
+        return export_hf_source(loaded, checkpoint, Path(out_dir))
     if loaded.config.moe is not None:
         raise ValueError(f"{checkpoint!r} is a Mixture-of-Experts model; no Hugging Face architecture computes its "
                          f"GELU experts with capacity-limited routing, so it is not exported: score it with "

@@ -24,8 +24,9 @@ class SparsityConfig:
     """Per-layer densities: uniform | er | erk. Unset: erk (uniform for nm, whose groups fix every layer)."""
     erk_power: float = 1.0
     """Exponent of the ERK raw score."""
-    include: list[str] = field(default_factory=lambda: ["blocks.*"])
-    """fnmatch patterns of parameter names to sparsify (only >= 2-D weights are taken)."""
+    include: Optional[list[str]] = None
+    """fnmatch patterns of parameter names to sparsify (only >= 2-D weights are taken). Unset: the model's
+    default, ["blocks.*"] for dstlm's GPT, every sparsifiable weight of a Hugging Face model (its manifest)."""
     exclude: list[str] = field(default_factory=list)
     """Patterns to keep dense (embeddings, LM head, norms and biases are never sparsified)."""
     overrides: dict[str, float] = field(default_factory=dict)
@@ -46,6 +47,14 @@ class SparsityConfig:
     """SRigL: allow neuron (row) ablation."""
     no_ablate: list[str] = field(default_factory=list)
     """SRigL: patterns of layers never ablated (the last sparsified layer is always protected)."""
+    mask_init: Optional[Literal["random", "magnitude", "wanda"]] = None
+    """First masks: 'random' (hashed, the default for models trained from scratch), 'magnitude' (the largest
+    |W| of each layer, or of each row / group where the method's structure says so; the default for
+    pretrained models) or 'wanda' (|W| * ||X_j||, input-activation norms from calibration batches of the
+    training data, compared per output row). An existing mask (a checkpoint, an exported sparse model) is
+    always kept instead."""
+    wanda_batches: int = 8
+    """mask_init=wanda: training micro-batches whose activations give the input norms."""
     sparse_init: Optional[Literal["rescale", "none"]] = None
     """'rescale': scale each row's initial weights by sqrt(fan_in / active_fan_in) so the output variance
     matches the dense init (SRigL's sparse-aware init); 'none': keep the dense init. Unset: the method's
@@ -111,6 +120,8 @@ class SparsityConfig:
         for pattern, s in self.overrides.items():
             if not 0.0 <= s < 1.0:
                 raise ValueError(f"sparsity.overrides[{pattern!r}]={s} must be in [0, 1)")
+        if self.wanda_batches < 1:
+            raise ValueError(f"sparsity.wanda_batches={self.wanda_batches} must be >= 1")
         if self.grad_accumulation < 1:
             raise ValueError(f"sparsity.grad_accumulation={self.grad_accumulation} must be >= 1")
 

@@ -36,10 +36,19 @@ class MaskMismatchError(RuntimeError):
 
 
 class SparseEngine:
-    def __init__(self, model: nn.Module, cfg: SparsityConfig, seed: int, max_steps: int) -> None:
+    def __init__(self, model: nn.Module, cfg: SparsityConfig, seed: int, max_steps: int,
+                 input_norms: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """`input_norms`: per sparse matrix, ||X_j|| over calibration tokens of each input j (mask_init=wanda).
+        A model may choose its own sparse weights (`model.sparse_params(include, exclude)`, e.g. the Hugging
+        Face adapter: transposed and fused layouts) and mark itself `pretrained` (magnitude masks by default)."""
         self.cfg = cfg
         self.method: DSTMethod = cfg.method_class(cfg)
-        self.params: list[SparseParam] = select_params(model, cfg.include, cfg.exclude)
+        self.params: list[SparseParam] = sparse_params_of(model, cfg)
+        self.mask_init = cfg.mask_init or ("magnitude" if getattr(model, "pretrained", False) else "random")
+        if self.mask_init == "wanda" and not input_norms:
+            raise ValueError("sparsity.mask_init=wanda needs input-activation norms from calibration batches; "
+                             "train through `dstlm fit` (it computes them) or use mask_init=magnitude")
+        self._input_norms = input_norms or {}
         matrices = [sp.name for sp in self.params]
         check_patterns_match(model, cfg.overrides.keys(), "sparsity.overrides", matrices)
         check_patterns_match(model, cfg.no_ablate, "sparsity.no_ablate", matrices)
@@ -103,13 +112,30 @@ class SparseEngine:
     # -- initial masks ------------------------------------------------------------------------------
     @torch.no_grad()
     def _init_masks(self) -> None:
+        self.kept_masks = 0
+        """Sparse matrices whose mask came with the model (an exported sparse model) and was kept."""
         for sp in self.params:
             layer = self.layers[sp.name]
             w = sp.view(sp.weight)
-            mask = self.method.init_mask(layer, w, Ties(self.tie_seed, "init", sp.name))
+            ties = Ties(self.tie_seed, "init", sp.name)
+            existing = getattr(sp.module, f"{sp.attr}_mask", None)
+            if existing is not None and getattr(sp.module, "dstlm_keep_mask", False):
+                mask = sp.view(existing).clone()  # a mask that came with the model: kept, never re-pruned
+                self.method.adopt_mask(layer, mask)
+                self.kept_masks += 1
+            elif self.mask_init == "random":
+                mask = self.method.init_mask(layer, w.contiguous(), ties)
+            else:
+                score = w.detach().abs().float()
+                norms = self._input_norms.get(sp.name) if self.mask_init == "wanda" else None
+                if norms is not None:
+                    score = score * norms.to(score.device, torch.float32)[None, :]
+                mask = self.method.init_mask_scored(layer, score, ties, per_row=norms is not None)
+            fresh = existing is None or not getattr(sp.module, "dstlm_keep_mask", False)
             attach_mask(sp, mask)
             w.mul_(sp.mask.to(w.dtype))
-            if self.cfg.sparse_init == "rescale":
+            # the sparse-aware rescale is for random initialisations, never for pretrained or kept weights
+            if self.cfg.sparse_init == "rescale" and fresh and self.mask_init == "random":
                 row_nnz = sp.mask.sum(dim=1, keepdim=True).clamp_min(1).to(w.dtype)
                 w.mul_(torch.sqrt(layer.shape[1] / row_nnz))
             self.ever_active[sp.name] = pack_mask(sp.mask)
@@ -155,7 +181,7 @@ class SparseEngine:
                     if full is None:
                         continue
                     for sp in group:
-                        g = sp.view(full).detach().reshape(self.layers[sp.name].shape)
+                        g = sp.view(full).detach().reshape(self.layers[sp.name].shape).contiguous()
                         if sp.name in self._scores:  # accumulated in place, in fp32, where the gradient lives
                             self._scores[sp.name].add_(g.abs())
                         else:
@@ -253,14 +279,15 @@ class SparseEngine:
         for sp in group:
             layer = self.layers[sp.name]
             old = sp.mask
-            w = sp.view(full).reshape(layer.shape)
+            w = sp.view(full).reshape(layer.shape).contiguous()  # [out, in] (a copy only for transposed storage)
             score = self._need(score_of(sp), sp) if self.method.uses_dense_grad else None
             if score is not None:
-                score = score.to(w.device).reshape(layer.shape)
+                score = score.to(w.device).reshape(layer.shape).contiguous()
             n_swap = int(round(drop_fraction * count(old)))
             layer.dead_rows = dead.get(sp.name)  # the rows to reclaim at this update (None: none)
-            news.append(self.method.update_layer(layer, w, old.to(w.device), score, n_swap, t, self.schedule,
-                                                 Ties(self.tie_seed, "update", t, sp.name)).to(old.device))
+            new = self.method.update_layer(layer, w, old.to(w.device).contiguous(), score, n_swap, t, self.schedule,
+                                           Ties(self.tie_seed, "update", t, sp.name))
+            news.append(sp.to_storage(new.to(old.device)))
             layer.dead_rows = None
         # a group lists its matrices in index order (select_params builds them so)
         return news[0] if group[0].index is None else torch.stack(news)
@@ -300,7 +327,8 @@ class SparseEngine:
             lo, hi = a - f_start, b - f_start
             shard = Shard(weight[lo:hi].to(full_old.device), full_old[a:b],
                           None if score is None else score[lo:hi].to(full_old.device),
-                          torch.arange(a - base, b - base, device=full_old.device), backend.all_reduce_sum_)
+                          sp.storage_index(torch.arange(a - base, b - base, device=full_old.device)),
+                          backend.all_reduce_sum_)
             layer.dead_rows = dead.get(sp.name)
             n_swap = int(round(drop_fraction * count(sp.mask)))
             new_local[lo:hi] = self.method.update_layer_shard(layer, shard, n_swap, t, self.schedule,
@@ -341,7 +369,7 @@ class SparseEngine:
         for group in self.groups:
             if group[0].name not in self._scores:
                 continue
-            whole = torch.cat([self._scores.pop(sp.name).reshape(-1) for sp in group])
+            whole = torch.cat([sp.to_storage(self._scores.pop(sp.name)).reshape(-1) for sp in group])
             f_start, f_len = backend.fragment(group[0].weight)
             self._shard_scores[_param_name(group)] = whole[f_start:f_start + f_len].clone()
 
@@ -355,7 +383,8 @@ class SparseEngine:
             f_start, _ = backend.fragment(group[0].weight)
             whole = backend.assemble(group[0].full_mask.numel(), f_start, local)
             for sp in group:
-                out[sp.name] = sp.view(whole.reshape(group[0].full_mask.shape)).clone()
+                out[sp.name] = sp.view(whole.reshape(group[0].full_mask.shape)).clone(
+                    memory_format=torch.contiguous_format)
         return out
 
     def _need(self, score: Optional[torch.Tensor], sp: SparseParam) -> torch.Tensor:
@@ -458,9 +487,17 @@ class SparseEngine:
         self.last_stats = dict(state["last_stats"])
 
 
+def sparse_params_of(model: nn.Module, cfg: SparsityConfig) -> list[SparseParam]:
+    """The sparse matrices of `model` under the config's include / exclude patterns (unset include: the
+    model's default); a model may choose them itself (`sparse_params`, e.g. the Hugging Face adapter)."""
+    include = cfg.include if cfg.include is not None else getattr(model, "default_sparse_include", ["blocks.*"])
+    choose = getattr(model, "sparse_params", None)
+    return choose(include, cfg.exclude) if choose is not None else select_params(model, include, cfg.exclude)
+
+
 def _param_name(group: list[SparseParam]) -> str:
     """The parameter's name (a batched parameter's matrices are named <parameter>.<index>)."""
     return group[0].name.rsplit(".", 1)[0] if group[0].index is not None else group[0].name
 
 
-__all__ = ["MaskMismatchError", "SparseEngine", "TorchBackend"]
+__all__ = ["MaskMismatchError", "SparseEngine", "TorchBackend", "sparse_params_of"]

@@ -21,20 +21,37 @@ class SparseParam:
     """One sparsified weight matrix: name, owning module and attribute name. For a batched parameter
     ([E, out, in], e.g. MoE experts listed in the module's `batched_params`) `index` selects one matrix:
     each expert is its own sparse weight with its own mask slice and budget, while backends keep working
-    on the whole parameter (`weight`, `full_mask`)."""
+    on the whole parameter (`weight`, `full_mask`). `transposed`: the storage is [in, out] (GPT-2's Conv1D,
+    expert tensors stored [E, in, out]); `view` then presents the [out, in] matrix the rules decide on, so
+    rows are output units and fan-in / N:M groups run along the input whatever the storage."""
 
     name: str
     module: nn.Module
     attr: str
     index: Optional[int] = None
+    transposed: bool = False
 
     @property
     def weight(self) -> nn.Parameter:
         return getattr(self.module, self.attr)
 
     def view(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This matrix's part of a weight-shaped tensor (the tensor itself for 2-D weights)."""
-        return tensor if self.index is None else tensor[self.index]
+        """This matrix's part of a weight-shaped tensor as [out, in] (the tensor itself for 2-D [out, in]
+        weights; a strided view, not a copy, when the storage is transposed)."""
+        m = tensor if self.index is None else tensor[self.index]
+        return m.t() if self.transposed else m
+
+    def to_storage(self, matrix: torch.Tensor) -> torch.Tensor:
+        """`view`'s inverse for one [out, in] matrix: the same values laid out as this weight stores them."""
+        return matrix.t().contiguous() if self.transposed else matrix
+
+    def storage_index(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat [out, in] indices of the matrix's entries at these flat positions of its storage (the identity
+        unless transposed: storage [in, out] position c * out + r is entry r * in + c)."""
+        if not self.transposed:
+            return flat
+        rows, cols = self.shape
+        return (flat % rows) * cols + flat // rows
 
     @property
     def full_mask(self) -> torch.Tensor:
@@ -50,8 +67,10 @@ class SparseParam:
 
     @property
     def shape(self) -> tuple[int, int]:
-        """[out, in] view of the weight (the weight's own shape for 2-D parameters)."""
-        return tuple(self.mask.shape)
+        """[out, in] view of the weight (the weight's own shape for 2-D parameters); read from the mask once it
+        exists (a ZeRO-3 partitioned weight holds no shape of its own)."""
+        held = self.module._buffers.get(f"{self.attr}_mask")
+        return tuple(self.view(held if held is not None else self.weight).shape)
 
 
 def select_params(model: nn.Module, include: Iterable[str], exclude: Iterable[str]) -> list[SparseParam]:
@@ -103,7 +122,8 @@ def attach_mask(sp: SparseParam, mask: torch.Tensor) -> None:
     buf_name = f"{sp.attr}_mask"
     mask = mask.to(device=sp.weight.device, dtype=torch.bool)
     if buf_name not in sp.module._buffers:
-        full = mask if sp.index is None else torch.ones(sp.weight.shape, dtype=torch.bool, device=mask.device)
+        simple = sp.index is None and not sp.transposed
+        full = mask if simple else torch.ones(sp.weight.shape, dtype=torch.bool, device=mask.device)
         sp.module.register_buffer(buf_name, full.clone(), persistent=True)
     sp.view(sp.module._buffers[buf_name]).copy_(mask)
 

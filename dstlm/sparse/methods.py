@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from dstlm.sparse import rules, sharded
+from dstlm.sparse import rules, selection, sharded
 from dstlm.sparse.selection import Ties, count
 from dstlm.sparse.sharded import Shard
 from dstlm.sparse.schedule import UpdateSchedule, gmp_sparsity
@@ -87,6 +87,21 @@ class DSTMethod:
     # -- masks ------------------------------------------------------------------------------------------
     def init_mask(self, layer: Layer, weight: torch.Tensor, ties: Ties) -> torch.Tensor:
         return rules.random_mask(layer.shape, layer.budget, ties, device=weight.device)
+
+    def adopt_mask(self, layer: Layer, mask: torch.Tensor) -> None:
+        """A mask that came with the model (kept, not re-pruned) fixes the layer's budget as it is."""
+        layer.budget = count(mask)
+
+    def init_mask_scored(self, layer: Layer, score: torch.Tensor, ties: Ties, per_row: bool) -> torch.Tensor:
+        """The first mask of a pretrained weight from an importance score >= 0 ([out, in]; |W| for magnitude,
+        |W| * ||X_j|| for Wanda): the layer's budget of highest scores, per layer, or, with `per_row`, the same
+        share in every output row (Wanda's comparison group). Methods with a row structure override it."""
+        rows, cols = layer.shape
+        if per_row:
+            k = max(1, min(cols, int(round(layer.budget / rows))))
+            layer.budget = rows * k
+            return selection.row_top_k(score, k, ties.sub("init-scored"))
+        return selection.top_k(score, layer.budget, ties.sub("init-scored"))
 
     def is_update_step(self, t: int, schedule: UpdateSchedule) -> bool:
         return self.dynamic and schedule.is_update_step(t)
@@ -219,6 +234,15 @@ class SRigL(DSTMethod):
         layer.budget = int(mask.sum())  # rows x fan-in: the exact count constant fan-in allows
         return mask
 
+    def adopt_mask(self, layer, mask):
+        layer.budget = count(mask)
+        layer.fan_in = int(selection.row_counts(mask).max()) if mask.numel() else 0
+
+    def init_mask_scored(self, layer, score, ties, per_row):  # constant fan-in: the fan-in highest of every row
+        layer.fan_in = max(1, layer.budget // layer.shape[0])
+        layer.budget = layer.shape[0] * layer.fan_in
+        return selection.row_top_k(score, layer.fan_in, ties.sub("init-scored"))
+
     def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
         allow = self.cfg.ablation and not layer.protected
         new, layer.fan_in = rules.srigl_update(weight, mask, score, n_swap, layer.budget, self.cfg.gamma_sal,
@@ -256,6 +280,9 @@ class GMP(DSTMethod):
 
     def init_mask(self, layer, weight, ties):
         return torch.ones(layer.shape, dtype=torch.bool, device=weight.device)  # dense start, pruned by the schedule
+
+    def init_mask_scored(self, layer, score, ties, per_row):
+        return self.init_mask(layer, score, ties)  # gradual: the schedule prunes (by magnitude) to the target
 
     def is_update_step(self, t, schedule):  # prunes at t_end itself too (the ramp ends there)
         return t >= 1 and schedule.t_start <= t <= schedule.t_end and t % schedule.delta_t == 0
@@ -296,9 +323,16 @@ class NM(DSTMethod):
             raise ValueError(f"sparsity.n={cfg.n}, sparsity.m={cfg.m}: need integers 0 < n < m (e.g. 2:4)")
 
     def init_mask(self, layer, weight, ties):
+        cols, m = layer.shape[1], self.cfg.m
+        if cols % m:
+            raise ValueError(f"{layer.name}: N:M needs its input dimension ({cols}) divisible by m={m}; keep it dense "
+                             f"(sparsity.exclude: ['{layer.name}']) or choose an m that divides {cols}")
         mask = rules.nm_mask(weight.detach(), self.cfg.n, self.cfg.m, ties)
         layer.budget = int(mask.sum())
         return mask
+
+    def init_mask_scored(self, layer, score, ties, per_row):  # the n highest scores of every group
+        return self.init_mask(layer, score, ties)
 
     def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
         return rules.nm_update(weight, mask, score, n_swap, self.cfg.n, self.cfg.m, ties)

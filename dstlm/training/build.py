@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from dstlm.training.callbacks import LossPlot, RNGState, StepCheckpoint, ThroughputMeter
+from dstlm.hf.source import HFModelConfig
 from dstlm.training.config import RunConfig
 from dstlm.training.datamodule import LMDataModule
 from dstlm.training.dst_callback import DSTCallback
@@ -91,11 +92,19 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
     check_vocab(cfg, data)
     # the tokenizer travels inside every checkpoint, so eval/export need nothing but the .ckpt file
     module.tokenizer_json = data.tokenizer.tokenizer.to_str()
+    module.tokenizer_eos = data.tokenizer.eos
+    module.calibration = data.calibration_batches
     return trainer, module, data
 
 
 def check_vocab(cfg: RunConfig, data: LMDataModule) -> None:
     vocab = data.tokenizer.vocab_size
+    if isinstance(cfg.model, HFModelConfig):
+        if cfg.model.vocab_size is not None and vocab > cfg.model.vocab_size:
+            raise ValueError(f"tokenizer {cfg.data.tokenizer!r} has {vocab} tokens but the model {cfg.model.hf!r} "
+                             f"embeds only {cfg.model.vocab_size}; use the model's own tokenizer (leave "
+                             f"data.tokenizer unset) or one whose vocabulary fits")
+        return
     if vocab > cfg.model.vocab_size:
         raise ValueError(f"tokenizer {cfg.data.tokenizer!r} has {vocab} tokens but model.vocab_size="
                          f"{cfg.model.vocab_size}; set model.vocab_size >= {vocab}")

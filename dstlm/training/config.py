@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
+from dstlm.hf.source import HFModelConfig
 from dstlm.models.gpt import GPTConfig
 from dstlm.models.lm_loss import CHUNK_TOKENS
 from dstlm.sparse.config import SparsityConfig
@@ -180,7 +181,9 @@ class RunConfig:
     """Directory of run folders."""
     seed: int = 1337
     """Seed for model init, data order and everything random."""
-    model: GPTConfig = field(default_factory=GPTConfig)
+    model: Optional[Union[GPTConfig, HFModelConfig]] = None
+    """dstlm's GPT / MoE (configs/model/*.yaml; unset: the GPTConfig defaults), or a Hugging Face causal LM:
+    {hf: DIR} (dstlm/hf/source.py)."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -192,6 +195,14 @@ class RunConfig:
     """Sparse-IFT transformation (configs/ift/*.yaml); needs a sparsity method to train its sparse weights."""
 
     def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = GPTConfig()
+        if isinstance(self.model, HFModelConfig):
+            if self.ift is not None:
+                raise ValueError(f"ift.family={self.ift.family!r} rewrites dstlm's GPT layers and cannot transform "
+                                 f"the Hugging Face model {self.model.hf!r}; drop ift (DST methods work on HF models)")
+            if self.data.tokenizer == "bpe" and self.model.local is not None:
+                self.data.tokenizer = self.model.hf  # the model's own tokenizer, unless another is named
         if self.optim.fused and self.trainer.precision.startswith("16"):
             raise ValueError(f"optim.fused=true with trainer.precision={self.trainer.precision!r}: a fused optimizer "
                              f"unscales fp16 gradients itself, so they cannot be clipped; use bf16-mixed or "
@@ -199,7 +210,7 @@ class RunConfig:
         if self.ift is not None and self.sparsity is None:
             raise ValueError(f"ift.family={self.ift.family!r} needs a DST method for its sparse weights; add "
                              f"--sparsity configs/sparsity/rigl.yaml (or static/set/srigl)")
-        if self.data.block_size > self.model.block_size:
+        if self.model.block_size is not None and self.data.block_size > self.model.block_size:
             raise ValueError(
                 f"data.block_size={self.data.block_size} exceeds model.block_size={self.model.block_size}; "
                 f"lower data.block_size or raise model.block_size"

@@ -90,6 +90,18 @@ class LMDataModule(L.LightningDataModule):
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=self.cfg.num_workers,
                                            generator=g, pin_memory=pin)
 
+    def calibration_batches(self, n: int) -> list:
+        """The first n micro-batches of training blocks in corpus order: the same on every rank (so Wanda's
+        input norms, and the masks decided from them, agree everywhere) and outside the training stream."""
+        if not hasattr(self, "train_set"):
+            packed = self._packed()
+            self.train_set = BlockDataset(packed.train)
+        B = self.cfg.batch_size
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.train_set, range(min(len(self.train_set),
+                                                                                               n * B))),
+                                             batch_size=B, shuffle=False)
+        return list(loader)
+
     def train_dataloader(self):
         return self._loader(self.train_set, self.train_sampler)
 

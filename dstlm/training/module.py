@@ -12,9 +12,10 @@ import torch.nn as nn
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities import rank_zero_warn
 
-from dstlm.build import build_model, model_transforms
+from dstlm.build import ModelSource, build_model, model_transforms
 from dstlm.checkpoint import check_resume_compatible
-from dstlm.models.gpt import GPT, GPTConfig
+from dstlm.data.tokenizer import EOS
+from dstlm.models.gpt import GPT
 from dstlm.models.lm_loss import CHUNK_TOKENS
 from dstlm.models.moe import ExpertParallel, set_expert_parallel
 from dstlm.sparse import SparseEngine, SparsityConfig
@@ -63,7 +64,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 class LMModule(L.LightningModule):
     """Trains a GPT on (inputs, targets) token blocks; logs loss and perplexity (tokens/s: ThroughputMeter)."""
 
-    def __init__(self, model: GPTConfig, optim: OptimConfig, max_steps: int,
+    def __init__(self, model: ModelSource, optim: OptimConfig, max_steps: int,
                  sparsity: SparsityConfig | None = None, seed: int = 0, ift: SparseIFTConfig | None = None,
                  seq_len: int | None = None, compile_model: bool = False,
                  loss_chunk_tokens: int = CHUNK_TOKENS) -> None:
@@ -82,6 +83,8 @@ class LMModule(L.LightningModule):
         self.sparse_engine: SparseEngine | None = None
         self.effective_sparsity: SparsityConfig | None = None  # what the engine runs (Sparse-IFT rewrites it)
         self.tokenizer_json: str | None = None  # set by the run builder; saved in checkpoints
+        self.tokenizer_eos: str = EOS
+        self.calibration = None  # set by the run builder: () -> training micro-batches (mask_init=wanda)
         # how the model runs, not what it is: not hyper-parameters, free to change on resume
         self.compile_model = compile_model
         self.loss_chunk_tokens = loss_chunk_tokens
@@ -108,11 +111,23 @@ class LMModule(L.LightningModule):
             self.effective_sparsity = sparsity
             if sparsity is not None:
                 # masks become persistent buffers on the modules, before any strategy wraps the model
-                self.sparse_engine = SparseEngine(self.model, sparsity, self.seed, self.max_steps)
+                norms = self._input_norms(sparsity) if sparsity.mask_init == "wanda" else None
+                self.sparse_engine = SparseEngine(self.model, sparsity, self.seed, self.max_steps, input_norms=norms)
             self._setup_expert_parallel()
-            self.model.lm_head.chunk_tokens = self.loss_chunk_tokens
+            if isinstance(self.model, GPT):
+                self.model.lm_head.chunk_tokens = self.loss_chunk_tokens
             if self.compile_model:  # in place, so parameter and buffer names (checkpoints) do not change
                 self.model.compile()
+
+    def _input_norms(self, sparsity: SparsityConfig) -> dict[str, torch.Tensor]:
+        """||X_j|| per input of every candidate sparse matrix over `sparsity.wanda_batches` training batches."""
+        if self.calibration is None:
+            raise ValueError("sparsity.mask_init=wanda needs calibration batches from the training data; train "
+                             "through `dstlm fit` (or set LMModule.calibration)")
+        from dstlm.sparse.calibration import input_norms
+        from dstlm.sparse.engine import sparse_params_of
+
+        return input_norms(self.model, sparse_params_of(self.model, sparsity), self.calibration(sparsity.wanda_batches))
 
     def _setup_expert_parallel(self) -> None:
         moe = self.model_config.moe
@@ -126,7 +141,10 @@ class LMModule(L.LightningModule):
         set_expert_parallel(self.model, ExpertParallel.create(moe.expert_parallel_size))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["dstlm"] = {"format": 1, "tokenizer": self.tokenizer_json}
+        checkpoint["dstlm"] = {"format": 1, "tokenizer": self.tokenizer_json, "eos": self.tokenizer_eos}
+        hf = getattr(self.model, "hf", None)
+        if hf is not None:  # the architecture, so a checkpoint loads without the source directory
+            checkpoint["dstlm"]["hf_config"] = hf.config.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model shape or sparsity setup with a one-line reason."""
@@ -141,7 +159,7 @@ class LMModule(L.LightningModule):
         x, y = batch
         loss = self.model.loss(x, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        if self.model.config.moe is not None:
+        if self.model_config.moe is not None:
             self._log_moe()
         return loss
 

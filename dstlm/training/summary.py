@@ -11,6 +11,7 @@ import lightning as L
 import torch
 import yaml
 
+from dstlm.models.gpt import GPTConfig
 from dstlm.training.config import RunConfig
 from dstlm.training.module import LMModule
 
@@ -39,6 +40,25 @@ class RunRecord(L.Callback):
         if trainer.is_global_zero:
             write_atomic(self.out / "config.yaml", config_yaml(self.cfg))
             self._sparsity(pl_module, final=False)
+            self._manifest(pl_module)
+
+    def _manifest(self, pl_module) -> None:
+        """A Hugging Face model's manifest (which weights are sparse, which stay dense and why): printed
+        before training and written to <run>/manifest.txt."""
+        model, engine, sp_cfg = pl_module.model, pl_module.sparse_engine, pl_module.effective_sparsity
+        if not hasattr(model, "manifest") or engine is None:
+            return
+        from dstlm.hf.model import format_manifest
+
+        include = sp_cfg.include if sp_cfg.include is not None else model.default_sparse_include
+        text = format_manifest(model.manifest(include, sp_cfg.exclude), engine.densities)
+        kept = f"kept from the model for {engine.kept_masks} of {len(engine.params)} matrices, else " \
+            if engine.kept_masks else ""
+        text += f"\nfirst masks: {kept}{engine.mask_init}" + (
+            " (fused-expert matrices, whose routed inputs a hook cannot see: magnitude)"
+            if engine.mask_init == "wanda" and any(sp.index is not None for sp in engine.params) else "")
+        print(text)
+        write_atomic(self.out / "manifest.txt", text + "\n")
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
@@ -83,6 +103,9 @@ class FlopsLog(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
+            return
+        if not isinstance(self.cfg.model, GPTConfig):
+            print("FLOPs per token: counted for dstlm's GPT / MoE models only; not for a Hugging Face model source")
             return
         text, summary = flops_report(self.cfg, pl_module.model)
         print(text)

@@ -6,7 +6,8 @@ mask update to OUT/rank<r>.pt. Used by tests/test_dist.py.
 Environment: DSTLM_STRATEGY (default ddp / auto), DSTLM_STEPS (8), DSTLM_CKPT_EVERY (0), DSTLM_CHECK_REFERENCE
 (stop at an update where a sharded decision differs from the whole-tensor reference),
 DSTLM_STEP_SLEEP (seconds per step, to give a test time to kill a rank), DSTLM_IFT (a Sparse-IFT family),
-DSTLM_MOE (a MoE model), DSTLM_EP (its expert_parallel_size), DSTLM_RESUME (a checkpoint to resume
+DSTLM_MOE (a MoE model), DSTLM_HF (a Hugging Face model folder as the model source),
+DSTLM_EP (its expert_parallel_size), DSTLM_RESUME (a checkpoint to resume
 from, through dstlm.training.run.fit). Each rank saves masks after every update, the masks at train start
 (after a restore), the final masks and the final (gathered) weights.
 """
@@ -88,6 +89,11 @@ def main() -> None:
         from dstlm.transforms.ift import SparseIFTConfig
 
         cfg.ift = SparseIFTConfig(family=os.environ["DSTLM_IFT"], sparsity=0.5)
+    if os.environ.get("DSTLM_HF"):  # a Hugging Face model folder (tests/helpers/hf_models.py) as the source
+        from dstlm.hf.source import HFModelConfig
+
+        cfg.model = HFModelConfig(hf=os.environ["DSTLM_HF"])
+        cfg.data.tokenizer = os.environ["DSTLM_HF"]
     callbacks = [MaskDump(out)]
     if os.environ.get("DSTLM_STEP_SLEEP"):
         callbacks.append(Sleep(float(os.environ["DSTLM_STEP_SLEEP"])))
