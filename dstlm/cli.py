@@ -27,9 +27,13 @@ from jsonargparse import ArgumentParser, set_parsing_settings
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
-def run_parser(prog: str) -> ArgumentParser:
-    """The parser of a RunConfig: its fields at the top level, each section also loadable from a YAML file."""
-    from dstlm.training.config import RunConfig
+def run_parser(prog: str, hf_first: bool = False) -> ArgumentParser:
+    """The parser of a RunConfig: its fields at the top level, each section also loadable from a YAML file.
+    `hf_first`: the model union lists the Hugging Face source first (see parse_run)."""
+    from dstlm.training.config import RunConfig, RunConfigHFFirst
+
+    if hf_first:
+        RunConfig = RunConfigHFFirst  # noqa: N806
 
     parser = ArgumentParser(prog=prog, default_meta=False, exit_on_error=False, allow_abbrev=False,
                             description="Options are fields of RunConfig; YAML recipes set the same keys.")
@@ -45,12 +49,48 @@ def parse_run(prog: str, argv: list[str], out: bool = False):
     With `out`, a required --out folder too: (RunConfig, out)."""
     from dstlm.training.config import RunConfig
 
-    parser = run_parser(prog)
-    if out:
-        parser.add_argument("--out", type=str, required=True, help="Output folder.")
-    built = parser.instantiate(parser.parse_args(argv))
-    cfg = RunConfig(**{f.name: built[f.name] for f in dataclasses.fields(RunConfig)})
-    return cfg, (built.out if out else built.ckpt_path)
+    def parse(hf_first: bool):
+        parser = run_parser(prog, hf_first)
+        if out:
+            parser.add_argument("--out", type=str, required=True, help="Output folder.")
+        built = parser.instantiate(parser.parse_args(argv))
+        cfg = RunConfig(**{f.name: built[f.name] for f in dataclasses.fields(RunConfig)})
+        return cfg, (built.out if out else built.ckpt_path)
+
+    # jsonargparse merges several `model.*` values (a recipe's, then --model.x, --model.y) only into the union
+    # member it lists first, and silently drops the earlier values for the other one: list first the source
+    # this command line asks for
+    return parse(hf_first=_asks_for_hf(argv))
+
+
+def _asks_for_hf(argv: list[str]) -> bool:
+    """Whether the command line (or a --config file it names) gives a Hugging Face model source (model.hf)."""
+    from pathlib import Path
+
+    import yaml
+
+    def model_of(path: Path, depth: int = 0):
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            return False
+        model = doc.get("model") if isinstance(doc, dict) else None
+        if isinstance(model, str) and depth < 2:  # a file reference, relative to the config
+            return model_of((path.parent / model), depth + 1) if not model.strip().startswith("{") else "hf" in model
+        return isinstance(model, dict) and "hf" in model or (depth > 0 and isinstance(doc, dict) and "hf" in doc)
+
+    hf = False
+    for i, arg in enumerate(argv):
+        key, _, value = arg.partition("=")
+        if key == "--model.hf":
+            hf = True
+        elif key in ("--model", "--config"):
+            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
+            if key == "--model":
+                hf = '"hf"' in value or "hf:" in value or model_of(Path(value), 1)
+            else:
+                hf = model_of(Path(value)) or hf
+    return hf
 
 
 def fit(argv: list[str]) -> int:

@@ -19,8 +19,9 @@ MASKS_FILE = "sparsity_masks.safetensors"
 class HFModelConfig:
     """A Hugging Face causal LM loaded with AutoModelForCausalLM."""
 
-    hf: str
-    """A local model directory (config.json + weights), or a hub name when online."""
+    hf: str = ""
+    """A local model directory (config.json + weights), or a hub name when online (required; the empty
+    default only lets the command line set it in any order with the other fields)."""
     block_size: Optional[int] = None
     """Longest sequence trained on (data.block_size must not exceed it). Unset: the model's own context length
     (max_position_embeddings / n_positions)."""

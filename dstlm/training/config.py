@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+import typing
 from typing import Literal, Optional, Union
 
 from dstlm.hf.source import HFModelConfig
@@ -15,6 +16,23 @@ from dstlm.models.lm_loss import CHUNK_TOKENS
 from dstlm.sparse.config import SparsityConfig
 from dstlm.transforms.ift_spec import SparseIFTConfig
 from dstlm.training.eval_callback import EvalConfig
+
+
+def _ordered_union(*members):
+    """Union[members] in exactly this order. typing caches unions by a key that compares equal whatever the
+    order (Union[A, B] == Union[B, A]), so `Union[...]` may hand back an earlier union in the other order;
+    jsonargparse tries the members in order, so the order matters here (see RunConfigHFFirst)."""
+    return typing._UnionGenericAlias(Union, tuple(members))  # noqa: SLF001 (the uncached constructor)
+
+
+@dataclass
+class _GPTConfigAfterHF(GPTConfig):
+    """GPTConfig as the second member of HF_FIRST: a distinct class keeps the two unions from comparing equal
+    (typing and jsonargparse cache by equality, which ignores the order)."""
+
+
+GPT_FIRST = _ordered_union(GPTConfig, HFModelConfig, type(None))
+HF_FIRST = _ordered_union(HFModelConfig, _GPTConfigAfterHF, type(None))
 
 
 @dataclass
@@ -181,7 +199,7 @@ class RunConfig:
     """Directory of run folders."""
     seed: int = 1337
     """Seed for model init, data order and everything random."""
-    model: Optional[Union[GPTConfig, HFModelConfig]] = None
+    model: GPT_FIRST = None
     """dstlm's GPT / MoE (configs/model/*.yaml; unset: the GPTConfig defaults), or a Hugging Face causal LM:
     {hf: DIR} (dstlm/hf/source.py)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -215,3 +233,12 @@ class RunConfig:
                 f"data.block_size={self.data.block_size} exceeds model.block_size={self.model.block_size}; "
                 f"lower data.block_size or raise model.block_size"
             )
+
+
+@dataclass
+class RunConfigHFFirst(RunConfig):
+    """RunConfig with the model union's members in the other order (the CLI parses a Hugging Face source with
+    it: jsonargparse merges repeated `model.*` values only into the union member listed first)."""
+
+    model: HF_FIRST = None
+    """A Hugging Face causal LM: {hf: DIR} (dstlm/hf/source.py), or dstlm's GPT / MoE."""
