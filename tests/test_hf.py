@@ -317,3 +317,23 @@ def test_one_shot_prune_exports_the_step_zero_masks(tmp_path, small_corpus, hf_d
     mag = dense["model.layers.0.self_attn.q_proj.weight"].abs().reshape(-1, 4)
     by_mag = torch.zeros_like(mag, dtype=torch.bool).scatter_(1, mag.topk(2, dim=1).indices, True)
     assert not torch.equal(by_mag, (pruned["model.layers.0.self_attn.q_proj.weight"] != 0).reshape(-1, 4))
+
+
+def test_command_line_merges_every_model_field_of_either_source(hf_dirs, monkeypatch):
+    """`--model.hf D --model.from_config true --model.block_size 32` keeps all three (jsonargparse merges repeated
+    union values only into the member it lists first), and GPT fields still merge afterwards in the same process."""
+    from conftest import REPO
+
+    from dstlm.cli import parse_run
+
+    monkeypatch.chdir(REPO)
+    d = str(hf_dirs["llama"])
+    cfg, _ = parse_run("dstlm fit", ["--model.hf", d, "--model.from_config", "true", "--model.block_size", "32",
+                                     "--data.block_size", "32"])
+    assert (cfg.model.hf, cfg.model.from_config, cfg.model.block_size) == (d, True, 32)
+    assert cfg.data.tokenizer == d  # the model's own tokenizer
+    cfg, _ = parse_run("dstlm fit", ["--config", "recipes/tiny-rigl.yaml", "--model.n_layer", "3"])
+    assert (cfg.model.n_layer, cfg.model.n_embd) == (3, 192)
+    cfg, _ = parse_run("dstlm fit", ["--config", "recipes/hf-rigl.yaml", "--model.hf", d, "--model.block_size", "48",
+                                     "--data.block_size", "48"])
+    assert (cfg.model.hf, cfg.model.block_size, cfg.sparsity.method) == (d, 48, "rigl")

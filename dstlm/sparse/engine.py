@@ -119,7 +119,8 @@ class SparseEngine:
             w = sp.view(sp.weight)
             ties = Ties(self.tie_seed, "init", sp.name)
             existing = getattr(sp.module, f"{sp.attr}_mask", None)
-            if existing is not None and getattr(sp.module, "dstlm_keep_mask", False):
+            kept = existing is not None and getattr(sp.module, "dstlm_keep_mask", False)
+            if kept:
                 mask = sp.view(existing).clone()  # a mask that came with the model: kept, never re-pruned
                 self.method.adopt_mask(layer, mask)
                 self.kept_masks += 1
@@ -131,11 +132,10 @@ class SparseEngine:
                 if norms is not None:
                     score = score * norms.to(score.device, torch.float32)[None, :]
                 mask = self.method.init_mask_scored(layer, score, ties, per_row=norms is not None)
-            fresh = existing is None or not getattr(sp.module, "dstlm_keep_mask", False)
             attach_mask(sp, mask)
             w.mul_(sp.mask.to(w.dtype))
             # the sparse-aware rescale is for random initialisations, never for pretrained or kept weights
-            if self.cfg.sparse_init == "rescale" and fresh and self.mask_init == "random":
+            if self.cfg.sparse_init == "rescale" and not kept and self.mask_init == "random":
                 row_nnz = sp.mask.sum(dim=1, keepdim=True).clamp_min(1).to(w.dtype)
                 w.mul_(torch.sqrt(layer.shape[1] / row_nnz))
             self.ever_active[sp.name] = pack_mask(sp.mask)
