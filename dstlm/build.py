@@ -22,11 +22,16 @@ from dstlm.transforms.ift import SparseIFT, SparseIFTConfig
 ModelSource = Union[GPTConfig, HFModelConfig]
 
 
-def model_transforms(source: ModelSource, ift: Optional[SparseIFTConfig] = None) -> list[ModelTransform]:
-    """The transforms a run config asks for, in the order they apply."""
+def check_transformable(source: ModelSource, ift: Optional[SparseIFTConfig]) -> None:
+    """Refuse a transform the source cannot take (Sparse-IFT rewrites dstlm's own GPT layers)."""
     if ift is not None and isinstance(source, HFModelConfig):
         raise ValueError(f"ift.family={ift.family!r} rewrites dstlm's GPT layers and cannot transform the Hugging Face "
                          f"model {source.hf!r}; drop ift (DST methods work on HF models) or use a dstlm model")
+
+
+def model_transforms(source: ModelSource, ift: Optional[SparseIFTConfig] = None) -> list[ModelTransform]:
+    """The transforms a run config asks for, in the order they apply."""
+    check_transformable(source, ift)
     return [SparseIFT(ift, source)] if ift is not None else []
 
 

@@ -64,32 +64,40 @@ def parse_run(prog: str, argv: list[str], out: bool = False):
 
 
 def _asks_for_hf(argv: list[str]) -> bool:
-    """Whether the command line (or a --config file it names) gives a Hugging Face model source (model.hf)."""
+    """Whether the command line gives a Hugging Face model source: `--model.hf`, or a model section with an
+    `hf` key, inline (`--model '{hf: D}'`), in a model file (`--model F`) or in a recipe (`--config F`, whose
+    `model:` may itself name a model file)."""
     from pathlib import Path
 
     import yaml
 
-    def model_of(path: Path, depth: int = 0):
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
-            return False
-        model = doc.get("model") if isinstance(doc, dict) else None
-        if isinstance(model, str) and depth < 2:  # a file reference, relative to the config
-            return model_of((path.parent / model), depth + 1) if not model.strip().startswith("{") else "hf" in model
-        return isinstance(model, dict) and "hf" in model or (depth > 0 and isinstance(doc, dict) and "hf" in doc)
+    def section_has_hf(value, base: Path, depth: int = 0) -> bool:
+        if isinstance(value, str) and depth < 2:  # a model file (relative to the file naming it) or inline YAML
+            path = base / value
+            try:
+                value = yaml.safe_load(path.read_text() if path.is_file() else value)
+            except (OSError, yaml.YAMLError):
+                return False
+            return section_has_hf(value, path.parent, depth + 1)
+        return isinstance(value, dict) and "hf" in value
 
     hf = False
     for i, arg in enumerate(argv):
         key, _, value = arg.partition("=")
+        if key not in ("--model.hf", "--model", "--config"):
+            continue
+        value = value or (argv[i + 1] if i + 1 < len(argv) else "")
         if key == "--model.hf":
             hf = True
-        elif key in ("--model", "--config"):
-            value = value or (argv[i + 1] if i + 1 < len(argv) else "")
-            if key == "--model":
-                hf = '"hf"' in value or "hf:" in value or model_of(Path(value), 1)
-            else:
-                hf = model_of(Path(value)) or hf
+        elif key == "--model":
+            hf = section_has_hf(value, Path.cwd())
+        else:
+            try:
+                doc = yaml.safe_load(Path(value).read_text())
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(doc, dict) and "model" in doc:
+                hf = section_has_hf(doc["model"], Path(value).parent)
     return hf
 
 

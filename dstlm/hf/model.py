@@ -44,9 +44,9 @@ class ManifestRow:
 
 
 def _is_router(name: str) -> bool:
+    """A router / gate weight: its module's name is `gate`, `router`, or ends in `_gate` / `_router`."""
     last = name.rsplit(".", 2)[-2] if name.endswith((".weight", ".bias")) else name.rsplit(".", 1)[-1]
-    return any(last == w or last.endswith("_" + w) or last.startswith(w + "_") and not last.endswith("proj")
-               for w in ROUTER_WORDS) or "router" in last
+    return last in ROUTER_WORDS or last.endswith(tuple("_" + w for w in ROUTER_WORDS))
 
 
 class HFCausalLM(nn.Module):

@@ -15,6 +15,7 @@ against its mask, N:M groups when the method is N:M, and that the logits equal t
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -137,8 +138,6 @@ def export_hf_source(loaded, checkpoint: Optional[str], out: Path) -> Path:
         hf.config.sparsity = block
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     # the masks are buffers on the modules: leave them out of the weights file
@@ -153,8 +152,6 @@ def export_hf_source(loaded, checkpoint: Optional[str], out: Path) -> Path:
         (tmp / "README.md").write_text(model_card(loaded, block, recipe, scores))
     verify_export(model, masks, tmp, loaded.sparsity)
     if out.exists():  # replaced only once the new export is complete and verified
-        import shutil
-
         old = out.with_name(out.name + ".old")
         if old.exists():
             shutil.rmtree(old)
@@ -173,12 +170,13 @@ def verify_export(model, masks: dict[str, torch.Tensor], directory: Path, sparsi
 
     re = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
     got = dict(re.named_parameters())
+    matrices = model.sparse_params(["*"], []) if sparsity and sparsity.get("method") == "nm" else []
     for name, mask in masks.items():
         w = got[name]
         if bool((w[~mask] != 0).any()):
             raise ExportCheckError(f"export check: {name} reloads with non-zero weights at pruned entries")
         if sparsity and sparsity.get("method") == "nm":
-            _check_nm(name, w, mask, sparsity["n"], sparsity["m"], model)
+            _check_nm(name, w, sparsity["n"], sparsity["m"], matrices)
     ids = torch.arange(min(16, model.config.block_size or 16)).remainder(re.config.vocab_size)[None, :]
     was = model.hf.training
     model.hf.eval()
@@ -190,9 +188,10 @@ def verify_export(model, masks: dict[str, torch.Tensor], directory: Path, sparsi
                                f"(max |diff| {float((a - b).abs().max()):.3g})")
 
 
-def _check_nm(name: str, w: torch.Tensor, mask: torch.Tensor, n: int, m: int, model) -> None:
-    """At most n non-zeros in every group of m consecutive inputs of every output row ([out, in] reading)."""
-    for s in model.sparse_params(["*"], []):
+def _check_nm(name: str, w: torch.Tensor, n: int, m: int, matrices) -> None:
+    """At most n non-zeros in every group of m consecutive inputs of every output row ([out, in] reading of
+    each of the parameter's sparse matrices)."""
+    for s in matrices:
         if s.name != name and not s.name.startswith(name + "."):
             continue
         v = s.view(w)

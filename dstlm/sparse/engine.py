@@ -487,10 +487,15 @@ class SparseEngine:
         self.last_stats = dict(state["last_stats"])
 
 
+def include_of(model: nn.Module, cfg: SparsityConfig) -> list[str]:
+    """The include patterns in force: the config's, or the model's default when unset."""
+    return cfg.include if cfg.include is not None else getattr(model, "default_sparse_include", ["blocks.*"])
+
+
 def sparse_params_of(model: nn.Module, cfg: SparsityConfig) -> list[SparseParam]:
     """The sparse matrices of `model` under the config's include / exclude patterns (unset include: the
     model's default); a model may choose them itself (`sparse_params`, e.g. the Hugging Face adapter)."""
-    include = cfg.include if cfg.include is not None else getattr(model, "default_sparse_include", ["blocks.*"])
+    include = include_of(model, cfg)
     choose = getattr(model, "sparse_params", None)
     return choose(include, cfg.exclude) if choose is not None else select_params(model, include, cfg.exclude)
 
@@ -500,4 +505,4 @@ def _param_name(group: list[SparseParam]) -> str:
     return group[0].name.rsplit(".", 1)[0] if group[0].index is not None else group[0].name
 
 
-__all__ = ["MaskMismatchError", "SparseEngine", "TorchBackend", "sparse_params_of"]
+__all__ = ["MaskMismatchError", "SparseEngine", "TorchBackend", "include_of", "sparse_params_of"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import typing
 from typing import Literal, Optional, Union
 
+from dstlm.build import check_transformable
 from dstlm.hf.source import HFModelConfig
 from dstlm.models.gpt import GPTConfig
 from dstlm.models.lm_loss import CHUNK_TOKENS
@@ -215,10 +216,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.model is None:
             self.model = GPTConfig()
+        check_transformable(self.model, self.ift)
         if isinstance(self.model, HFModelConfig):
-            if self.ift is not None:
-                raise ValueError(f"ift.family={self.ift.family!r} rewrites dstlm's GPT layers and cannot transform "
-                                 f"the Hugging Face model {self.model.hf!r}; drop ift (DST methods work on HF models)")
             if self.data.tokenizer == "bpe" and self.model.local is not None:
                 self.data.tokenizer = self.model.hf  # the model's own tokenizer, unless another is named
         if self.optim.fused and self.trainer.precision.startswith("16"):

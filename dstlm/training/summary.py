@@ -49,9 +49,9 @@ class RunRecord(L.Callback):
         if not hasattr(model, "manifest") or engine is None:
             return
         from dstlm.hf.model import format_manifest
+        from dstlm.sparse.engine import include_of
 
-        include = sp_cfg.include if sp_cfg.include is not None else model.default_sparse_include
-        text = format_manifest(model.manifest(include, sp_cfg.exclude), engine.densities)
+        text = format_manifest(model.manifest(include_of(model, sp_cfg), sp_cfg.exclude), engine.densities)
         kept = f"kept from the model for {engine.kept_masks} of {len(engine.params)} matrices, else " \
             if engine.kept_masks else ""
         text += f"\nfirst masks: {kept}{engine.mask_init}" + (
