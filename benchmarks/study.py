@@ -8,11 +8,14 @@ The spec (YAML) names a base recipe, an eval config, seeds, budgets (overrides s
 the delta_t every sparse cell gets) and cells (a sparsity config file and overrides; `of: <cell>` starts from
 another cell; `delta_t_scale` scales the budget's delta_t). Runs go to OUT_DIR/<budget>/<cell>-s<seed>; a run
 whose summary.json exists is not redone, so an interrupted study resumes where it stopped and new seeds or
-cells add to it. --jobs runs that many trainings side by side, each with cores/jobs threads (two 1-thread
-runs on 2 cores give ~15 % more tokens/s than one 2-thread run). At the end (or with --report-only) it
-writes DOCS/<spec>-<budget>.md (mean ± std over seeds of val loss and perplexity, lm-eval scores with their
-standard errors, total training FLOPs, the dead-unit census, and for each `of:` cell its difference from the
-cell it varies) and PNG plots of val loss against tokens and against training FLOPs.
+cells add to it. Each finished run's small records (summary.json, flops.json, the CSV metrics) are also copied
+to ARCHIVE/<budget>/<run> (default docs/study/runs, committed): a run found there counts as done and enters
+the report, so results outlive the machine that trained them. --jobs runs that many trainings side by side,
+each with cores/jobs threads (or --threads; two 1-thread runs on 2 cores give ~15 % more tokens/s than one
+2-thread run). At the end (or with --report-only) it writes DOCS/<spec>-<budget>.md (mean ± std over seeds of
+val loss and perplexity, lm-eval scores with their standard errors, total training FLOPs, the dead-unit
+census, and for each `of:` cell its difference from the cell it varies) and PNG plots of val loss against
+tokens and against training FLOPs.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -187,13 +191,35 @@ def eval_cell(r: Result, task: str, metric: str) -> str:
     return text + (f" ({statistics.mean(errs):.3f})" if errs else "")
 
 
-def collect(out_dir: Path, cells: list[Cell], seeds: list[int]) -> list[Result]:
+ARCHIVED = ("summary.json", "flops.json", "logs/version_*/metrics.csv")
+
+
+def archive_run(run: Path, archive: Path) -> Path:
+    """Copy a finished run's records (what the report reads) to archive/<run name>."""
+    dest = archive / run.name
+    for pattern in ARCHIVED:
+        for src in run.glob(pattern):
+            target = dest / src.relative_to(run)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+    return dest
+
+
+def finished(name: str, out_dir: Path, archive: Path | None) -> Path | None:
+    """The directory holding run `name`'s records: the run itself, else its archived copy (None: not run)."""
+    for root in (out_dir, archive):
+        if root is not None and (root / name / "summary.json").is_file():
+            return root / name
+    return None
+
+
+def collect(out_dir: Path, cells: list[Cell], seeds: list[int], archive: Path | None = None) -> list[Result]:
     results = []
     for cell in cells:
         runs, summaries, have = [], [], []
         for seed in seeds:
-            run = out_dir / f"{cell.name}-s{seed}"
-            if (run / "summary.json").is_file():
+            run = finished(f"{cell.name}-s{seed}", out_dir, archive)
+            if run is not None:
                 runs.append(run)
                 summaries.append(json.loads((run / "summary.json").read_text()))
                 have.append(seed)
@@ -331,9 +357,13 @@ def main() -> None:
     ap.add_argument("--cells", default=None, help="comma-separated cells (instead of --groups)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
     ap.add_argument("--jobs", type=int, default=None, help="runs side by side (default: 2 on a CPU, 1 on a GPU)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads per run (default: cores / jobs; 1 leaves a core free beside one job)")
     ap.add_argument("--report-only", action="store_true", help="train nothing; tabulate the runs there are")
     ap.add_argument("--out-dir", default="runs/study")
     ap.add_argument("--docs", default="docs/study")
+    ap.add_argument("--archive", default="docs/study/runs",
+                    help="where finished runs' records are copied (per budget); '' = nowhere")
     ap.add_argument("--note", default="", help="a line for the report's header (e.g. which code made the runs)")
     args = ap.parse_args()
 
@@ -362,13 +392,14 @@ def main() -> None:
             raise SystemExit(f"--cells: {n!r} is not a cell of {spec_path}; cells: {', '.join(cells)}")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(spec["seeds"])
     out_dir = Path(args.out_dir) / budget_name
+    archive = Path(args.archive) / budget_name if args.archive else None
     jobs = args.jobs or (1 if cuda else 2)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
 
     failed: list[str] = []
     if not args.report_only:
         todo = [(cells[n], s) for s in seeds for n in names
-                if not (out_dir / f"{n}-s{s}" / "summary.json").is_file()]
+                if finished(f"{n}-s{s}", out_dir, archive) is None]
         print(f"{len(todo)} runs to train ({len(names) * len(seeds) - len(todo)} done already), {jobs} at a time "
               f"x {threads} threads; logs in {out_dir}/<run>.log", flush=True)
         with ThreadPoolExecutor(jobs) as pool:
@@ -380,10 +411,12 @@ def main() -> None:
                 print(f"[{k}/{len(todo)}] {run.name}: {wall:.0f} s, {status}", flush=True)
                 if rc:
                     failed.append(run.name)
+                elif archive is not None and (run / "summary.json").is_file():
+                    print(f"    records copied to {archive_run(run, archive)}", flush=True)
         if failed:
             print(f"{len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
 
-    results = collect(out_dir, [cells[n] for n in names], seeds)
+    results = collect(out_dir, [cells[n] for n in names], seeds, archive)
     if not results:
         raise SystemExit(f"no finished runs under {out_dir} for these cells and seeds")
     command = " ".join(["python benchmarks/study.py", f"--spec {args.spec}", f"--budget {budget_name}",

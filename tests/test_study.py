@@ -132,3 +132,22 @@ def test_report_table_pairs_and_plots(tmp_path):
     assert "-0.1500 ± 0.0707" in pair and "15.0 → 0.0" in pair
     assert (tmp_path / "docs" / "s-b-loss-vs-tokens.png").stat().st_size > 10_000
     assert (tmp_path / "docs" / "s-b-loss-vs-flops.png").is_file()
+
+
+def test_archived_runs_count_as_done_and_enter_the_report(tmp_path):
+    spec, cells = study.load_spec(write_spec(tmp_path, {"dense": {"args": ["--sparsity=null"]},
+                                                       "rigl": {"sparsity": "configs/sparsity/rigl.yaml"}}))
+    out, archive = tmp_path / "runs", tmp_path / "archive"
+    run = fake_run(out, "rigl-s1", method="rigl", loss=4.2)
+    (run / "last.ckpt").write_bytes(b"x" * 100)  # big files stay behind
+    dest = study.archive_run(run, archive)
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == \
+        ["flops.json", "logs/version_0/metrics.csv", "summary.json"]
+    fake_run(out, "dense-s1", method=None, loss=4.0)
+    import shutil
+    shutil.rmtree(run)  # the machine that trained it is gone; its records are not
+    assert study.finished("rigl-s1", out, archive) == dest and study.finished("rigl-s2", out, archive) is None
+    results = study.collect(out, [cells["dense"], cells["rigl"]], [1], archive)
+    assert [(r.cell.name, r.runs) for r in results] == [("dense", [out / "dense-s1"]), ("rigl", [dest])]
+    md = study.report("s", "b", results, tmp_path / "docs", "cmd").read_text()
+    assert "+0.2000" in next(line for line in md.splitlines() if line.startswith("| rigl |"))
