@@ -148,7 +148,9 @@ def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> Loa
     tok_json = extra.get("tokenizer")
     if not tok_json:
         raise ValueError(f"checkpoint {str(p)!r} carries no tokenizer; re-save it with this dstlm version")
-    tokenizer = tokenizer_from_json(tok_json, name=str(p), eos=extra.get("eos") or EOS)
+    tokenizer = tokenizer_from_json(tok_json, name=str(p), eos=extra.get("eos") or EOS,
+                                    chat_template=extra.get("chat_template"),
+                                    special_tokens=extra.get("special_tokens"))
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     masks = {k: v for k, v in state.items() if k.endswith("_mask")}
     weights = {k: v for k, v in state.items() if not k.endswith("_mask")}

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from dstlm.data.tokenizer import TextTokenizer, tokenizer_fingerprint
+from dstlm.models.lm_loss import IGNORE_INDEX
 from dstlm.paths import cache_dir
 
 
@@ -75,39 +77,68 @@ class PackedSplits:
     train: np.ndarray  # (n_train, block_size + 1)
     val: np.ndarray  # (n_val, block_size + 1)
     n_tokens: dict
+    train_counted: Optional[np.ndarray] = None  # (n_train, block_size + 1) bool: target counts (None: all)
+    val_counted: Optional[np.ndarray] = None
 
 
-def build_packed(docs_key: str, docs_loader, tok: TextTokenizer, block_size: int, val_fraction: float) -> PackedSplits:
-    """Packed train/val blocks, cached under .cache/dstlm/packed/<key>/ (computed once, memory-mapped after)."""
-    key = hashlib.sha256(
-        json.dumps([docs_key, tokenizer_fingerprint(tok), block_size, val_fraction]).encode()
-    ).hexdigest()[:16]
+def cached_splits(key_parts: list, make: Callable[[], tuple[dict[str, np.ndarray], dict]]) -> PackedSplits:
+    """The arrays `make` returns ({train, val[, train_counted, val_counted]}, meta), cached under
+    .cache/dstlm/packed/<digest of key_parts>/ (computed once, memory-mapped after)."""
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
     out = cache_dir() / "packed" / key
     if not (out / "meta.json").is_file():
-        docs = docs_loader()
-        token_docs = [ids + [tok.eos_id] for ids in tok.encode_batch(docs)]
-        train, val = split_and_stream(token_docs, val_fraction)
-        dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
+        arrays, meta = make()
         out.mkdir(parents=True, exist_ok=True)
-        np.save(out / "train.npy", pack(train, block_size).astype(dtype))
-        np.save(out / "val.npy", pack(val, block_size).astype(dtype))
-        meta = {"train_tokens": int(len(train)), "val_tokens": int(len(val)), "documents": len(docs)}
-        tmp = out / "meta.json.tmp"
+        for name, array in arrays.items():
+            tmp = out / f"{name}.{os.getpid()}.npy"  # ranks may build concurrently: never share a tmp file
+            np.save(tmp, array)
+            tmp.replace(out / f"{name}.npy")
+        meta = {**meta, "arrays": sorted(arrays)}
+        tmp = out / f"meta.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(meta))
         tmp.replace(out / "meta.json")  # meta written last marks the cache complete
     meta = json.loads((out / "meta.json").read_text())
-    return PackedSplits(np.load(out / "train.npy", mmap_mode="r"), np.load(out / "val.npy", mmap_mode="r"), meta)
+    arrays = {name: np.load(out / f"{name}.npy", mmap_mode="r") for name in meta.get("arrays", ["train", "val"])}
+    return PackedSplits(arrays["train"], arrays["val"], meta, arrays.get("train_counted"), arrays.get("val_counted"))
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 65536 else np.int32
+
+
+def build_packed(docs_key: str, docs_loader, tok: TextTokenizer, block_size: int, val_fraction: float) -> PackedSplits:
+    """Packed train/val blocks of plain-text documents (every target counts)."""
+    def make():
+        docs = docs_loader()
+        token_docs = [ids + [tok.eos_id] for ids in tok.encode_batch(docs)]
+        train, val = split_and_stream(token_docs, val_fraction)
+        dtype = token_dtype(tok.vocab_size)
+        arrays = {"train": pack(train, block_size).astype(dtype), "val": pack(val, block_size).astype(dtype)}
+        return arrays, {"train_tokens": int(len(train)), "val_tokens": int(len(val)), "documents": len(docs)}
+
+    return cached_splits([docs_key, tokenizer_fingerprint(tok), block_size, val_fraction], make)
 
 
 class BlockDataset(torch.utils.data.Dataset):
-    """Item i -> (inputs (T,), targets (T,)) as int64 tensors from a packed block array."""
+    """Item i -> (inputs (T,), targets (T,)) as int64 tensors from a packed block array; targets that do not
+    count (`counted` False: prompts, padding) are -100. Item (i, n) -> (inputs, targets, n): the batch sampler
+    passes each micro-batch the number of counted targets in its whole optimizer step (see LMModule)."""
 
-    def __init__(self, blocks: np.ndarray) -> None:
+    def __init__(self, blocks: np.ndarray, counted: Optional[np.ndarray] = None) -> None:
         self.blocks = blocks
+        self.counted = counted
 
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def targets_counted(self) -> Optional[np.ndarray]:
+        """Counted targets per item (None: every target counts)."""
+        return None if self.counted is None else np.asarray(self.counted[:, 1:]).sum(axis=1)
+
+    def __getitem__(self, key):
+        i, n = key if isinstance(key, tuple) else (key, None)
         row = torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64))
-        return row[:-1], row[1:]
+        x, y = row[:-1], row[1:]
+        if self.counted is not None:
+            y = y.masked_fill(~torch.from_numpy(np.array(self.counted[i][1:], dtype=bool)), IGNORE_INDEX)
+        return (x, y) if n is None else (x, y, n)

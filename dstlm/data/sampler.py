@@ -10,18 +10,25 @@ For training, one iteration runs through `total_batches` global batches, crossin
 exactly). The position is absolute: `resume(n)` makes the next iteration start with global batch n, so a
 resumed run continues with the very next batch. Iterating has no side effects, so Lightning may call
 iter() as often as it likes.
+
+With `item_weights` (the counted targets of each item, for fine-tuning examples whose prompts and padding
+do not count), every index comes as (index, n) with n the total weight of the optimizer step the batch belongs
+to: all ranks' items of its `accumulate` consecutive global batches. Every rank computes n alone from the
+shared permutation, so the loss can be normalised by the step's counted targets without communication.
 """
 
 from __future__ import annotations
 
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 
 class ResumableBatchSampler(torch.utils.data.Sampler):
     def __init__(self, n_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True, total_batches: Optional[int] = None) -> None:
+                 shuffle: bool = True, total_batches: Optional[int] = None,
+                 item_weights: Optional[np.ndarray] = None, accumulate: int = 1) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
         if not 0 <= rank < world_size:
@@ -39,6 +46,10 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
                 f"lower data.batch_size or data.block_size, or add data"
             )
         self.total_batches = total_batches or self.batches_per_epoch
+        if item_weights is not None and len(item_weights) != n_items:
+            raise ValueError(f"item_weights has {len(item_weights)} entries for {n_items} items")
+        self.item_weights = None if item_weights is None else np.asarray(item_weights, dtype=np.int64)
+        self.accumulate = max(1, accumulate)
         self.start = 0  # absolute index (over all data epochs) of the first global batch to yield
 
     def __len__(self) -> int:
@@ -64,10 +75,29 @@ class ResumableBatchSampler(torch.utils.data.Sampler):
         lo = offset * self.batch_size * self.world_size + self.rank * self.batch_size
         return perm[lo: lo + self.batch_size].tolist()
 
-    def __iter__(self) -> Iterator[list[int]]:
-        perm_epoch, perm = -1, None
+    def all_ranks_items(self, b: int, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Every rank's items of absolute global batch b."""
+        epoch, offset = divmod(b, self.batches_per_epoch)
+        perm = self.order(epoch) if perm is None else perm
+        G = self.batch_size * self.world_size
+        return perm[offset * G: (offset + 1) * G]
+
+    def step_weight(self, b: int) -> int:
+        """The total item weight of the optimizer step that global batch b belongs to."""
+        first = b - b % self.accumulate
+        last = min(first + self.accumulate, self.total_batches)
+        return int(sum(self.item_weights[self.all_ranks_items(g).numpy()].sum() for g in range(first, last)))
+
+    def __iter__(self) -> Iterator[list]:
+        perm_epoch, perm, weight = -1, None, None
         for b in range(self.start, self.total_batches):
             epoch = b // self.batches_per_epoch
             if epoch != perm_epoch:
                 perm_epoch, perm = epoch, self.order(epoch)
-            yield self.global_batch(b, perm)
+            items = self.global_batch(b, perm)
+            if self.item_weights is None:
+                yield items
+                continue
+            if weight is None or b % self.accumulate == 0:
+                weight = self.step_weight(b)
+            yield [(i, weight) for i in items]

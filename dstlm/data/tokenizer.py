@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from tokenizers import Tokenizer
 from tokenizers.implementations import ByteLevelBPETokenizer
@@ -22,7 +22,8 @@ class TextTokenizer:
     Byte-level BPE without prefix space, so decode(encode(text)) == text for any string.
     """
 
-    def __init__(self, tokenizer: Tokenizer, name: str, eos: str = EOS) -> None:
+    def __init__(self, tokenizer: Tokenizer, name: str, eos: str = EOS, chat_template: Optional[str] = None,
+                 special_tokens: Optional[dict] = None) -> None:
         self.tokenizer = tokenizer
         self.name = name
         eos_id = tokenizer.token_to_id(eos)
@@ -30,6 +31,10 @@ class TextTokenizer:
             raise ValueError(f"tokenizer {name!r} has no {eos!r} token; add it as a special token")
         self.eos = eos
         self.eos_id = eos_id
+        self.chat_template = chat_template
+        """A Hugging Face tokenizer folder's Jinja chat template (None: it has none)."""
+        self.special_tokens = dict(special_tokens or {"eos_token": eos})
+        """The named special tokens of a Hugging Face tokenizer_config.json (bos_token, eos_token, ...)."""
 
     @property
     def vocab_size(self) -> int:
@@ -94,9 +99,9 @@ def load_tokenizer(spec: str, files: Sequence[str] = (), vocab_size: int = 4096)
     path = Path(spec)
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
-            eos = _hf_eos(path)
-            if eos is not None:  # a Hugging Face model folder: its own end-of-text token
-                return TextTokenizer(Tokenizer.from_file(str(path / "tokenizer.json")), str(path), eos)
+            hf = hf_tokenizer_config(path)
+            if hf is not None:  # a Hugging Face model folder: its own end-of-text token and chat template
+                return TextTokenizer(Tokenizer.from_file(str(path / "tokenizer.json")), str(path), **hf)
             path = path / "tokenizer.json"
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
             bpe = ByteLevelBPETokenizer(str(path / "vocab.json"), str(path / "merges.txt"), add_prefix_space=False)
@@ -109,18 +114,38 @@ def load_tokenizer(spec: str, files: Sequence[str] = (), vocab_size: int = 4096)
     )
 
 
-def _hf_eos(directory: Path):
-    """The eos token named by a Hugging Face tokenizer_config.json (None without one)."""
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def hf_tokenizer_config(directory: Path) -> Optional[dict]:
+    """{eos, chat_template, special_tokens} of a Hugging Face tokenizer folder (None: no tokenizer_config.json).
+
+    The chat template is the folder's chat_template.jinja, else tokenizer_config.json's `chat_template` (a
+    string, or a list of named templates of which the one named "default")."""
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return None
-    eos = json.loads(path.read_text()).get("eos_token")
-    return eos.get("content") if isinstance(eos, dict) else eos
+    cfg = json.loads(path.read_text())
+    special = {}
+    for key in SPECIAL_TOKENS:
+        value = cfg.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            special[key] = value
+    template = cfg.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if (directory / "chat_template.jinja").is_file():
+        template = (directory / "chat_template.jinja").read_text()
+    if "eos_token" not in special:
+        return None
+    return {"eos": special["eos_token"], "chat_template": template, "special_tokens": special}
 
 
-def tokenizer_from_json(text: str, name: str = "checkpoint", eos: str = EOS) -> TextTokenizer:
+def tokenizer_from_json(text: str, name: str = "checkpoint", eos: str = EOS, chat_template: Optional[str] = None,
+                        special_tokens: Optional[dict] = None) -> TextTokenizer:
     """A tokenizer from its serialized tokenizer.json text (as embedded in dstlm checkpoints)."""
-    return TextTokenizer(Tokenizer.from_str(text), name, eos)
+    return TextTokenizer(Tokenizer.from_str(text), name, eos, chat_template, special_tokens)
 
 
 def tokenizer_fingerprint(tok: TextTokenizer) -> str:

@@ -72,7 +72,10 @@ class HFCausalLM(nn.Module):
         aux = with_aux and getattr(self.hf.config, "router_aux_loss_coef", None) is not None
         out = self.hf(input_ids=idx, use_cache=False, **({"output_router_logits": True} if aux else {}))
         logits = out.logits
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        flat = targets.reshape(-1)
+        # the mean over counted targets, 0 (not nan) when none count, as dstlm's own loss
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, ignore_index=-100,
+                             reduction="sum") / (flat != -100).sum().clamp_min(1)
         if aux and getattr(out, "aux_loss", None) is not None:
             return ce + self.hf.config.router_aux_loss_coef * out.aux_loss.to(ce.dtype)
         return ce

@@ -33,8 +33,12 @@ def save_tokenizer(tokenizer: TextTokenizer, out: Path, max_length: int) -> None
     from transformers import PreTrainedTokenizerFast
 
     eos = getattr(tokenizer, "eos", EOS)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tokenizer, eos_token=eos, bos_token=eos, unk_token=eos,
-                                   model_max_length=max_length, clean_up_tokenization_spaces=False)
+    # a Hugging Face source keeps its own special tokens and chat template; dstlm's BPEs have one token for all
+    special = {"bos_token": eos, "unk_token": eos, **getattr(tokenizer, "special_tokens", {}), "eos_token": eos}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tokenizer, model_max_length=max_length,
+                                   clean_up_tokenization_spaces=False, **special)
+    if getattr(tokenizer, "chat_template", None):
+        fast.chat_template = tokenizer.chat_template
     fast.save_pretrained(str(out))
 
 

@@ -26,6 +26,14 @@ CHUNK_TOKENS = 4096
 """Default tokens per chunk: about 0.8 GB of fp32 logits at GPT-2's vocabulary."""
 
 
+def share_of_step(targets: torch.Tensor, counted_in_step, micro_batches: int) -> torch.Tensor:
+    """The factor that turns one micro-batch's mean loss (over its counted targets) into its part of the mean
+    over all `counted_in_step` targets of the optimizer step, when the step's gradient is the average over
+    `micro_batches` (ranks x accumulated micro-batches) of the micro-batches' gradients."""
+    here = (targets != IGNORE_INDEX).sum()
+    return here * micro_batches / torch.as_tensor(counted_in_step).clamp_min(1)
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype

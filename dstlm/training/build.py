@@ -93,6 +93,8 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
     # the tokenizer travels inside every checkpoint, so eval/export need nothing but the .ckpt file
     module.tokenizer_json = data.tokenizer.tokenizer.to_str()
     module.tokenizer_eos = data.tokenizer.eos
+    module.tokenizer_chat = {"chat_template": data.tokenizer.chat_template,
+                             "special_tokens": data.tokenizer.special_tokens}
     module.calibration = data.calibration_batches
     return trainer, module, data
 

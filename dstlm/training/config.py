@@ -11,6 +11,7 @@ import typing
 from typing import Literal, Optional, Union
 
 from dstlm.build import check_transformable
+from dstlm.data.examples import FORMATS as DATA_FORMATS
 from dstlm.hf.source import HFModelConfig
 from dstlm.models.gpt import GPTConfig
 from dstlm.models.lm_loss import CHUNK_TOKENS
@@ -48,6 +49,22 @@ class DataConfig:
     """Split of hf_dataset to read."""
     text_field: str = "text"
     """Field holding the text in .jsonl rows / HF datasets."""
+    format: str = "auto"
+    """What the rows are: 'text' (documents, every token trained on), 'prompt_completion' or 'messages'
+    (fine-tuning examples, the loss on the completion / assistant turns only), or 'auto' (rows with a
+    messages_field, or a prompt_field and a completion_field, are examples; anything else is text)."""
+    chat_template: str = "auto"
+    """How conversation rows become text: 'auto' (the tokenizer's own chat template), 'none' (refuse them), or
+    a .jinja template file."""
+    pack_examples: bool = False
+    """Fine-tuning examples: whole examples one after another in each row (faster; attention then crosses
+    examples) instead of one example per row, padded."""
+    prompt_field: str = "prompt"
+    """Field of the prompt in prompt/completion rows (a string or a list of messages)."""
+    completion_field: str = "completion"
+    """Field of the completion in prompt/completion rows."""
+    messages_field: str = "messages"
+    """Field of the conversation (a list of {role, content}) in messages rows."""
     tokenizer: str = "bpe"
     """'bpe' (byte-level BPE trained on the corpus and cached), 'gpt2' (shipped GPT-2 BPE) or a path."""
     vocab_size: int = 4096
@@ -72,6 +89,8 @@ class DataConfig:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         if self.val_batches < 0:
             raise ValueError(f"data.val_batches={self.val_batches} must be >= 0 (0 = all)")
+        if self.format not in DATA_FORMATS:
+            raise ValueError(f"data.format={self.format!r} is not one of {', '.join(DATA_FORMATS)}")
 
 
 @dataclass

@@ -1,16 +1,21 @@
-"""LightningDataModule: shipped/local/HF corpus -> tokenizer -> packed blocks -> resumable batches."""
+"""LightningDataModule: shipped/local/HF corpus or fine-tuning examples -> tokenizer -> token rows -> resumable
+batches."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
 
-from dstlm.data.packing import BlockDataset, build_packed, load_documents
+from dstlm.data.examples import (ChatTemplate, ExampleFields, dataset_rows, describe, example_arrays, file_kind,
+                                 first_row_columns, read_rows)
+from dstlm.data.packing import BlockDataset, build_packed, cached_splits, load_documents, token_dtype
 from dstlm.data.sampler import ResumableBatchSampler
-from dstlm.data.tokenizer import TextTokenizer, load_tokenizer
+from dstlm.data.tokenizer import TextTokenizer, load_tokenizer, tokenizer_fingerprint
 from dstlm.paths import default_corpus_files
 from dstlm.training.config import DataConfig
 
@@ -41,15 +46,76 @@ class LMDataModule(L.LightningDataModule):
             self._tokenizer = load_tokenizer(self.cfg.tokenizer, files, self.cfg.vocab_size)
         return self._tokenizer
 
+    @property
+    def fields(self) -> ExampleFields:
+        c = self.cfg
+        return ExampleFields(c.prompt_field, c.completion_field, c.messages_field, c.text_field)
+
+    def kinds(self) -> dict[str, str]:
+        """{source: 'text' | 'prompt_completion' | 'messages'} for every file (or the HF dataset)."""
+        cfg = self.cfg
+        if cfg.hf_dataset:
+            return {cfg.hf_dataset: file_kind(self._hf_dataset().column_names, cfg.format, self.fields,
+                                              cfg.hf_dataset)}
+        out = {}
+        for f in self.files:
+            path = Path(f)
+            if path.suffix in (".jsonl", ".json") and path.is_file():
+                out[f] = file_kind(first_row_columns(path), cfg.format, self.fields, f)
+            elif cfg.format in ("auto", "text"):
+                out[f] = "text"
+            else:
+                raise ValueError(f"{f}: data.format={cfg.format!r} needs .jsonl/.json rows; give such files "
+                                 f"or set data.format=text")
+        return out
+
+    def _hf_dataset(self):
+        import datasets
+
+        from dstlm.paths import cache_dir
+
+        datasets.disable_progress_bars()
+        return datasets.load_dataset(self.cfg.hf_dataset, split=self.cfg.hf_split,
+                                     cache_dir=str(cache_dir() / "datasets"))
+
+    def chat_template(self) -> Optional[ChatTemplate]:
+        spec, tok = self.cfg.chat_template, self.tokenizer
+        if spec == "none":
+            return None
+        if spec == "auto":
+            return ChatTemplate(tok.chat_template, tok.special_tokens, f"the chat template of {tok.name}") \
+                if tok.chat_template else None
+        return ChatTemplate.from_file(spec, tok.special_tokens)
+
     def _packed(self):
         cfg = self.cfg
         docs_key = f"hf:{cfg.hf_dataset}:{cfg.hf_split}" if cfg.hf_dataset else "|".join(self.files)
-        return build_packed(
-            docs_key + f"|{cfg.text_field}",
-            lambda: load_documents(self.files if not cfg.hf_dataset else (), cfg.hf_dataset, cfg.hf_split,
-                                   cfg.text_field),
-            self.tokenizer, cfg.block_size, cfg.val_fraction,
-        )
+        kinds = self.kinds()
+        if all(k == "text" for k in kinds.values()):
+            return build_packed(
+                docs_key + f"|{cfg.text_field}",
+                lambda: load_documents(self.files if not cfg.hf_dataset else (), cfg.hf_dataset, cfg.hf_split,
+                                       cfg.text_field),
+                self.tokenizer, cfg.block_size, cfg.val_fraction,
+            )
+        text = [f for f, k in kinds.items() if k == "text"]
+        if text:
+            raise ValueError(f"data.files mixes plain text ({text[0]}) with fine-tuning examples "
+                             f"({next(f for f, k in kinds.items() if k != 'text')}); train on one kind at a time")
+        template = self.chat_template()
+        tok = self.tokenizer
+
+        def sources():
+            if cfg.hf_dataset:
+                return [(cfg.hf_dataset, kinds[cfg.hf_dataset], dataset_rows(self._hf_dataset()))]
+            return [(f, kinds[f], read_rows(Path(f))) for f in self.files]
+
+        key = ["examples-v1", docs_key, kinds, asdict(self.fields), template.source if template else None,
+               template.special_tokens if template else None, cfg.pack_examples, tokenizer_fingerprint(tok),
+               cfg.block_size, cfg.val_fraction]
+        return cached_splits(key, lambda: example_arrays(sources(), tok, template, self.fields, cfg.block_size,
+                                                         cfg.val_fraction, cfg.pack_examples,
+                                                         token_dtype(tok.vocab_size)))
 
     def prepare_data(self) -> None:
         # runs on local rank 0 only: trains/caches the tokenizer and the packed blocks
@@ -57,15 +123,20 @@ class LMDataModule(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         packed = self._packed()
-        self.train_set, self.val_set = BlockDataset(packed.train), BlockDataset(packed.val)
+        self.train_set = BlockDataset(packed.train, packed.train_counted)
+        self.val_set = BlockDataset(packed.val, packed.val_counted)
         self.stats = packed.n_tokens
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if "examples" in self.stats and rank == 0:  # what the examples became: the user must see it
+            print(describe(self.stats, self.cfg.block_size), flush=True)
         # one Lightning epoch = the whole run (micro-batches), crossing data epochs inside the sampler
         total = None
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         if self.trainer is not None and self.trainer.max_steps and self.trainer.max_steps > 0:
-            total = self.trainer.max_steps * self.trainer.accumulate_grad_batches
+            total = self.trainer.max_steps * accumulate
         self.train_sampler = ResumableBatchSampler(len(self.train_set), self.cfg.batch_size, self.seed, rank, world,
-                                                   total_batches=total)
+                                                   total_batches=total, item_weights=self.train_set.targets_counted(),
+                                                   accumulate=accumulate)
         if self._pending_resume is not None:
             self.train_sampler.resume(self._pending_resume)
             self._pending_resume = None
@@ -95,7 +166,7 @@ class LMDataModule(L.LightningDataModule):
         input norms, and the masks decided from them, agree everywhere) and outside the training stream."""
         if not hasattr(self, "train_set"):
             packed = self._packed()
-            self.train_set = BlockDataset(packed.train)
+            self.train_set = BlockDataset(packed.train, packed.train_counted)
         B = self.cfg.batch_size
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.train_set, range(min(len(self.train_set),
                                                                                                n * B))),

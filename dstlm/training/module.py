@@ -16,7 +16,7 @@ from dstlm.build import ModelSource, build_model, model_transforms
 from dstlm.checkpoint import check_resume_compatible
 from dstlm.data.tokenizer import EOS
 from dstlm.models.gpt import GPT
-from dstlm.models.lm_loss import CHUNK_TOKENS
+from dstlm.models.lm_loss import CHUNK_TOKENS, IGNORE_INDEX, share_of_step
 from dstlm.models.moe import ExpertParallel, set_expert_parallel
 from dstlm.sparse import SparseEngine, SparsityConfig
 from dstlm.training.config import OptimConfig
@@ -84,6 +84,7 @@ class LMModule(L.LightningModule):
         self.effective_sparsity: SparsityConfig | None = None  # what the engine runs (Sparse-IFT rewrites it)
         self.tokenizer_json: str | None = None  # set by the run builder; saved in checkpoints
         self.tokenizer_eos: str = EOS
+        self.tokenizer_chat: dict = {}  # its chat template and named special tokens (Hugging Face folders)
         self.calibration = None  # set by the run builder: () -> training micro-batches (mask_init=wanda)
         # how the model runs, not what it is: not hyper-parameters, free to change on resume
         self.compile_model = compile_model
@@ -141,7 +142,8 @@ class LMModule(L.LightningModule):
         set_expert_parallel(self.model, ExpertParallel.create(moe.expert_parallel_size))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["dstlm"] = {"format": 1, "tokenizer": self.tokenizer_json, "eos": self.tokenizer_eos}
+        checkpoint["dstlm"] = {"format": 1, "tokenizer": self.tokenizer_json, "eos": self.tokenizer_eos,
+                               **self.tokenizer_chat}
         hf = getattr(self.model, "hf", None)
         if hf is not None:  # the architecture, so a checkpoint loads without the source directory
             checkpoint["dstlm"]["hf_config"] = hf.config.to_dict()
@@ -156,12 +158,25 @@ class LMModule(L.LightningModule):
         return self.model(idx)
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = batch[0], batch[1]
         loss = self.model.loss(x, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         if self.model_config.moe is not None:
             self._log_moe()
+        if len(batch) == 3:
+            loss = loss * self._share_of_step(y, batch[2])
         return loss
+
+    def _share_of_step(self, y: torch.Tensor, step_counted: torch.Tensor) -> torch.Tensor:
+        """Fine-tuning examples count only some targets (completions), so micro-batches differ in how many.
+        The loss must be the mean over the optimizer step's counted targets, on all ranks and accumulated
+        micro-batches together, for 1 rank x batch 16, 2 ranks x 8 and 1 rank x 8 x 2 accumulated to agree.
+        Each micro-batch's mean is scaled by counted_here x ranks x accumulate / counted_in_step (the sampler
+        sends counted_in_step with every item): DDP's averaging over ranks and Lightning's division by the
+        accumulation then give exactly that mean (plain text, where every target counts, gets factor 1)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return share_of_step(y, step_counted[0], world * accumulate)
 
     def _log_moe(self) -> None:
         """Router health: aux losses, dropped-assignment fraction, per-expert load (mean over MoE layers)."""
@@ -181,8 +196,9 @@ class LMModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         loss = self.model.loss(x, y, with_aux=False)  # validation reports the language-model loss only
-        self._val_sum += loss.detach().double() * y.numel()
-        self._val_n += y.numel()
+        counted = (y != IGNORE_INDEX).sum()  # every target of plain text; the answers of fine-tuning examples
+        self._val_sum += loss.detach().double() * counted
+        self._val_n += counted
 
     def on_validation_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(torch.stack([self._val_sum, self._val_n]), reduce_op="sum")
