@@ -100,25 +100,26 @@ def training_flops(c: FlopCount, method: Optional[str], delta_t: int) -> float:
 
 def report(base: FlopCount, new: FlopCount, method: Optional[str], delta_t: int, seq_len: int) -> tuple[str, dict]:
     """A table of per-layer and total forward FLOPs, training FLOPs and ratios; and the same as a dict."""
+    w = max([26] + [len(n) for n in base.layers])
     lines = [f"forward FLOPs per token at context {seq_len} (2 x non-zero weights; attention 4*T*C per layer)",
-             f"{'layer':<26} {'dense MFLOP':>12} {'this MFLOP':>12} {'ratio':>7} {'density':>8}"]
+             f"{'layer':<{w}} {'dense MFLOP':>12} {'this MFLOP':>12} {'ratio':>7} {'density':>8}"]
     for name, flops in base.layers.items():
         mine = new.layers.get(name, 0)
-        lines.append(f"{name:<26} {flops / 1e6:>12.4f} {mine / 1e6:>12.4f} {mine / flops:>7.3f} "
+        lines.append(f"{name:<{w}} {flops / 1e6:>12.4f} {mine / 1e6:>12.4f} {mine / flops:>7.3f} "
                      f"{new.density.get(name, 1.0):>8.3f}")
     w_base, w_new = sum(base.layers.values()), sum(new.layers.values())
-    lines.append(f"{'all block projections':<26} {w_base / 1e6:>12.4f} {w_new / 1e6:>12.4f} {w_new / w_base:>7.3f}")
+    lines.append(f"{'all block projections':<{w}} {w_base / 1e6:>12.4f} {w_new / 1e6:>12.4f} {w_new / w_base:>7.3f}")
     grew = []
     for label, a, b in (("attention scores", base.attention, new.attention), ("LM head", base.lm_head, new.lm_head)):
-        lines.append(f"{label:<26} {a / 1e6:>12.4f} {b / 1e6:>12.4f} {b / max(1, a):>7.3f}")
+        lines.append(f"{label:<{w}} {a / 1e6:>12.4f} {b / 1e6:>12.4f} {b / max(1, a):>7.3f}")
         if b > a:
             grew.append(f"{label} x{b / a:.3f} (width {base.n_embd} -> {new.n_embd})")
     ratio = new.forward / base.forward
-    lines.append(f"{'total forward':<26} {base.forward / 1e6:>12.4f} {new.forward / 1e6:>12.4f} {ratio:>7.3f}")
+    lines.append(f"{'total forward':<{w}} {base.forward / 1e6:>12.4f} {new.forward / 1e6:>12.4f} {ratio:>7.3f}")
     t_base, t_new = training_flops(base, None, delta_t), training_flops(new, method, delta_t)
     reads_dense_grad = method is not None and method_class(method).uses_dense_grad
     how = f"{method}, delta_t={delta_t}" if reads_dense_grad else (method or "dense")
-    lines.append(f"{'training (' + how + ')':<26} {t_base / 1e6:>12.4f} {t_new / 1e6:>12.4f} {t_new / t_base:>7.3f}")
+    lines.append(f"{'training (' + how + ')':<{w}} {t_base / 1e6:>12.4f} {t_new / 1e6:>12.4f} {t_new / t_base:>7.3f}")
     if grew:
         lines.append("non-weight FLOPs that grew: " + "; ".join(grew))
     summary = {"forward_dense": base.forward, "forward": new.forward, "forward_ratio": ratio,

@@ -55,8 +55,8 @@ class RunRecord(L.Callback):
         kept = f"kept from the model for {engine.kept_masks} of {len(engine.params)} matrices, else " \
             if engine.kept_masks else ""
         text += f"\nfirst masks: {kept}{engine.mask_init}" + (
-            " (fused-expert matrices, whose routed inputs a hook cannot see: magnitude)"
-            if engine.mask_init == "wanda" and any(sp.index is not None for sp in engine.params) else "")
+            f" (magnitude for {engine.wanda_unseen} matrices no calibration token reached: experts nothing was "
+            f"routed to; raise sparsity.wanda_batches)" if engine.wanda_unseen else "")
         print(text)
         write_atomic(self.out / "manifest.txt", text + "\n")
 
@@ -104,9 +104,6 @@ class FlopsLog(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        if not isinstance(self.cfg.model, GPTConfig):
-            print("FLOPs per token: counted for dstlm's GPT / MoE models only; not for a Hugging Face model source")
-            return
         text, summary = flops_report(self.cfg, pl_module.model)
         print(text)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -127,8 +124,13 @@ def flops_report(cfg: RunConfig, model=None) -> tuple[str, dict]:
         module.configure_model()
         model = module.model
     T = cfg.data.block_size
-    base = dense_count(cfg.model, dense_layer_shapes(cfg.model), T)
-    mine = count_flops(model, linear_layer_names(cfg.model), T)
+    if isinstance(cfg.model, GPTConfig):
+        base = dense_count(cfg.model, dense_layer_shapes(cfg.model), T)
+        mine = count_flops(model, linear_layer_names(cfg.model), T)
+    else:  # a Hugging Face source: every matrix a token multiplies, read from its modules
+        from dstlm.hf.flops import hf_flop_counts
+
+        base, mine = hf_flop_counts(model, T)
     method = cfg.sparsity.method if cfg.sparsity is not None else None
     return report(base, mine, method, cfg.sparsity.delta_t if cfg.sparsity else 1, T)
 
