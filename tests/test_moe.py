@@ -199,3 +199,21 @@ def test_dst_on_batched_experts_keeps_per_expert_budgets(tmp_path, small_corpus,
     assert engine.verify(TorchBackend(trainer.optimizers[0])) == []
     saved = load_masks(tmp_path / "t")  # the run folder's last checkpoint: per-expert [out, in] masks
     assert torch.equal(saved["blocks.1.mlp.w_in.3"], moe.w_in_mask[3]) and saved["blocks.1.mlp.w_in.3"].ndim == 2
+
+
+def test_wanda_norms_reach_every_expert_matrix():
+    """dstlm's MoE layers run each expert as `x @ W[e].t()`: calibration sees every expert matrix's own routed
+    inputs (mask_init=wanda no longer falls back to magnitude for experts)."""
+    from dstlm.sparse import SparsityConfig
+    from dstlm.sparse.calibration import input_norms
+    from dstlm.sparse.engine import sparse_params_of
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32,
+                    moe=MoEConfig(num_experts=4, top_k=2))
+    model = GPT(cfg)
+    params = sparse_params_of(model, SparsityConfig(method="static", sparsity=0.5, mask_init="wanda"))
+    norms = input_norms(model, params, [(torch.randint(0, 512, (4, 32)), None)])
+    experts = [sp for sp in params if sp.index is not None]
+    assert len(experts) >= 8 and all(norms[sp.name].shape == (sp.shape[1],) for sp in experts)
+    assert all(float(norms[sp.name].min()) >= 0 and float(norms[sp.name].max()) > 0 for sp in experts)

@@ -18,6 +18,7 @@ biases, routers and gates, and any other weight the adapter has no [out, in] rea
 from __future__ import annotations
 
 import fnmatch
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -43,7 +44,7 @@ class ManifestRow:
     """Layout for sparse weights (linear, conv1d [in,out], expert e of a fused tensor); the reason for dense ones."""
 
 
-def _is_router(name: str) -> bool:
+def is_router(name: str) -> bool:
     """A router / gate weight: its module's name is `gate`, `router`, or ends in `_gate` / `_router`."""
     last = name.rsplit(".", 2)[-2] if name.endswith((".weight", ".bias")) else name.rsplit(".", 1)[-1]
     return last in ROUTER_WORDS or last.endswith(tuple("_" + w for w in ROUTER_WORDS))
@@ -83,6 +84,20 @@ class HFCausalLM(nn.Module):
     def moe_layers(self) -> list:
         return []
 
+    @contextmanager
+    def calibration_context(self):
+        """Experts run as transformers' per-expert loop (`eager`) for calibration forwards, so each expert's
+        inputs can be seen (dstlm.sparse.calibration); the kernel the model had is restored after."""
+        switch = getattr(self.hf, "_can_set_experts_implementation", lambda: False)()
+        before = getattr(self.hf.config, "_experts_implementation", None) if switch else None
+        if switch and before not in (None, "eager"):
+            self.hf.set_experts_implementation("eager")
+        try:
+            yield
+        finally:
+            if switch and before not in (None, "eager"):
+                self.hf.set_experts_implementation(before)
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.hf.parameters())  # shared (tied) tensors once
         if non_embedding:
@@ -120,7 +135,7 @@ class HFCausalLM(nn.Module):
                     dense = "bias" if attr == "bias" else "norm / scale (1-D)"
                 elif "norm" in type(module).__name__.lower():
                     dense = "norm"
-                elif _is_router(name):
+                elif is_router(name):
                     dense = "router / gate"
                 if dense:
                     out.append((ManifestRow(name, shape, False, dense), []))

@@ -113,6 +113,7 @@ class SparseEngine:
     @torch.no_grad()
     def _init_masks(self) -> None:
         self.kept_masks = 0
+        self.wanda_unseen = 0  # mask_init=wanda matrices calibration gave no input (an expert no token reached)
         """Sparse matrices whose mask came with the model (an exported sparse model) and was kept."""
         for sp in self.params:
             layer = self.layers[sp.name]
@@ -129,6 +130,7 @@ class SparseEngine:
             else:
                 score = w.detach().abs().float()
                 norms = self._input_norms.get(sp.name) if self.mask_init == "wanda" else None
+                self.wanda_unseen += int(self.mask_init == "wanda" and norms is None)
                 if norms is not None:
                     score = score * norms.to(score.device, torch.float32)[None, :]
                 mask = self.method.init_mask_scored(layer, score, ties, per_row=norms is not None)
