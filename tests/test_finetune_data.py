@@ -33,12 +33,14 @@ def rows(n=40):
     return [json.loads(line) for line in DIALOGUE.read_text().splitlines()[:n]]
 
 
-def chats(n=40):
-    """Multi-turn conversations from the dialogue pairs: system, then user/assistant turns."""
+def chats(n=40, chars=None):
+    """Multi-turn conversations from the dialogue pairs: system, then user/assistant turns (each cut at
+    `chars` characters when given)."""
     out = []
     for k, r in enumerate(rows(n)):
-        turns = [{"role": "system", "content": "Answer in character."}, {"role": "user", "content": r["prompt"]},
-                 {"role": "assistant", "content": r["completion"]}]
+        turns = [{"role": "system", "content": "Answer in character."},
+                 {"role": "user", "content": r["prompt"][:chars]},
+                 {"role": "assistant", "content": r["completion"][:chars]}]
         if k % 2:  # every other conversation has a second exchange
             turns += [{"role": "user", "content": "And then?"}, {"role": "assistant", "content": r["prompt"][:30]}]
         out.append({"messages": turns})
@@ -52,8 +54,9 @@ def tok(small_corpus):
 
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory, tok):
-    """A tiny Llama folder whose tokenizer has the ChatML template above."""
-    d = save_tiny("llama", tmp_path_factory.mktemp("chat") / "llama", tok)
+    """A tiny Llama folder (context 256: ChatML's markup takes many tokens of a 512-token BPE) whose tokenizer
+    has the ChatML template above."""
+    d = save_tiny("llama", tmp_path_factory.mktemp("chat") / "llama", tok, ctx=256)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     cfg["chat_template"] = CHATML
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
@@ -219,6 +222,8 @@ def test_accumulated_micro_batches_match_one_batch(tmp_path, tok, monkeypatch, s
     ([{"prompt": "a"}], "prompt_completion", "auto", r"needs the field\(s\) \['completion'\]"),
     ([{"prompt": "a", "completion": ["b"]}], "auto", "auto", "must both be strings or both lists"),
     ([{"messages": [{"role": "user", "content": "hi"}]}], "auto", "/nope.jinja", "is not a file"),
+    ([{"prompt": "Speak! " * 40, "completion": "No."}] * 30, "auto", "auto",
+     r"all 28 train examples were dropped: .* raise data.block_size"),
 ])
 def test_bad_input_one_line(tmp_path, small_corpus, items, fmt, template, message):
     from dstlm.training.datamodule import LMDataModule
@@ -292,3 +297,51 @@ def test_two_ranks_match_one_process_on_examples(tmp_path, tok, strategy):
         torch.testing.assert_close(two["state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     s2, s1 = (json.loads((tmp_path / "runs" / n / "summary.json").read_text()) for n in ("two", "one"))
     assert abs(s2["val_loss"] - s1["val_loss"]) < 1e-4
+
+
+def test_hf_chat_fine_tune_exports_the_template_and_special_tokens(tmp_path, tok, chat_dir, capsys):
+    """A tiny Llama whose tokenizer carries a chat template, fine-tuned sparsely (RigL 50 %) on conversations
+    through `fit`: the rows are rendered with that template (only assistant turns count), and the exported
+    folder's tokenizer, reloaded by vanilla transformers, has the same template and special tokens and renders
+    a conversation to the same ids as the source."""
+    from transformers import AutoTokenizer
+
+    from dstlm.hf.export import export
+    from dstlm.hf.source import HFModelConfig
+    from dstlm.sparse import SparsityConfig
+    from dstlm.training.run import fit
+
+    files = [write_jsonl(tmp_path / "chat.jsonl", chats(120, chars=40))]
+    cfg = tiny_run(tmp_path, files, name="chat", model=dict(block_size=192),
+                   data=dict(tokenizer=str(chat_dir), block_size=192, batch_size=4),
+                   trainer=dict(max_steps=4, val_every_n_steps=4))
+    cfg.model = HFModelConfig(hf=str(chat_dir))
+    cfg.sparsity = SparsityConfig(method="rigl", sparsity=0.5, delta_t=2)
+    summary = fit(cfg)
+    assert capsys.readouterr().out.count("120 fine-tuning examples (114 train, 6 val)") == 1
+    assert summary["sparsity"] == pytest.approx(0.5, abs=0.01) and np.isfinite(summary["val_loss"])
+    out = export(str(tmp_path / "chat"), str(tmp_path / "exported"))
+    src, exp = AutoTokenizer.from_pretrained(str(chat_dir)), AutoTokenizer.from_pretrained(str(out))
+    assert exp.chat_template == src.chat_template == CHATML
+    assert (exp.eos_token, exp.bos_token, exp.unk_token) == (src.eos_token, src.bos_token, src.unk_token)
+    conv = chats(2)[1]["messages"]
+    assert exp.apply_chat_template(conv, tokenize=True) == src.apply_chat_template(conv, tokenize=True)
+
+
+def test_a_parquet_folder_gives_the_rows_of_the_jsonl_file(tmp_path, tok):
+    """data.hf_dataset pointing at a local folder of .parquet files (datasets' packaged loader) gives the same
+    token rows and counted targets as the same rows in a .jsonl file."""
+    import datasets
+
+    from dstlm.training.config import DataConfig
+    from dstlm.training.datamodule import LMDataModule
+
+    items = rows(60)
+    (tmp_path / "pq").mkdir()
+    datasets.Dataset.from_list(items).to_parquet(str(tmp_path / "pq" / "train.parquet"))
+    tok_dir = str(tok.save(tmp_path / "tok"))
+    common = dict(tokenizer=tok_dir, block_size=64, val_fraction=0.1)
+    a = LMDataModule(DataConfig(files=[write_jsonl(tmp_path / "d.jsonl", items)], **common), seed=0)._packed()
+    b = LMDataModule(DataConfig(hf_dataset=str(tmp_path / "pq"), **common), seed=0)._packed()
+    assert a.train.shape[0] > 30 and np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val)
+    assert np.array_equal(a.train_counted, b.train_counted) and 0 < a.train_counted.mean() < 0.5

@@ -291,6 +291,10 @@ def test_dst_on_two_ranks_equals_the_whole_tensor_reference(tmp_path, small_corp
     for name, w in weights.items():
         if name.endswith("_mask"):
             assert (weights[name.removesuffix("_mask")][~w] == 0).all(), name
+    # FLOPs per token counted at the start on rank 0, from partitioned weights under ZeRO-3 too
+    flops = json.loads(next((tmp_path / "run").rglob("flops.json")).read_text())
+    density = 0.5 if method == "nm" else 0.2  # SRigL's whole fan-in per row rounds down at these widths
+    assert density - 0.03 <= flops["block_projection_ratio"] <= density + (0.05 if kind == "mixtral" else 0.0)
 
 
 def test_one_shot_prune_exports_the_step_zero_masks(tmp_path, small_corpus, hf_dirs):
@@ -337,3 +341,77 @@ def test_command_line_merges_every_model_field_of_either_source(hf_dirs, monkeyp
     cfg, _ = parse_run("dstlm fit", ["--config", "recipes/hf-rigl.yaml", "--model.hf", d, "--model.block_size", "48",
                                      "--data.block_size", "48"])
     assert (cfg.model.hf, cfg.model.block_size, cfg.sparsity.method) == (d, 48, "rigl")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mixtral"])
+def test_flops_per_token_equal_torchs_flop_counter_and_count_the_masks(hf_dirs, kind):
+    """Dense: the per-token forward FLOPs dstlm counts from the modules (projections, routers, top-k of the
+    fused experts, LM head, attention scores) equal torch.utils.flop_counter on a forward of T tokens. Sparse
+    (RigL 50 %): each sparse weight counts 2 x its mask's non-zeros, dense weights are unchanged."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dstlm.hf.flops import hf_flop_counts
+
+    T = 32
+    model = load_hf_model(HFModelConfig(hf=str(hf_dirs[kind]), attn_implementation="eager")).eval()
+    base, this = hf_flop_counts(model, T)
+    assert this.forward == base.forward and this.forward_all_dense == base.forward
+    if kind == "mixtral":  # the default grouped_mm kernel is invisible to the FLOP counter; eager loops F.linear
+        model.hf.set_experts_implementation("eager")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(0, 500, (1, T)))
+    # eager attention: Q K^T and A V as two batched matmuls over the full T x T (no causal discount)
+    assert counter.get_total_flops() == T * base.forward, (counter.get_total_flops() / T, base.forward)
+    if kind == "mixtral":
+        assert any(".experts." in n for n in base.layers) and any(n.endswith("gate.weight") for n in base.layers)
+
+    engine = _engine(model, method="rigl", sparsity=0.5, distribution="uniform")
+    _, sparse = hf_flop_counts(model, T)
+    params = dict(model.hf.named_parameters())
+    masked = {sp.name.rsplit(".", 1)[0] if sp.index is not None else sp.name for sp in engine.params}
+    for name, flops in sparse.layers.items():
+        module, attr = model.hf.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+        mask = getattr(module, f"{attr}_mask", None)
+        assert (mask is not None) == (name in masked), name
+        if mask is None:
+            assert flops == base.layers[name]
+        elif params[name].ndim == 3:  # top-2 of 4 experts per token
+            assert flops == 2 * 2 * int(mask.sum()) // 4
+        else:
+            assert flops == 2 * int(mask.sum()) and sparse.density[name] == pytest.approx(0.5, abs=0.02)
+    assert sparse.forward < base.forward and sparse.lm_head == base.lm_head
+
+
+def test_wanda_norms_of_fused_experts_equal_each_experts_routed_inputs(hf_dirs):
+    """Mixtral's fused experts under its default grouped_mm kernel: every expert matrix gets ||X_j|| over the
+    tokens routed to that expert only, equal to a hand computation from the experts module's own inputs
+    (gate_up_proj[e]: the routed hidden states; down_proj[e]: act(gate) * up of them); the kernel is restored."""
+    from dstlm.sparse.calibration import input_norms
+    from dstlm.sparse.engine import sparse_params_of
+
+    model = load_hf_model(HFModelConfig(hf=str(hf_dirs["mixtral"])))
+    assert model.hf.config._experts_implementation == "grouped_mm"
+    cfg = SparsityConfig(method="static", sparsity=0.5, include=["*experts*"], mask_init="wanda")
+    params = sparse_params_of(model, cfg)
+    batches = [(torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(k)), None) for k in range(2)]
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, kwargs):
+            seen.setdefault(name, []).append((args[0].detach().clone(), args[1].detach().clone()))
+        return hook
+
+    experts = {n: m for n, m in model.hf.named_modules() if n.endswith("mlp.experts")}
+    hooks = [m.register_forward_pre_hook(keep(n), with_kwargs=True) for n, m in experts.items()]
+    norms = input_norms(model, params, batches)
+    for h in hooks:
+        h.remove()
+    assert model.hf.config._experts_implementation == "grouped_mm"
+    assert len(experts) == 2 and len(params) == 2 * 2 * 4
+    for name, module in experts.items():
+        for e in range(4):
+            x = torch.cat([h[idx.eq(e).any(-1)] for h, idx in seen[name]])
+            gate, up = (x @ module.gate_up_proj[e].detach().t()).chunk(2, dim=-1)
+            inner = module.act_fn(gate) * up
+            torch.testing.assert_close(norms[f"{name}.gate_up_proj.{e}"], x.norm(dim=0))
+            torch.testing.assert_close(norms[f"{name}.down_proj.{e}"], inner.norm(dim=0))

@@ -283,6 +283,10 @@ def example_arrays(sources: Sequence[tuple[str, str, list[dict]]], tok, template
         arrays[f"{split}_counted"] = counted
         meta[split] = {"examples": stats.examples, "rows": stats.rows, "truncated": stats.truncated,
                        "dropped": stats.dropped, "tokens": stats.tokens, "counted": stats.counted}
+        if stats.examples and not stats.rows:
+            raise ValueError(f"all {stats.examples:,} {split} examples were dropped: not one answer token fits in "
+                             f"data.block_size={block_size} after its prompt; raise data.block_size (and the "
+                             f"model's context) or shorten the prompts")
     meta["train_tokens"], meta["val_tokens"] = meta["train"]["tokens"], meta["val"]["tokens"]
     return arrays, meta
 

@@ -28,16 +28,17 @@ def hf_config(kind: str, vocab: int, ctx: int = 64):
     raise ValueError(kind)
 
 
-def save_tiny(kind: str, out: Path, tokenizer, seed: int = 0) -> Path:
-    """A randomly initialised tiny model of `kind` saved to `out` with `tokenizer` (a dstlm TextTokenizer)."""
+def save_tiny(kind: str, out: Path, tokenizer, seed: int = 0, ctx: int = 64) -> Path:
+    """A randomly initialised tiny model of `kind` (context `ctx`) saved to `out` with `tokenizer` (a dstlm
+    TextTokenizer)."""
     from transformers import AutoModelForCausalLM
 
     from dstlm.hf.export import save_tokenizer
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(kind, tokenizer.vocab_size))
+    model = AutoModelForCausalLM.from_config(hf_config(kind, tokenizer.vocab_size, ctx))
     model.save_pretrained(str(out))
-    save_tokenizer(tokenizer, out, 64)
+    save_tokenizer(tokenizer, out, ctx)
     return out
 
 
