@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +11,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy
 
 from dstlm.training.callbacks import LossPlot, RNGState, StepCheckpoint, ThroughputMeter
 from dstlm.hf.source import HFModelConfig
@@ -18,6 +21,7 @@ from dstlm.training.datamodule import LMDataModule
 from dstlm.training.dst_callback import DSTCallback
 from dstlm.training.eval_callback import EvalCallback
 from dstlm.training.module import LMModule
+from dstlm.training.preemption import PREEMPTED, Preemption, signal_number
 from dstlm.training.summary import FlopsLog, RunRecord
 
 # Messages that are expected on CPU runs and only distract users.
@@ -58,6 +62,7 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         RNGState(),
         ThroughputMeter(),
         RunRecord(cfg, out),
+        Preemption(signal_number(cfg.trainer.preempt_signal), out / PREEMPTED),
     ]
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -72,14 +77,20 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
     callbacks += extra_callbacks or []
     t = cfg.trainer
     strategy = t.strategy
+    timeout = {"timeout": timedelta(seconds=t.collective_timeout_s)} if t.collective_timeout_s else {}
     if strategy.startswith("deepspeed"):
         from dstlm.training.strategies import DeepSpeedZeRO
 
         cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
         strategy = DeepSpeedZeRO(stage=t.zero_stage, cpu=cpu, offload_optimizer=t.offload_optimizer,
-                                 offload_parameters=t.offload_params, config=t.deepspeed_config)
+                                 offload_parameters=t.offload_params, config=t.deepspeed_config, **timeout)
+    elif strategy == "ddp" and timeout:
+        strategy = DDPStrategy(**timeout)
+    # Under SLURM: ranks from SLURM's variables, but not Lightning's own requeue (it saves inside the signal
+    # handler, on SIGUSR1, which NCCL also catches): dstlm.training.preemption stops at a step boundary instead
+    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
+        plugins=plugins, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=t.precision, max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val, val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches,
         check_val_every_n_epoch=None, log_every_n_steps=t.log_every_n_steps, logger=loggers or False,

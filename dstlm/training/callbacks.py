@@ -14,6 +14,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from dstlm.training.faults import fault_point
+
+SAVE_TIMES = "save_seconds.txt"  # in the checkpoint folder: the seconds of the latest saves, all ranks together
+
 
 class StepCheckpoint(ModelCheckpoint):
     """Checkpoint every N optimizer steps, keep the newest K, and always save the final step. `last.ckpt` is
@@ -25,6 +29,10 @@ class StepCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_steps or None, save_top_k=max(1, keep_last_k),
                          monitor="step", mode="max", save_last="link", enable_version_counter=False)
+        self.save_seconds: list[float] = []
+
+    def summary(self) -> dict:
+        return {"checkpoint_save_s_max": round(max(self.save_seconds), 2)} if self.save_seconds else {}
 
     @staticmethod
     def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
@@ -46,11 +54,17 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             _remove(tmp)
         trainer.strategy.barrier("dstlm-ckpt-pre")
+        t0 = time.perf_counter()
         trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank writes its shards (DeepSpeed)
+        fault_point("save", trainer.global_rank, trainer.global_step, Path(self.dirpath))
         trainer.strategy.barrier("dstlm-ckpt-written")
         if trainer.is_global_zero:
             atomic_replace(tmp, filepath)
         trainer.strategy.barrier("dstlm-ckpt-swapped")
+        self.save_seconds.append(time.perf_counter() - t0)
+        if trainer.is_global_zero:  # what a preemption signal's lead time must cover (dstlm slurm reads it)
+            record = Path(self.dirpath) / SAVE_TIMES
+            record.write_text(" ".join(f"{s:.2f}" for s in self.save_seconds[-20:]) + "\n")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:

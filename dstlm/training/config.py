@@ -170,6 +170,12 @@ class TrainerConfig:
     """DeepSpeed ZeRO-3 only: keep the partitioned parameters in CPU memory between uses."""
     deepspeed_config: Optional[str] = None
     """Path to a raw DeepSpeed JSON config; its keys win over the ones dstlm derives (stage, batch, clipping)."""
+    collective_timeout_s: Optional[int] = None
+    """Seconds a rank waits in a collective before failing (DDP and DeepSpeed process groups); a dead rank then
+    ends the others within this bound instead of hanging. None: torch's default (30 min)."""
+    preempt_signal: str = "USR2"
+    """The signal that asks a run to stop at the next step, checkpointed (SLURM: --signal=USR2@LEAD); every rank
+    stops at the same step and the run exits with code 75 (requeue me)."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "devices", "num_nodes", "accumulate_grad_batches", "val_every_n_steps",
@@ -180,6 +186,13 @@ class TrainerConfig:
         if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
             raise ValueError(f"trainer.loss_chunk_tokens={self.loss_chunk_tokens!r} must be an integer >= 0 "
                              f"(tokens per chunk of the fused loss; 0 turns fusing off)")
+        from dstlm.training.preemption import signal_number
+
+        signal_number(self.preempt_signal)
+        if self.collective_timeout_s is not None and (not isinstance(self.collective_timeout_s, int)
+                                                      or self.collective_timeout_s <= 0):
+            raise ValueError(f"trainer.collective_timeout_s={self.collective_timeout_s!r} must be a positive number "
+                             f"of seconds (or null for torch's default)")
         stage = self.zero_stage
         if self.strategy.startswith("deepspeed") and stage not in (0, 1, 2, 3):
             raise ValueError(f"trainer.strategy={self.strategy!r}: the ZeRO stage must be 0, 1, 2 or 3 "

@@ -16,6 +16,7 @@ import torch
 from dstlm.checkpoint import consolidate_checkpoint, is_deepspeed_checkpoint
 from dstlm.training.build import build, run_dir
 from dstlm.training.config import RunConfig
+from dstlm.training.preemption import FINISHED, finished_marker, newest_complete, set_aside_incomplete, write_finished
 from dstlm.training.summary import peak_memory
 
 __all__ = ["build", "fit", "run_dir", "validate"]
@@ -45,8 +46,16 @@ def _reshard_if_needed(cfg: RunConfig, trainer: L.Trainer, ckpt_path: str) -> st
 def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, extra_callbacks: Optional[list] = None) -> dict:
     """Train; returns (and writes to out_dir/name/summary.json) the final metrics. The run folder also gets
     config.yaml (what ran) and, for sparse runs, sparsity.yaml (the layout the engine used)."""
-    trainer, module, data = build(cfg, extra_callbacks)
     out = run_dir(cfg)
+    if ckpt_path == "auto":
+        done = finished_marker(out)
+        if done and (done.get("steps") or 0) >= cfg.trainer.max_steps:
+            if _rank() == 0:
+                print(f"dstlm: {out} finished {done['steps']} steps already ({out / FINISHED}); nothing to do "
+                      f"(raise trainer.max_steps to train on)", flush=True)
+            return {"run": str(out), "finished": True, **done}
+        ckpt_path = _auto_resume(out)
+    trainer, module, data = build(cfg, extra_callbacks)
     if ckpt_path == "last":
         last = out / "checkpoints" / "last.ckpt"
         if not last.exists():
@@ -77,7 +86,27 @@ def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, extra_callbacks: Option
             summary.update(cb.summary())
     if trainer.is_global_zero:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if not summary.get("preempted") and trainer.global_step >= cfg.trainer.max_steps:
+            write_finished(out, summary)
     return summary
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0"))))
+
+
+def _auto_resume(out: Path) -> Optional[str]:
+    """--ckpt_path auto: the newest complete checkpoint of the run folder (what a killed save left is set aside
+    and named), or None to start from scratch."""
+    rank = _rank()
+    moved = set_aside_incomplete(out / "checkpoints", rank)
+    last = newest_complete(out / "checkpoints")
+    if rank == 0:
+        for m in moved:
+            print(f"dstlm: set aside an incomplete checkpoint (a save was interrupted): {m}", flush=True)
+        print(f"dstlm: resuming from {last} -> {os.path.realpath(last)}" if last else
+              f"dstlm: no checkpoint in {out / 'checkpoints'}: starting from scratch", flush=True)
+    return str(last) if last else None
 
 
 def validate(cfg: RunConfig, ckpt_path: Optional[str]) -> dict:

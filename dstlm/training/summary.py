@@ -149,7 +149,9 @@ def peak_memory(device: torch.device) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    lines = ["", "=" * 64, f" dstlm run finished: {summary['run']}"]
+    head = (f" dstlm run stopped at step {summary['preempted_at_step']} (preemption signal), checkpointed: "
+            if summary.get("preempted") else " dstlm run finished: ")
+    lines = ["", "=" * 64, head + summary["run"]]
     if summary.get("val_loss") is not None:
         lines.append(f"   val loss {summary['val_loss']:.4f}   val perplexity {summary['val_ppl']:.2f}")
     for key, label in (("steps", "optimizer steps"), ("train_tokens_seen", "tokens trained"),

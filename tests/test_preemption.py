@@ -1,0 +1,118 @@
+"""Preemption and automatic resume: a real `dstlm fit` process gets the preemption signal mid-run, stops at a
+step boundary with a complete checkpoint and exit code 75, and `--ckpt_path auto` goes on from it to the
+weights of an uninterrupted run, bit for bit; half-written checkpoints are set aside; a finished run does
+nothing. (tests/test_slurm.py does the same through a real SLURM.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+
+ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
+       "HF_DATASETS_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+
+
+def recipe(tmp_path: Path, files, name: str, steps: int = 40, **trainer) -> str:
+    cfg = dict(name=name, out_dir=str(tmp_path / "runs"), seed=7,
+               model=dict(vocab_size=512, block_size=64, n_layer=2, n_head=2, n_embd=64),
+               data=dict(files=files, vocab_size=512, block_size=64, batch_size=8, val_batches=2),
+               optim=dict(lr=0.003, warmup_steps=2),
+               sparsity=dict(method="rigl", sparsity=0.8, delta_t=5),
+               trainer=dict(max_steps=steps, val_every_n_steps=20, ckpt_every_n_steps=10, progress_bar=False,
+                            accelerator="cpu", log_every_n_steps=1, **trainer))
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def fit(path: str, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dstlm.cli", "fit", "--config", path, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def weights(run: Path) -> dict:
+    from dstlm.checkpoint import read_checkpoint
+
+    return read_checkpoint(run)["state_dict"]
+
+
+def signal_when(proc: subprocess.Popen, ready: Path, signum=signal.SIGUSR2, timeout=300) -> None:
+    deadline = time.time() + timeout
+    while not ready.exists():
+        assert proc.poll() is None, "the run ended before the signal"
+        assert time.time() < deadline, f"{ready} did not appear"
+        time.sleep(0.05)
+    proc.send_signal(signum)
+
+
+def test_signal_stops_at_a_checkpoint_and_auto_resume_is_bit_exact(tmp_path, small_corpus):
+    ref = fit(recipe(tmp_path, small_corpus, "ref"))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    path = recipe(tmp_path, small_corpus, "pre")
+    run = tmp_path / "runs" / "pre"
+    proc = subprocess.Popen([sys.executable, "-m", "dstlm.cli", "fit", "--config", path, "--ckpt_path", "auto"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    signal_when(proc, run / "checkpoints" / "step0000010.ckpt")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 75, err[-3000:]
+    marker = json.loads((run / "PREEMPTED").read_text())
+    stopped = marker["step"]
+    assert 10 <= stopped < 40 and marker["signal"] == "SIGUSR2"
+    assert f"stops after step {stopped}" in out and not (run / "FINISHED").exists()
+    assert os.path.realpath(run / "checkpoints" / "last.ckpt").endswith(f"step{stopped:07d}.ckpt")
+    assert float((run / "checkpoints" / "save_seconds.txt").read_text().split()[-1]) > 0
+
+    # a save killed halfway leaves a .tmp: set aside and named, never resumed from
+    (run / "checkpoints" / "step0000099.ckpt.tmp").write_text("half written")
+    again = fit(path, "--ckpt_path", "auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "set aside an incomplete checkpoint" in again.stdout and "resuming from" in again.stdout
+    assert (run / "checkpoints" / "step0000099.ckpt.incomplete-0").exists()
+    assert json.loads((run / "FINISHED").read_text())["steps"] == 40
+    a, b = weights(tmp_path / "runs" / "ref"), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # masks included
+
+    done = fit(path, "--ckpt_path", "auto")
+    assert done.returncode == 0 and "nothing to do" in done.stdout and "dstlm run finished" not in done.stdout
+
+
+def test_preempt_signal_value_is_checked(tmp_path, small_corpus):
+    r = fit(recipe(tmp_path, small_corpus, "bad", preempt_signal="USR9"))
+    assert r.returncode != 0 and "trainer.preempt_signal='USR9' is not a signal name" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.dist
+def test_two_ranks_stop_at_the_same_step(tmp_path, small_corpus):
+    """Only rank 1 gets the signal: the all-reduced flag stops both ranks after the same step, one checkpoint."""
+    path = recipe(tmp_path, small_corpus, "two", strategy="ddp", devices=2)
+    run = tmp_path / "runs" / "two"
+    proc = subprocess.Popen(["bash", "launch/torchrun.sh", "2", path], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**ENV, "PYTHON": sys.executable,
+                                                                    "STRATEGY": "ddp"})
+    ready = run / "checkpoints" / "step0000010.ckpt"
+    deadline = time.time() + 300
+    while not ready.exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout.splitlines()
+    pids = sorted(int(line.split()[0]) for line in ps
+                  if f"dstlm.cli fit --config {path}" in line and "torch.distributed.run" not in line)
+    assert len(pids) == 2, [line for line in ps if "dstlm" in line]
+    os.kill(pids[-1], signal.SIGUSR2)
+    out, err = proc.communicate(timeout=600)
+    marker = json.loads((run / "PREEMPTED").read_text())
+    assert out.count("preemption signal SIGUSR2 received") == 1, out[-2000:] + err[-2000:]
+    assert os.path.realpath(run / "checkpoints" / "last.ckpt").endswith(f"step{marker['step']:07d}.ckpt")
