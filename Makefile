@@ -26,7 +26,7 @@ train: $(STAMP)
 	.venv/bin/dstlm fit --config $(RECIPE) $(ARGS)
 
 lint: $(STAMP)
-	.venv/bin/ruff check dstlm tests benchmarks
+	.venv/bin/ruff check dstlm tests benchmarks slurm
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -m "not slow" $(ARGS)

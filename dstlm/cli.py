@@ -1,6 +1,6 @@
 """`dstlm` console script: subcommands are typed functions, parsed by jsonargparse.
 
-    dstlm fit      --config recipes/default.yaml [--trainer.max_steps=100 ...] [--ckpt_path last|PATH]
+    dstlm fit      --config recipes/default.yaml [--trainer.max_steps=100 ...] [--ckpt_path last|auto|PATH]
     dstlm validate --config recipes/default.yaml --ckpt_path last|PATH
     dstlm flops    --config RECIPE [--key value]   FLOPs per token vs the dense baseline (Sparse-IFT check)
     dstlm eval     --checkpoint PATH --tasks t1,t2 [--limit N] [--batch_size B] [--out results.json]
@@ -8,6 +8,7 @@
     dstlm prune    --config RECIPE --out DIR       one-shot masks of a Hugging Face model source, exported
     dstlm report   --checkpoint PATH [--layer NAME] [--out DIR]   sparsity pictures of a checkpoint
     dstlm presets                                  list the model presets in configs/model/
+    dstlm slurm    --config RECIPE --nodes N --gpus-per-node G [--submit]   a SLURM job (docs/slurm.md)
 
 fit/validate/flops take every field of dstlm.training.config.RunConfig at the top level, as recipes write
 them (`--print_config` prints the parsed config; each run saves the config that ran as runs/<name>/config.yaml,
@@ -39,7 +40,9 @@ def run_parser(prog: str, hf_first: bool = False) -> ArgumentParser:
                             description="Options are fields of RunConfig; YAML recipes set the same keys.")
     parser.add_argument("--config", action="config", help="A recipe YAML (recipes/*.yaml) or a run's config.yaml.")
     parser.add_argument("--ckpt_path", type=Optional[str], default=None,
-                        help="Resume (fit) or evaluate (validate) from 'last' or a checkpoint path.")
+                        help="Resume (fit) or evaluate (validate) from 'last' or a checkpoint path; fit also takes "
+                             "'auto': the newest complete checkpoint of the run if any (what a killed save left "
+                             "is set aside), else from scratch, and nothing if the run has FINISHED.")
     parser.add_class_arguments(RunConfig, nested_key=None, sub_configs=True, fail_untyped=True)
     return parser
 
@@ -108,10 +111,19 @@ def fit(argv: list[str]) -> int:
     from dstlm.training.run import fit as run_fit
     from dstlm.training.summary import format_summary
 
+    from dstlm.training.preemption import EXIT_PREEMPTED
+
     cfg, ckpt = parse_run("dstlm fit", argv)
     summary = run_fit(cfg, ckpt_path=ckpt)
+    if summary.get("finished") and "loss_png" not in summary:
+        return 0  # --ckpt_path auto on a finished run: said so, nothing trained
     if rank_zero_only.rank == 0:
         print(format_summary(summary))
+    if summary.get("preempted"):
+        if rank_zero_only.rank == 0:
+            print(f"dstlm: stopped at step {summary['preempted_at_step']} on the preemption signal, checkpointed; "
+                  f"exit code {EXIT_PREEMPTED} (run again with --ckpt_path auto to go on)", flush=True)
+        return EXIT_PREEMPTED
     return 0
 
 
@@ -141,6 +153,18 @@ def prune(argv: list[str]) -> int:
     cfg, out = parse_run("dstlm prune", argv, out=True)
     print(f"wrote {one_shot(cfg, out)} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
+
+
+def slurm(argv: list[str]) -> int:
+    """write (and with --submit, sbatch) a SLURM job for a recipe: preemption-safe, auto-resuming"""
+    from dstlm.slurm import _parser, main
+
+    if argv in (["-h"], ["--help"]):
+        _parser().print_help()
+        print("\nEvery other option is a `dstlm fit` option (--config RECIPE, --trainer.strategy ..., see "
+              "`dstlm fit --help`).")
+        return 0
+    return main(argv, parse_run)
 
 
 # -- subcommands on a checkpoint: typed functions, their parameters are the options ------------------------
@@ -241,10 +265,11 @@ def function_command(fn: Callable[..., int]) -> Callable[[list[str]], int]:
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "fit": fit, "validate": validate, "presets": function_command(presets), "eval": function_command(eval_checkpoint),
     "flops": flops, "export": function_command(export), "report": function_command(report), "prune": prune,
+    "slurm": slurm,
 }
 name_of = {presets: "presets", eval_checkpoint: "eval", export: "export", report: "report"}
 HELP = {"fit": fit, "validate": validate, "presets": presets, "eval": eval_checkpoint, "flops": flops,
-        "export": export, "report": report, "prune": prune}
+        "export": export, "report": report, "prune": prune, "slurm": slurm}
 
 
 def usage() -> str:

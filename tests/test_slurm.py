@@ -1,0 +1,177 @@
+"""`slurm/` on a real single-node SLURM (munged + slurmctld + slurmd from Debian's packages, started here and
+stopped by PID): a job rendered by `dstlm slurm` gets the preemption signal mid-run, requeues itself, resumes
+from the checkpoint of the step it stopped at and ends with the weights and masks of an uninterrupted run,
+bit for bit; a job that keeps crashing stops after its retry bound with the reason. Needs root; installs the
+packages when missing (apt-get)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from test_preemption import ENV, recipe, weights
+
+sys.path.insert(0, str(REPO / "slurm"))
+import local_cluster  # noqa: E402
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("a real SLURM needs root to start its daemons")
+    if not local_cluster.installed():
+        local_cluster.install()  # CI's .ci/run installs them first; a failure here is a real failure
+    root = tmp_path_factory.mktemp("slurm")
+    env = local_cluster.start(root, cpus=2)
+    yield {**ENV, **env, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin"}, root
+    local_cluster.stop(root)
+
+
+def sh(args, env, check=True) -> str:
+    r = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    if check:
+        assert r.returncode == 0, f"{args}: {r.stderr}"
+    return r.stdout
+
+
+def job_field(job: str, field: str, env) -> str:
+    m = re.search(rf"\b{field}=(\S+)", sh(["scontrol", "show", "job", job], env))
+    return m.group(1) if m else ""
+
+
+def wait_for(cond, timeout, what, env, job):
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise AssertionError(f"{what}: not after {timeout} s; job: {sh(['scontrol', 'show', 'job', job], env)}")
+        # a requeued job is held ~2 minutes (EligibleTime) by slurmctld: release it now, as an admin could
+        if job_field(job, "JobState", env) == "PENDING" and job_field(job, "Reason", env) == "BeginTime":
+            sh(["scontrol", "update", f"JobId={job}", "StartTime=now"], env, check=False)
+        time.sleep(0.5)
+
+
+def submit(env, path: str, *extra) -> str:
+    out = sh([sys.executable, "-m", "dstlm.cli", "slurm", "--config", path, "--tasks-per-node", "2",
+              "--time", "0:20:00", "--lead-time", "60", "--collective-timeout", "120", "--submit", *extra], env)
+    return re.search(r"submitted job (\d+)", out).group(1)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_2", marks=pytest.mark.slow)])
+def test_preempted_job_requeues_and_resumes_bit_exactly(tmp_path, small_corpus, cluster, strategy):
+    env, _ = cluster
+    ref = subprocess.run(["bash", "launch/torchrun.sh", "2", recipe(tmp_path, small_corpus, "ref", strategy=strategy)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**ENV, "PYTHON": sys.executable, "STRATEGY": strategy})
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    path = recipe(tmp_path, small_corpus, "pre", strategy=strategy)
+    run = tmp_path / "runs" / "pre"
+    job = submit(env, path)
+    wait_for(lambda: (run / "checkpoints" / "step0000010.ckpt").exists(), 300, "first checkpoint", env, job)
+    sh(["scancel", "--signal=USR2", job], env)  # to every task of the job's steps, as --signal=USR2@LEAD does
+    wait_for(lambda: job_field(job, "JobState", env) == "COMPLETED", 600, "job completed", env, job)
+
+    assert job_field(job, "Restarts", env) == "1"
+    log = (run / "slurm" / f"dstlm-pre-{job}.out").read_text()
+    stopped = json.loads((run / "PREEMPTED").read_text())["step"] if (run / "PREEMPTED").exists() else None
+    m = re.search(r"every rank stops after step (\d+)", log)
+    assert m and stopped is None, log[-3000:]  # the marker is removed by the next attempt's script
+    step = int(m.group(1))
+    assert "dstlm-slurm: preempted (time left" in log and "requeueing (restart 1)" in log, log[-3000:]
+    # resumed at the very step it stopped at: no work repeated
+    assert f"resuming from {run}/checkpoints/last.ckpt -> {run}/checkpoints/step{step:07d}.ckpt" in log
+    assert "dstlm-slurm: finished" in log and json.loads((run / "FINISHED").read_text())["steps"] == 40
+    a, b = weights(tmp_path / "runs" / "ref"), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # masks included
+
+
+def test_task_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path, small_corpus, cluster):
+    """Rank 1 SIGKILLs itself after writing its part of the step-20 checkpoint, before the swap (fault
+    injection, once): srun ends the step, the job requeues as a crash, the half-done step-20 checkpoint is set
+    aside and named, the run resumes from step 10 (one interval of work repeated) and ends bit-equal to an
+    uninterrupted run."""
+    env, _ = cluster
+    ref = subprocess.run(["bash", "launch/torchrun.sh", "2", recipe(tmp_path, small_corpus, "ref", strategy="ddp")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**ENV, "PYTHON": sys.executable, "STRATEGY": "ddp"})
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    path = recipe(tmp_path, small_corpus, "kill", strategy="ddp")
+    run = tmp_path / "runs" / "kill"
+    job = submit(env, path, "--export", "DSTLM_FAULT=kill:rank=1:point=save:step=20")
+    wait_for(lambda: job_field(job, "JobState", env) == "COMPLETED", 600, "job completed", env, job)
+    log = (run / "slurm" / f"dstlm-kill-{job}.out").read_text()
+    assert "rank 1 kills itself at save of step 20" in log and job_field(job, "Restarts", env) == "1"
+    assert re.search(r"crashed \(exit code \d+; 1 crash\(es\) in a row\): requeueing", log), log[-3000:]
+    assert f"set aside an incomplete checkpoint (a save was interrupted): {run}/checkpoints/step0000020.ckpt" \
+           f".incomplete-0" in log
+    assert f"-> {run}/checkpoints/step0000010.ckpt" in log and "dstlm-slurm: finished" in log
+    # the surviving rank did not hang: the second attempt started well within the collective timeout
+    starts = re.findall(r"dstlm-slurm: job \d+ start (\S+)", log)
+    fired = (run / "checkpoints" / ".fault-fired-save-1-20").stat().st_mtime
+    from datetime import datetime
+
+    assert len(starts) == 2 and datetime.fromisoformat(starts[1]).timestamp() - fired < 120
+    a, b = weights(tmp_path / "runs" / "ref"), weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crashing_job_stops_after_its_retry_bound(tmp_path, small_corpus, cluster):
+    env, _ = cluster
+    path = recipe(tmp_path, small_corpus, "crash", strategy="ddp")
+    job = submit(env, path, "--max-retries", "1", "--data.files", json.dumps([str(tmp_path / "gone.txt")]))
+    wait_for(lambda: job_field(job, "JobState", env) in ("FAILED", "COMPLETED"), 600, "job ended", env, job)
+    log = (tmp_path / "runs" / "crash" / "slurm" / f"dstlm-crash-{job}.out").read_text()
+    assert job_field(job, "JobState", env) == "FAILED" and job_field(job, "Restarts", env) == "1", log[-3000:]
+    # srun's code: the task that failed first, or 143 for a task --kill-on-bad-exit terminated
+    assert re.search(r"crashed \(exit code \d+; 1 crash\(es\) in a row\): requeueing", log), log[-3000:]
+    assert re.search(r"crashed \(exit code \d+; 2 crash\(es\) in a row\): more than --max-retries 1; not "
+                     r"requeueing", log)
+    assert "corpus file" in log  # the run's own one-line reason is in the job's log
+
+
+def test_finished_job_does_not_train_again(tmp_path, small_corpus, cluster):
+    env, _ = cluster
+    path = recipe(tmp_path, small_corpus, "done", steps=4, strategy="ddp")
+    run = tmp_path / "runs" / "done"
+    for _ in range(2):
+        job = submit(env, path)
+        wait_for(lambda j=job: job_field(j, "JobState", env) == "COMPLETED", 600, "job completed", env, job)
+        assert job_field(job, "Restarts", env) == "0"
+    log = (run / "slurm" / f"dstlm-done-{job}.out").read_text()
+    assert "nothing to do" in log and "dstlm-slurm: finished" in log and "resuming" not in log
+
+
+def test_render_refuses_inconsistent_devices_and_another_recipes_run_dir(tmp_path, small_corpus):
+    from dstlm.cli import parse_run
+    from dstlm.slurm import render as render_with
+
+    def render(argv):
+        return render_with(argv, parse_run)
+
+    path = recipe(tmp_path, small_corpus, "r", strategy="ddp", devices=4)
+    with pytest.raises(ValueError, match=r"trainer.devices=4 but the job runs 2 process\(es\) per node"):
+        render(["--config", path, "--tasks-per-node", "2"])
+    with pytest.raises(ValueError, match="USR1 is also caught by NCCL"):
+        render(["--config", path, "--tasks-per-node", "4", "--signal", "USR1"])
+    text, out, _, _ = render(["--config", path, "--tasks-per-node", "4", "--nodes", "1", "--time", "1:00:00"])
+    assert "#SBATCH --ntasks-per-node=4" in text and "--trainer.devices 4" in text and "%%" not in text
+    run = tmp_path / "runs" / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "save_seconds.txt").write_text("12.00 40.00\n")  # what StepCheckpoint records
+    with pytest.warns(UserWarning, match=r"--lead-time=60 s is less than twice the measured checkpoint save of "
+                                         r"this run \(40 s"):
+        render(["--config", path, "--tasks-per-node", "4", "--lead-time", "60"])
+    (run / "config.yaml").write_text("model: {n_layer: 12}\n")
+    with pytest.raises(ValueError, match="holds a run of another recipe"):
+        render(["--config", path, "--tasks-per-node", "4"])
