@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-DAEMONS = ("slurmd", "slurmctld", "munged")  # stop order
 
 
 def installed() -> bool:
@@ -36,11 +35,23 @@ def install() -> None:
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
 
 
-def config(root: Path, cpus: int) -> str:
+NETNS = "dstlm-n2"  # the second "host" of a two-node cluster
+VETH = ("veth-dstlm0", "veth-dstlm1")
+ADDRS = ("10.77.0.1", "10.77.0.2")
+
+
+def config(root: Path, cpus: int, nodes: int = 1) -> str:
     host = socket.gethostname().split(".")[0]
+    if nodes == 1:
+        node_lines = f"NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN"
+        ctld = f"{host}(127.0.0.1)"
+    else:  # n1 in this network namespace, n2 in NETNS, joined by a veth pair
+        node_lines = "\n".join(f"NodeName=n{i + 1} NodeAddr={a} CPUs={cpus} State=UNKNOWN"
+                                for i, a in enumerate(ADDRS))
+        ctld = f"{host}({ADDRS[0]})"
     return f"""# written by slurm/local_cluster.py
 ClusterName=dstlm-local
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={ctld}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -58,14 +69,14 @@ KillWait=30
 SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
 
@@ -87,9 +98,39 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
-def start(root: Path, cpus: int | None = None, timeout: float = 60.0) -> dict[str, str]:
-    """Start the three daemons; returns the environment a client needs ({'SLURM_CONF': ...}). Waits until the
-    node is idle. Refuses to start over a running cluster of the same directory."""
+def _ip(*args: str, netns: str | None = None) -> None:
+    cmd = (["ip", "netns", "exec", netns, "ip"] if netns else ["ip"]) + list(args)
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+def make_second_host() -> None:
+    """A network namespace joined to this one by a veth pair: ADDRS[0] here, ADDRS[1] there."""
+    remove_second_host()
+    _ip("netns", "add", NETNS)
+    _ip("link", "add", VETH[0], "type", "veth", "peer", "name", VETH[1])
+    _ip("link", "set", VETH[1], "netns", NETNS)
+    _ip("addr", "add", f"{ADDRS[0]}/24", "dev", VETH[0])
+    _ip("link", "set", VETH[0], "up")
+    _ip("addr", "add", f"{ADDRS[1]}/24", "dev", VETH[1], netns=NETNS)
+    _ip("link", "set", VETH[1], "up", netns=NETNS)
+    _ip("link", "set", "lo", "up", netns=NETNS)
+
+
+def remove_second_host() -> None:
+    subprocess.run(["ip", "link", "del", VETH[0]], capture_output=True)  # removes both ends
+    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+
+
+def node_names(nodes: int) -> list[str]:
+    return [socket.gethostname().split(".")[0]] if nodes == 1 else [f"n{i + 1}" for i in range(nodes)]
+
+
+def start(root: Path, cpus: int | None = None, timeout: float = 60.0, nodes: int = 1) -> dict[str, str]:
+    """Start munged, slurmctld and a slurmd per node (nodes=2: the second in its own network namespace, a
+    second "host"); returns the environment a client needs ({'SLURM_CONF': ...}). Waits until every node is
+    idle. Refuses to start over a running cluster of the same directory."""
+    if nodes not in (1, 2):
+        raise ValueError(f"nodes={nodes}: 1, or 2 (this host and a network namespace)")
     if os.geteuid() != 0:
         raise PermissionError("the SLURM daemons need root; run as root (or use a real cluster)")
     if not installed():
@@ -98,11 +139,17 @@ def start(root: Path, cpus: int | None = None, timeout: float = 60.0) -> dict[st
     root = root.resolve()
     if _alive(_pid(root / "slurmctld.pid")):
         raise RuntimeError(f"a cluster is already running from {root}; stop it first")
+    names = node_names(nodes)
     for d in ("state", "spool"):
         shutil.rmtree(root / d, ignore_errors=True)
         (root / d).mkdir(parents=True)
+    for n in names:
+        (root / "spool" / n).mkdir()
     conf = root / "slurm.conf"
-    conf.write_text(config(root, cpus or os.cpu_count() or 1))
+    conf.write_text(config(root, cpus or os.cpu_count() or 1, nodes))
+    (root / "nodes").write_text(" ".join(names))
+    if nodes == 2:
+        make_second_host()
     env = {**os.environ, "SLURM_CONF": str(conf)}
     run_munge = Path("/run/munge")
     run_munge.mkdir(exist_ok=True)
@@ -111,25 +158,30 @@ def start(root: Path, cpus: int | None = None, timeout: float = 60.0) -> dict[st
         subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
     (root / "munged.pid").write_text((run_munge / "munged.pid").read_text())
     subprocess.run(["/usr/sbin/slurmctld", "-c"], check=True, env=env)  # -c: no saved state (a clean cluster)
-    subprocess.run(["/usr/sbin/slurmd"], check=True, env=env)
+    for i, n in enumerate(names):
+        # nsenter: only the network namespace (ip netns exec also remounts /sys, hiding the cgroup tree)
+        netns = ["nsenter", f"--net=/run/netns/{NETNS}"] if i == 1 else []
+        subprocess.run(netns + ["/usr/sbin/slurmd", "-N", n], check=True, env=env)
     deadline = time.time() + timeout
     state = ""
     while time.time() < deadline:
-        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env)
-        state = r.stdout.strip()
-        if r.returncode == 0 and state.startswith("idle"):
+        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=env)
+        state = r.stdout.split()
+        if r.returncode == 0 and len(state) == nodes and all(x.startswith("idle") for x in state):
             return {"SLURM_CONF": str(conf)}
         time.sleep(0.5)
     stop(root)
-    raise TimeoutError(f"the SLURM node did not become idle in {timeout:.0f} s (state {state!r}); see "
-                       f"{root}/slurmctld.log and {root}/slurmd.log")
+    raise TimeoutError(f"the SLURM nodes did not become idle in {timeout:.0f} s (states {state!r}); see "
+                       f"{root}/slurmctld.log and {root}/slurmd-*.log")
 
 
 def stop(root: Path) -> None:
     """Stop what `start` started, by PID (slurmd, slurmctld, then munged), waiting for each to exit."""
     root = root.resolve()
-    for name in DAEMONS:
-        pid = _pid(root / f"{name}.pid")
+    names = (root / "nodes").read_text().split() if (root / "nodes").exists() else []
+    pid_files = [root / f"slurmd-{n}.pid" for n in names] + [root / "slurmctld.pid", root / "munged.pid"]
+    for path in pid_files:
+        pid = _pid(path)
         if not _alive(pid):
             continue
         os.kill(pid, signal.SIGTERM)
@@ -139,13 +191,16 @@ def stop(root: Path) -> None:
             time.sleep(0.1)
         else:
             os.kill(pid, signal.SIGKILL)
+    if len(names) == 2:
+        remove_second_host()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("action", choices=("start", "stop"))
     ap.add_argument("dir", type=Path)
-    ap.add_argument("--cpus", type=int, default=None, help="CPUs of the node (default: all)")
+    ap.add_argument("--cpus", type=int, default=None, help="CPUs of each node (default: all)")
+    ap.add_argument("--nodes", type=int, default=1, help="2: a second node in a network namespace")
     ap.add_argument("--install", action="store_true", help="apt-get install slurm-wlm munge when missing")
     args = ap.parse_args(argv)
     if args.action == "stop":
@@ -153,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.install and not installed():
         install()
-    env = start(args.dir, args.cpus)
+    env = start(args.dir, args.cpus, nodes=args.nodes)
     print(f"export SLURM_CONF={env['SLURM_CONF']}")
     return 0
 

@@ -77,6 +77,9 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
     callbacks += extra_callbacks or []
     t = cfg.trainer
     strategy = t.strategy
+    from dstlm.training.strategies import pin_gloo_interface
+
+    pin_gloo_interface(t.num_nodes)
     timeout = {"timeout": timedelta(seconds=t.collective_timeout_s)} if t.collective_timeout_s else {}
     if strategy.startswith("deepspeed"):
         from dstlm.training.strategies import DeepSpeedZeRO

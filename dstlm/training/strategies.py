@@ -184,3 +184,30 @@ def universal_checkpoint(ckpt_dir: str | Path, rank: int, timeout_s: float = 180
             raise TimeoutError(f"rank {rank} waited {timeout_s:.0f} s for rank 0 to convert {src} to {out}")
         time.sleep(0.5)
     return out
+
+
+def pin_gloo_interface(num_nodes: int) -> None:
+    """On several nodes gloo advertises the address its host name resolves to, which is often a loopback
+    (127.0.1.1 in /etc/hosts): the other nodes then cannot connect. Unless GLOO_SOCKET_IFNAME is set, pin it to
+    the interface that reaches MASTER_ADDR (the one holding it, on the first node). Linux `ip` needed; without
+    it, or on one node, nothing changes."""
+    addr = os.environ.get("MASTER_ADDR")
+    if num_nodes <= 1 or not addr or "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    import shutil
+    import subprocess
+
+    if shutil.which("ip") is None:
+        return
+    try:
+        own = subprocess.run(["ip", "-o", "addr", "show", "to", addr], capture_output=True, text=True, timeout=10)
+        fields = own.stdout.split()
+        if own.returncode == 0 and len(fields) > 1 and fields[1] != "lo":
+            os.environ["GLOO_SOCKET_IFNAME"] = fields[1]
+            return
+        route = subprocess.run(["ip", "-o", "route", "get", addr], capture_output=True, text=True, timeout=10)
+        words = route.stdout.split()
+        if route.returncode == 0 and "dev" in words and words[words.index("dev") + 1] != "lo":
+            os.environ["GLOO_SOCKET_IFNAME"] = words[words.index("dev") + 1]
+    except (OSError, subprocess.SubprocessError):
+        return

@@ -1,0 +1,58 @@
+"""Multi-node for real: two "hosts" (this network namespace and a second one joined by a veth pair, created
+and removed here), a slurmd in each, and a job rendered by `dstlm slurm --nodes 2` with one task per node
+(srun, rendezvous at the first node's address, gloo pinned to the interface that reaches it) ends where one
+node with 2 processes ends, under DDP and ZeRO-3. Needs root (namespaces, daemons)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from test_preemption import ENV, recipe, weights
+from test_slurm import job_field, sh, wait_for
+
+sys.path.insert(0, str(REPO / "slurm"))
+import local_cluster  # noqa: E402
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("namespaces and SLURM daemons need root")
+    if not local_cluster.installed():
+        local_cluster.install()
+    root = tmp_path_factory.mktemp("slurm2")
+    env = local_cluster.start(root, cpus=1, nodes=2)
+    yield {**ENV, **env, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin"}
+    local_cluster.stop(root)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_3", marks=pytest.mark.slow)])
+def test_two_nodes_match_one_node_with_two_processes(tmp_path, small_corpus, two_nodes, strategy):
+    env = two_nodes
+    ref = subprocess.run(["bash", "launch/torchrun.sh", "2", recipe(tmp_path, small_corpus, "one", steps=20,
+                                                                   strategy=strategy)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**ENV, "PYTHON": sys.executable, "STRATEGY": strategy})
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    path = recipe(tmp_path, small_corpus, "two", steps=20, strategy=strategy)
+    out = sh([sys.executable, "-m", "dstlm.cli", "slurm", "--config", path, "--nodes", "2", "--tasks-per-node", "1",
+              "--time", "0:20:00", "--collective-timeout", "120", "--max-retries", "0", "--submit"], env)
+    job = re.search(r"submitted job (\d+)", out).group(1)
+    wait_for(lambda: job_field(job, "JobState", env) in ("COMPLETED", "FAILED"), 600, "job ended", env, job)
+    log = (tmp_path / "runs" / "two" / "slurm" / f"dstlm-two-{job}.out").read_text()
+    assert job_field(job, "JobState", env) == "COMPLETED", log[-3000:]
+    assert "nodes=n[1-2]" in log and "dstlm-slurm: finished" in log
+    a, b = weights(tmp_path / "runs" / "one"), weights(tmp_path / "runs" / "two")
+    assert a.keys() == b.keys()
+    for k in a:  # the same two ranks, the same gloo reductions: equal
+        assert torch.equal(a[k], b[k]), k
