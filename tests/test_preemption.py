@@ -116,3 +116,35 @@ def test_two_ranks_stop_at_the_same_step(tmp_path, small_corpus):
     marker = json.loads((run / "PREEMPTED").read_text())
     assert out.count("preemption signal SIGUSR2 received") == 1, out[-2000:] + err[-2000:]
     assert os.path.realpath(run / "checkpoints" / "last.ckpt").endswith(f"step{marker['step']:07d}.ckpt")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_dead_rank_ends_the_other_within_the_collective_timeout(tmp_path, small_corpus, how):
+    """Two ranks started as plain processes (no launcher that would kill the survivor): after the step-10
+    checkpoint rank 1 is SIGKILLed (its sockets close: rank 0 fails at once) or SIGSTOPped (a hung peer: the
+    connection stays open, only the timeout ends the wait); either way rank 0 exits with an error within
+    trainer.collective_timeout_s (20 s) instead of hanging."""
+    import socket
+
+    path = recipe(tmp_path, small_corpus, "dead", steps=400, strategy="ddp", devices=2, collective_timeout_s=20)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0",
+               "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "dstlm.cli", "fit", "--config", path], cwd=REPO,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env))
+    try:
+        signal_when(procs[1], tmp_path / "runs" / "dead" / "checkpoints" / "step0000010.ckpt", how)
+        t0 = time.time()
+        procs[0].wait(timeout=120)
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode != 0 and waited < 20 + 15, (waited, procs[0].stderr.read()[-2000:])
+    if how == signal.SIGSTOP:
+        assert waited > 5, waited  # it did wait on the silent peer: the timeout, not a closed socket, ended it

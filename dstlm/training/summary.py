@@ -157,6 +157,7 @@ def format_summary(summary: dict) -> str:
     for key, label in (("steps", "optimizer steps"), ("train_tokens_seen", "tokens trained"),
                        ("tokens_per_s", "tokens/s (run average)"), ("wall_s", "wall time (s)"),
                        ("params", "parameters"), ("sparsity", "sparsity (sparsified layers)"),
+                       ("checkpoint_save_s_max", "longest checkpoint save (s)"),
                        ("peak_memory_gib", "peak memory (GiB)")):
         if summary.get(key) is not None:
             value = summary[key]
