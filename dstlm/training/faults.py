@@ -1,9 +1,9 @@
-"""Fault injection for the fault tests: kill this process at a named point, once per run folder.
+"""Fault injection for the fault tests, once per run folder. Unset (always, outside tests), nothing happens.
 
-`DSTLM_FAULT=kill:rank=R:point=P:step=S` makes global rank R SIGKILL itself when it reaches point P at
-optimizer step S (points: `save`, after this rank wrote its part of a checkpoint and before the checkpoint
-is swapped in). It fires once: a marker in the run's checkpoint folder keeps a requeued or resumed run from
-dying again at the same place. Unset (always, outside tests), nothing happens.
+- `DSTLM_FAULT=kill:rank=R:point=save:step=S`: global rank R SIGKILLs itself after writing its part of the
+  step-S checkpoint, before the checkpoint is swapped in. It fires once: a marker in the run's checkpoint
+  folder keeps a requeued or resumed run from dying again at the same place.
+- `DSTLM_FAULT=nan:rank=R:point=loss:step=S`: rank R's training loss at optimizer step S becomes NaN.
 """
 
 from __future__ import annotations
@@ -21,15 +21,25 @@ def _spec() -> dict[str, str]:
         return {}
     kind, *fields = raw.split(":")
     spec = dict(f.split("=", 1) for f in fields if "=" in f)
-    if kind != "kill" or not {"rank", "point", "step"} <= spec.keys():
-        raise ValueError(f"{ENV}={raw!r}: expected kill:rank=R:point=save:step=S")
-    return spec
+    if kind not in ("kill", "nan") or not {"rank", "point", "step"} <= spec.keys():
+        raise ValueError(f"{ENV}={raw!r}: expected kill:rank=R:point=save:step=S or nan:rank=R:point=loss:step=S")
+    return {"kind": kind, **spec}
+
+
+def _matches(kind: str, point: str, rank: int, step: int) -> bool:
+    spec = _spec()
+    return bool(spec) and spec["kind"] == kind and spec["point"] == point and int(spec["rank"]) == rank \
+        and int(spec["step"]) == step
+
+
+def fault_value(point: str, rank: int, step: int, value):
+    """`value` made NaN if DSTLM_FAULT names this point, rank and step."""
+    return value * float("nan") if _matches("nan", point, rank, step) else value
 
 
 def fault_point(point: str, rank: int, step: int, folder: Path) -> None:
     """Die here if DSTLM_FAULT names this point, rank and step and has not fired for `folder` yet."""
-    spec = _spec()
-    if not spec or spec["point"] != point or int(spec["rank"]) != rank or int(spec["step"]) != step:
+    if not _matches("kill", point, rank, step):
         return
     marker = Path(folder) / f".fault-fired-{point}-{rank}-{step}"
     if marker.exists():
