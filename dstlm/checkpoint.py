@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -71,6 +72,50 @@ def is_deepspeed_checkpoint(path: str | Path) -> bool:
     """A Lightning DeepSpeed checkpoint: a directory holding DeepSpeed's tag folder `checkpoint/`."""
     tag = Path(path) / "checkpoint"
     return tag.is_dir() and any(tag.glob("*model_states.pt"))
+
+
+def checkpoint_problem(path: str | Path) -> Optional[str]:
+    """What is wrong with a checkpoint (a .ckpt file or a DeepSpeed directory), or None when it looks whole:
+    every file a readable zip archive (torch.save's format: a truncated copy loses the archive's directory at
+    the end) and, for DeepSpeed ZeRO-1/2/3, one optimizer-state file per rank 0..W-1. Reads archive
+    directories, not tensors."""
+    import re
+    import zipfile
+
+    p = Path(path)
+    if p.is_file():
+        files = [p]
+    elif is_deepspeed_checkpoint(p):
+        files = sorted((p / "checkpoint").glob("*.pt"))
+        ranks = sorted(int(m.group(1)) for f in files if (m := re.search(r"zero_pp_rank_(\d+)_.*optim_states", f.name)))
+        if ranks and ranks != list(range(len(ranks))):  # (ZeRO-0 keeps its optimizer in the model states)
+            missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+            return f"the optimizer states of rank(s) {missing} are missing"
+    else:
+        return "it is neither a .ckpt file nor a DeepSpeed checkpoint directory"
+    for f in files:
+        if f.stat().st_size == 0:
+            return f"{os.path.basename(os.path.realpath(f))} is empty"
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{os.path.basename(os.path.realpath(f))} is truncated or corrupt ({e})"
+    return None
+
+
+def newest_readable(ckpt_dir: Path, first: Path) -> tuple[Optional[Path], list[str]]:
+    """`first` (usually last.ckpt) if it is whole, else the newest whole step checkpoint of `ckpt_dir`; and a
+    line per checkpoint passed over, saying why."""
+    skipped = []
+    candidates = [first] + sorted((c for c in ckpt_dir.glob("step*.ckpt")
+                                   if c.resolve() != first.resolve()), key=lambda c: c.name, reverse=True)
+    for c in candidates:
+        problem = checkpoint_problem(c)
+        if problem is None:
+            return c, skipped
+        skipped.append(f"{c} ({os.path.realpath(c)}) is unreadable: {problem}")
+    return None, skipped
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -58,3 +58,43 @@ def test_non_finite_gradient_names_the_parameter():
     module.model.blocks[0].mlp.fc_in.weight.grad[3, 2] = 0.0
     module.on_before_optimizer_step(None)  # finite: nothing happens
     assert os.environ.get("DSTLM_FAULT") is None
+
+
+def test_truncated_checkpoint_is_passed_over_and_named(tmp_path, small_corpus):
+    """A checkpoint cut short (a copy that ran out of disk): `--ckpt_path last` says which file is unreadable
+    and why, resumes from the newest readable one, and ends where an undisturbed run ends; naming the broken file
+    explicitly is a one-line error."""
+    from test_preemption import fit
+
+    path = recipe(tmp_path, small_corpus, "t", steps=30)
+    assert fit(path).returncode == 0
+    run = tmp_path / "runs" / "t"
+    a = weights(run)
+    broken = run / "checkpoints" / "step0000030.ckpt"
+    os.truncate(broken, broken.stat().st_size // 2)
+    r = fit(path, "--ckpt_path", "last")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step0000030.ckpt is truncated or corrupt" in r.stdout
+    assert f"resuming from the newest readable checkpoint instead: {run / 'checkpoints' / 'step0000020.ckpt'}" \
+        in r.stdout
+    b = weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # steps 21-30 again, to the same weights
+    os.truncate(run / "checkpoints" / "step0000020.ckpt", 100)
+    r = fit(path, "--ckpt_path", str(run / "checkpoints" / "step0000020.ckpt"))
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+    assert "step0000020.ckpt is unreadable: step0000020.ckpt is truncated or corrupt" in r.stderr
+
+
+def test_deepspeed_checkpoint_missing_a_ranks_optimizer_states(tmp_path):
+    from dstlm.checkpoint import checkpoint_problem
+
+    tag = tmp_path / "last.ckpt" / "checkpoint"
+    tag.mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "zero_pp_rank_2_mp_rank_00_optim_states.pt"):
+        torch.save({"x": torch.zeros(2)}, tag / name)
+    assert checkpoint_problem(tmp_path / "last.ckpt") == "the optimizer states of rank(s) [1] are missing"
+    torch.save({"x": torch.zeros(2)}, tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert checkpoint_problem(tmp_path / "last.ckpt") is None
+    (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"")
+    assert checkpoint_problem(tmp_path / "last.ckpt") == "zero_pp_rank_1_mp_rank_00_optim_states.pt is empty"

@@ -13,7 +13,7 @@ from typing import Optional
 import lightning as L
 import torch
 
-from dstlm.checkpoint import consolidate_checkpoint, is_deepspeed_checkpoint
+from dstlm.checkpoint import checkpoint_problem, consolidate_checkpoint, is_deepspeed_checkpoint, newest_readable
 from dstlm.training.build import build, run_dir
 from dstlm.training.config import RunConfig
 from dstlm.training.preemption import FINISHED, finished_marker, newest_complete, set_aside_incomplete, write_finished
@@ -60,9 +60,14 @@ def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, extra_callbacks: Option
         last = out / "checkpoints" / "last.ckpt"
         if not last.exists():
             raise FileNotFoundError(f"--ckpt_path last: no checkpoint at {last}; train first or give a path")
-        ckpt_path = str(last)
+        ckpt_path = _readable(out, last, "--ckpt_path last")
     elif ckpt_path is not None and not Path(ckpt_path).exists():
         raise FileNotFoundError(f"checkpoint {ckpt_path!r} does not exist")
+    elif ckpt_path is not None:
+        problem = checkpoint_problem(ckpt_path)
+        if problem is not None:
+            raise ValueError(f"checkpoint {ckpt_path} is unreadable: {problem}; give another one, or "
+                             f"--ckpt_path last for the newest readable checkpoint of the run")
     if ckpt_path is not None:
         ckpt_path = _reshard_if_needed(cfg, trainer, ckpt_path)
     t0 = time.perf_counter()
@@ -95,6 +100,20 @@ def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0"))))
 
 
+def _readable(out: Path, first: Path, how: str) -> str:
+    """`first`, or the newest readable step checkpoint when it is truncated or corrupt (said on rank 0)."""
+    found, skipped = newest_readable(out / "checkpoints", first)
+    if _rank() == 0:
+        for line in skipped:
+            print(f"dstlm: {line}; passing over it", flush=True)
+    if found is None:
+        raise ValueError(f"{how}: no readable checkpoint in {out / 'checkpoints'} ({'; '.join(skipped)}); "
+                         f"start over without --ckpt_path, or restore a copy")
+    if skipped and _rank() == 0:
+        print(f"dstlm: resuming from the newest readable checkpoint instead: {os.path.realpath(found)}", flush=True)
+    return str(found)
+
+
 def _auto_resume(out: Path) -> Optional[str]:
     """--ckpt_path auto: the newest complete checkpoint of the run folder (what a killed save left is set aside
     and named), or None to start from scratch."""
@@ -106,7 +125,7 @@ def _auto_resume(out: Path) -> Optional[str]:
             print(f"dstlm: set aside an incomplete checkpoint (a save was interrupted): {m}", flush=True)
         print(f"dstlm: resuming from {last} -> {os.path.realpath(last)}" if last else
               f"dstlm: no checkpoint in {out / 'checkpoints'}: starting from scratch", flush=True)
-    return str(last) if last else None
+    return _readable(out, last, "--ckpt_path auto") if last else None
 
 
 def validate(cfg: RunConfig, ckpt_path: Optional[str]) -> dict:
