@@ -26,16 +26,23 @@ import local_cluster  # noqa: E402
 pytestmark = pytest.mark.dist
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def running_cluster(tmp_path_factory, nodes: int, cpus: int):
+    """A real SLURM for a test module (a generator for a fixture): the client environment, then stopped."""
     if os.geteuid() != 0:
-        pytest.skip("a real SLURM needs root to start its daemons")
+        pytest.skip("a real SLURM needs root to start its daemons (and network namespaces)")
     if not local_cluster.installed():
         local_cluster.install()  # CI's .ci/run installs them first; a failure here is a real failure
-    root = tmp_path_factory.mktemp("slurm")
-    env = local_cluster.start(root, cpus=2)
-    yield {**ENV, **env, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin"}, root
-    local_cluster.stop(root)
+    root = tmp_path_factory.mktemp(f"slurm{nodes}")
+    env = local_cluster.start(root, cpus=cpus, nodes=nodes)
+    try:
+        yield {**ENV, **env, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin"}, root
+    finally:
+        local_cluster.stop(root)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    yield from running_cluster(tmp_path_factory, nodes=1, cpus=2)
 
 
 def sh(args, env, check=True) -> str:
@@ -51,13 +58,18 @@ def job_field(job: str, field: str, env) -> str:
 
 
 def wait_for(cond, timeout, what, env, job):
-    deadline = time.time() + timeout
+    deadline, held_since = time.time() + timeout, None
     while not cond():
         if time.time() > deadline:
             raise AssertionError(f"{what}: not after {timeout} s; job: {sh(['scontrol', 'show', 'job', job], env)}")
-        # a requeued job is held ~2 minutes (EligibleTime) by slurmctld: release it now, as an admin could
+        # a requeued job is held ~2 minutes (EligibleTime) by slurmctld: release it sooner, as an admin could,
+        # but not before the old attempt's steps are gone (slurmd refuses a job whose credential it just revoked)
         if job_field(job, "JobState", env) == "PENDING" and job_field(job, "Reason", env) == "BeginTime":
-            sh(["scontrol", "update", f"JobId={job}", "StartTime=now"], env, check=False)
+            held_since = held_since or time.time()
+            if time.time() - held_since > 10:
+                sh(["scontrol", "update", f"JobId={job}", "StartTime=now"], env, check=False)
+        else:
+            held_since = None
         time.sleep(0.5)
 
 

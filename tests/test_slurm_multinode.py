@@ -5,35 +5,24 @@ node with 2 processes ends, under DDP and ZeRO-3. Needs root (namespaces, daemon
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO
 from test_preemption import ENV, recipe, weights
-from test_slurm import job_field, sh, wait_for
-
-sys.path.insert(0, str(REPO / "slurm"))
-import local_cluster  # noqa: E402
+from test_slurm import job_field, running_cluster, sh, wait_for
 
 pytestmark = pytest.mark.dist
 
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("namespaces and SLURM daemons need root")
-    if not local_cluster.installed():
-        local_cluster.install()
-    root = tmp_path_factory.mktemp("slurm2")
-    env = local_cluster.start(root, cpus=1, nodes=2)
-    yield {**ENV, **env, "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/sbin"}
-    local_cluster.stop(root)
+    for env, _ in running_cluster(tmp_path_factory, nodes=2, cpus=1):
+        yield env
 
 
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_3", marks=pytest.mark.slow)])
