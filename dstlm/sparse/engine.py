@@ -115,32 +115,53 @@ class SparseEngine:
         self.kept_masks = 0
         self.wanda_unseen = 0  # mask_init=wanda matrices calibration gave no input (an expert no token reached)
         """Sparse matrices whose mask came with the model (an exported sparse model) and was kept."""
-        for sp in self.params:
-            layer = self.layers[sp.name]
-            w = sp.view(sp.weight)
-            ties = Ties(self.tie_seed, "init", sp.name)
-            existing = getattr(sp.module, f"{sp.attr}_mask", None)
-            kept = existing is not None and getattr(sp.module, "dstlm_keep_mask", False)
-            if kept:
-                mask = sp.view(existing).clone()  # a mask that came with the model: kept, never re-pruned
-                self.method.adopt_mask(layer, mask)
-                self.kept_masks += 1
-            elif self.mask_init == "random":
-                mask = self.method.init_mask(layer, w.contiguous(), ties)
-            else:
-                score = w.detach().abs().float()
-                norms = self._input_norms.get(sp.name) if self.mask_init == "wanda" else None
-                self.wanda_unseen += int(self.mask_init == "wanda" and norms is None)
-                if norms is not None:
-                    score = score * norms.to(score.device, torch.float32)[None, :]
-                mask = self.method.init_mask_scored(layer, score, ties, per_row=norms is not None)
-            attach_mask(sp, mask)
-            w.mul_(sp.mask.to(w.dtype))
-            # the sparse-aware rescale is for random initialisations, never for pretrained or kept weights
-            if self.cfg.sparse_init == "rescale" and not kept and self.mask_init == "random":
-                row_nnz = sp.mask.sum(dim=1, keepdim=True).clamp_min(1).to(w.dtype)
-                w.mul_(torch.sqrt(layer.shape[1] / row_nnz))
-            self.ever_active[sp.name] = pack_mask(sp.mask)
+        for group in self.groups:
+            param = group[0].weight
+            # the weights' factor: 0 where pruned, the sparse-aware rescale (or 1) where kept; applied to the
+            # whole parameter in one multiply, which a partitioned build (trainer.zero_init) can apply to its
+            # slice alone. Weights on the meta device are such a build's placeholders: masks need only shapes.
+            device = torch.device("cpu") if param.is_meta else param.device
+            factor = torch.ones(param.shape, dtype=param.dtype, device=device)
+            for sp in group:
+                mask, kept = self._init_mask(sp, device)
+                attach_mask(sp, mask)
+                f = sp.mask.to(param.dtype)
+                # the sparse-aware rescale is for random initialisations, never for pretrained or kept weights
+                if self.cfg.sparse_init == "rescale" and not kept and self.mask_init == "random":
+                    row_nnz = sp.mask.sum(dim=1, keepdim=True).clamp_min(1).to(param.dtype)
+                    f = f * torch.sqrt(self.layers[sp.name].shape[1] / row_nnz)
+                sp.view(factor).copy_(f)
+                self.ever_active[sp.name] = pack_mask(sp.mask)
+            param.mul_(factor)
+
+    def _init_mask(self, sp: SparseParam, device: torch.device) -> tuple[torch.Tensor, bool]:
+        """The first [out, in] mask of one sparse matrix, and whether it came with the model (kept)."""
+        layer = self.layers[sp.name]
+        ties = Ties(self.tie_seed, "init", sp.name)
+        existing = getattr(sp.module, f"{sp.attr}_mask", None)
+        if existing is not None and getattr(sp.module, "dstlm_keep_mask", False):
+            mask = sp.view(existing).clone()  # a mask that came with the model: kept, never re-pruned
+            self.method.adopt_mask(layer, mask)
+            self.kept_masks += 1
+            return mask, True
+        w = sp.view(sp.weight)
+        if w.is_meta and (self.mask_init != "random" or self.method.init_reads_weights):
+            how = f"sparsity.mask_init={self.mask_init!r}" if self.mask_init != "random" else \
+                f"sparsity.method={self.method.name!r}"
+            raise ValueError(f"{how} ranks {sp.name} by its weights, which a partitioned build (trainer.zero_init) "
+                             f"holds only in part; use mask_init=random with another method, or "
+                             f"trainer.zero_init=false")
+        if self.mask_init == "random" and not self.method.init_reads_weights:  # decided from the shape alone
+            probe = w.contiguous() if not w.is_meta else torch.zeros((), device=device).expand(w.shape)
+            return self.method.init_mask(layer, probe, ties), False
+        if self.mask_init == "random":
+            return self.method.init_mask(layer, w.contiguous(), ties), False
+        score = w.detach().abs().float()
+        norms = self._input_norms.get(sp.name) if self.mask_init == "wanda" else None
+        self.wanda_unseen += int(self.mask_init == "wanda" and norms is None)
+        if norms is not None:
+            score = score * norms.to(score.device, torch.float32)[None, :]
+        return self.method.init_mask_scored(layer, score, ties, per_row=norms is not None), False
 
     # -- per step -------------------------------------------------------------------------------------
     def is_update_step(self, t: int) -> bool:

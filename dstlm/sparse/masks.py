@@ -120,7 +120,8 @@ def check_patterns_match(model: nn.Module, patterns: Iterable[str], what: str,
 def attach_mask(sp: SparseParam, mask: torch.Tensor) -> None:
     """Register (or overwrite) the persistent bool buffer `<attr>_mask` on the owning module."""
     buf_name = f"{sp.attr}_mask"
-    mask = mask.to(device=sp.weight.device, dtype=torch.bool)
+    # a partitioned build's placeholder weights live on the meta device: their masks stay where they were made
+    mask = mask.to(device=mask.device if sp.weight.is_meta else sp.weight.device, dtype=torch.bool)
     if buf_name not in sp.module._buffers:
         simple = sp.index is None and not sp.transposed
         full = mask if simple else torch.ones(sp.weight.shape, dtype=torch.bool, device=mask.device)

@@ -67,6 +67,8 @@ class DSTMethod:
     """The method's structure fixes the sparsity (see `implied_sparsity`)."""
     can_reclaim: ClassVar[bool] = True
     """Supports sparsity.reclaim_dead_units (a dynamic method whose budget may move between rows)."""
+    init_reads_weights: ClassVar[bool] = False
+    """`init_mask` ranks the (randomly initialised) weights, rather than deciding from the shape alone."""
 
     def __init__(self, cfg: "SparsityConfig") -> None:
         self.cfg = cfg
@@ -311,6 +313,7 @@ class NM(DSTMethod):
     uses_dense_grad = True
     fixed_sparsity = True
     can_reclaim = False  # every group of every row must keep n active
+    init_reads_weights = True  # the n largest |W| of every group
 
     @classmethod
     def implied_sparsity(cls, cfg):

@@ -86,7 +86,8 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
 
         cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
         strategy = DeepSpeedZeRO(stage=t.zero_stage, cpu=cpu, offload_optimizer=t.offload_optimizer,
-                                 offload_parameters=t.offload_params, config=t.deepspeed_config, **timeout)
+                                 offload_parameters=t.offload_params, config=t.deepspeed_config,
+                                 zero_init=t.zero_init, **timeout)
     elif strategy == "ddp" and timeout:
         strategy = DDPStrategy(**timeout)
     # Under SLURM: ranks from SLURM's variables, but not Lightning's own requeue (it saves inside the signal

@@ -168,6 +168,9 @@ class TrainerConfig:
     """DeepSpeed ZeRO-1/2/3: keep the optimizer state and fp32 master weights in CPU memory."""
     offload_params: bool = False
     """DeepSpeed ZeRO-3 only: keep the partitioned parameters in CPU memory between uses."""
+    zero_init: bool = False
+    """DeepSpeed ZeRO-3 only: build the model partitioned, so no rank ever holds it whole (for models whose fp32
+    weights do not fit one rank); bit-identical to the whole build (docs/distributed.md)."""
     deepspeed_config: Optional[str] = None
     """Path to a raw DeepSpeed JSON config; its keys win over the ones dstlm derives (stage, batch, clipping)."""
     collective_timeout_s: Optional[int] = None
@@ -200,6 +203,9 @@ class TrainerConfig:
         if self.offload_params and stage != 3:
             raise ValueError(f"trainer.offload_params=true needs ZeRO-3 but trainer.strategy={self.strategy!r}; "
                              f"use strategy deepspeed_stage_3 or drop offload_params")
+        if self.zero_init and stage != 3:
+            raise ValueError(f"trainer.zero_init=true needs ZeRO-3 but trainer.strategy={self.strategy!r}; "
+                             f"use strategy deepspeed_stage_3 or drop zero_init")
         if self.offload_optimizer and stage not in (1, 2, 3):
             raise ValueError(f"trainer.offload_optimizer=true needs ZeRO stage 1, 2 or 3 but trainer.strategy="
                              f"{self.strategy!r}; use deepspeed_stage_1|2|3 or drop offload_optimizer")
@@ -259,11 +265,29 @@ class RunConfig:
         if self.ift is not None and self.sparsity is None:
             raise ValueError(f"ift.family={self.ift.family!r} needs a DST method for its sparse weights; add "
                              f"--sparsity configs/sparsity/rigl.yaml (or static/set/srigl)")
+        if self.trainer.zero_init:
+            self._check_zero_init()
         if self.model.block_size is not None and self.data.block_size > self.model.block_size:
             raise ValueError(
                 f"data.block_size={self.data.block_size} exceeds model.block_size={self.model.block_size}; "
                 f"lower data.block_size or raise model.block_size"
             )
+
+    def _check_zero_init(self) -> None:
+        """What a partitioned build cannot do: read whole weights while the model is built."""
+        if isinstance(self.model, HFModelConfig):
+            raise ValueError(f"trainer.zero_init=true builds dstlm's own models partitioned; the Hugging Face model "
+                             f"{self.model.hf!r} is loaded whole: drop zero_init")
+        if self.sparsity is not None and self.sparsity.mask_init not in (None, "random"):
+            raise ValueError(f"sparsity.mask_init={self.sparsity.mask_init!r} ranks whole weights, which "
+                             f"trainer.zero_init=true never holds; use mask_init=random or drop zero_init")
+        if self.sparsity is not None and self.sparsity.method_class.init_reads_weights:
+            raise ValueError(f"sparsity.method={self.sparsity.method!r} picks its first mask by the whole weights, "
+                             f"which trainer.zero_init=true never holds; use another method or drop zero_init")
+        moe = self.model.moe
+        if moe is not None and moe.expert_parallel_size > 1:
+            raise ValueError(f"model.moe.expert_parallel_size={moe.expert_parallel_size} with trainer.zero_init=true: "
+                             f"expert parallelism splits the experts of a whole build; drop one of the two")
 
 
 @dataclass

@@ -51,7 +51,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if (p.ndim < 2 or id(p) in no_decay_ids) else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter's own shape is (0,)
+        (no_decay if (ndim < 2 or id(p) in no_decay_ids) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

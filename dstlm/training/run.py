@@ -139,7 +139,8 @@ def validate(cfg: RunConfig, ckpt_path: Optional[str]) -> dict:
         # stage, any world size) and validate it data-parallel. (Lightning cannot validate from a ZeRO-3
         # directory itself, and a DeepSpeed engine without an optimizer is not needed here.)
         cfg = replace(cfg, trainer=replace(cfg.trainer, strategy="ddp" if cfg.trainer.devices > 1 else "auto",
-                                           offload_optimizer=False, offload_params=False, deepspeed_config=None))
+                                           offload_optimizer=False, offload_params=False, deepspeed_config=None,
+                                           zero_init=False))
         if ckpt_path and is_deepspeed_checkpoint(ckpt_path):
             # one file per process: no rank waits for another (there is no process group yet)
             rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Any, Generator
+from typing import Any, Generator, Optional
 
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -30,7 +30,7 @@ def prepare_deepspeed_env(cpu: bool) -> None:
 class DeepSpeedZeRO(DeepSpeedStrategy):
     strategy_name = "dstlm_deepspeed"
 
-    def __init__(self, stage: int = 2, cpu: bool = False, **kwargs: Any) -> None:
+    def __init__(self, stage: int = 2, cpu: bool = False, zero_init: bool = False, **kwargs: Any) -> None:
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage={stage} must be 0, 1, 2 or 3")
         prepare_deepspeed_env(cpu)
@@ -44,6 +44,9 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         user_config = kwargs.get("config") is not None or self.DEEPSPEED_ENV_VAR in os.environ
         super().__init__(stage=stage, **kwargs)
         self._on_cpu = cpu
+        self.zero_init = zero_init
+        self.partitioned_build = None  # the PartitionedBuild of a zero_init start (its figures), once built
+        self.build_peak_bytes: Optional[int] = None  # resident memory the model build added on this rank (Linux)
         # bucket sizes a raw DeepSpeed JSON sets are the user's; the others are sized to the model at setup
         self._user_zero_keys = set((self.config or {}).get("zero_optimization", {}) or {}) if user_config else set()
         if isinstance(self.config, dict):
@@ -55,12 +58,43 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
 
     @contextmanager
     def model_sharded_context(self) -> Generator[None, None, None]:
-        # No deepspeed.zero.Init: the model is built whole on every rank (same init as one process, masks
-        # applied to full weights by the sparse engine) and ZeRO-3 partitions it in deepspeed.initialize.
-        # Costs one full copy of the fp32 weights per rank at start-up, which models that fit on one
-        # device can afford; it keeps ZeRO-3 runs bit-comparable with DDP.
+        # By default no deepspeed.zero.Init: the model is built whole on every rank and ZeRO-3 partitions it in
+        # deepspeed.initialize (one full fp32 copy per rank at start-up). With zero_init (ZeRO-3 only) the model
+        # is built partitioned from the start, bit-identical to the whole build (dstlm/training/partitioned_build.py).
         self._init_config_if_needed()
-        yield
+        base = reset_peak_rss()
+        if not (self.zero_init and self.zero_stage_3):
+            yield
+            self._report_build(base, "whole")
+            return
+        import deepspeed
+        import torch.distributed as dist
+
+        from dstlm.training.partitioned_build import PartitionedBuild
+        from dstlm.training.zero_backend import z3_fragment
+
+        build = PartitionedBuild(dist.get_rank(), dist.get_world_size())
+        with build.building():
+            yield
+        init = deepspeed.zero.Init(config_dict_or_path=self.config, remote_device=self.remote_device)
+
+        def convert(param) -> None:
+            init._convert_to_deepspeed_param(param)
+            param.partition()
+
+        build.to_zero3(self.lightning_module, convert, z3_fragment)
+        self.partitioned_build = build
+        self._report_build(base, "partitioned")
+
+    def _report_build(self, base: Optional[int], how: str) -> None:
+        """Peak resident memory the model build added on this rank (Linux), kept and printed by rank 0."""
+        peak = peak_rss()
+        if base is None or peak is None:
+            return
+        self.build_peak_bytes = peak - base
+        if self.global_rank == 0:
+            print(f"model build ({how}, ZeRO-{self.config['zero_optimization'].get('stage')}): peak "
+                  f"+{self.build_peak_bytes / 2**20:.0f} MiB resident on rank 0", flush=True)
 
     def init_deepspeed(self) -> None:
         self._fit_buckets_to_model()
@@ -73,7 +107,8 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         process); on a GPU it is only memory held. A bucket never needs more elements than the model has
         trainable: cap both bucket sizes there, unless a raw DeepSpeed JSON sets them."""
         zero = self.config.setdefault("zero_optimization", {})
-        n = sum(p.numel() for p in self.lightning_module.parameters() if p.requires_grad)
+        # a partitioned (zero_init) parameter holds no data: its size is ds_numel
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.lightning_module.parameters() if p.requires_grad)
         for key in ("reduce_bucket_size", "allgather_bucket_size"):
             if key not in self._user_zero_keys and n > 0:
                 zero[key] = int(min(float(zero.get(key, 5e8)), n))
@@ -135,6 +170,33 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         device = super().root_device
         # deepspeed.initialize is given root_device.index as device_rank; on the CPU that must be an int
         return torch.device("cpu", 0) if device.type == "cpu" else device
+
+
+def reset_peak_rss() -> Optional[int]:
+    """Restart the process's resident-memory high-water mark (Linux: /proc/self/clear_refs) and return the
+    resident size now; None where this cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return None
+
+
+def peak_rss() -> Optional[int]:
+    """Resident-memory high-water mark of this process since the last `reset_peak_rss` (bytes), or None."""
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return None
+
+
+def _status_bytes(key: str) -> Optional[int]:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def saved_world_size(ckpt_dir: str | Path) -> int:

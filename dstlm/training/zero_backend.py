@@ -27,6 +27,15 @@ from dstlm.sparse.distributed import Collectives, count_nonzero_outside, keep_wh
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def z3_fragment(param) -> tuple[int, int]:
+    """(start, length) in a ZeRO-3 parameter's flat index of the entries its partition on this rank holds."""
+    from deepspeed import comm
+
+    size = param.ds_tensor.ds_numel
+    start = min(param.ds_numel, comm.get_rank(group=param.ds_process_group) * size)
+    return start, min(param.ds_numel, start + size) - start
+
+
 class ZeROBackend(Collectives):
     def __init__(self, engine, stage: int) -> None:
         if stage not in (0, 1, 2, 3):
@@ -79,9 +88,7 @@ class ZeROBackend(Collectives):
     def fragment(self, param) -> tuple[int, int]:
         """(start, length) in the parameter's flat index of the entries this rank's optimizer partition holds."""
         if self.stage == 3:
-            size = param.ds_tensor.ds_numel
-            start = min(param.ds_numel, self._z3_rank(param) * size)
-            return start, min(param.ds_numel, start + size) - start
+            return z3_fragment(param)
         if not hasattr(param, "_hp_mapping"):  # not partitioned (stage 0): the whole parameter
             return 0, param.numel()
         mapping = param._hp_mapping
@@ -94,12 +101,6 @@ class ZeROBackend(Collectives):
         """Whether a ZeRO-3 parameter is held whole right now (persistent parameters, below
         stage3_param_persistence_threshold, are never released after their first gather)."""
         return param.data.numel() == param.ds_numel > 0
-
-    @staticmethod
-    def _z3_rank(param) -> int:
-        from deepspeed import comm
-
-        return comm.get_rank(group=param.ds_process_group)
 
     def local_weight(self, param) -> torch.Tensor:
         if self.stage == 3:

@@ -1,0 +1,150 @@
+"""Start-up memory of ZeRO-3: the model built whole on every rank vs built partitioned (trainer.zero_init).
+
+    .venv/bin/python benchmarks/zero_init_memory.py [--preset gpt-1b] [--n-layer 2] [--worlds 2,4]
+        [--method srigl] [--sparsity 0.9] [--steps 1] [--budget-gb G]
+
+For each world size, two real `dstlm` ZeRO-3 runs on the CPU (gloo, ranks under torchrun, 1 thread each) of
+the same model, data and seed: one built whole, one built partitioned. Each rank reports the peak resident
+memory the model build added (model init + the sparse engine's first masks; /proc/self/status VmHWM after
+clear_refs) and the peak of the whole start-up plus `--steps` training steps. Then the table, with the
+model's fp32 weight bytes for scale, and whether the two runs' final weights and masks are equal.
+
+--budget-gb G: the per-rank host-memory budget the start-up is checked against (simulated: the build "fits"
+when the peak resident memory it adds stays under G on every rank). Default: 0.9x the fp32 weight bytes, a
+rank that cannot hold the model whole. On a GPU machine the build is what runs in host memory; the training
+states then live on the device. The start-up + steps column is reported for scale: on the CPU it holds
+DeepSpeed's own buffers too (gather/reduce buckets, sized by the DeepSpeed config), whichever build ran.
+
+Worker mode (set by the launcher): `--worker OUT` runs one rank and writes OUT/rank<r>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def worker(args) -> None:
+    import lightning as L
+    import torch
+
+    from dstlm.models.presets import load_preset
+    from dstlm.sparse import SparsityConfig
+    from dstlm.training.build import build
+    from dstlm.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
+    from dstlm.training.strategies import peak_rss, reset_peak_rss
+
+    out = Path(args.worker)
+    world = int(os.environ["WORLD_SIZE"])
+    model = load_preset(args.preset, n_layer=args.n_layer, block_size=args.block)
+    cfg = RunConfig(
+        name="run", out_dir=str(out), seed=11, model=model,
+        data=DataConfig(files=[str(REPO / "dstlm" / "assets" / "corpus" / "tinyshakespeare.txt")],
+                        tokenizer="gpt2", vocab_size=model.vocab_size, block_size=args.block, batch_size=1,
+                        val_batches=1),
+        optim=OptimConfig(lr=1e-4, warmup_steps=0),
+        trainer=TrainerConfig(max_steps=args.steps, devices=world, strategy="deepspeed_stage_3", accelerator="cpu",
+                              val_every_n_steps=10**6, ckpt_every_n_steps=0, progress_bar=False,
+                              zero_init=args.zero_init),
+        sparsity=SparsityConfig(method=args.method, sparsity=args.sparsity, delta_t=10**6))
+
+    class Report(L.Callback):
+        def on_train_end(self, trainer, module):
+            masks = {sp.name: sp.mask for sp in module.sparse_engine.params}
+            params = list(module.model.parameters())
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):  # for the equality check only, after the peak was read
+                digest = {n: float(p.detach().double().sum()) for n, p in module.model.named_parameters()}
+            (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
+                "build_peak": trainer.strategy.build_peak_bytes, "run_peak": self.run_peak,
+                "baseline": self.baseline, "masks": {n: int(m.sum()) for n, m in masks.items()},
+                "mask_hash": float(sum(float(m.nonzero()[:, -1].double().sum()) for m in masks.values())),
+                "weights": digest}))
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.run_peak = (peak_rss() or 0) - self.baseline
+
+        def setup(self, trainer, module, stage):
+            self.baseline = reset_peak_rss() or 0  # before the build: the resident memory of the process itself
+
+    torch.set_num_threads(1)
+    trainer, module, data = build(cfg, [Report()], logger=False)
+    trainer.fit(module, datamodule=data)
+
+
+def launch(args, world: int, zero_init: bool) -> tuple[list[dict], float]:
+    out = Path(tempfile.mkdtemp(prefix=f"zi-w{world}-{int(zero_init)}-"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", __file__,
+           "--worker", str(out), "--preset", args.preset, "--n-layer", str(args.n_layer), "--block", str(args.block),
+           "--method", args.method, "--sparsity", str(args.sparsity), "--steps", str(args.steps)]
+    if zero_init:
+        cmd.append("--zero-init")
+    # glibc raises its mmap threshold after large frees (up to 32 MB), keeping freed tensors resident in the heap;
+    # a fixed threshold returns every tensor over 1 MB to the system when freed, so peaks measure what is live
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_OFFLINE": "1",
+           "MALLOC_MMAP_THRESHOLD_": "1048576"}
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"world {world} zero_init={zero_init} failed:\n{r.stderr[-3000:]}")
+    return [json.loads((out / f"rank{i}.json").read_text()) for i in range(world)], time.time() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="gpt-1b")
+    ap.add_argument("--n-layer", type=int, default=2)
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--worlds", default="2,4")
+    ap.add_argument("--method", default="srigl")
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--budget-gb", type=float, default=None)
+    ap.add_argument("--worker", default=None)
+    ap.add_argument("--zero-init", action="store_true")
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+
+    from dstlm.build import build_model
+    from dstlm.models.presets import load_preset
+
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(load_preset(args.preset, n_layer=args.n_layer, block_size=args.block))
+    n_params = sum(p.numel() for p in model.parameters())
+    fp32 = 4 * n_params
+    budget = args.budget_gb * 2**30 if args.budget_gb else 0.9 * fp32
+    gib = 2**30
+    print(f"{args.preset} with {args.n_layer} layers: {n_params / 1e6:.0f} M parameters, fp32 weights "
+          f"{fp32 / gib:.2f} GiB; {args.method} {args.sparsity:.0%}; per-rank budget {budget / gib:.2f} GiB\n")
+    print("| world | build | build peak / rank (GiB, max) | build fits budget | start-up + steps peak / rank "
+          "(GiB, max) | s |")
+    print("|---:|---|---:|---|---:|---:|")
+    for world in [int(w) for w in args.worlds.split(",")]:
+        results = {}
+        for zero_init in (False, True):
+            ranks, secs = launch(args, world, zero_init)
+            results[zero_init] = ranks
+            build_peak = max(r["build_peak"] for r in ranks)
+            run_peak = max(r["run_peak"] for r in ranks)
+            print(f"| {world} | {'partitioned' if zero_init else 'whole'} | {build_peak / gib:.2f} | "
+                  f"{'yes' if build_peak <= budget else 'no'} | {run_peak / gib:.2f} | {secs:.0f} |", flush=True)
+        same = all(a["weights"] == b["weights"] and a["masks"] == b["masks"] and a["mask_hash"] == b["mask_hash"]
+                   for a, b in zip(results[False], results[True]))
+        print(f"|   | equal weights and masks after {args.steps} step(s): {'yes' if same else 'NO'} | | | | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""trainer.zero_init: a ZeRO-3 model built partitioned (no rank holds it whole) equals the whole build.
+
+Single-process tests check the partitioned build itself (every rank's slices of every parameter, after the
+model's init and the sparse engine's first masks, against the whole build); the 2-rank tests run real
+DeepSpeed ZeRO-3 training from both builds and compare weights, masks and losses bit for bit.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import REPO, tiny_run
+from dstlm.build import build_model, model_transforms
+from dstlm.models.presets import load_preset
+from dstlm.sparse import SparseEngine, SparsityConfig
+from dstlm.training.partitioned_build import PartitionedBuild, partition_range
+from dstlm.transforms.ift import SparseIFTConfig
+
+
+def _whole_and_partitioned(cfg, world, ift=None, sparsity=None, seed=5):
+    """The whole build (with its engine) and, per rank, the PartitionedBuild of the same model."""
+    def make():
+        torch.manual_seed(seed)
+        model = build_model(cfg, model_transforms(cfg, ift))
+        engine = None
+        if sparsity is not None:
+            sp = sparsity
+            for t in model_transforms(cfg, ift):
+                sp = t.sparsity_config(model, sp, cfg.block_size)
+            engine = SparseEngine(model, sp, seed, 100)
+        return model, engine
+
+    whole, whole_engine = make()
+    ranks = []
+    for rank in range(world):
+        build = PartitionedBuild(rank, world)
+        with build.building():
+            model, engine = make()
+        ranks.append((build, model, engine))
+    return whole, whole_engine, ranks
+
+
+@pytest.mark.parametrize("preset,ift,method", [
+    ("tiny", None, None), ("tiny", None, "srigl"), ("tiny", None, "rigl"), ("tiny", None, "gmp"),
+    ("tiny-moe", None, None), ("tiny-moe", None, "srigl"), ("tiny-moe", None, "set"),
+    ("tiny", "wide", "rigl"), ("tiny", "doped", "srigl"), ("tiny-moe", "wide", "srigl")])
+def test_partitioned_build_equals_the_whole_build(preset, ift, method):
+    """Every rank's slice of every parameter (init, Sparse-IFT re-init, first masks, SRigL's rescale) equals the
+    same slice of the whole build; masks (whole on every rank) are identical; nothing is held whole."""
+    cfg = load_preset(preset)
+    ift_cfg = SparseIFTConfig(family=ift, sparsity=0.5) if ift else None
+    extra = dict(sparsity=0.5, n=2, m=4) if method == "nm" else dict(sparsity=0.9)
+    sparsity = SparsityConfig(method=method, **extra) if method else None
+    whole, whole_engine, ranks = _whole_and_partitioned(cfg, 3, ift_cfg, sparsity)
+    reference = dict(whole.named_parameters())
+    for rank, (build, model, engine) in enumerate(ranks):
+        held = build.parameters(model)
+        assert {n for n, _, _ in held} == {n for n, _ in model.named_parameters()}  # every parameter partitioned
+        assert all(p.is_meta for _, p, _ in held)
+        for name, _, h in held:
+            flat = reference[name].detach().reshape(-1)
+            assert (h.start, h.length) == partition_range(flat.numel(), rank, 3)[1:]
+            assert torch.equal(h.local(), flat[h.start:h.start + h.length]), (rank, name)
+            assert not h.values[h.length:].any()  # padding
+        if whole_engine is not None:
+            for a, b in zip(whole_engine.params, engine.params):
+                assert a.name == b.name and torch.equal(a.mask, b.mask) and not b.mask.is_meta
+            assert engine.budgets == whole_engine.budgets
+        biggest = max(p.numel() * p.element_size() for p in whole.parameters())
+        assert build.peak_scratch == biggest  # one parameter whole at a time, never the model
+
+
+def test_slices_cover_every_entry_once():
+    for numel in (1, 7, 64, 1001):
+        for world in (1, 2, 3, 4, 8):
+            got = [partition_range(numel, r, world) for r in range(world)]
+            assert sum(n for _, _, n in got) == numel
+            assert all(s == -(-numel // world) for s, _, _ in got)
+            covered = torch.zeros(numel, dtype=torch.int64)
+            for _, start, n in got:
+                covered[start:start + n] += 1
+            assert bool((covered == 1).all())
+
+
+def test_reads_of_a_placeholder_are_refused_by_name():
+    build = PartitionedBuild(0, 2)
+    with build.building():
+        layer = nn.Linear(8, 4)
+        with pytest.raises(NotImplementedError, match=r"trainer.zero_init: .*abs.* shape \(4, 8\)"):
+            layer.weight.abs()
+        with pytest.raises(NotImplementedError, match="trainer.zero_init: .*shape"):
+            torch.ones(4, 8) * layer.weight
+        with pytest.raises(NotImplementedError, match="writes to a view"):
+            with torch.no_grad():
+                layer.weight[0].zero_()
+        with torch.no_grad():  # whole-parameter writes work on the slice alone
+            layer.weight.fill_(2.0)
+            layer.weight.mul_(torch.arange(32.0).reshape(4, 8))
+    (name, _, held), = [e for e in build.parameters(layer) if e[0] == "weight"]
+    assert torch.equal(held.local(), 2.0 * torch.arange(16.0))
+
+
+@pytest.mark.parametrize("sparsity,match", [
+    (dict(method="rigl", sparsity=0.9, mask_init="magnitude"), "mask_init='magnitude' ranks .* by its weights"),
+    (dict(method="nm", sparsity=0.5, n=2, m=4), "method='nm' ranks .* by its weights"),
+])
+def test_masks_from_weights_need_the_whole_weights(sparsity, match):
+    """Magnitude masks, and N:M's first mask (the largest |W| of each group), read whole weights: refused."""
+    build = PartitionedBuild(0, 2)
+    with build.building():
+        model = build_model(load_preset("tiny"))
+        with pytest.raises(ValueError, match=match + ".*trainer.zero_init"):
+            SparseEngine(model, SparsityConfig(**sparsity), 0, 10)
+
+
+@pytest.mark.parametrize("over,match", [
+    (dict(trainer=dict(zero_init=True, strategy="deepspeed_stage_2")), "zero_init=true needs ZeRO-3"),
+    (dict(trainer=dict(zero_init=True, strategy="ddp")), "zero_init=true needs ZeRO-3"),
+])
+def test_zero_init_config_errors(tmp_path, over, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_run(tmp_path, ["x.txt"], **over)
+
+
+@pytest.mark.parametrize("sparsity,match", [
+    (dict(method="rigl", sparsity=0.9, mask_init="magnitude"), "mask_init='magnitude' ranks whole weights"),
+    (dict(method="nm", sparsity=0.5, n=2, m=4), "method='nm' picks its first mask by the whole weights"),
+])
+def test_zero_init_refuses_whole_weight_masks(tmp_path, sparsity, match):
+    cfg = tiny_run(tmp_path, ["x.txt"], trainer=dict(zero_init=True, strategy="deepspeed_stage_3"))
+    cfg.sparsity = SparsityConfig(**sparsity)
+    with pytest.raises(ValueError, match=match):
+        cfg.__post_init__()
+
+
+def _dst_job(out, files, method, zero_init, extra_env=None):
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
+           "HF_DATASETS_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+           "DSTLM_STRATEGY": "deepspeed_stage_3", "DSTLM_CHECK_REFERENCE": "1", **(extra_env or {})}
+    if zero_init:
+        env["DSTLM_ZERO_INIT"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "helpers" / "dst_run.py"), str(out), method, "2", *files]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(2)]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("method,extra", [
+    ("srigl", {}),
+    pytest.param("rigl", {"DSTLM_MOE": "1"}, marks=pytest.mark.slow),
+    pytest.param("rigl", {"DSTLM_IFT": "wide"}, marks=pytest.mark.slow),
+])
+def test_zero3_run_built_partitioned_equals_the_whole_build(tmp_path, small_corpus, method, extra):
+    """2 ranks, ZeRO-3, 8 steps with 3 mask updates (sharded decisions checked against the whole-tensor reference):
+    the zero_init run's initial masks, masks after every update, losses and final weights equal the whole build's."""
+    whole = _dst_job(tmp_path / "whole", small_corpus, method, False, extra)
+    part = _dst_job(tmp_path / "part", small_corpus, method, True, extra)
+    for a, b in zip(whole, part):
+        assert a["losses"] == b["losses"]
+        assert len(a["masks"]) == len(b["masks"]) == 3
+        for ma, mb in zip([a["start_masks"], *a["masks"]], [b["start_masks"], *b["masks"]]):
+            assert all(torch.equal(ma[k], mb[k]) for k in ma)
+        assert a["weights"].keys() == b["weights"].keys()
+        for k in a["weights"]:
+            assert torch.equal(a["weights"][k], b["weights"][k]), k
+
+
+def test_first_constant_fan_in_mask_in_blocks_equals_one_call(monkeypatch):
+    """SRigL's first mask is decided in blocks of rows (bounded temporaries at start-up); the result is the
+    mask of one call over the whole layer, for blocks that split rows unevenly too."""
+    from dstlm.sparse import rules
+    from dstlm.sparse.selection import Ties
+
+    for shape, k in [((300, 512), 51), ((512, 300), 30), ((97, 1), 1)]:
+        ties = Ties(3, "init", "x")
+        monkeypatch.setattr(rules, "_INIT_BLOCK", 1 << 40)
+        whole = rules.constant_fan_in_mask(shape, k, ties)
+        assert bool((whole.sum(dim=1) == k).all())
+        for block in (4096, 777, 1):
+            monkeypatch.setattr(rules, "_INIT_BLOCK", block)
+            assert torch.equal(rules.constant_fan_in_mask(shape, k, ties), whole), (shape, block)
