@@ -301,13 +301,16 @@ def test_kill_one_rank_then_resume_loses_at_most_one_interval(tmp_path, small_co
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("stage,saved_ranks,resume_ranks",
-                         [(2, 2, 1), (3, 2, 1), pytest.param(2, 1, 2, marks=pytest.mark.slow)])
-def test_zero_resume_on_another_world_size(tmp_path, small_corpus, stage, saved_ranks, resume_ranks):
+@pytest.mark.parametrize("stage,saved_ranks,resume_ranks,zero_init",
+                         [(2, 2, 1, False), (3, 2, 1, False), pytest.param(2, 1, 2, False, marks=pytest.mark.slow),
+                          pytest.param(3, 2, 1, True, marks=pytest.mark.slow)])
+def test_zero_resume_on_another_world_size(tmp_path, small_corpus, stage, saved_ranks, resume_ranks, zero_init):
     """A ZeRO checkpoint written by N ranks resumes on M ranks (same global batch) through DeepSpeed's
     universal checkpoint: the masks after the restore equal the saved ones exactly, and the run ends with
-    the masks and (to float rounding) the weights of the uninterrupted run."""
-    env = {"DSTLM_STRATEGY": f"deepspeed_stage_{stage}", "DSTLM_CKPT_EVERY": "4"}
+    the masks and (to float rounding) the weights of the uninterrupted run. zero_init: both runs build the
+    model partitioned (trainer.zero_init)."""
+    env = {"DSTLM_STRATEGY": f"deepspeed_stage_{stage}", "DSTLM_CKPT_EVERY": "4",
+           **({"DSTLM_ZERO_INIT": "1"} if zero_init else {})}
     ref = _dst_job(tmp_path / "ref", "rigl", 8 // saved_ranks, small_corpus, nproc=saved_ranks, extra_env=env)[0]
     ckpt = tmp_path / "ref" / "run" / "t" / "checkpoints" / "step0000004.ckpt"
     new = _dst_job(tmp_path / "new", "rigl", 8 // resume_ranks, small_corpus, nproc=resume_ranks,
