@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install train lint test test-all bench clean
+.PHONY: install train lint test test-all faults bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -33,6 +33,10 @@ test: $(STAMP) lint
 
 test-all: $(STAMP) lint
 	$(PY) -m pytest -q $(ARGS)
+
+# every fault-injection test, slow ones included (make test runs the non-slow ones): docs/faults.md
+faults: $(STAMP)
+	$(PY) -m pytest -q -m faults $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py

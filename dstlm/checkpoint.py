@@ -74,6 +74,33 @@ def is_deepspeed_checkpoint(path: str | Path) -> bool:
     return tag.is_dir() and any(tag.glob("*model_states.pt"))
 
 
+# What DeepSpeed pickles into its checkpoint files besides tensors and plain containers: small data classes. A
+# file that needs any other global to unpickle is not loaded (unpickling can run code).
+DEEPSPEED_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                     "deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.zero.config.ZeroStageEnum")
+
+
+def unsafe_globals(f: Path) -> list[str]:
+    """The globals unpickling `f` would call beyond torch's weights-only set and DeepSpeed's data classes (read
+    from the archive's pickle, nothing is executed)."""
+    return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(f)) if g not in DEEPSPEED_GLOBALS]
+
+
+def load_states(f: str | Path) -> dict:
+    """torch.load of a checkpoint file with weights_only=True, DeepSpeed's data classes allowed."""
+    import importlib
+
+    allowed = []
+    for name in DEEPSPEED_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            pass
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
 def checkpoint_problem(path: str | Path) -> Optional[str]:
     """What is wrong with a checkpoint (a .ckpt file or a DeepSpeed directory), or None when it looks whole:
     every file a readable zip archive (torch.save's format: a truncated copy loses the archive's directory at
@@ -101,6 +128,13 @@ def checkpoint_problem(path: str | Path) -> Optional[str]:
                 z.namelist()
         except (zipfile.BadZipFile, OSError) as e:
             return f"{os.path.basename(os.path.realpath(f))} is truncated or corrupt ({e})"
+        try:
+            unsafe = unsafe_globals(f)
+        except Exception as e:  # noqa: BLE001 (a pickle that cannot even be scanned)
+            return f"{os.path.basename(os.path.realpath(f))} is not a torch checkpoint ({e})"
+        if unsafe:
+            return (f"{os.path.basename(os.path.realpath(f))} needs {', '.join(unsafe[:3])} to unpickle, which dstlm "
+                    f"does not load (unpickling can run code); load it yourself if you trust its source")
     return None
 
 
@@ -138,6 +172,9 @@ def read_checkpoint(path: str | Path) -> dict:
     weights from the sharded optimizer states, everything else from rank 0's client state.
     """
     p = resolve_checkpoint(path)
+    problem = checkpoint_problem(p)
+    if problem is not None:
+        raise ValueError(f"checkpoint {p} is unreadable: {problem}")
     if p.is_file():
         return torch.load(p, map_location="cpu", weights_only=True)
     from dstlm.training.strategies import prepare_deepspeed_env
@@ -147,7 +184,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
     tag = p / "checkpoint"
     states = sorted(tag.glob("*mp_rank_00_model_states.pt"))  # ZeRO-1/2: mp_rank_00_..., ZeRO-3: zero_pp_rank_0_...
-    ckpt = torch.load(states[0], map_location="cpu", weights_only=False)
+    ckpt = load_states(states[0])  # DeepSpeed's own reader below unpickles freely: checkpoint_problem vetted it
     ckpt = {k: v for k, v in ckpt.items() if k not in ("module", "optimizer", "lr_scheduler")}
     ckpt["state_dict"] = dict(get_fp32_state_dict_from_zero_checkpoint(str(p), tag="checkpoint"))
     return ckpt

@@ -25,6 +25,8 @@ from typing import Callable, Optional
 
 from jsonargparse import ArgumentParser, set_parsing_settings
 
+from dstlm.cli_errors import one_line
+
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
@@ -277,30 +279,6 @@ def usage() -> str:
     lines += [f"  {name:<10} {fn.__doc__.strip().splitlines()[0]}" for name, fn in HELP.items()]
     lines += ["", "`dstlm <command> --help` lists a command's options."]
     return "\n".join(lines)
-
-
-def one_line(err: BaseException) -> str:
-    """The message a user needs, on one line: the outermost exception in err's chain that dstlm's own code
-    raised (a config dataclass's check arrives wrapped in jsonargparse's union and nesting errors), else err's
-    own message (jsonargparse's parse errors name the key themselves)."""
-    chain = [err]
-    while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    ours = [e for e in chain if isinstance(e, (ValueError, OSError, KeyError)) and _raised_in_dstlm(e)]
-    chosen = ours[0] if ours else err
-    text = chosen.args[0] if isinstance(chosen, KeyError) and chosen.args else str(chosen)
-    return " ".join(line.strip() for line in str(text).strip().splitlines() if line.strip()) or type(err).__name__
-
-
-def _raised_in_dstlm(e: BaseException) -> bool:
-    from pathlib import Path
-
-    tb = e.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb.tb_frame.f_code.co_filename.startswith(str(Path(__file__).resolve().parent) + "/")
 
 
 def _close_process_group() -> None:

@@ -44,6 +44,27 @@ def tiny_run(out_dir, files, **over) -> RunConfig:
                      data=DataConfig(**data), optim=OptimConfig(**optim), trainer=TrainerConfig(**trainer), **over)
 
 
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    """`dstlm ARGV` in this process: (exit code, stderr). An exception escaping main() propagates (a traceback is
+    a failure of every bad-input test)."""
+    import contextlib
+    import io
+
+    from dstlm.cli import main
+
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, err.getvalue()
+
+
+def error_line(stderr: str) -> str:
+    """The one `dstlm: error:` line of a failed command (asserting there is exactly one)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("dstlm: error:")]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_rendezvous_env():
     """In-process Lightning/DeepSpeed runs export MASTER_PORT & co and keep their store listening; a later

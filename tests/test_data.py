@@ -21,7 +21,7 @@ def test_gpt2_tokenizer_is_the_real_one():
 
 
 def test_tokenizer_errors():
-    with pytest.raises(FileNotFoundError, match="tokenizer 'nope/missing' not found"):
+    with pytest.raises(FileNotFoundError, match="data.tokenizer='nope/missing' not found"):
         load_tokenizer("nope/missing")
 
 

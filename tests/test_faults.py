@@ -14,18 +14,35 @@ import torch
 from conftest import REPO
 from test_preemption import ENV, recipe, weights
 
+pytestmark = pytest.mark.faults  # `make faults` runs every fault test (docs/faults.md)
+
+
+def torchrun(path: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "launch/torchrun.sh", "2", path, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**ENV, "PYTHON": sys.executable, "STRATEGY": "ddp", **env})
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory, small_corpus):
+    """The final weights of an undisturbed 2-rank DDP run of 20 steps (what every faulted run, resumed, must end at)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    ref = torchrun(recipe(tmp, small_corpus, "ref", steps=20))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    return weights(tmp / "runs" / "ref")
+
+
+def resumes_to(reference: dict, path: str, run, *args: str) -> None:
+    again = torchrun(path, "--ckpt_path", "last", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    b = weights(run)
+    assert all(torch.equal(reference[k], b[k]) for k in reference)
+
 
 @pytest.mark.dist
-def test_nan_loss_on_one_rank_stops_every_rank_and_the_last_checkpoint_resumes(tmp_path, small_corpus):
-    ref = subprocess.run(["bash", "launch/torchrun.sh", "2", recipe(tmp_path, small_corpus, "ref", steps=20)],
-                         cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**ENV, "PYTHON": sys.executable, "STRATEGY": "ddp"})
-    assert ref.returncode == 0, ref.stderr[-3000:]
+def test_nan_loss_on_one_rank_stops_every_rank_and_the_last_checkpoint_resumes(tmp_path, small_corpus, ddp_reference):
     path = recipe(tmp_path, small_corpus, "nan", steps=20)
     run = tmp_path / "runs" / "nan"
-    bad = subprocess.run(["bash", "launch/torchrun.sh", "2", path], cwd=REPO, capture_output=True, text=True,
-                         timeout=600, env={**ENV, "PYTHON": sys.executable, "STRATEGY": "ddp",
-                                           "DSTLM_FAULT": "nan:rank=1:point=loss:step=12"})
+    bad = torchrun(path, DSTLM_FAULT="nan:rank=1:point=loss:step=12")
     assert bad.returncode != 0
     ckpts = run / "checkpoints"
     msg = (f"non-finite loss at step 12 (micro-batch 12) on rank(s) [1]; stopped before the weights changed "
@@ -33,13 +50,24 @@ def test_nan_loss_on_one_rank_stops_every_rank_and_the_last_checkpoint_resumes(t
     assert bad.stderr.count(msg) == 2, bad.stderr[-3000:]  # both ranks, the same one line
     assert sorted(p.name for p in ckpts.glob("step*")) == ["step0000010.ckpt"]
     assert all(torch.isfinite(v).all() for v in weights(run).values() if v.is_floating_point())
+    resumes_to(ddp_reference, path, run)
 
-    again = subprocess.run(["bash", "launch/torchrun.sh", "2", path, "--ckpt_path", "last"], cwd=REPO,
-                           capture_output=True, text=True, timeout=600,
-                           env={**ENV, "PYTHON": sys.executable, "STRATEGY": "ddp"})
-    assert again.returncode == 0, again.stderr[-3000:]
-    a, b = weights(tmp_path / "runs" / "ref"), weights(run)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+
+@pytest.mark.dist
+def test_mask_divergence_on_one_rank_is_caught_at_the_next_update(tmp_path, small_corpus, ddp_reference):
+    """Rank 1's mask drifts after step 7 (one entry flipped): the mask update of step 10 compares the ranks'
+    masks before deciding and stops every rank with the layer and the rank named, before the step-10 checkpoint
+    is written; the step-5 checkpoint resumes to the undisturbed run's weights."""
+    path = recipe(tmp_path, small_corpus, "flip", steps=20)
+    run = tmp_path / "runs" / "flip"
+    every5 = ("--trainer.ckpt_every_n_steps", "5")  # saving more often changes no weight
+    bad = torchrun(path, *every5, DSTLM_FAULT="flip:rank=1:point=mask:step=7")
+    assert bad.returncode != 0
+    msg = ("dstlm: error: the mask of blocks.0.attn.q_proj.weight differs across data-parallel ranks entering the "
+           "mask update of step 10 (rank(s) [1] disagree with rank 0); training stopped")
+    assert bad.stderr.count(msg) == 2, bad.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step0000005.ckpt"]
+    resumes_to(ddp_reference, path, run, *every5)
 
 
 def test_non_finite_gradient_names_the_parameter():
@@ -53,7 +81,8 @@ def test_non_finite_gradient_names_the_parameter():
         p.grad = torch.zeros_like(p)
     module.model.blocks[0].mlp.fc_in.weight.grad[3, 2] = float("inf")
     with pytest.raises(NonFiniteError, match=r"non-finite gradient of model.blocks.0.mlp.fc_in.weight at step 0; "
-                                             r"stopped before the weights changed \(no checkpoint was written yet"):
+                                             r"stopped before the weights changed, at the first step: the initial "
+                                             r"weights or the data"):
         module.on_before_optimizer_step(None)
     module.model.blocks[0].mlp.fc_in.weight.grad[3, 2] = 0.0
     module.on_before_optimizer_step(None)  # finite: nothing happens
@@ -98,3 +127,114 @@ def test_deepspeed_checkpoint_missing_a_ranks_optimizer_states(tmp_path):
     assert checkpoint_problem(tmp_path / "last.ckpt") is None
     (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"")
     assert checkpoint_problem(tmp_path / "last.ckpt") == "zero_pp_rank_1_mp_rank_00_optim_states.pt is empty"
+
+
+def _mount_small_filesystem(path, size: int) -> bool:
+    """A tmpfs of `size` bytes at `path` (root with CAP_SYS_ADMIN, as on the CI machines); False where not allowed."""
+    if os.geteuid() != 0:
+        return False
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.parametrize("how", ["filesystem", "injected"])
+def test_full_disk_during_save_keeps_the_last_checkpoint(tmp_path, small_corpus, how):
+    """The checkpoint folder fills up while step 20 is written (a real small filesystem where this machine lets
+    the test mount one, as root on CI; and the same failure injected into the write): one line names the step,
+    the cause and the last good checkpoint; what the failed write left is gone; the step-10 checkpoint is intact
+    and, once there is room, resumes to the weights of a run that never met a full disk."""
+    from test_preemption import fit
+
+    ref = fit(recipe(tmp_path, small_corpus, "ref", steps=20))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    size = (tmp_path / "runs" / "ref" / "checkpoints" / "step0000010.ckpt").stat().st_size
+    path = recipe(tmp_path, small_corpus, "full", steps=20)
+    ckpts = tmp_path / "runs" / "full" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    mounted = how == "filesystem" and _mount_small_filesystem(ckpts, size + size // 2)  # room for one, not two
+    try:
+        env = {} if mounted else {"DSTLM_FAULT": "enospc:rank=0:point=save:step=20"}
+        bad = subprocess.run([sys.executable, "-m", "dstlm.cli", "fit", "--config", path], cwd=REPO,
+                             capture_output=True, text=True, timeout=600, env={**ENV, **env})
+        assert bad.returncode == 2, bad.stderr[-3000:]
+        line = [x for x in bad.stderr.splitlines() if x.startswith("dstlm: error:")]
+        assert line == [f"dstlm: error: saving the checkpoint of step 20 to {ckpts / 'step0000020.ckpt.tmp'} failed "
+                        f"(No space left on device); nothing was replaced: the last good checkpoint is "
+                        f"{ckpts / 'step0000010.ckpt'}, which `--ckpt_path last` resumes; free space under {ckpts} "
+                        f"(or lower trainer.keep_last_k) and resume"], bad.stderr[-3000:]
+        assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith(".")) == \
+            ["last.ckpt", "save_seconds.txt", "step0000010.ckpt"]
+        if mounted:  # room again
+            subprocess.run(["mount", "-o", "remount,size=256m", str(ckpts)], check=True)
+        again = subprocess.run([sys.executable, "-m", "dstlm.cli", "fit", "--config", path, "--ckpt_path", "last"],
+                               cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+        assert again.returncode == 0, again.stderr[-3000:]
+        a, b = weights(tmp_path / "runs" / "ref"), weights(tmp_path / "runs" / "full")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(ckpts)], capture_output=True)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_mask_divergence_is_caught_under_zero2(tmp_path, small_corpus):
+    """The same drift under DeepSpeed ZeRO-2, whose masks are decided on shards and joined: the comparison
+    entering the update catches it there too (the sharded decision alone would join the shards into agreeing
+    masks and hide it)."""
+    path = recipe(tmp_path, small_corpus, "flipz", steps=20)
+    bad = torchrun(path, "--trainer.ckpt_every_n_steps", "5", STRATEGY="deepspeed_stage_2",
+                   DSTLM_FAULT="flip:rank=1:point=mask:step=7")
+    assert bad.returncode != 0
+    msg = ("dstlm: error: the mask of blocks.0.attn.q_proj.weight differs across data-parallel ranks entering the "
+           "mask update of step 10 (rank(s) [1] disagree with rank 0); training stopped")
+    assert bad.stderr.count(msg) == 2, bad.stderr[-3000:]
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a hostile checkpoint carries."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_every_torch_load_in_dstlm_is_weights_only():
+    """An audit of the source: each torch.load call restricts unpickling to tensors and plain data."""
+    import re
+
+    calls = []
+    for path in sorted((REPO / "dstlm").rglob("*.py")):
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\(", text):
+            if text[:m.start()].rsplit("\n", 1)[-1].lstrip().startswith("#"):
+                continue
+            depth, i = 1, m.end()
+            while depth:
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            calls.append((path.name, text[m.start():i]))
+    assert calls and all("weights_only=True" in call for _, call in calls), calls
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unopened(tmp_path, small_corpus):
+    """A .ckpt that needs a global beyond torch's weights-only set (here os.system) is named as unreadable by
+    `--ckpt_path`, `dstlm eval` and the checkpoint reader, and nothing in it runs."""
+    from conftest import error_line, run_cli
+
+    from dstlm.checkpoint import checkpoint_problem, read_checkpoint
+
+    marker = tmp_path / "ran"
+    bad = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, bad)
+    problem = checkpoint_problem(bad)
+    assert problem.startswith("hostile.ckpt needs posix.system to unpickle, which dstlm does not load"), problem
+    with pytest.raises(ValueError, match="needs posix.system"):
+        read_checkpoint(bad)
+    code, stderr = run_cli(["eval", "--checkpoint", str(bad), "--tasks", "hellaswag"])
+    assert code == 2 and "needs posix.system to unpickle" in error_line(stderr)
+    code, stderr = run_cli(["fit", "--config", recipe(tmp_path, small_corpus, "h", steps=2), "--ckpt_path", str(bad)])
+    assert code == 2 and "hostile.ckpt is unreadable: hostile.ckpt needs posix.system" in error_line(stderr)
+    assert not marker.exists()

@@ -65,6 +65,15 @@ class FakeBackend:
     def all_equal(self, values):
         return self.agree
 
+    def all_gather(self, values):
+        """Rank 1's copy: the same on the check entering an update; after it (disagreeing ranks) the last
+        layer's checksum differs."""
+        self.gathers = getattr(self, "gathers", 0) + 1
+        other = values.clone()
+        if not self.agree and self.gathers % 2 == 0:
+            other[-1] += 1
+        return [values, other]
+
     def all_reduce_mean_(self, tensor):
         return tensor
 
@@ -121,7 +130,8 @@ def test_engine_stops_when_ranks_disagree():
     from dstlm.sparse import MaskMismatchError
 
     model, engine, _ = engine_for("set")
-    with pytest.raises(MaskMismatchError, match="after the update at step 2"):
+    with pytest.raises(MaskMismatchError, match=r"the mask of b.weight differs across data-parallel ranks after "
+                                                r"the mask update of step 2 \(rank\(s\) \[1\] disagree with rank 0\)"):
         step(model, engine, FakeBackend(model, agree=False), 2)
 
 

@@ -19,6 +19,8 @@ import yaml
 
 from conftest import REPO
 
+pytestmark = pytest.mark.faults  # `make faults` runs every fault test (docs/faults.md)
+
 ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
        "HF_DATASETS_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
 

@@ -55,12 +55,6 @@ class ThreadBackend(TorchBackend):
     def all_reduce_sum_(self, tensor):
         return self._reduce(tensor) if self._world > 1 else tensor
 
-    def all_equal(self, values):
-        slots = torch.zeros((self._world, *values.shape), dtype=values.dtype)
-        slots[self._rank] = values
-        slots = self.all_reduce_sum_(slots)
-        return all(torch.equal(slots[r], slots[0]) for r in range(self._world))
-
 
 def run(method: str, world: int, rank: int, reduce, steps: int = 8, method_class=None, check=False,
         shard_by: str = "entries", **kw):

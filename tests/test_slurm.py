@@ -80,6 +80,7 @@ def submit(env, path: str, *extra) -> str:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_2", marks=pytest.mark.slow)])
+@pytest.mark.faults
 def test_preempted_job_requeues_and_resumes_bit_exactly(tmp_path, small_corpus, cluster, strategy):
     env, _ = cluster
     ref = subprocess.run(["bash", "launch/torchrun.sh", "2", recipe(tmp_path, small_corpus, "ref", strategy=strategy)],
@@ -108,6 +109,7 @@ def test_preempted_job_requeues_and_resumes_bit_exactly(tmp_path, small_corpus, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # masks included
 
 
+@pytest.mark.faults
 def test_task_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path, small_corpus, cluster):
     """Rank 1 SIGKILLs itself after writing its part of the step-20 checkpoint, before the swap (fault
     injection, once): srun ends the step, the job requeues as a crash, the half-done step-20 checkpoint is set
@@ -138,6 +140,7 @@ def test_task_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path, sma
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.faults
 def test_crashing_job_stops_after_its_retry_bound(tmp_path, small_corpus, cluster):
     env, _ = cluster
     path = recipe(tmp_path, small_corpus, "crash", strategy="ddp")
@@ -152,6 +155,7 @@ def test_crashing_job_stops_after_its_retry_bound(tmp_path, small_corpus, cluste
     assert "corpus file" in log  # the run's own one-line reason is in the job's log
 
 
+@pytest.mark.faults
 def test_finished_job_does_not_train_again(tmp_path, small_corpus, cluster):
     env, _ = cluster
     path = recipe(tmp_path, small_corpus, "done", steps=4, strategy="ddp")

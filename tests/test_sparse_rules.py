@@ -186,13 +186,30 @@ def test_engine_stops_on_rank_mismatch():
         world_size = 2
         shards = False
 
-        def all_equal(self, values):
-            return False
+        def __init__(self, drifted: str = ""):
+            super().__init__()
+            self.drifted, self.calls = drifted, 0
+
+        def all_gather(self, values):
+            """Rank 1's checksums: entering the update, those of a rank whose mask of `drifted` changed since the
+            last update; after it, disagreeing on the first layer."""
+            self.calls += 1
+            other = values.clone()
+            names = [sp.name for sp in engine.params]
+            if self.calls == 1 and self.drifted:
+                other[names.index(self.drifted), 1] += 1
+            if self.calls == 2:
+                other[0, 0] += 1
+            return [values, other]
 
     model = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
     engine = SparseEngine(model, SparsityConfig(method="set", sparsity=0.5, delta_t=1, t_end=10), seed=0, max_steps=10)
-    with pytest.raises(MaskMismatchError, match="masks differ across data-parallel ranks after the update at step 1"):
+    with pytest.raises(MaskMismatchError, match=r"^the mask of blocks.0.attn.q_proj.weight "
+                                                r"differs .* after the mask update of step 1 \(rank\(s\) \[1\]"):
         engine.after_optimizer_step(1, Disagreeing())
+    with pytest.raises(MaskMismatchError, match=r"^the mask of blocks.0.mlp.fc_in.weight differs across data-parallel "
+                                                r"ranks entering the mask update of step 2 \(rank\(s\) \[1\] "):
+        engine.after_optimizer_step(2, Disagreeing(drifted="blocks.0.mlp.fc_in.weight"))
 
 
 def test_constant_fan_in_rows_choose_their_inputs_independently():

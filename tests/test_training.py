@@ -150,6 +150,7 @@ def test_cli_fit_3_steps_and_validate(tmp_path, small_corpus):
     (["--data.batch_size", "0"], "data.batch_size=0 must be a positive integer"),
     (["--data.batch_size", "-2"], "data.batch_size=-2 must be a positive integer"),
 ])
+@pytest.mark.faults
 def test_cli_bad_input_one_line(tmp_path, small_corpus, args, message):
     r = _cli("fit", "--config", _recipe(tmp_path, small_corpus), *args)
     assert r.returncode == 2
@@ -181,6 +182,7 @@ class FailingSave(L.Callback):
         trainer.strategy.save_checkpoint = save
 
 
+@pytest.mark.faults
 def test_failed_save_keeps_last_good_checkpoint(tmp_path, small_corpus):
     cfg = tiny_run(tmp_path, small_corpus, trainer=dict(max_steps=8, ckpt_every_n_steps=3))
     trainer, module, data = build(cfg, [FailingSave(3)], logger=False)

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from dstlm.data.text_files import corpus_file, read_utf8
 from dstlm.data.tokenizer import TextTokenizer, tokenizer_fingerprint
 from dstlm.models.lm_loss import IGNORE_INDEX
 from dstlm.paths import cache_dir
@@ -25,31 +26,67 @@ from dstlm.paths import cache_dir
 
 def load_documents(files: Sequence[str] = (), hf_dataset: Optional[str] = None, hf_split: str = "train",
                    text_field: str = "text") -> list[str]:
-    """Documents as strings, read through `datasets`: each .txt file is one document; each row of a
-    .jsonl/.json file is one document (its `text_field`); or rows of a Hugging Face dataset by name."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    ds_cache = str(cache_dir() / "datasets")
+    """Documents as strings: each .txt file is one document; each row of a .jsonl/.json file is one document
+    (its `text_field`); or rows of a Hugging Face dataset by name (through `datasets`). Empty documents are
+    skipped; bytes that are not UTF-8, a line that is not JSON, a row without the field or with a non-text value
+    end in one line naming the file and the line."""
     if hf_dataset:
-        ds = datasets.load_dataset(hf_dataset, split=hf_split, cache_dir=ds_cache)
+        import datasets
+
+        datasets.disable_progress_bars()
+        ds = datasets.load_dataset(hf_dataset, split=hf_split, cache_dir=str(cache_dir() / "datasets"))
         return [t for t in ds[text_field] if t]
     docs: list[str] = []
     for f in files:
-        path = Path(f)
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file {f!r} does not exist; fix data.files (or leave it empty for "
-                                    f"the shipped corpus)")
+        path = corpus_file(f)
+        text = read_utf8(path)
         if path.suffix in (".jsonl", ".json"):
-            ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=ds_cache)
-            if text_field not in ds.column_names:
-                raise ValueError(f"{f}: no field {text_field!r} (fields: {ds.column_names}); set data.text_field")
-            docs.extend(t for t in ds[text_field] if t)
-        else:
-            ds = datasets.load_dataset("text", data_files=str(path), split="train", sample_by="document",
-                                       cache_dir=ds_cache)
-            docs.extend(t for t in ds["text"] if t)
+            docs.extend(_texts_of_rows(path, text, text_field))
+        elif text:
+            docs.append(text.replace("\r\n", "\n").replace("\r", "\n"))  # as Python's text mode reads it
+    if files and not docs:
+        raise ValueError(f"data.files hold no text ({', '.join(map(str, files))}: empty, or only empty rows); give "
+                         f"files with text, or leave data.files empty for the shipped corpus")
     return docs
+
+
+def _texts_of_rows(path: Path, text: str, field: str) -> list[str]:
+    """The `field` of every row of a .jsonl file (one object per line) or .json file (a list of objects)."""
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); fix the file") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: a .json corpus must hold a list of rows; or write one object per line to a "
+                             f".jsonl file")
+        numbered = list(enumerate(rows, 1))
+        where = "row"
+    else:
+        numbered = []
+        for k, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((k, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{k}: not a JSON object ({e.msg}); fix the line") from None
+        where = "line"
+    out = []
+    for k, row in numbered:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{k}: {where} {k} is a {type(row).__name__}, not an object with a {field!r} "
+                             f"field")
+        if field not in row:
+            raise ValueError(f"{path}:{k}: {where} {k} has no field {field!r} (it has {sorted(row)[:8]}); fix the "
+                             f"row or set data.text_field")
+        value = row[field]
+        if value is None or value == "":
+            continue  # an empty document
+        if not isinstance(value, str):
+            raise ValueError(f"{path}:{k}: {where} {k}'s {field!r} is a {type(value).__name__}, not text; fix the row")
+        out.append(value)
+    return out
 
 
 def split_and_stream(token_docs: Sequence[Sequence[int]], val_fraction: float) -> tuple[np.ndarray, np.ndarray]:

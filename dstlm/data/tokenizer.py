@@ -11,6 +11,7 @@ from typing import Iterable, Optional, Sequence
 from tokenizers import Tokenizer
 from tokenizers.implementations import ByteLevelBPETokenizer
 
+from dstlm.data.text_files import corpus_file, read_utf8
 from dstlm.paths import GPT2_TOKENIZER_DIR, cache_dir
 
 EOS = "<|endoftext|>"
@@ -68,6 +69,8 @@ def train_bpe(files: Sequence[str], vocab_size: int) -> TextTokenizer:
     """Byte-level BPE trained on `files`; cached by (content digest, vocab size)."""
     if vocab_size < 257:
         raise ValueError(f"data.vocab_size={vocab_size} is too small for byte-level BPE; use at least 257")
+    for f in files:  # the trainer reads the files itself, and fails on a bad one without naming it
+        read_utf8(corpus_file(f))
     key = f"bpe-v{vocab_size}-{_files_digest(files)}"
     path = cache_dir() / "tokenizers" / f"{key}.json"
     if not path.is_file():
@@ -109,7 +112,7 @@ def load_tokenizer(spec: str, files: Sequence[str] = (), vocab_size: int = 4096)
     if path.is_file():
         return TextTokenizer(Tokenizer.from_file(str(path)), str(path))
     raise FileNotFoundError(
-        f"tokenizer {spec!r} not found; use 'gpt2', 'bpe', a tokenizer.json file, or a directory with "
+        f"data.tokenizer={spec!r} not found; use 'gpt2', 'bpe', a tokenizer.json file, or a directory with "
         f"tokenizer.json or vocab.json + merges.txt"
     )
 

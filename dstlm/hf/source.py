@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+from dstlm.config_types import check_field_types
+
 MASKS_FILE = "sparsity_masks.safetensors"
 """Sidecar of an exported sparse model: its masks, bit-packed, so sparse fine-tuning resumes from the export."""
 
@@ -32,6 +34,7 @@ class HFModelConfig:
     pretraining an HF architecture)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "model")
         if not isinstance(self.hf, str) or not self.hf:
             raise ValueError(f"model.hf={self.hf!r} must name a Hugging Face model directory (or a hub name)")
         if self.block_size is not None and self.block_size <= 0:

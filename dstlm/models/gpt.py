@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dstlm.config_types import check_field_types
 from dstlm.models.lm_loss import LMHead
 from dstlm.models.moe import MoEConfig, MoEMLP
 
@@ -52,6 +53,7 @@ class GPTConfig:
     """Mixture-of-Experts MLPs in every `moe.every`-th block (configs/model/tiny-moe.yaml); None = dense."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "model")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -65,8 +67,18 @@ class GPTConfig:
             raise ValueError(f"RoPE needs an even head size; n_embd/n_head={self.n_embd // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.mlp_ratio <= 0 or int(self.mlp_ratio * self.n_embd) < 1:
+            raise ValueError(f"model.mlp_ratio={self.mlp_ratio} must give at least one MLP hidden unit "
+                             f"(mlp_ratio x n_embd >= 1); GPT-2 uses 4.0")
+        if self.rope_base <= 0:
+            raise ValueError(f"model.rope_base={self.rope_base} must be positive (10000 is usual)")
+        if not 0 < self.init_std <= 1:
+            raise ValueError(f"model.init_std={self.init_std} must be in (0, 1] (GPT-2 uses 0.02)")
         if isinstance(self.moe, dict):
             self.moe = MoEConfig(**self.moe)
+        if self.moe is not None and not any(self.moe.is_moe_layer(i) for i in range(self.n_layer)):
+            raise ValueError(f"model.moe.every={self.moe.every} with model.n_layer={self.n_layer} makes no layer a "
+                             f"mixture of experts (every N-th layer is one); lower moe.every or raise n_layer")
 
     @property
     def padded_vocab_size(self) -> int:

@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.nn.functional import all_to_all_single as all_to_all_autograd
 
+from dstlm.config_types import check_field_types
+
 
 @dataclass
 class MoEConfig:
@@ -61,6 +63,7 @@ class MoEConfig:
     computes every expert for its own tokens."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "model.moe")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"model.moe.num_experts={self.num_experts!r} must be a positive integer")
         if not 1 <= self.top_k <= self.num_experts:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
+from dstlm.config_types import check_field_types
 from dstlm.sparse.methods import DSTMethod, method_class
+
 DISTRIBUTIONS = ("uniform", "er", "erk")
 SCHEDULES = ("cosine", "constant", "linear")
 
@@ -77,6 +79,7 @@ class SparsityConfig:
     """Seed of mask init and tie-breaks (default: the run seed)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "sparsity")
         # unset fields take the method's values; a set field that contradicts the method is refused
         cls = method_class(self.method)
         cls.check_config(self)
@@ -122,8 +125,9 @@ class SparsityConfig:
                 raise ValueError(f"sparsity.overrides[{pattern!r}]={s} must be in [0, 1)")
         if self.wanda_batches < 1:
             raise ValueError(f"sparsity.wanda_batches={self.wanda_batches} must be >= 1")
-        if self.grad_accumulation < 1:
-            raise ValueError(f"sparsity.grad_accumulation={self.grad_accumulation} must be >= 1")
+        if not 1 <= self.grad_accumulation <= self.delta_t:
+            raise ValueError(f"sparsity.grad_accumulation={self.grad_accumulation} must be in [1, sparsity.delta_t="
+                             f"{self.delta_t}] (the steps before each update whose gradients are averaged)")
 
     @property
     def method_class(self) -> type[DSTMethod]:

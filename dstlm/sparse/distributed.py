@@ -28,6 +28,7 @@ class SparseBackend(Protocol):
     def mask_weight_(self, param: torch.nn.Parameter, keep: torch.Tensor) -> None: ...
     def mask_optimizer_state_(self, param: torch.nn.Parameter, keep: torch.Tensor) -> None: ...
     def all_equal(self, values: torch.Tensor) -> bool: ...
+    def all_gather(self, values: torch.Tensor) -> list[torch.Tensor]: ...
     def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor: ...
     # decisions on shards (world > 1)
     shards: bool
@@ -47,11 +48,17 @@ class Collectives:
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     def all_equal(self, values: torch.Tensor) -> bool:
-        if self.world_size == 1:
-            return True
-        gathered = [torch.zeros_like(values) for _ in range(self.world_size)]
-        dist.all_gather(gathered, values)
+        gathered = self.all_gather(values)
         return all(torch.equal(g, gathered[0]) for g in gathered)
+
+    def all_gather(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `values` (same shape everywhere), in rank order: each rank fills its slot of a zeroed
+        [world, ...] tensor and one sum joins them (meant for small tensors: checksums and counts)."""
+        if self.world_size == 1:
+            return [values]
+        slots = torch.zeros((self.world_size, *values.shape), dtype=values.dtype, device=values.device)
+        slots[self.rank] = values
+        return list(self.all_reduce_sum_(slots).unbind(0))
 
     @property
     def rank(self) -> int:

@@ -31,8 +31,9 @@ from dstlm.sparse.selection import Ties, active_rows, count, reference_selection
 from dstlm.sparse.sharded import Shard
 
 
-class MaskMismatchError(RuntimeError):
-    pass
+class MaskMismatchError(ValueError):
+    """Masks that must agree do not (across ranks, or a sharded decision against its whole-tensor reference);
+    a ValueError, so the command line prints it as one line."""
 
 
 class SparseEngine:
@@ -224,6 +225,7 @@ class SparseEngine:
         """New masks, decided where the masks and weights live, one parameter (group of matrices) at a time;
         that group's weights and optimizer state are zeroed before the next is read."""
         start = time.perf_counter()
+        self.check_ranks_agree(backend, t, when="before")  # masks that drifted apart since the last update
         grown_total = active_total = numel_total = ablated = 0
         per_layer: dict[str, float] = {}
         active: dict[str, int] = {}
@@ -417,20 +419,31 @@ class SparseEngine:
         return score
 
     # -- checks ---------------------------------------------------------------------------------------
-    def check_ranks_agree(self, backend: SparseBackend, t: int, active: Optional[dict[str, int]] = None) -> None:
-        """Stop if the ranks' masks disagree. Masks joined from shards are the same bytes on every rank by
-        construction (one all-reduce result): then what must agree is checked, every layer's active count
-        (`active`, as the update counted it) and fan-in; masks decided whole on each rank are compared by
-        checksum."""
+    def check_ranks_agree(self, backend: SparseBackend, t: int, active: Optional[dict[str, int]] = None,
+                          when: str = "after") -> None:
+        """Stop if the ranks' masks disagree, naming the layers and the ranks that differ from rank 0. Masks
+        joined from shards are the same bytes on every rank by construction (one all-reduce result): then what
+        must agree is checked, every layer's active count (`active`, as the update counted it) and fan-in;
+        otherwise masks are compared by checksum (count and position hash). `when`: 'before' checks the masks
+        as they entered the update (a rank whose masks drifted since the last one), 'after' the new masks."""
         if backend.world_size == 1:
             return
         if active is not None:
             values = torch.tensor([[active[sp.name], self.layers[sp.name].fan_in or 0] for sp in self.params])
         else:
             values = mask_checksum(sp.mask for sp in self.params)
-        if not backend.all_equal(values.to(self.params[0].mask.device)):
-            raise MaskMismatchError(f"masks differ across data-parallel ranks after the update at step {t}; "
-                                    f"training stopped (ranks must see identical scores and seeds)")
+        gathered = backend.all_gather(values.to(self.params[0].mask.device))
+        differ = {sp.name: [r for r, g in enumerate(gathered) if not torch.equal(g[i], gathered[0][i])]
+                  for i, sp in enumerate(self.params)}
+        differ = {name: ranks for name, ranks in differ.items() if ranks}
+        if differ:
+            first, ranks = next(iter(differ.items()))
+            more = f" and {len(differ) - 1} more layer(s)" if len(differ) > 1 else ""
+            moment = f"entering the mask update of step {t}" if when == "before" else \
+                f"after the mask update of step {t}"
+            raise MaskMismatchError(f"the mask of {first}{more} differs across data-parallel ranks {moment} "
+                                    f"(rank(s) {ranks} disagree with rank 0); training stopped (every rank must "
+                                    f"hold the same masks: same scores, seeds and code)")
 
     @torch.no_grad()
     def verify(self, backend: SparseBackend) -> list[str]:

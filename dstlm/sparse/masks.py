@@ -136,6 +136,6 @@ def mask_checksum(masks: Iterable[torch.Tensor]) -> torch.Tensor:
     for m in masks:
         flat = m.flatten()
         idx = flat.nonzero().squeeze(1).to(torch.int64)
-        h = ((idx * 2654435761) % 2147483647).sum() if idx.numel() else torch.zeros((), dtype=torch.int64)
+        h = (((idx + 1) * 2654435761) % 2147483647).sum() if idx.numel() else torch.zeros((), dtype=torch.int64)
         rows.append(torch.stack([idx.new_tensor(idx.numel()), h.to(torch.int64)]))
     return torch.stack(rows).cpu() if rows else torch.zeros(0, 2, dtype=torch.int64)

@@ -49,6 +49,7 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision("high")
     out = run_dir(cfg)
+    check_machine(cfg, out)
     log_dir = out / "logs"
     loggers = []
     if logger:
@@ -88,8 +89,12 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         strategy = DeepSpeedZeRO(stage=t.zero_stage, cpu=cpu, offload_optimizer=t.offload_optimizer,
                                  offload_parameters=t.offload_params, config=t.deepspeed_config,
                                  zero_init=t.zero_init, **timeout)
-    elif strategy == "ddp" and timeout:
-        strategy = DDPStrategy(**timeout)
+    elif strategy in ("ddp", "ddp_spawn") or (strategy == "auto" and t.devices * t.num_nodes > 1):
+        # What Lightning's "ddp" is, but without broadcasting the module buffers from rank 0 before every forward:
+        # the masks are buffers, identical on every rank by construction and compared across ranks at each mask
+        # update (a broadcast would hide a rank whose masks drifted, and moves every mask every step)
+        strategy = DDPStrategy(start_method="spawn" if strategy == "ddp_spawn" else "popen", broadcast_buffers=False,
+                               **timeout)
     # Under SLURM: ranks from SLURM's variables, but not Lightning's own requeue (it saves inside the signal
     # handler, on SIGUSR1, which NCCL also catches): dstlm.training.preemption stops at a step boundary instead
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
@@ -114,14 +119,27 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
     return trainer, module, data
 
 
+def check_machine(cfg: RunConfig, out: Path) -> None:
+    """What a config cannot know where it is written (a login node prepares GPU jobs): is there a GPU, and can
+    the run folder be created here."""
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={cfg.trainer.accelerator!r} but this machine has no CUDA GPU that "
+                         f"torch can use; use accelerator cpu (or auto)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"out_dir={cfg.out_dir!r}: cannot create the run folder {out} ({e.strerror}); choose a "
+                         f"writable folder") from None
+
+
 def check_vocab(cfg: RunConfig, data: LMDataModule) -> None:
     vocab = data.tokenizer.vocab_size
     if isinstance(cfg.model, HFModelConfig):
         if cfg.model.vocab_size is not None and vocab > cfg.model.vocab_size:
-            raise ValueError(f"tokenizer {cfg.data.tokenizer!r} has {vocab} tokens but the model {cfg.model.hf!r} "
+            raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r} has {vocab} tokens but the model {cfg.model.hf!r} "
                              f"embeds only {cfg.model.vocab_size}; use the model's own tokenizer (leave "
                              f"data.tokenizer unset) or one whose vocabulary fits")
         return
     if vocab > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer {cfg.data.tokenizer!r} has {vocab} tokens but model.vocab_size="
-                         f"{cfg.model.vocab_size}; set model.vocab_size >= {vocab}")
+        raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r} has {vocab} tokens but model.vocab_size="
+                         f"{cfg.model.vocab_size}; set model.vocab_size >= {vocab} or use a smaller tokenizer")

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dstlm.training.faults import fault_point
+from dstlm.training.faults import fault_disk_full, fault_point
 
 SAVE_TIMES = "save_seconds.txt"  # in the checkpoint folder: the seconds of the latest saves, all ranks together
 
@@ -55,7 +55,11 @@ class StepCheckpoint(ModelCheckpoint):
             _remove(tmp)
         trainer.strategy.barrier("dstlm-ckpt-pre")
         t0 = time.perf_counter()
-        trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank writes its shards (DeepSpeed)
+        try:
+            trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank writes its shards (DeepSpeed)
+            fault_disk_full("save", trainer.global_rank, trainer.global_step, tmp)  # test-only injection
+        except OSError as e:
+            raise self._save_failed(trainer, tmp, e) from None
         fault_point("save", trainer.global_rank, trainer.global_step, Path(self.dirpath))
         trainer.strategy.barrier("dstlm-ckpt-written")
         if trainer.is_global_zero:
@@ -70,6 +74,24 @@ class StepCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
+
+    def _save_failed(self, trainer: L.Trainer, tmp: str, e: OSError) -> OSError:
+        """A write that failed (a full disk, a quota, a vanished mount): what it left is removed, nothing was
+        swapped in, and the error names the last good checkpoint. (Under several ranks, the others stop at the next
+        barrier, within trainer.collective_timeout_s.)"""
+        try:
+            _remove(tmp)
+        except OSError:
+            pass
+        last = Path(self.dirpath) / "last.ckpt"
+        good = (f"the last good checkpoint is {os.path.realpath(last)}, which `--ckpt_path last` resumes"
+                if last.exists() else "no checkpoint was written before it")
+        reason = e.strerror or str(e)
+        err = OSError(f"saving the checkpoint of step {trainer.global_step} to {tmp} failed ({reason}); nothing "
+                      f"was replaced: {good}; free space under {self.dirpath} (or lower trainer.keep_last_k) and "
+                      f"resume")
+        err.errno = e.errno
+        return err
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -5,19 +5,20 @@ Field docstrings are the documentation: `dstlm fit --help` shows them.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-import typing
 from typing import Literal, Optional, Union
 
 from dstlm.build import check_transformable
+from dstlm.config_types import check_field_types
 from dstlm.data.examples import FORMATS as DATA_FORMATS
 from dstlm.hf.source import HFModelConfig
 from dstlm.models.gpt import GPTConfig
 from dstlm.models.lm_loss import CHUNK_TOKENS
 from dstlm.sparse.config import SparsityConfig
-from dstlm.transforms.ift_spec import SparseIFTConfig
 from dstlm.training.eval_callback import EvalConfig
+from dstlm.transforms.ift_spec import SparseIFTConfig
 
 
 def _ordered_union(*members):
@@ -81,6 +82,7 @@ class DataConfig:
     """DataLoader worker processes (0 is fastest for memory-mapped blocks on small machines)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "data")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
             raise ValueError(f"data.batch_size={self.batch_size!r} must be a positive integer")
         if not isinstance(self.block_size, int) or self.block_size <= 0:
@@ -89,6 +91,10 @@ class DataConfig:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         if self.val_batches < 0:
             raise ValueError(f"data.val_batches={self.val_batches} must be >= 0 (0 = all)")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0 (0 = load in the training process)")
+        if self.vocab_size <= 0:
+            raise ValueError(f"data.vocab_size={self.vocab_size} must be a positive integer")
         if self.format not in DATA_FORMATS:
             raise ValueError(f"data.format={self.format!r} is not one of {', '.join(DATA_FORMATS)}")
 
@@ -119,12 +125,23 @@ class OptimConfig:
     16-mixed is refused."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "optim")
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr} must be positive")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)} must both be in [0, 1), e.g. [0.9, 0.95]")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps={self.eps} must be positive, e.g. 1e-8")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0 (0 = none)")
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 
 
 @dataclass
@@ -181,11 +198,25 @@ class TrainerConfig:
     stops at the same step and the run exits with code 75 (requeue me)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "trainer")
         for name in ("max_steps", "devices", "num_nodes", "accumulate_grad_batches", "val_every_n_steps",
                      "log_every_n_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"trainer.{name}={value!r} must be a positive integer")
+        for name in ("ckpt_every_n_steps", "keep_last_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 0")
+        if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
+            raise ValueError(f"trainer.gradient_clip_val={self.gradient_clip_val} must be positive (or null: no "
+                             f"clipping)")
+        if self.accelerator not in ACCELERATORS:
+            raise ValueError(f"trainer.accelerator={self.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.strategy not in ("auto", "ddp", "ddp_spawn", "deepspeed") and not self.strategy.startswith("deepspeed"):
+            raise ValueError(f"trainer.strategy={self.strategy!r} is not one of auto, ddp, ddp_spawn, "
+                             f"deepspeed_stage_0|1|2|3 (docs/distributed.md)")
         if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
             raise ValueError(f"trainer.loss_chunk_tokens={self.loss_chunk_tokens!r} must be an integer >= 0 "
                              f"(tokens per chunk of the fused loss; 0 turns fusing off)")
@@ -254,6 +285,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.model is None:
             self.model = GPTConfig()
+        check_field_types(self, "")
+        if not self.name or self.name in (".", "..") or "/" in self.name or self.name.startswith("-"):
+            raise ValueError(f"name={self.name!r} must name one folder under out_dir (no '/', not empty); e.g. "
+                             f"name: rigl-90")
         check_transformable(self.model, self.ift)
         if isinstance(self.model, HFModelConfig):
             if self.data.tokenizer == "bpe" and self.model.local is not None:

@@ -3,7 +3,6 @@ batches."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -13,6 +12,7 @@ import torch
 
 from dstlm.data.examples import (ChatTemplate, ExampleFields, dataset_rows, describe, example_arrays, file_kind,
                                  first_row_columns, read_rows)
+from dstlm.data.text_files import corpus_file
 from dstlm.data.packing import BlockDataset, build_packed, cached_splits, load_documents, token_dtype
 from dstlm.data.sampler import ResumableBatchSampler
 from dstlm.data.tokenizer import TextTokenizer, load_tokenizer, tokenizer_fingerprint
@@ -38,11 +38,8 @@ class LMDataModule(L.LightningDataModule):
         """The run's tokenizer: the named one, or a BPE trained on the corpus (cached on disk), loaded once."""
         if self._tokenizer is None:
             files = [] if self.cfg.hf_dataset else self.files
-            if not self.cfg.hf_dataset:
-                missing = [f for f in self.files if not os.path.isfile(f)]
-                if missing:
-                    raise FileNotFoundError(f"corpus file {missing[0]!r} does not exist; fix data.files "
-                                            f"(or leave it empty for the shipped corpus)")
+            for f in files:
+                corpus_file(f)  # missing, or a directory: named before anything reads the files
             self._tokenizer = load_tokenizer(self.cfg.tokenizer, files, self.cfg.vocab_size)
         return self._tokenizer
 

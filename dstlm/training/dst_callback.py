@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from dstlm.sparse import SparseEngine, TorchBackend
+from dstlm.training.faults import fault_flip
 
 
 class DSTCallback(L.Callback):
@@ -77,6 +78,7 @@ class DSTCallback(L.Callback):
         if t != self._last_step:  # an optimizer step happened (not an accumulation micro-step)
             self._last_step = t
             stats = engine.after_optimizer_step(t, self.backend)
+            fault_flip("mask", trainer.global_rank, t, engine.params[0].full_mask)  # test-only injection
             verify = stats is not None or (engine.cfg.verify_every and t % engine.cfg.verify_every == 0)
             if verify:
                 problems = engine.verify(self.backend)

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from dstlm.config_types import check_field_types
 from dstlm.models.moe import experts_alone
 
 
@@ -29,6 +30,7 @@ class EvalConfig:
     this many resamples, about 1 s per 1000 on 2 CPU cores). 0: scores only."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "eval")
         # names outside the shipped tasks are checked against lm-eval's registry when first run
         if not self.tasks:
             raise ValueError("eval.tasks is empty; name at least one task, e.g. [hellaswag]")

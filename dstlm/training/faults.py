@@ -4,10 +4,15 @@
   step-S checkpoint, before the checkpoint is swapped in. It fires once: a marker in the run's checkpoint
   folder keeps a requeued or resumed run from dying again at the same place.
 - `DSTLM_FAULT=nan:rank=R:point=loss:step=S`: rank R's training loss at optimizer step S becomes NaN.
+- `DSTLM_FAULT=enospc:rank=R:point=save:step=S`: rank R's write of the step-S checkpoint stops halfway with
+  "No space left on device" (what a full disk does; the tests use a real small filesystem where they may mount).
+- `DSTLM_FAULT=flip:rank=R:point=mask:step=S`: after optimizer step S, rank R flips the first entry of its first
+  sparse mask (a bit error, or a rank that ran other code): the masks of the ranks no longer agree.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from pathlib import Path
@@ -21,8 +26,9 @@ def _spec() -> dict[str, str]:
         return {}
     kind, *fields = raw.split(":")
     spec = dict(f.split("=", 1) for f in fields if "=" in f)
-    if kind not in ("kill", "nan") or not {"rank", "point", "step"} <= spec.keys():
-        raise ValueError(f"{ENV}={raw!r}: expected kill:rank=R:point=save:step=S or nan:rank=R:point=loss:step=S")
+    if kind not in ("kill", "nan", "flip", "enospc") or not {"rank", "point", "step"} <= spec.keys():
+        raise ValueError(f"{ENV}={raw!r}: expected kill:rank=R:point=save:step=S, nan:rank=R:point=loss:step=S, "
+                         f"enospc:rank=R:point=save:step=S or flip:rank=R:point=mask:step=S")
     return {"kind": kind, **spec}
 
 
@@ -35,6 +41,26 @@ def _matches(kind: str, point: str, rank: int, step: int) -> bool:
 def fault_value(point: str, rank: int, step: int, value):
     """`value` made NaN if DSTLM_FAULT names this point, rank and step."""
     return value * float("nan") if _matches("nan", point, rank, step) else value
+
+
+def fault_flip(point: str, rank: int, step: int, mask) -> None:
+    """Flip the first entry of the bool tensor `mask` in place if DSTLM_FAULT names this point, rank and step."""
+    if _matches("flip", point, rank, step):
+        flat = mask.view(-1)
+        flat[0] = ~flat[0]
+        print(f"dstlm: {ENV}: rank {rank} flips an entry of its mask after step {step}", flush=True)
+
+
+def fault_disk_full(point: str, rank: int, step: int, written: str) -> None:
+    """If DSTLM_FAULT names this point, rank and step: cut what was just written to half and fail as a full
+    disk does."""
+    if not _matches("enospc", point, rank, step):
+        return
+    path = Path(written)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        os.truncate(f, f.stat().st_size // 2)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def fault_point(point: str, rank: int, step: int, folder: Path) -> None:

@@ -207,6 +207,9 @@ class LMModule(L.LightningModule):
         last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
         where = (f"the last good checkpoint is {os.path.realpath(last)}, which `--ckpt_path last` resumes"
                  if last is not None and last.exists() else "no checkpoint was written yet")
+        if self.global_step == 0 and where.startswith("no checkpoint"):
+            return ("; stopped before the weights changed, at the first step: the initial weights or the data give "
+                    "it (check model.init_std and the model section; with a pretrained model, its weights)")
         return (f"; stopped before the weights changed ({where}); lower optim.lr, raise optim.warmup_steps or "
                 f"set trainer.gradient_clip_val, then resume")
 

@@ -139,7 +139,9 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         """DeepSpeed's universal load restores parameters and optimizer state but not module buffers (it skips
         the module state dict); dstlm's masks are buffers, so copy them from the saved model states."""
         files = sorted((ckpt_dir / "checkpoint").glob("*mp_rank_00_model_states.pt"))
-        saved = torch.load(files[0], map_location="cpu", weights_only=False)
+        from dstlm.checkpoint import load_states
+
+        saved = load_states(files[0])
         module_state, names = saved["module"], saved.get("buffer_names") or []
         buffers = dict(self.lightning_module.named_buffers())
         for name in names:

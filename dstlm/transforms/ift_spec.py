@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from dstlm.config_types import check_field_types
+
 FAMILIES = ("wide", "parallel", "factorized", "doped")
 MIDS = ("none", "layernorm", "gelu", "layernorm_gelu")
 ATTN = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj")
@@ -42,6 +44,7 @@ class SparseIFTConfig:
     widens, included) has the dense model's FLOPs."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, "ift")
         if self.family not in FAMILIES:
             raise ValueError(f"ift.family={self.family!r} is unknown; choose one of: {', '.join(FAMILIES)}")
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
