@@ -4,12 +4,14 @@ checkpoint resumes to the weights of a run that never saw the fault."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
 from conftest import REPO
 from test_preemption import ENV, recipe, weights
@@ -73,20 +75,22 @@ def test_mask_divergence_on_one_rank_is_caught_at_the_next_update(tmp_path, smal
 def test_non_finite_gradient_names_the_parameter():
     from dstlm.models.gpt import GPTConfig
     from dstlm.training.config import OptimConfig
-    from dstlm.training.module import LMModule, NonFiniteError
+    from dstlm.training.module import LMModule
+    from dstlm.training.nonfinite import check_gradients, last_good
 
     module = LMModule(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8), OptimConfig(), 10)
     module.configure_model()
     for p in module.parameters():
         p.grad = torch.zeros_like(p)
     module.model.blocks[0].mlp.fc_in.weight.grad[3, 2] = float("inf")
-    with pytest.raises(NonFiniteError, match=r"non-finite gradient of model.blocks.0.mlp.fc_in.weight at step 0; "
-                                             r"stopped before the weights changed, at the first step: the initial "
-                                             r"weights or the data"):
-        module.on_before_optimizer_step(None)
+    found = []
+    check_gradients(module, found.append)
+    assert found == ["non-finite gradient of model.blocks.0.mlp.fc_in.weight at step 0"]
+    assert last_good(None).startswith("; stopped before the weights changed, at the first step: the initial weights "
+                                      "or the data")
     module.model.blocks[0].mlp.fc_in.weight.grad[3, 2] = 0.0
-    module.on_before_optimizer_step(None)  # finite: nothing happens
-    assert os.environ.get("DSTLM_FAULT") is None
+    check_gradients(module, found.append)  # finite: nothing found
+    assert len(found) == 1 and os.environ.get("DSTLM_FAULT") is None
 
 
 def test_truncated_checkpoint_is_passed_over_and_named(tmp_path, small_corpus):
@@ -238,3 +242,97 @@ def test_a_checkpoint_that_would_run_code_is_refused_unopened(tmp_path, small_co
     code, stderr = run_cli(["fit", "--config", recipe(tmp_path, small_corpus, "h", steps=2), "--ckpt_path", str(bad)])
     assert code == 2 and "hostile.ckpt is unreadable: hostile.ckpt needs posix.system" in error_line(stderr)
     assert not marker.exists()
+
+
+def _skip_recipe(tmp_path, small_corpus, name: str, max_skipped: int) -> str:
+    cfg = yaml.safe_load(open(recipe(tmp_path, small_corpus, name, steps=17)))
+    cfg["sparsity"]["t_end"] = 1.0  # mask updates at 5, 10 and 15
+    cfg["trainer"].update(ckpt_every_n_steps=1, keep_last_k=30, on_nonfinite="skip", max_skipped_steps=max_skipped)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_skip_policy_drops_the_step_and_keeps_weights_optimizer_and_masks(tmp_path, small_corpus, monkeypatch):
+    """trainer.on_nonfinite=skip: the steps with index 12 and 14 meet a NaN loss and are dropped; the checkpoint
+    after step 12 equals the one before it in weights, masks and AdamW state (moments and step counts), the
+    mask update due after step 14 (t=15) does not happen, and the run ends with 15 optimizer updates."""
+    from conftest import run_cli
+
+    monkeypatch.setenv("DSTLM_FAULT", "nan:rank=0:point=loss:step=12,14")
+    code, stderr = run_cli(["fit", "--config", _skip_recipe(tmp_path, small_corpus, "skip", 2)])
+    assert code == 0, stderr[-3000:]
+    ckpts = tmp_path / "runs" / "skip" / "checkpoints"
+
+    def load(step):
+        return torch.load(ckpts / f"step{step:07d}.ckpt", weights_only=True)
+
+    before, after, next_ = load(12), load(13), load(14)
+    assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
+    assert not all(torch.equal(after["state_dict"][k], next_["state_dict"][k]) for k in after["state_dict"])
+    sa, sb = before["optimizer_states"][0]["state"], after["optimizer_states"][0]["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    last = load(17)
+    assert {float(s["step"]) for s in last["optimizer_states"][0]["state"].values()} == {15.0}
+    assert last["callbacks"]["NonFiniteGuard"] == {"skipped": [12, 14]}
+    summary = json.loads((tmp_path / "runs" / "skip" / "summary.json").read_text())
+    assert summary["skipped_steps"] == [12, 14] and summary["mask_updates"] == 2 and summary["steps"] == 17
+
+
+def test_skip_policy_is_bounded_across_a_resume(tmp_path, small_corpus, monkeypatch):
+    """With max_skipped_steps=2 the third non-finite step stops the run, naming the skipped ones; a run resumed
+    after the first skip counts it (the count is checkpointed) and stops at the same step."""
+    from conftest import error_line, run_cli
+
+    monkeypatch.setenv("DSTLM_FAULT", "nan:rank=0:point=loss:step=12,14,16")
+    path = _skip_recipe(tmp_path, small_corpus, "bound", 2)
+    code, stderr = run_cli(["fit", "--config", path])
+    ckpts = tmp_path / "runs" / "bound" / "checkpoints"
+    expected = (f"dstlm: error: non-finite loss at step 16 (micro-batch 16) on rank(s) [0]; trainer.max_skipped_steps=2"
+                f" steps were skipped already ([12, 14]); stopped before the weights changed (the last good checkpoint "
+                f"is {ckpts / 'step0000016.ckpt'}")
+    assert code == 2 and error_line(stderr).startswith(expected), stderr[-3000:]
+    code, stderr = run_cli(["fit", "--config", path, "--ckpt_path", str(ckpts / "step0000013.ckpt")])
+    assert code == 2 and error_line(stderr).startswith(expected), stderr[-3000:]
+
+
+@pytest.mark.dist
+def test_skip_policy_under_ddp(tmp_path, small_corpus):
+    """A NaN loss on rank 1 only: both ranks drop the step together and train on."""
+    path = _skip_recipe(tmp_path, small_corpus, "ddpskip", 1)
+    r = torchrun(path, DSTLM_FAULT="nan:rank=1:point=loss:step=12")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "ddpskip" / "summary.json").read_text())
+    assert summary["skipped_steps"] == [12] and summary["steps"] == 17
+    assert "dstlm: non-finite loss at step 12 (micro-batch 12) on rank(s) [1]; skipping this step" in r.stdout
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_2", pytest.param("deepspeed_stage_3", marks=pytest.mark.slow)])
+def test_non_finite_gradient_under_deepspeed_stops_every_rank(tmp_path, small_corpus, strategy):
+    """Under ZeRO the gradients live in DeepSpeed's buffers: a NaN gradient on one rank (finite loss) makes ZeRO's
+    global gradient norm non-finite and DeepSpeed drops the step itself; dstlm notices the dropped step and stops
+    every rank before the DST update and the checkpoint of that step, naming the last good checkpoint."""
+    path = recipe(tmp_path, small_corpus, "dsnan", steps=20)
+    run = tmp_path / "runs" / "dsnan"
+    bad = torchrun(path, STRATEGY=strategy, DSTLM_FAULT="nan:rank=1:point=grad:step=12")
+    assert bad.returncode != 0
+    msg = (f"dstlm: error: non-finite gradient at step 12 (DeepSpeed found the gradient norm non-finite and dropped "
+           f"the step); stopped before the weights changed (the last good checkpoint is "
+           f"{run / 'checkpoints' / 'step0000010.ckpt'}, which `--ckpt_path last` resumes); lower optim.lr, raise "
+           f"optim.warmup_steps or set trainer.gradient_clip_val, then resume\n")
+    assert bad.stderr.count(msg) == 2, bad.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step0000010.ckpt"]
+
+
+def test_non_finite_gradient_from_a_finite_loss_stops_the_run(tmp_path, small_corpus):
+    from test_preemption import fit
+
+    path = recipe(tmp_path, small_corpus, "gradnan", steps=20)
+    bad = subprocess.run([sys.executable, "-m", "dstlm.cli", "fit", "--config", path], cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env={**ENV, "DSTLM_FAULT": "nan:rank=0:point=grad:step=12"})
+    ckpts = tmp_path / "runs" / "gradnan" / "checkpoints"
+    assert bad.returncode == 2
+    assert (f"dstlm: error: non-finite gradient of model.wte.weight at step 12; stopped before the weights changed "
+            f"(the last good checkpoint is {ckpts / 'step0000010.ckpt'}") in bad.stderr
+    assert fit(path, "--ckpt_path", "last").returncode == 0  # resumes (the fault is not set again)

@@ -121,15 +121,17 @@ def test_two_ranks_stop_at_the_same_step(tmp_path, small_corpus):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
-def test_a_dead_rank_ends_the_other_within_the_collective_timeout(tmp_path, small_corpus, how):
+@pytest.mark.parametrize("strategy, how", [
+    ("ddp", signal.SIGKILL), ("ddp", signal.SIGSTOP), ("deepspeed_stage_2", signal.SIGKILL),
+    pytest.param("deepspeed_stage_2", signal.SIGSTOP, marks=pytest.mark.slow)])
+def test_a_dead_rank_ends_the_other_within_the_collective_timeout(tmp_path, small_corpus, strategy, how):
     """Two ranks started as plain processes (no launcher that would kill the survivor): after the step-10
-    checkpoint rank 1 is SIGKILLed (its sockets close: rank 0 fails at once) or SIGSTOPped (a hung peer: the
-    connection stays open, only the timeout ends the wait); either way rank 0 exits with an error within
-    trainer.collective_timeout_s (20 s) instead of hanging."""
+    checkpoint (linked as last.ckpt) rank 1 is SIGKILLed (its sockets close: rank 0 fails at once) or SIGSTOPped
+    (a hung peer: the connection stays open, only the timeout ends the wait); either way rank 0 exits within
+    trainer.collective_timeout_s (20 s) instead of hanging, with one line naming rank 1 and the last checkpoint."""
     import socket
 
-    path = recipe(tmp_path, small_corpus, "dead", steps=400, strategy="ddp", devices=2, collective_timeout_s=20)
+    path = recipe(tmp_path, small_corpus, "dead", steps=400, strategy=strategy, devices=2, collective_timeout_s=20)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -140,13 +142,20 @@ def test_a_dead_rank_ends_the_other_within_the_collective_timeout(tmp_path, smal
         procs.append(subprocess.Popen([sys.executable, "-m", "dstlm.cli", "fit", "--config", path], cwd=REPO,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env))
     try:
-        signal_when(procs[1], tmp_path / "runs" / "dead" / "checkpoints" / "step0000010.ckpt", how)
+        signal_when(procs[1], tmp_path / "runs" / "dead" / "checkpoints" / "last.ckpt", how)  # step 10, linked
         t0 = time.time()
         procs[0].wait(timeout=120)
         waited = time.time() - t0
     finally:
         for p in procs:
             p.kill()
-    assert procs[0].returncode != 0 and waited < 20 + 15, (waited, procs[0].stderr.read()[-2000:])
+    err = procs[0].stderr.read()
+    assert procs[0].returncode != 0 and waited < 20 + 15, (waited, err[-2000:])
     if how == signal.SIGSTOP:
         assert waited > 5, waited  # it did wait on the silent peer: the timeout, not a closed socket, ended it
+    lines = [x for x in err.splitlines() if x.startswith("dstlm: error:")]
+    assert len(lines) == 1 and lines[0].startswith("dstlm: error: rank 0 lost rank(s) [1] at step "), err[-3000:]
+    assert "dead, or hung beyond trainer.collective_timeout_s=20 s; training stopped" in lines[0]
+    ckpt = tmp_path / "runs" / "dead" / "checkpoints"
+    assert f"; the last good checkpoint is {ckpt}/step00000" in lines[0], lines[0]
+    assert lines[0].endswith("restart the job (--ckpt_path auto resumes)"), lines[0]

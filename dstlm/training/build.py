@@ -21,6 +21,8 @@ from dstlm.training.datamodule import LMDataModule
 from dstlm.training.dst_callback import DSTCallback
 from dstlm.training.eval_callback import EvalCallback
 from dstlm.training.module import LMModule
+from dstlm.training.liveness import RankLiveness
+from dstlm.training.nonfinite import NonFiniteGuard
 from dstlm.training.preemption import PREEMPTED, Preemption, signal_number
 from dstlm.training.summary import FlopsLog, RunRecord
 
@@ -69,6 +71,9 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
+    # before DSTCallback, which asks it whether a step is skipped
+    callbacks.append(NonFiniteGuard(cfg.trainer.on_nonfinite, cfg.trainer.max_skipped_steps))
+    callbacks.append(RankLiveness(cfg.trainer.collective_timeout_s))
     if cfg.sparsity is not None:
         callbacks.append(DSTCallback())
     callbacks.append(FlopsLog(cfg, out))  # dense runs too: the baseline every FLOPs comparison divides by

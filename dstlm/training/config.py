@@ -193,6 +193,12 @@ class TrainerConfig:
     collective_timeout_s: Optional[int] = None
     """Seconds a rank waits in a collective before failing (DDP and DeepSpeed process groups); a dead rank then
     ends the others within this bound instead of hanging. None: torch's default (30 min)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss or gradient: 'stop' the run (naming the step and the last good checkpoint), or 'skip' the
+    optimizer step (weights, optimizer state and masks unchanged; the step counter and LR schedule move on), at most
+    max_skipped_steps times per run, then stop. Single process and DDP (docs/faults.md)."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite=skip: the most steps a run may skip (resumes included) before a non-finite one stops it."""
     preempt_signal: str = "USR2"
     """The signal that asks a run to stop at the next step, checkpointed (SLURM: --signal=USR2@LEAD); every rank
     stops at the same step and the run exits with code 75 (requeue me)."""
@@ -204,7 +210,11 @@ class TrainerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"trainer.{name}={value!r} must be a positive integer")
-        for name in ("ckpt_every_n_steps", "keep_last_k"):
+        if self.on_nonfinite == "skip" and self.zero_stage is not None:
+            raise ValueError(f"trainer.on_nonfinite=skip with trainer.strategy={self.strategy!r}: DeepSpeed keeps the "
+                             f"gradients in its own buffers, where a step cannot be dropped; use on_nonfinite=stop "
+                             f"(or a ddp/auto strategy)")
+        for name in ("ckpt_every_n_steps", "keep_last_k", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 0")
         if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:

@@ -70,11 +70,21 @@ class DSTCallback(L.Callback):
         if trainer.strategy.handles_gradient_accumulation \
                 and not trainer.strategy.deepspeed_engine.is_gradient_accumulation_boundary():
             return
+        if self._skipping(trainer, trainer.global_step):
+            return  # a non-finite step that is dropped: no score from its gradients
         self.engine.before_optimizer_step(trainer.global_step + 1, self.backend)
+
+    @staticmethod
+    def _skipping(trainer, step: int) -> bool:
+        from dstlm.training.nonfinite import NonFiniteGuard
+
+        return any(isinstance(c, NonFiniteGuard) and c.skipping(step) for c in trainer.callbacks)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         engine = self.engine
         t = trainer.global_step
+        if t != self._last_step and self._skipping(trainer, t - 1):
+            self._last_step = t  # a dropped step: the masks, and the update due at t if any, stay as they were
         if t != self._last_step:  # an optimizer step happened (not an accumulation micro-step)
             self._last_step = t
             stats = engine.after_optimizer_step(t, self.backend)

@@ -4,6 +4,8 @@
   step-S checkpoint, before the checkpoint is swapped in. It fires once: a marker in the run's checkpoint
   folder keeps a requeued or resumed run from dying again at the same place.
 - `DSTLM_FAULT=nan:rank=R:point=loss:step=S`: rank R's training loss at optimizer step S becomes NaN.
+- `DSTLM_FAULT=nan:rank=R:point=grad:step=S`: rank R's gradient of the first weight at step S becomes NaN (the
+  loss stays finite). S may list several steps: step=12,14.
 - `DSTLM_FAULT=enospc:rank=R:point=save:step=S`: rank R's write of the step-S checkpoint stops halfway with
   "No space left on device" (what a full disk does; the tests use a real small filesystem where they may mount).
 - `DSTLM_FAULT=flip:rank=R:point=mask:step=S`: after optimizer step S, rank R flips the first entry of its first
@@ -35,12 +37,24 @@ def _spec() -> dict[str, str]:
 def _matches(kind: str, point: str, rank: int, step: int) -> bool:
     spec = _spec()
     return bool(spec) and spec["kind"] == kind and spec["point"] == point and int(spec["rank"]) == rank \
-        and int(spec["step"]) == step
+        and str(step) in spec["step"].split(",")
 
 
 def fault_value(point: str, rank: int, step: int, value):
     """`value` made NaN if DSTLM_FAULT names this point, rank and step."""
     return value * float("nan") if _matches("nan", point, rank, step) else value
+
+
+def fault_grad(point: str, rank: int, step: int, module) -> None:
+    """If DSTLM_FAULT names this point, rank and step: the next backward gives the module's first trainable
+    parameter a NaN gradient (a hook that removes itself on the next call)."""
+    old = getattr(module, "_dstlm_fault_hook", None)
+    if old is not None:
+        old.remove()
+        module._dstlm_fault_hook = None
+    if _matches("nan", point, rank, step):
+        param = next(p for p in module.parameters() if p.requires_grad)
+        module._dstlm_fault_hook = param.register_hook(lambda g: g * float("nan"))
 
 
 def fault_flip(point: str, rank: int, step: int, mask) -> None:

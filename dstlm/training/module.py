@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -22,7 +20,8 @@ from dstlm.models.lm_loss import CHUNK_TOKENS, IGNORE_INDEX, share_of_step
 from dstlm.models.moe import ExpertParallel, set_expert_parallel
 from dstlm.sparse import SparseEngine, SparsityConfig
 from dstlm.training.config import OptimConfig
-from dstlm.training.faults import fault_value
+from dstlm.training.faults import fault_grad, fault_value
+from dstlm.training.nonfinite import NonFiniteError  # noqa: F401 (re-exported)
 from dstlm.transforms.ift import SparseIFT, SparseIFTConfig
 
 
@@ -63,11 +62,6 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kernel)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.betas[0], nesterov=True, **kernel)
-
-
-class NonFiniteError(ValueError):
-    """A NaN/inf loss or gradient: the run stops with the step, the rank(s) or parameter and the last good
-    checkpoint (a ValueError, so the command line prints it as one line)."""
 
 
 class LMModule(L.LightningModule):
@@ -169,49 +163,15 @@ class LMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch[0], batch[1]
         loss = self.model.loss(x, y)
-        loss = fault_value("loss", self.global_rank, self.global_step, loss)  # test-only injection
-        self._stop_if_not_finite("loss", loss.detach().reshape(1), batch_idx)
+        loss = fault_value("loss", self.global_rank, self.global_step, loss)  # test-only injections
+        fault_grad("grad", self.global_rank, self.global_step, self.model)
+        # a non-finite loss is caught before backward by NonFiniteGuard (dstlm/training/nonfinite.py)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         if self.model_config.moe is not None:
             self._log_moe()
         if len(batch) == 3:
             loss = loss * self._share_of_step(y, batch[2])
         return loss
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """A finite loss can still give non-finite gradients: stop before they reach the weights (strategies
-        that keep gradients in .grad: single process and DDP, where they are already averaged over ranks)."""
-        if self._trainer is not None and str(self.trainer.precision).startswith("16"):
-            return  # fp16's loss scaler skips steps with inf gradients itself, by design
-        named = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
-        if not named:
-            return
-        norms = torch.stack(torch._foreach_norm([g for _, g in named]))
-        if not bool(torch.isfinite(norms).all()):
-            first = next(n for (n, _), v in zip(named, norms.tolist()) if not math.isfinite(v))
-            raise NonFiniteError(f"non-finite gradient of {first} at step {self.global_step}{self._last_good()}")
-
-    def _stop_if_not_finite(self, what: str, value: torch.Tensor, batch_idx: int) -> None:
-        """Every rank learns which ranks saw a non-finite value and all stop together, before backward (a
-        rank that stopped alone would leave the others waiting in the gradient all-reduce)."""
-        bad = (~torch.isfinite(value)).any().to(torch.int32).reshape(1)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            bad = self.all_gather(bad).reshape(-1)
-        if bool(bad.any()):
-            ranks = [i for i, b in enumerate(bad.tolist()) if b]
-            raise NonFiniteError(f"non-finite {what} at step {self.global_step} (micro-batch {batch_idx}) on rank(s) "
-                                 f"{ranks}{self._last_good()}")
-
-    def _last_good(self) -> str:
-        ckpt = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
-        last = Path(ckpt.dirpath) / "last.ckpt" if ckpt is not None and ckpt.dirpath else None
-        where = (f"the last good checkpoint is {os.path.realpath(last)}, which `--ckpt_path last` resumes"
-                 if last is not None and last.exists() else "no checkpoint was written yet")
-        if self.global_step == 0 and where.startswith("no checkpoint"):
-            return ("; stopped before the weights changed, at the first step: the initial weights or the data give "
-                    "it (check model.init_std and the model section; with a pretrained model, its weights)")
-        return (f"; stopped before the weights changed ({where}); lower optim.lr, raise optim.warmup_steps or "
-                f"set trainer.gradient_clip_val, then resume")
 
     def _share_of_step(self, y: torch.Tensor, step_counted: torch.Tensor) -> torch.Tensor:
         """Fine-tuning examples count only some targets (completions), so micro-batches differ in how many.
