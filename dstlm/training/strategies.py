@@ -139,7 +139,7 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         """DeepSpeed's universal load restores parameters and optimizer state but not module buffers (it skips
         the module state dict); dstlm's masks are buffers, so copy them from the saved model states."""
         files = sorted((ckpt_dir / "checkpoint").glob("*mp_rank_00_model_states.pt"))
-        from dstlm.checkpoint import load_states
+        from dstlm.safe_load import load_states
 
         saved = load_states(files[0])
         module_state, names = saved["module"], saved.get("buffer_names") or []
