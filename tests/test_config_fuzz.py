@@ -168,7 +168,6 @@ def data_files(tmp_path_factory, small_corpus):
     (d / "empty.txt").write_text("")
     (d / "latin1.txt").write_bytes(text[:20_000].encode() + "caf\xe9 cr\xe8me".encode("latin-1") * 50)
     rows = [{"text": text[i:i + 2000]} for i in range(0, 40_000, 2000)]
-    (d / "rows.jsonl").write_text("".join(yaml.safe_dump(r, default_flow_style=True, width=10**9) for r in rows))
     import json
 
     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
