@@ -25,5 +25,11 @@ def cache_dir() -> Path:
     return path
 
 
+def extensions_dir() -> Path:
+    """Where compiled ops are built at first use (DeepSpeed's and dstlm's own): TORCH_EXTENSIONS_DIR, else the
+    project's ignored cache."""
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", REPO_DIR / ".cache" / "torch_extensions"))
+
+
 def default_corpus_files() -> list[str]:
     return sorted(str(p) for p in CORPUS_DIR.glob("*.txt"))

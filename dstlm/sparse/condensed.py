@@ -1,0 +1,190 @@
+"""The condensed layout of a constant-fan-in sparse linear layer, and the module that computes with it.
+
+A masked [out, in] layer whose active output units all hold the same number k of weights (SRigL, N:M) is
+stored as weights [R, k] and input indices [R, k] (uint16 when in <= 65,536, else int32) for its R active
+units; ablated units (no weights) keep only their bias. The layer then reads and multiplies only its
+non-zero weights:
+
+    y[..., rows[r]] = sum_j weight[r, j] * x[..., indices[r, j]] + bias[rows[r]]
+
+Two ways to compute it, chosen per call by batch size (`path="auto"`):
+- "kernel": dstlm's compiled CPU op (dstlm/sparse/csrc/condensed.cpp): forward, input gradient and the
+  gradient of the active weights only. Wins while the batch is small enough that the dense matmul is bound
+  by reading weights (generation, online inference) and, at high sparsity, well beyond.
+- "structured": the active rows as a dense [R, in] matrix and one dense matmul (ablated units removed);
+  the PyTorch path, and the fallback when the kernel is unavailable or the dtype is not fp32.
+Both are exact to fp32 rounding against the masked dense layer (`tests/test_condensed.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from dstlm.sparse.kernels import condensed_ops
+
+PATHS = ("auto", "kernel", "structured")
+# "auto" uses the kernel below this many rows of input per call, for a layer of density d = k / in: the
+# crossover measured by benchmarks/condensed.py (docs/results.md, "Condensed layers") on this CPU kind
+KERNEL_BELOW = ((0.05, 1 << 30), (0.125, 4096), (0.25, 256))
+
+
+def kernel_wins(density: float, batch: int) -> bool:
+    for limit, below in KERNEL_BELOW:
+        if density <= limit:
+            return batch < below
+    return batch < 8
+
+
+class NotConstantFanIn(ValueError):
+    pass
+
+
+class CondensedLinear(nn.Module):
+    """y = x W^T + b for a constant-fan-in W held condensed; `from_masked` / `to_dense` convert exactly."""
+
+    def __init__(self, in_features: int, out_features: int, weight: torch.Tensor, indices: torch.Tensor,
+                 rows: torch.Tensor, bias: Optional[torch.Tensor] = None, path: str = "auto") -> None:
+        super().__init__()
+        if weight.shape != indices.shape or weight.ndim != 2 or rows.shape != (weight.shape[0],):
+            raise ValueError(f"condensed layout: weight {tuple(weight.shape)}, indices {tuple(indices.shape)} and "
+                             f"rows {tuple(rows.shape)} must be [R, k], [R, k] and [R]")
+        if rows.numel() and (bool((rows[1:] <= rows[:-1]).any()) or int(rows[0]) < 0 or int(rows[-1]) >= out_features):
+            raise ValueError(f"condensed layout: rows must ascend within [0, {out_features})")
+        if path not in PATHS:
+            raise ValueError(f"condensed path={path!r} is not one of {', '.join(PATHS)}")
+        self.in_features, self.out_features, self.path = in_features, out_features, path
+        self.weight = nn.Parameter(weight.detach().clone().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone().contiguous())
+        self.register_buffer("indices", indices.to(index_dtype(in_features)).contiguous())
+        self.register_buffer("rows", rows.to(torch.int64).contiguous())
+        self._csc: Optional[tuple] = None
+        self._dense_rows: Optional[tuple] = None
+
+    # -- conversion ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_masked(cls, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                    name: str = "layer", path: str = "auto") -> "CondensedLinear":
+        """From a [out, in] weight and its bool mask: every unit with any active weight must hold the same
+        number of them (units with none are ablated)."""
+        if weight.shape != mask.shape or weight.ndim != 2:
+            raise ValueError(f"{name}: weight {tuple(weight.shape)} and mask {tuple(mask.shape)} must be one [out, in]")
+        mask = mask.to(torch.bool)
+        counts = mask.sum(1)
+        rows = counts.nonzero().squeeze(1)
+        fan_ins = counts[rows].unique()
+        if fan_ins.numel() > 1:
+            raise NotConstantFanIn(f"{name}: active units hold {int(fan_ins.min())} to {int(fan_ins.max())} weights; "
+                                   f"only constant fan-in layers (sparsity.method srigl or nm) can be condensed")
+        k = int(fan_ins[0]) if fan_ins.numel() else 0
+        indices = mask[rows].nonzero()[:, 1].view(rows.numel(), k)  # row-major: ascending inputs in each row
+        values = weight.detach()[rows].gather(1, indices)
+        return cls(weight.shape[1], weight.shape[0], values, indices, rows, bias, path)
+
+    def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [out, in] with zeros off the mask, bool mask)."""
+        dense = torch.zeros(self.out_features, self.in_features, dtype=self.weight.dtype, device=self.weight.device)
+        mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool, device=self.weight.device)
+        idx = self.indices.to(torch.int64)
+        dense[self.rows] = torch.zeros_like(dense[self.rows]).scatter_(1, idx, self.weight.detach())
+        mask[self.rows] = torch.zeros_like(mask[self.rows]).scatter_(1, idx, True)
+        return dense, mask
+
+    @property
+    def fan_in(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def density(self) -> float:
+        return self.weight.numel() / max(1, self.out_features * self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, active_units={self.rows.numel()}, "
+                f"fan_in={self.fan_in}, bias={self.bias is not None}, path={self.path}")
+
+    # -- compute -------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"condensed layer expects {self.in_features} input features, got {x.shape[-1]}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.choose(x2) == "kernel":
+            x2 = x2.contiguous()
+            if torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in self.parameters())):
+                y = _Kernel.apply(x2, self.weight, self.bias, self)
+            else:  # inference: no autograd node
+                y = condensed_ops().forward(x2, self.weight.detach(), self.indices, self.rows,
+                                            None if self.bias is None else self.bias.detach(), self.out_features, 0)
+        else:
+            y = self._structured(x2)
+        return y.reshape(*lead, self.out_features)
+
+    def choose(self, x2: torch.Tensor) -> str:
+        fp32 = x2.dtype == torch.float32 and self.weight.dtype == torch.float32 and x2.device.type == "cpu"
+        usable = fp32 and self.fan_in > 0 and condensed_ops() is not None
+        if self.path == "kernel" and not usable:
+            return "structured"
+        if self.path != "auto":
+            return self.path
+        return "kernel" if usable and kernel_wins(self.density, x2.shape[0]) else "structured"
+
+    def _structured(self, x2: torch.Tensor) -> torch.Tensor:
+        w = self._rows_dense().to(x2.dtype)
+        bias = None if self.bias is None else self.bias.to(x2.dtype)
+        if self.rows.numel() == self.out_features:  # rows ascend, so these are all units in order
+            return torch.nn.functional.linear(x2, w, bias)
+        y = x2.new_zeros(x2.shape[0], self.out_features) if bias is None else bias.expand(x2.shape[0], -1).clone()
+        return y.index_add(1, self.rows, x2 @ w.t()) if self.rows.numel() else y
+
+    def _rows_dense(self) -> torch.Tensor:
+        """The active rows as a dense [R, in] matrix; differentiable when training, cached otherwise."""
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            idx = self.indices.to(torch.int64)
+            return self.weight.new_zeros(self.rows.numel(), self.in_features).scatter(1, idx, self.weight)
+        key = (self.weight._version, self.weight.data_ptr(), self.indices._version, self.indices.data_ptr())
+        if self._dense_rows is None or self._dense_rows[0] != key:
+            idx = self.indices.to(torch.int64)
+            dense = self.weight.new_zeros(self.rows.numel(), self.in_features).scatter_(1, idx, self.weight.detach())
+            self._dense_rows = (key, dense)
+        return self._dense_rows[1]
+
+    def csc(self) -> list[torch.Tensor]:
+        """Per input, the condensed entries reading it (for the input gradient); rebuilt when indices change."""
+        key = (self.indices._version, self.indices.data_ptr())
+        if self._csc is None or self._csc[0] != key:
+            self._csc = (key, condensed_ops().csc(self.indices, self.in_features))
+        return self._csc[1]
+
+
+def index_dtype(in_features: int) -> torch.dtype:
+    return torch.uint16 if in_features <= 1 << 16 else torch.int32
+
+
+class _Kernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                layer: CondensedLinear) -> torch.Tensor:
+        ops = condensed_ops()
+        ctx.layer = layer
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        return ops.forward(x2, weight.detach(), layer.indices, layer.rows,
+                           None if bias is None else bias.detach(), layer.out_features, 0)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x2, weight = ctx.saved_tensors
+        layer = ctx.layer
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        gy = gy.contiguous()
+        gx = gw = gb = None
+        if need_x or need_w:
+            csc = layer.csc() if need_x else []
+            gx, gw = condensed_ops().backward(gy, x2, weight.detach(), layer.indices, layer.rows, csc, need_x, need_w)
+            gx = gx if need_x else None
+            gw = gw if need_w else None
+        if need_b and ctx.has_bias:
+            gb = gy.sum(0)
+        return gx, gw, gb, None
