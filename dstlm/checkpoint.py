@@ -17,6 +17,7 @@ from dstlm.hf.source import HFModelConfig
 from dstlm.build import build_model, model_transforms
 from dstlm.models.gpt import GPTConfig
 from dstlm.models.moe import without_placement
+from dstlm.sparse.condensed import CondensedLinear, condense, condensed_layouts, rebuild_condensed
 from dstlm.transforms.ift import SparseIFTConfig
 
 
@@ -208,6 +209,8 @@ def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> Loa
                                     chat_template=extra.get("chat_template"),
                                     special_tokens=extra.get("special_tokens"))
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if extra.get("condensed"):  # written by `dstlm export --condensed`: those layers are stored condensed
+        rebuild_condensed(model, extra["condensed"], state)
     masks = {k: v for k, v in state.items() if k.endswith("_mask")}
     weights = {k: v for k, v in state.items() if not k.endswith("_mask")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -220,3 +223,28 @@ def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> Loa
         model.get_submodule(module_name).register_buffer(attr, mask.clone(), persistent=False)
     model.eval()
     return LoadedModel(model, tokenizer, cfg, hp.get("sparsity"), int(ckpt.get("global_step", 0)), str(p))
+
+
+def export_condensed(path: str | Path, out_dir: str | Path) -> tuple[Path, dict[str, str]]:
+    """Write `out_dir/model.ckpt`: the checkpoint's model for inference, its constant-fan-in layers stored
+    condensed (weights and indices of active entries only; `dstlm eval --checkpoint` reads it like any
+    checkpoint). Returns the file and what happened to each masked layer."""
+    loaded = load_checkpoint(path)
+    outcome = condense(loaded.model)
+    if not any(v.startswith("condensed") for v in outcome.values()):
+        why = "; ".join(f"{k}: {v}" for k, v in list(outcome.items())[:2]) or "it has no masks (a dense run)"
+        raise ValueError(f"nothing in {loaded.path!r} can be condensed ({why}); train with sparsity.method: srigl "
+                         f"(constant fan-in) or nm")
+    ckpt = read_checkpoint(path)
+    state = {f"model.{k}": v for k, v in loaded.model.state_dict().items()}
+    for name, module in loaded.model.named_modules():  # masks of the layers kept dense travel with them
+        if getattr(module, "weight_mask", None) is not None and not isinstance(module, CondensedLinear):
+            state[f"model.{name}.weight_mask"] = module.weight_mask
+    slim = {"hyper_parameters": ckpt.get("hyper_parameters", {}), "global_step": ckpt.get("global_step", 0),
+            "state_dict": state, "dstlm": {**(ckpt.get("dstlm") or {}), "condensed": condensed_layouts(loaded.model)}}
+    out = Path(out_dir) / "model.ckpt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(slim, tmp)
+    tmp.replace(out)
+    return out, outcome

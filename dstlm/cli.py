@@ -171,7 +171,7 @@ def slurm(argv: list[str]) -> int:
 
 # -- subcommands on a checkpoint: typed functions, their parameters are the options ------------------------
 def eval_checkpoint(checkpoint: str, tasks: str, limit: Optional[int] = None, batch_size: int = 8,
-                    device: str = "cpu", out: Optional[str] = None) -> int:
+                    device: str = "cpu", out: Optional[str] = None, condensed: bool = False) -> int:
     """lm-evaluation-harness scores of a checkpoint (offline tasks shipped).
 
     Args:
@@ -181,25 +181,45 @@ def eval_checkpoint(checkpoint: str, tasks: str, limit: Optional[int] = None, ba
         batch_size: sequences per scoring batch
         device: cpu or cuda
         out: write lm-eval's results JSON here
+        condensed: compute SRigL / N:M layers condensed (active weights only; same scores, faster on the CPU)
     """
     from dstlm.eval.harness import format_table, run_eval, scores
 
     if batch_size <= 0:
         raise ValueError(f"--batch_size={batch_size} must be positive")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    print(format_table(scores(run_eval(checkpoint, names, limit, batch_size, device, out))))
+    results = run_eval(checkpoint, names, limit, batch_size, device, out, condensed)
+    print(format_table(scores(results)))
+    timing = results.get("dstlm_timing") or {}
+    for what, tokens, seconds in (("scored", "scored_tokens", "scoring_s"), ("generated", "generated_tokens",
+                                                                             "generation_s")):
+        if timing.get(tokens):
+            print(f"{what} {timing[tokens]} tokens in {timing[seconds]:.2f} s of model time "
+                  f"({timing[tokens] / max(timing[seconds], 1e-9):.0f} tokens/s)")
     if out:
         print(f"wrote {out}")
     return 0
 
 
-def export(checkpoint: str, out: str) -> int:
-    """write a Hugging Face model directory (config, safetensors, tokenizer)
+def export(checkpoint: str, out: str, condensed: bool = False) -> int:
+    """write a Hugging Face model directory (config, safetensors, tokenizer), or with --condensed true a
+    dstlm checkpoint for inference whose constant-fan-in layers are stored condensed
 
     Args:
         checkpoint: a dstlm .ckpt, a DeepSpeed checkpoint directory or a run folder
         out: output directory
+        condensed: store SRigL / N:M layers as active weights + input indices (out/model.ckpt; run with
+            dstlm eval --checkpoint out/model.ckpt), others as they are
     """
+    if condensed:
+        from dstlm.checkpoint import export_condensed
+
+        path, outcome = export_condensed(checkpoint, out)
+        for name, what in outcome.items():
+            print(f"  {name:<40} {what}")
+        done = sum(v.startswith("condensed") for v in outcome.values())
+        print(f"wrote {path} ({done} of {len(outcome)} sparse layers condensed; dstlm eval --checkpoint {path})")
+        return 0
     from dstlm.hf.export import export as hf_export
 
     print(f"wrote {hf_export(checkpoint, out)} (load with transformers.AutoModelForCausalLM.from_pretrained)")

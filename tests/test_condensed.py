@@ -161,3 +161,71 @@ def test_fallback_when_the_kernel_is_off(monkeypatch):
 def test_auto_path_follows_the_measured_crossover():
     assert kernel_wins(0.1, 1) and kernel_wins(0.1, 256)
     assert not kernel_wins(0.5, 4096)
+
+
+# -- a trained SRigL model: condensed export, evaluation, val loss -------------------------------------------
+@pytest.fixture(scope="module")
+def srigl_run(tmp_path_factory, small_corpus):
+    from conftest import tiny_run
+    from dstlm.sparse import SparsityConfig
+    from dstlm.training.run import fit
+
+    d = tmp_path_factory.mktemp("srigl")
+    cfg = tiny_run(d, small_corpus, name="srigl", model=dict(block_size=256, bias=True), data=dict(block_size=64),
+                   trainer=dict(max_steps=12, val_every_n_steps=12), optim=dict(lr=1e-2))
+    cfg.sparsity = SparsityConfig(method="srigl", sparsity=0.9, delta_t=3, t_end=1.0, gamma_sal=0.9)
+    fit(cfg)
+    return d / "srigl" / "checkpoints" / "last.ckpt"
+
+
+def val_loss(model, tokenizer, text: str, block: int = 64) -> float:
+    ids = torch.tensor(tokenizer.encode(text)[: 4 * block + 1])
+    x, y = ids[:-1].view(4, block), ids[1:].view(4, block)
+    with torch.no_grad():
+        logits = model(x)
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()))
+
+
+def test_condensed_export_keeps_the_model(srigl_run, tmp_path, small_corpus):
+    from pathlib import Path
+
+    from conftest import run_cli
+    from dstlm.checkpoint import load_checkpoint
+
+    code, err = run_cli(["export", "--checkpoint", str(srigl_run), "--out", str(tmp_path / "inf"),
+                         "--condensed", "true"])
+    assert code == 0, err
+    path = tmp_path / "inf" / "model.ckpt"
+    dense, cond = load_checkpoint(srigl_run), load_checkpoint(path)
+    layers = [m for m in cond.model.modules() if isinstance(m, CondensedLinear)]
+    assert len(layers) == 2 * 6  # q, k, v, out, fc_in, fc_out in both blocks
+    assert path.stat().st_size < srigl_run.stat().st_size
+    text = Path(small_corpus[0]).read_text()[20_000:40_000]
+    before, after = val_loss(dense.model, dense.tokenizer, text), val_loss(cond.model, cond.tokenizer, text)
+    assert f"{before:.5f}" == f"{after:.5f}"
+    ids = torch.tensor([dense.tokenizer.encode(text[:300])[:64]])
+    with torch.no_grad():
+        torch.testing.assert_close(cond.model(ids), dense.model(ids), rtol=1e-5, atol=1e-4)
+
+
+def test_condensed_eval_scores_equal(srigl_run):
+    from dstlm.eval.harness import run_eval, scores
+
+    plain = run_eval(str(srigl_run), ["hellaswag", "wikitext"], limit=6, batch_size=4)
+    cond = run_eval(str(srigl_run), ["hellaswag", "wikitext"], limit=6, batch_size=4, condensed=True)
+    a, b = scores(plain), scores(cond)
+    for task in a:
+        for metric in a[task]:
+            assert a[task][metric] == pytest.approx(b[task][metric], rel=1e-5), (task, metric)
+    assert cond["dstlm_timing"]["scored_tokens"] == plain["dstlm_timing"]["scored_tokens"] > 0
+
+
+def test_condensed_export_of_a_dense_run_is_refused(tmp_path, small_corpus):
+    from conftest import error_line, run_cli, tiny_run
+    from dstlm.training.run import fit
+
+    fit(tiny_run(tmp_path, small_corpus, name="dense", trainer=dict(max_steps=2, val_every_n_steps=2)))
+    ckpt = tmp_path / "dense" / "checkpoints" / "last.ckpt"
+    code, err = run_cli(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--condensed", "true"])
+    assert code == 2
+    assert "can be condensed (it has no masks (a dense run)); train with sparsity.method: srigl" in error_line(err)

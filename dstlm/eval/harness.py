@@ -52,7 +52,7 @@ def task_manager(tasks: Sequence[str]):
     return tm
 
 
-def build_lm(checkpoint: str, batch_size: int = 8, device: str = "cpu"):
+def build_lm(checkpoint: str, batch_size: int = 8, device: str = "cpu", condensed: bool = False):
     """An lm-eval LM for a dstlm .ckpt / run folder, or lm-eval's `hf` model for a Hugging Face directory."""
     path = Path(checkpoint)
     if not path.exists():
@@ -60,10 +60,13 @@ def build_lm(checkpoint: str, batch_size: int = 8, device: str = "cpu"):
     if path.is_dir() and (path / "config.json").is_file():
         from lm_eval.models.huggingface import HFLM
 
+        if condensed:
+            raise ValueError(f"--condensed applies to dstlm checkpoints; {checkpoint!r} is a Hugging Face model folder")
+
         return HFLM(pretrained=str(path), batch_size=batch_size, device=device, dtype="float32")
     from dstlm.eval.lm import DstlmLM
 
-    return DstlmLM(checkpoint=str(path), batch_size=batch_size, device=device)
+    return DstlmLM(checkpoint=str(path), batch_size=batch_size, device=device, condensed=condensed)
 
 
 def evaluate(lm, tasks: Sequence[str], limit: Optional[int] = None, bootstrap_iters: int = 0) -> dict:
@@ -124,13 +127,15 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
 
 
 def run_eval(checkpoint: str, tasks: Sequence[str], limit: Optional[int] = None, batch_size: int = 8,
-             device: str = "cpu", out: Optional[str] = None) -> dict:
+             device: str = "cpu", out: Optional[str] = None, condensed: bool = False) -> dict:
     for t in tasks:  # fail fast, before loading a model
         if t not in SHIPPED_TASKS:
             task_manager(tasks)
             break
-    lm = build_lm(checkpoint, batch_size, device)
+    lm = build_lm(checkpoint, batch_size, device, condensed)
     results = evaluate(lm, tasks, limit)
+    if hasattr(lm, "timing"):
+        results["dstlm_timing"] = dict(lm.timing)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=2, default=str))

@@ -10,6 +10,7 @@ last max_length tokens, rolling windows from lm_eval.utils), so scores equal `hf
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -27,7 +28,7 @@ class DstlmLM(TemplateLM):
     def __init__(self, checkpoint: Optional[str] = None, model: Optional[torch.nn.Module] = None,
                  tokenizer: Optional[TextTokenizer] = None, batch_size: int | str = 8, device: str = "cpu",
                  max_length: Optional[int] = None, max_gen_toks: int = 64, dtype: str = "float32",
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, condensed: bool = False) -> None:
         super().__init__()
         if checkpoint is not None:
             from dstlm.checkpoint import load_checkpoint
@@ -35,6 +36,10 @@ class DstlmLM(TemplateLM):
             loaded = load_checkpoint(checkpoint)
             model = loaded.model.to(torch.device(device), dtype=getattr(torch, dtype))
             tokenizer = loaded.tokenizer
+            if condensed:  # constant-fan-in layers computed condensed (dstlm/sparse/condensed.py)
+                from dstlm.sparse.condensed import condense
+
+                condense(model)
         if model is None or tokenizer is None:
             raise ValueError("DstlmLM needs checkpoint=PATH, or a model and a tokenizer")
         # an in-memory model (in-training evaluation) is used where and as it is
@@ -45,6 +50,8 @@ class DstlmLM(TemplateLM):
         self.max_length = int(max_length or model.config.block_size)
         self.max_gen_toks = int(max_gen_toks)
         self.quiet = quiet  # no progress bars (in-training evaluation)
+        # model time and tokens: scored (loglikelihood) and generated, for tokens/s
+        self.timing = {"scored_tokens": 0, "scoring_s": 0.0, "generated_tokens": 0, "generation_s": 0.0}
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.quiet)
@@ -68,7 +75,10 @@ class DstlmLM(TemplateLM):
         idx = torch.zeros(len(inputs), longest, dtype=torch.long)
         for i, x in enumerate(inputs):
             idx[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        start = time.perf_counter()
         logits = self.model(idx.to(self._device)).float()
+        self.timing["scoring_s"] += time.perf_counter() - start
+        self.timing["scored_tokens"] += sum(len(x) for x in inputs)
         logp = F.log_softmax(logits, dim=-1).cpu()
         return [logp[i, : len(x)] for i, x in enumerate(inputs)]
 
@@ -123,7 +133,10 @@ class DstlmLM(TemplateLM):
             idx = torch.tensor([ids], dtype=torch.long, device=self._device)
             text = ""
             for _ in range(max_new):
+                start = time.perf_counter()
                 logits = self.model(idx[:, -self.max_length:])[:, -1, :].float()
+                self.timing["generation_s"] += time.perf_counter() - start
+                self.timing["generated_tokens"] += 1
                 if temperature > 0:
                     nxt = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)
                 else:

@@ -124,6 +124,11 @@ def export(checkpoint: str, out_dir: str) -> Path:
         raise ValueError(f"{checkpoint!r} is a Mixture-of-Experts model; no Hugging Face architecture computes its "
                          f"GELU experts with capacity-limited routing, so it is not exported: score it with "
                          f"`dstlm eval {checkpoint}` instead")
+    from dstlm.sparse.condensed import CondensedLinear
+
+    if any(isinstance(m, CondensedLinear) for m in loaded.model.modules()):
+        raise ValueError(f"{checkpoint!r} holds condensed layers (written by `dstlm export --condensed`); export the "
+                         f"training checkpoint it came from instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     from dstlm.transforms.ift import fold_to_dense

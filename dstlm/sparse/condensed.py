@@ -188,3 +188,45 @@ class _Kernel(torch.autograd.Function):
         if need_b and ctx.has_bias:
             gb = gy.sum(0)
         return gx, gw, gb, None
+
+
+def condense(model: nn.Module, path: str = "auto") -> dict[str, str]:
+    """Replace, in place, every plain nn.Linear whose mask (`weight_mask` buffer) has constant fan-in by its
+    CondensedLinear. Returns {layer: what happened} for every masked layer (condensed, or why it was kept)."""
+    outcome = {}
+    for name, module in list(model.named_modules()):
+        mask = getattr(module, "weight_mask", None)
+        if mask is None:
+            continue
+        if type(module) is not nn.Linear:
+            outcome[name] = f"kept: a {type(module).__name__}, not a plain Linear"
+            continue
+        try:
+            layer = CondensedLinear.from_masked(module.weight, mask, module.bias, name=name, path=path)
+        except NotConstantFanIn as err:
+            outcome[name] = f"kept: {str(err).split(': ', 1)[1]}"
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, layer.to(module.weight.device))
+        outcome[name] = (f"condensed: {layer.rows.numel()} of {layer.out_features} units, fan-in {layer.fan_in} "
+                         f"of {layer.in_features}")
+    return outcome
+
+
+def condensed_layouts(model: nn.Module) -> dict[str, list[int]]:
+    """{layer: [in_features, out_features]} of the model's condensed layers (stored with a checkpoint so
+    the loader can rebuild them before loading their weights)."""
+    return {n: [m.in_features, m.out_features] for n, m in model.named_modules() if isinstance(m, CondensedLinear)}
+
+
+def rebuild_condensed(model: nn.Module, layouts: dict[str, list[int]], state: dict[str, torch.Tensor]) -> None:
+    """Put CondensedLinear modules, shaped from a state dict's tensors, where `condensed_layouts` recorded them."""
+    for name, (in_features, out_features) in layouts.items():
+        prefix = f"{name}."
+        try:
+            weight, indices, rows = (state[prefix + key] for key in ("weight", "indices", "rows"))
+        except KeyError as err:
+            raise ValueError(f"condensed layer {name!r} has no {err.args[0]!r} in the checkpoint") from None
+        layer = CondensedLinear(in_features, out_features, weight, indices, rows, state.get(prefix + "bias"))
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, layer)
