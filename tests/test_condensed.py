@@ -159,8 +159,9 @@ def test_fallback_when_the_kernel_is_off(monkeypatch):
 
 
 def test_auto_path_follows_the_measured_crossover():
-    assert kernel_wins(0.1, 1) and kernel_wins(0.1, 256)
-    assert not kernel_wins(0.5, 4096)
+    assert kernel_wins(0.1, 1) and kernel_wins(0.1, 4096) and kernel_wins(0.1, 4096, training=True)
+    assert kernel_wins(0.3, 4096) and not kernel_wins(0.3, 4096, training=True)
+    assert kernel_wins(0.5, 8) and not kernel_wins(0.5, 4096) and not kernel_wins(0.9, 1)
 
 
 # -- a trained SRigL model: condensed export, evaluation, val loss -------------------------------------------

@@ -26,16 +26,21 @@ import torch.nn as nn
 from dstlm.sparse.kernels import condensed_ops
 
 PATHS = ("auto", "kernel", "structured")
-# "auto" uses the kernel below this many rows of input per call, for a layer of density d = k / in: the
-# crossover measured by benchmarks/condensed.py (docs/results.md, "Condensed layers") on this CPU kind
-KERNEL_BELOW = ((0.05, 1 << 30), (0.125, 4096), (0.25, 256))
+# "auto" uses the kernel for a layer of density d = k / in while the rows of input per call stay below the
+# limit of the first entry with d <= its density; else the structured path. Measured by benchmarks/condensed.py
+# on this project's CPU kind (docs/results.md, "Condensed layers"): forward alone, the kernel beats the dense
+# matmul up to d = 0.3 at every batch size; forward + backward only up to d = 0.2 at large batches.
+KERNEL_BELOW = {
+    "inference": ((0.3, 1 << 62), (0.5, 64)),
+    "training": ((0.2, 1 << 62), (0.3, 256), (0.5, 16)),
+}
 
 
-def kernel_wins(density: float, batch: int) -> bool:
-    for limit, below in KERNEL_BELOW:
+def kernel_wins(density: float, batch: int, training: bool = False) -> bool:
+    for limit, below in KERNEL_BELOW["training" if training else "inference"]:
         if density <= limit:
             return batch < below
-    return batch < 8
+    return False
 
 
 class NotConstantFanIn(ValueError):
@@ -128,7 +133,8 @@ class CondensedLinear(nn.Module):
             return "structured"
         if self.path != "auto":
             return self.path
-        return "kernel" if usable and kernel_wins(self.density, x2.shape[0]) else "structured"
+        training = torch.is_grad_enabled() and (x2.requires_grad or self.weight.requires_grad)
+        return "kernel" if usable and kernel_wins(self.density, x2.shape[0], training) else "structured"
 
     def _structured(self, x2: torch.Tensor) -> torch.Tensor:
         w = self._rows_dense().to(x2.dtype)

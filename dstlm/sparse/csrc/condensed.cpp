@@ -286,8 +286,16 @@ at::Tensor condensed_forward(const at::Tensor& x, const at::Tensor& w, const at:
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "condensed input: fp32 [B, in]");
   const int64_t B = x.size(0), in = x.size(1), R = w.size(0), k = w.size(1);
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  at::Tensor y = (R == out) ? at::empty({B, out}, x.options()) : at::zeros({B, out}, x.options());
-  if (R < out && bp) y.copy_(bias->unsqueeze(0).expand({B, out}));  // ablated units output their bias
+  at::Tensor y = at::empty({B, out}, x.options());
+  if (R < out) {  // ablated units output their bias (or zero): written here, the kernel writes the rest
+    std::vector<char> active(out, 0);
+    const int64_t* rp = rows.data_ptr<int64_t>();
+    for (int64_t r = 0; r < R; ++r) active[rp[r]] = 1;
+    float* yp = y.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t o = 0; o < out; ++o)
+        if (!active[o]) yp[b * out + o] = bp ? bp[o] : 0.f;
+  }
   if (schedule == 0) schedule = B <= kGatherBelow ? 1 : 2;
   on_index_type(idx, [&](auto ip) {
     if (schedule == 1) {
