@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dstlm.sparse.condensed import CondensedLinear  # noqa: E402
 from dstlm.sparse.kernels import condensed_ops, isa  # noqa: E402
@@ -144,8 +145,9 @@ def model_section(args) -> None:
           f"({time.perf_counter() - t0:.0f} s), {torch.get_num_threads()} threads")
     path, outcome = export_condensed(ckpt, Path(out_dir) / "inference")
     n_cond = sum(v.startswith("condensed") for v in outcome.values())
-    print(f"export --condensed: {n_cond} of {len(outcome)} sparse layers condensed; file {path.stat().st_size / 1e6:.1f} "
-          f"MB vs {ckpt.stat().st_size / 1e6:.1f} MB (the training checkpoint, optimizer state included)")
+    print(f"export --condensed: {n_cond} of {len(outcome)} sparse layers condensed; file "
+          f"{path.stat().st_size / 1e6:.1f} MB vs {ckpt.stat().st_size / 1e6:.1f} MB (the training checkpoint, "
+          f"optimizer state included)")
     dense, cond = load_checkpoint(ckpt), load_checkpoint(path)
     _, _, data = build(cfg, logger=False)
     data.prepare_data()
@@ -165,13 +167,51 @@ def model_section(args) -> None:
           f"{toks / sc[0]:,.0f} tokens/s -> {sd[0] / sc[0]:.2f}x (means {toks / sd[1]:,.0f} / {toks / sc[1]:,.0f})")
     prompt = batches[0][0][:1, :32]
     new = args.gen_tokens
-    gd = timed(lambda: dense.model.generate(prompt, new, temperature=0), 3, 5)
-    gc = timed(lambda: cond.model.generate(prompt, new, temperature=0), 3, 5)
-    assert torch.equal(dense.model.generate(prompt, new, temperature=0), cond.model.generate(prompt, new, temperature=0))
+    gd = timed(lambda: dense.model.generate(prompt, new, temperature=0), 3, 10)
+    gc = timed(lambda: cond.model.generate(prompt, new, temperature=0), 3, 10)
+    greedy = [m.generate(prompt, new, temperature=0) for m in (dense.model, cond.model)]
+    same = torch.equal(*greedy)
     print(f"  greedy generation (1 x 32 prompt + {new}, no KV cache: each step runs the whole context): dense "
           f"{new / gd[0]:.0f} tokens/s, condensed {new / gc[0]:.0f} tokens/s -> {gd[0] / gc[0]:.2f}x "
-          f"(same tokens)")
+          f"({'same' if same else 'DIFFERENT'} tokens)")
     where_time_goes(cond.model, x, args)
+
+
+def training_section(args) -> None:
+    """Training tokens/s of an FFN-heavy GPT: dense, SRigL masked, SRigL condensed (sparsity.condensed), same
+    data and steps; step times after --warmup steps, the window holding mask updates."""
+    from step_time import intervals, run_lightning
+
+    from dstlm.models import load_preset
+    from dstlm.sparse import SparsityConfig
+    from dstlm.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
+
+    total = args.warmup + args.train_steps + 1
+    delta_t = max(1, args.train_steps // 2)
+    model = load_preset(args.preset)
+    model.mlp_ratio = args.mlp_ratio
+    variants = {"dense": None,
+                "srigl masked": SparsityConfig(method="srigl", sparsity=args.sparsity, delta_t=delta_t, t_end=1.0),
+                "srigl condensed": SparsityConfig(method="srigl", sparsity=args.sparsity, delta_t=delta_t, t_end=1.0,
+                                                  condensed=True)}
+    rows = {}
+    for name, sp in variants.items():
+        cfg = RunConfig(name=name.replace(" ", "-"), out_dir=tempfile.mkdtemp(prefix="dstlm-bench-"), model=model,
+                        data=DataConfig(val_batches=1, batch_size=args.train_batch), optim=OptimConfig(), sparsity=sp,
+                        trainer=TrainerConfig(max_steps=total, val_every_n_steps=10**6, ckpt_every_n_steps=0,
+                                              progress_bar=False, accelerator="cpu"))
+        xs = intervals(run_lightning(cfg, total), args.warmup)
+        rows[name] = (statistics.median(xs), statistics.mean(xs))
+    tokens = args.train_batch * model.block_size
+    print(f"\nTraining: {args.preset} preset with mlp_ratio {args.mlp_ratio} ({model.n_layer} x {model.n_embd}, FFN "
+          f"{int(model.n_embd * args.mlp_ratio)}), batch {args.train_batch} x {model.block_size}, SRigL "
+          f"{args.sparsity:.0%} ΔT={delta_t}; {args.train_steps} timed steps after {args.warmup} (mask updates in "
+          f"the window), {torch.get_num_threads()} threads")
+    base = rows["dense"][1]
+    masked = rows["srigl masked"][1]
+    for name, (med, mean) in rows.items():
+        print(f"  {name:<16} median {med * 1e3:8.1f} ms  mean {mean * 1e3:8.1f} ms  {tokens / mean:9,.0f} tokens/s "
+              f"(mean)  x dense {base / mean:5.2f}  x masked {masked / mean:5.2f}")
 
 
 def where_time_goes(model, x, args) -> None:
@@ -209,6 +249,10 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--model-steps", type=int, default=40)
     ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--training", action="store_true", help="also whole-model training tokens/s")
+    ap.add_argument("--train-steps", type=int, default=40)
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--mlp-ratio", type=float, default=8.0)
     args = ap.parse_args()
     if condensed_ops() is None:
         sys.exit("the condensed kernel did not build here: nothing to benchmark (see the warning above)")
@@ -216,6 +260,8 @@ def main() -> None:
         print_layer_table(args)
     if args.model:
         model_section(args)
+    if args.training:
+        training_section(args)
 
 
 if __name__ == "__main__":

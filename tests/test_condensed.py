@@ -230,3 +230,65 @@ def test_condensed_export_of_a_dense_run_is_refused(tmp_path, small_corpus):
     code, err = run_cli(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x"), "--condensed", "true"])
     assert code == 2
     assert "can be condensed (it has no masks (a dense run)); train with sparsity.method: srigl" in error_line(err)
+
+
+# -- training that computes condensed (sparsity.condensed) -----------------------------------------------------
+def test_condensed_training_matches_masked_training(tmp_path, small_corpus):
+    """SRigL 90 % with mask updates and ablation: condensed compute ends with the same masks and the same
+    validation loss as masked dense compute (the weights differ only by fp32 summation order)."""
+    from conftest import tiny_run
+    from dstlm.sparse import SparsityConfig
+    from dstlm.sparse.condensed_train import CondensedComputeLinear
+    from dstlm.training.build import build
+
+    runs = {}
+    for condensed in (False, True):
+        cfg = tiny_run(tmp_path / str(condensed), small_corpus, name="r", model=dict(block_size=64, bias=True),
+                       data=dict(block_size=64), trainer=dict(max_steps=12, val_every_n_steps=12), optim=dict(lr=1e-2))
+        cfg.sparsity = SparsityConfig(method="srigl", sparsity=0.9, delta_t=3, t_end=1.0, gamma_sal=0.9,
+                                      condensed=condensed)
+        trainer, module, data = build(cfg, logger=False)
+        trainer.fit(module, datamodule=data)
+        kinds = {type(m) for m in module.model.modules()}
+        assert (CondensedComputeLinear in kinds) == condensed
+        masks = {n: b.clone() for n, b in module.model.named_buffers() if n.endswith("_mask")}
+        runs[condensed] = (float(trainer.callback_metrics["val/loss"]), masks, module.model.state_dict())
+    (loss_a, masks_a, state_a), (loss_b, masks_b, state_b) = runs[False], runs[True]
+    assert f"{loss_a:.5f}" == f"{loss_b:.5f}"
+    assert masks_a.keys() == masks_b.keys() and all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
+    assert any(not bool(m.any(dim=1).all()) for m in masks_b.values()), "no unit was ablated: a weaker test"
+    assert state_a.keys() == state_b.keys()  # the same checkpoint layout
+    for key in state_a:
+        torch.testing.assert_close(state_a[key].float(), state_b[key].float(), rtol=1e-3, atol=1e-4)
+
+
+def test_condensed_compute_dense_gradient_on_score_steps():
+    from types import SimpleNamespace
+
+    from dstlm.sparse.condensed_train import enable_condensed_compute
+
+    weight, mask, bias = constant_fan_in(20, 48, 6, 2)
+    layer = torch.nn.Linear(48, 20)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        layer.bias.copy_(bias)
+    layer.register_buffer("weight_mask", mask)
+    enable_condensed_compute([SimpleNamespace(module=layer, index=None, transposed=False, attr="weight",
+                                              name="fc.weight")], "srigl")
+    x = torch.randn(40, 48)
+    for dense_grad in (False, True):
+        layer.dense_grad = dense_grad
+        layer.zero_grad()
+        layer(x).sum().backward()
+        full = torch.ones(40, 20).t().mm(x)  # d(sum y)/dW of the dense layer
+        expect = full if dense_grad else full * mask
+        torch.testing.assert_close(layer.weight.grad, expect, **TOL)
+
+
+def test_condensed_needs_constant_fan_in():
+    from dstlm.sparse import SparsityConfig
+
+    with pytest.raises(ValueError, match=r"sparsity.condensed=true needs constant fan-in, which "
+                                         r"sparsity.method=rigl does not keep; use method srigl or nm"):
+        SparsityConfig(method="rigl", condensed=True)
+    assert SparsityConfig(method="nm", condensed=True).condensed

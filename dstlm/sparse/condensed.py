@@ -76,15 +76,7 @@ class CondensedLinear(nn.Module):
         number of them (units with none are ablated)."""
         if weight.shape != mask.shape or weight.ndim != 2:
             raise ValueError(f"{name}: weight {tuple(weight.shape)} and mask {tuple(mask.shape)} must be one [out, in]")
-        mask = mask.to(torch.bool)
-        counts = mask.sum(1)
-        rows = counts.nonzero().squeeze(1)
-        fan_ins = counts[rows].unique()
-        if fan_ins.numel() > 1:
-            raise NotConstantFanIn(f"{name}: active units hold {int(fan_ins.min())} to {int(fan_ins.max())} weights; "
-                                   f"only constant fan-in layers (sparsity.method srigl or nm) can be condensed")
-        k = int(fan_ins[0]) if fan_ins.numel() else 0
-        indices = mask[rows].nonzero()[:, 1].view(rows.numel(), k)  # row-major: ascending inputs in each row
+        rows, indices = masked_layout(mask, name)
         values = weight.detach()[rows].gather(1, indices)
         return cls(weight.shape[1], weight.shape[0], values, indices, rows, bias, path)
 
@@ -162,6 +154,20 @@ class CondensedLinear(nn.Module):
         if self._csc is None or self._csc[0] != key:
             self._csc = (key, condensed_ops().csc(self.indices, self.in_features))
         return self._csc[1]
+
+
+def masked_layout(mask: torch.Tensor, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [R] int64, indices [R, k] int64, ascending in each row) of a constant-fan-in [out, in] mask;
+    units without active weights are ablated (left out)."""
+    mask = mask.to(torch.bool)
+    counts = mask.sum(1)
+    rows = counts.nonzero().squeeze(1)
+    fan_ins = counts[rows].unique()
+    if fan_ins.numel() > 1:
+        raise NotConstantFanIn(f"{name}: active units hold {int(fan_ins.min())} to {int(fan_ins.max())} weights; "
+                               f"only constant fan-in layers (sparsity.method srigl or nm) can be condensed")
+    k = int(fan_ins[0]) if fan_ins.numel() else 0
+    return rows, mask[rows].nonzero()[:, 1].view(rows.numel(), k)  # nonzero is row-major: inputs ascend
 
 
 def index_dtype(in_features: int) -> torch.dtype:

@@ -77,12 +77,19 @@ class SparsityConfig:
     """Check W == W*M and zero optimizer state every N steps (0 = only at mask updates)."""
     seed: Optional[int] = None
     """Seed of mask init and tie-breaks (default: the run seed)."""
+    condensed: bool = False
+    """Compute the sparse linear layers condensed in training (active weights only, dstlm's CPU kernel; fp32
+    on the CPU; methods with constant fan-in: srigl, nm). Same parameters, masks and checkpoints as masked
+    training; docs/condensed.md."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "sparsity")
         # unset fields take the method's values; a set field that contradicts the method is refused
         cls = method_class(self.method)
         cls.check_config(self)
+        if self.condensed and not cls.constant_fan_in:
+            raise ValueError(f"sparsity.condensed=true needs constant fan-in, which sparsity.method={self.method} does "
+                             f"not keep; use method srigl or nm, or condensed=false")
         implied = cls.implied_sparsity(self)
         if self.sparsity is None:
             self.sparsity = 0.9 if implied is None else implied

@@ -69,6 +69,8 @@ class DSTMethod:
     """Supports sparsity.reclaim_dead_units (a dynamic method whose budget may move between rows)."""
     init_reads_weights: ClassVar[bool] = False
     """`init_mask` ranks the (randomly initialised) weights, rather than deciding from the shape alone."""
+    constant_fan_in: ClassVar[bool] = False
+    """Every active output unit keeps the same number of weights (condensed layers: sparsity.condensed)."""
 
     def __init__(self, cfg: "SparsityConfig") -> None:
         self.cfg = cfg
@@ -226,6 +228,7 @@ class RigL(DSTMethod):
 @register
 class SRigL(DSTMethod):
     name = "srigl"
+    constant_fan_in = True
     summary = "RigL with a constant fan-in per active row and neuron ablation (Lasby et al. 2024)"
     uses_dense_grad = True
     default_sparse_init = "rescale"
@@ -309,6 +312,7 @@ class GMP(DSTMethod):
 @register
 class NM(DSTMethod):
     name = "nm"
+    constant_fan_in = True
     summary = "N:M: n active in every m consecutive inputs of a row, regrown by |dense gradient| within groups"
     uses_dense_grad = True
     fixed_sparsity = True

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from dstlm.sparse import SparseEngine, TorchBackend
+from dstlm.sparse.condensed_train import CondensedComputeLinear
 from dstlm.training.faults import fault_flip
 
 
@@ -26,6 +27,7 @@ class DSTCallback(L.Callback):
         self._pending_state: Optional[dict] = None
         self._last_step = -1
         self._sparsity: Optional[float] = None  # refreshed after mask updates only (cheap progress bar)
+        self._condensed: list[CondensedComputeLinear] = []  # layers that compute condensed (sparsity.condensed)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         name = type(trainer.strategy).__name__
@@ -52,12 +54,19 @@ class DSTCallback(L.Callback):
             self.engine.load_state_dict(self._pending_state)
             self._pending_state = None
         self._last_step = trainer.global_step
+        self._condensed = [m for m in pl_module.modules() if isinstance(m, CondensedComputeLinear)]
+        if self._condensed and "DeepSpeed" in type(trainer.strategy).__name__:
+            raise ValueError("sparsity.condensed=true runs with trainer.strategy auto, ddp or ddp_spawn (DeepSpeed "
+                             "partitions the weights the condensed layers read); set sparsity.condensed=false")
         rank_zero_info(self.engine.describe())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        scores = self.engine.needs_scores(trainer.global_step + 1)
         if hasattr(self.backend, "capture_dense"):
             # let the dense gradient through the masking hook on steps that feed a mask update
-            self.backend.capture_dense = self.engine.needs_scores(trainer.global_step + 1)
+            self.backend.capture_dense = scores
+        for layer in self._condensed:  # condensed layers compute the dense weight gradient only then
+            layer.dense_grad = scores
 
     def on_train_end(self, trainer, pl_module) -> None:
         if hasattr(self.backend, "remove_hooks"):

@@ -19,6 +19,7 @@ from dstlm.models.gpt import GPT
 from dstlm.models.lm_loss import CHUNK_TOKENS, IGNORE_INDEX, share_of_step
 from dstlm.models.moe import ExpertParallel, set_expert_parallel
 from dstlm.sparse import SparseEngine, SparsityConfig
+from dstlm.sparse.condensed_train import enable_condensed_compute
 from dstlm.training.config import OptimConfig
 from dstlm.training.faults import fault_grad, fault_value
 from dstlm.training.nonfinite import NonFiniteError  # noqa: F401 (re-exported)
@@ -117,6 +118,8 @@ class LMModule(L.LightningModule):
                 # masks become persistent buffers on the modules, before any strategy wraps the model
                 norms = self._input_norms(sparsity) if sparsity.mask_init == "wanda" else None
                 self.sparse_engine = SparseEngine(self.model, sparsity, self.seed, self.max_steps, input_norms=norms)
+                if sparsity.condensed:  # the same parameters and masks, condensed matmuls
+                    enable_condensed_compute(self.sparse_engine.params, sparsity.method)
             self._setup_expert_parallel()
             if isinstance(self.model, GPT):
                 self.model.lm_head.chunk_tokens = self.loss_chunk_tokens
