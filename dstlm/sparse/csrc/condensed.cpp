@@ -104,44 +104,41 @@ void transpose_in(const float* src, int64_t ld, int64_t b0, int64_t nb, int64_t 
   });
 }
 
-constexpr int64_t kAhead = 1 << 30;  // rows prefetched this many entries ahead (they are scattered through L2)
-
-// acc[0, BW) = sum_{j < n} weight(j) * row(j)[0, BW): the inner loop of the forward and the input gradient
+// acc[0, BW) = sum_{j < n} weight(j) * row(j)[0, BW): the inner loop of the forward and the input gradient.
+// U entries at a time, so U * BW / 16 independent FMA chains keep both FMA ports busy whatever BW is.
 template <int BW, typename WF, typename XF>
 inline void accumulate_rows(int64_t n, WF weight, XF row, float* acc) {
 #if defined(__AVX512F__)
   constexpr int NV = BW / 16;
-  __m512 a[NV], c[NV];
+  constexpr int U = NV >= 4 ? 2 : 8 / NV;
+  __m512 a[U][NV];
 #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) a[v] = c[v] = _mm512_setzero_ps();
+  for (int u = 0; u < U; ++u)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) a[u][v] = _mm512_setzero_ps();
   int64_t j = 0;
-  for (; j + 2 <= n; j += 2) {
-    const __m512 w0 = _mm512_set1_ps(weight(j)), w1 = _mm512_set1_ps(weight(j + 1));
-    const float* x0 = row(j);
-    const float* x1 = row(j + 1);
-    if (j + kAhead + 2 <= n) {
-      const char* p0 = reinterpret_cast<const char*>(row(j + kAhead));
-      const char* p1 = reinterpret_cast<const char*>(row(j + kAhead + 1));
+  for (; j + U <= n; j += U) {
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        _mm_prefetch(p0 + 64 * v, _MM_HINT_T0);
-        _mm_prefetch(p1 + 64 * v, _MM_HINT_T0);
-      }
-    }
+    for (int u = 0; u < U; ++u) {
+      const __m512 w = _mm512_set1_ps(weight(j + u));
+      const float* x = row(j + u);
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      a[v] = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16 * v), a[v]);
-      c[v] = _mm512_fmadd_ps(w1, _mm512_load_ps(x1 + 16 * v), c[v]);
+      for (int v = 0; v < NV; ++v) a[u][v] = _mm512_fmadd_ps(w, _mm512_load_ps(x + 16 * v), a[u][v]);
     }
   }
-  if (j < n) {
-    const __m512 w0 = _mm512_set1_ps(weight(j));
-    const float* x0 = row(j);
+  for (; j < n; ++j) {
+    const __m512 w = _mm512_set1_ps(weight(j));
+    const float* x = row(j);
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) a[v] = _mm512_fmadd_ps(w0, _mm512_load_ps(x0 + 16 * v), a[v]);
+    for (int v = 0; v < NV; ++v) a[0][v] = _mm512_fmadd_ps(w, _mm512_load_ps(x + 16 * v), a[0][v]);
   }
 #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) _mm512_store_ps(acc + 16 * v, _mm512_add_ps(a[v], c[v]));
+  for (int v = 0; v < NV; ++v) {
+    __m512 sum = a[0][v];
+#pragma GCC unroll 8
+    for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, a[u][v]);
+    _mm512_store_ps(acc + 16 * v, sum);
+  }
 #else
   for (int b = 0; b < BW; ++b) acc[b] = 0.f;
   for (int64_t j = 0; j < n; ++j) {
@@ -277,6 +274,24 @@ void forward_blocked(const float* x, int64_t B, int64_t in, const float* w, cons
 
 constexpr int64_t kGatherBelow = 2;  // batch sizes up to this use the gather schedule (benchmarks/condensed.py)
 
+// gw [R, k] += the active entries' gradient; rows shared out, each thread transposing the input blocks into
+// its own cache (and its rows of grad_y), so the sum over the batch runs in one fixed order
+template <int WBW>
+void weight_grad(const float* gy, const float* x, const at::Tensor& idx, const int64_t* rows, int64_t B, int64_t in,
+                 int64_t out, int64_t R, int64_t k, float* gw) {
+  on_index_type(idx, [&](auto ip) {
+    at::parallel_for(0, R, 32, [&](int64_t r0, int64_t r1) {
+      AlignedBuffer xb(static_cast<size_t>(in * WBW)), gb(static_cast<size_t>((r1 - r0) * WBW));
+      for (int64_t b0 = 0; b0 < B; b0 += WBW) {
+        const int64_t nb = std::min<int64_t>(WBW, B - b0);
+        transpose_in<WBW>(x, in, b0, nb, in, nullptr, xb.get());
+        transpose_in<WBW>(gy, out, b0, nb, r1 - r0, rows + r0, gb.get());
+        weight_grad_block<WBW>(gb.get(), xb.get(), ip + r0 * k, r1 - r0, k, gw + r0 * k);
+      }
+    });
+  });
+}
+
 }  // namespace
 
 // y [B, out] from x [B, in]; schedule: 0 = choose by batch, 1 = gather, 2 = blocked
@@ -346,7 +361,7 @@ std::vector<at::Tensor> condensed_backward(const at::Tensor& gy, const at::Tenso
   TORCH_CHECK(gy.dim() == 2 && gy.scalar_type() == at::kFloat && gy.is_contiguous(), "grad_y: fp32 [B, out]");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) == gy.size(0), "condensed input: fp32 [B, in]");
   const int64_t B = x.size(0), in = x.size(1), out = gy.size(1), R = w.size(0), k = w.size(1);
-  constexpr int BW = 32;
+  constexpr int BW = 32;  // input gradient: batch columns per block
   at::Tensor gx = need_x ? at::empty({B, in}, x.options()) : at::Tensor();
   at::Tensor gw = need_w ? at::zeros({R, k}, w.options()) : at::Tensor();
   const float* gyp = gy.data_ptr<float>();
@@ -359,18 +374,12 @@ std::vector<at::Tensor> condensed_backward(const at::Tensor& gy, const at::Tenso
                            csc[2].data_ptr<int32_t>(), in, gx.data_ptr<float>(), b0, nb);
     });
   }
-  if (need_w) {  // rows shared out: each thread transposes the input blocks into its own cache
-    on_index_type(idx, [&](auto ip) {
-      at::parallel_for(0, R, 32, [&](int64_t r0, int64_t r1) {
-        AlignedBuffer xb(static_cast<size_t>(in * BW)), gb(static_cast<size_t>((r1 - r0) * BW));
-        for (int64_t b0 = 0; b0 < B; b0 += BW) {
-          const int64_t nb = std::min<int64_t>(BW, B - b0);
-          transpose_in<BW>(x.data_ptr<float>(), in, b0, nb, in, nullptr, xb.get());
-          transpose_in<BW>(gyp, out, b0, nb, r1 - r0, rp + r0, gb.get());
-          weight_grad_block<BW>(gb.get(), xb.get(), ip + r0 * k, r1 - r0, k, gw.data_ptr<float>() + r0 * k);
-        }
-      });
-    });
+  if (need_w) {  // longer dot products per horizontal sum while a transposed input block stays small
+    if (in <= 1024) {
+      weight_grad<64>(gyp, x.data_ptr<float>(), idx, rp, B, in, out, R, k, gw.data_ptr<float>());
+    } else {
+      weight_grad<32>(gyp, x.data_ptr<float>(), idx, rp, B, in, out, R, k, gw.data_ptr<float>());
+    }
   }
   return {gx, gw};
 }
