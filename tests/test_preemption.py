@@ -122,7 +122,8 @@ def test_two_ranks_stop_at_the_same_step(tmp_path, small_corpus):
 
 @pytest.mark.dist
 @pytest.mark.parametrize("strategy, how", [
-    ("ddp", signal.SIGKILL), ("ddp", signal.SIGSTOP), ("deepspeed_stage_2", signal.SIGKILL),
+    ("ddp", signal.SIGKILL), ("ddp", signal.SIGSTOP),  # CI: both ways a peer is lost; ZeRO-2 with make faults
+    pytest.param("deepspeed_stage_2", signal.SIGKILL, marks=pytest.mark.slow),
     pytest.param("deepspeed_stage_2", signal.SIGSTOP, marks=pytest.mark.slow)])
 def test_a_dead_rank_ends_the_other_within_the_collective_timeout(tmp_path, small_corpus, strategy, how):
     """Two ranks started as plain processes (no launcher that would kill the survivor): after the step-10
