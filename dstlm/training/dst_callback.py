@@ -59,6 +59,8 @@ class DSTCallback(L.Callback):
             raise ValueError("sparsity.condensed=true runs with trainer.strategy auto, ddp or ddp_spawn (DeepSpeed "
                              "partitions the weights the condensed layers read); set sparsity.condensed=false")
         rank_zero_info(self.engine.describe())
+        if self._condensed:
+            rank_zero_info(f"sparsity.condensed: {len(self._condensed)} layers compute condensed (docs/condensed.md)")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         scores = self.engine.needs_scores(trainer.global_step + 1)
