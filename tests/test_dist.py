@@ -80,6 +80,21 @@ def _dst_job(out, method, batch, files, nproc, extra_env=None) -> list[dict]:
 
 
 @pytest.mark.dist
+def test_ddp_condensed_training_equals_masked_training(tmp_path, small_corpus):
+    """sparsity.condensed under DDP: the condensed layers' masked gradients are all-reduced like any other, so
+    both ranks hold the same masks and weights, and they match the masked run's."""
+    cond = _dst_job(tmp_path / "cond", "srigl", 4, small_corpus, nproc=2, extra_env={"DSTLM_CONDENSED": "1"})
+    masked = _dst_job(tmp_path / "masked", "srigl", 4, small_corpus, nproc=2)
+    assert len(cond[0]["masks"]) == len(masked[0]["masks"]) == 3
+    for a, b, c in zip(cond[0]["masks"], cond[1]["masks"], masked[0]["masks"]):
+        for name in a:
+            assert torch.equal(a[name], b[name]) and torch.equal(a[name], c[name]), name
+    for k in cond[0]["weights"]:
+        assert torch.equal(cond[0]["weights"][k], cond[1]["weights"][k]), k
+        torch.testing.assert_close(cond[0]["weights"][k], masked[0]["weights"][k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+@pytest.mark.dist
 @pytest.mark.parametrize("method", ["rigl", "srigl"])
 def test_ddp_masks_identical_across_ranks_and_match_single_process(tmp_path, small_corpus, method):
     rank0, rank1 = _dst_job(tmp_path / "ddp", method, 4, small_corpus, nproc=2)

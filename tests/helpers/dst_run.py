@@ -8,8 +8,9 @@ Environment: DSTLM_STRATEGY (default ddp / auto), DSTLM_STEPS (8), DSTLM_CKPT_EV
 DSTLM_STEP_SLEEP (seconds per step, to give a test time to kill a rank), DSTLM_IFT (a Sparse-IFT family),
 DSTLM_MOE (a MoE model), DSTLM_HF (a Hugging Face model folder as the model source),
 DSTLM_EP (its expert_parallel_size), DSTLM_ZERO_INIT (build partitioned: trainer.zero_init),
-DSTLM_RESUME (a checkpoint to resume from, through dstlm.training.run.fit). Each rank saves masks after every
-update, the masks at train start (after a restore), the final masks and the final (gathered) weights.
+DSTLM_RESUME (a checkpoint to resume from, through dstlm.training.run.fit), DSTLM_CONDENSED (sparsity.condensed).
+Each rank saves masks after every update, the masks at train start (after a restore), the final masks and the
+final (gathered) weights.
 """
 
 import os
@@ -80,7 +81,8 @@ def main() -> None:
                                 ckpt_every_n_steps=int(os.environ.get("DSTLM_CKPT_EVERY", "0")), keep_last_k=10))
     cfg.trainer.zero_init = bool(os.environ.get("DSTLM_ZERO_INIT"))
     extra = dict(sparsity=0.5, n=2, m=4) if method == "nm" else dict(sparsity=0.8)
-    cfg.sparsity = SparsityConfig(method=method, delta_t=2, t_end=1.0, drop_fraction=0.3, **extra)
+    cfg.sparsity = SparsityConfig(method=method, delta_t=2, t_end=1.0, drop_fraction=0.3,
+                                  condensed=bool(os.environ.get("DSTLM_CONDENSED")), **extra)
     if os.environ.get("DSTLM_MOE"):  # 4 experts, top-2, in every 2nd block
         from dstlm.models.moe import MoEConfig
 
