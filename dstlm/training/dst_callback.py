@@ -28,6 +28,7 @@ class DSTCallback(L.Callback):
         self._last_step = -1
         self._sparsity: Optional[float] = None  # refreshed after mask updates only (cheap progress bar)
         self._condensed: list[CondensedComputeLinear] = []  # layers that compute condensed (sparsity.condensed)
+        self._guards: Optional[list] = None  # the run's NonFiniteGuard callbacks
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         name = type(trainer.strategy).__name__
@@ -54,6 +55,7 @@ class DSTCallback(L.Callback):
             self.engine.load_state_dict(self._pending_state)
             self._pending_state = None
         self._last_step = trainer.global_step
+        self._guards = None
         self._condensed = [m for m in pl_module.modules() if isinstance(m, CondensedComputeLinear)]
         if self._condensed and "DeepSpeed" in type(trainer.strategy).__name__:
             raise ValueError("sparsity.condensed=true runs with trainer.strategy auto, ddp or ddp_spawn (DeepSpeed "
@@ -85,11 +87,12 @@ class DSTCallback(L.Callback):
             return  # a non-finite step that is dropped: no score from its gradients
         self.engine.before_optimizer_step(trainer.global_step + 1, self.backend)
 
-    @staticmethod
-    def _skipping(trainer, step: int) -> bool:
-        from dstlm.training.nonfinite import NonFiniteGuard
+    def _skipping(self, trainer, step: int) -> bool:
+        if self._guards is None:  # found once: the callbacks do not change during a fit
+            from dstlm.training.nonfinite import NonFiniteGuard
 
-        return any(isinstance(c, NonFiniteGuard) and c.skipping(step) for c in trainer.callbacks)
+            self._guards = [c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)]
+        return any(g.skipping(step) for g in self._guards)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         engine = self.engine
