@@ -160,3 +160,25 @@ def test_a_dead_rank_ends_the_other_within_the_collective_timeout(tmp_path, smal
     ckpt = tmp_path / "runs" / "dead" / "checkpoints"
     assert f"; the last good checkpoint is {ckpt}/step00000" in lines[0], lines[0]
     assert lines[0].endswith("restart the job (--ckpt_path auto resumes)"), lines[0]
+
+
+def test_auto_resume_takes_a_complete_save_whose_link_was_not_swapped(tmp_path):
+    """A job killed between putting step 20 in place and relinking last.ckpt resumes from step 20, not 10;
+    a half-written save (*.tmp) is never taken; a dangling link is refused with the fix."""
+    from dstlm.training.preemption import newest_complete
+
+    ckpts = tmp_path / "checkpoints"
+    assert newest_complete(ckpts) is None
+    ckpts.mkdir()
+    (ckpts / "step0000010.ckpt").write_bytes(b"10")
+    os.symlink("step0000010.ckpt", ckpts / "last.ckpt")
+    assert newest_complete(ckpts) == ckpts / "last.ckpt"
+    (ckpts / "step0000020.ckpt.tmp").write_bytes(b"half")
+    assert newest_complete(ckpts) == ckpts / "last.ckpt"
+    (ckpts / "step0000020.ckpt").write_bytes(b"20")
+    assert newest_complete(ckpts) == ckpts / "step0000020.ckpt"
+    os.remove(ckpts / "last.ckpt")
+    assert newest_complete(ckpts) == ckpts / "step0000020.ckpt"  # no link at all: the newest step
+    os.symlink("step0000005.ckpt", ckpts / "last.ckpt")
+    with pytest.raises(FileNotFoundError, match="which does not exist; remove the link"):
+        newest_complete(ckpts)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -120,15 +121,24 @@ def set_aside_incomplete(ckpt_dir: Path, rank: int = 0) -> list[Path]:
 
 
 def newest_complete(ckpt_dir: Path) -> Optional[Path]:
-    """The checkpoint `last.ckpt` points at (always a complete one: it is relinked only after a save is in
-    place), or None. A dangling link (its target deleted by hand) is refused with the fix."""
+    """The newest complete checkpoint: the one `last.ckpt` points at, or a newer `step<N>.ckpt` (a save that
+    was in place when the job died before relinking `last.ckpt`; half-written saves are `*.tmp` and never
+    match). None when there is neither. A dangling link (its target deleted by hand) is refused with the fix."""
     last = ckpt_dir / "last.ckpt"
-    if not os.path.lexists(last):
-        return None
-    if not last.exists():
+    if os.path.lexists(last) and not last.exists():
         raise FileNotFoundError(f"{last} points at {os.readlink(last)!r}, which does not exist; remove the link "
                                 f"to start over, or restore the checkpoint")
-    return last
+    best, best_step = (last, _step_of(Path(os.path.realpath(last)))) if last.exists() else (None, None)
+    for path in ckpt_dir.glob("step*.ckpt") if ckpt_dir.is_dir() else ():
+        step = _step_of(path)
+        if step is not None and (best is None or best_step is None or step > best_step):
+            best, best_step = path, step
+    return best
+
+
+def _step_of(path: Path) -> Optional[int]:
+    match = re.fullmatch(r"step(\d+)\.ckpt", path.name)
+    return int(match.group(1)) if match else None
 
 
 def finished_marker(run_dir: Path) -> Optional[dict]:
