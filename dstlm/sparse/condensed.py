@@ -113,7 +113,8 @@ class CondensedLinear(nn.Module):
                 y = _Kernel.apply(x2, self.weight, self.bias, self)
             else:  # inference: no autograd node
                 y = condensed_ops().forward(x2, self.weight.detach(), self.indices, self.rows,
-                                            None if self.bias is None else self.bias.detach(), self.out_features, 0)
+                                            None if self.bias is None else self.bias.detach(), self.out_features, 0,
+                                            False)[0]
         else:
             y = self._structured(x2)
         return y.reshape(*lead, self.out_features)
@@ -178,23 +179,24 @@ class _Kernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 layer: CondensedLinear) -> torch.Tensor:
-        ops = condensed_ops()
+        # the kernel keeps its transposed input blocks: the backward reads them instead of x
+        y, x_t = condensed_ops().forward(x2, weight.detach(), layer.indices, layer.rows,
+                                         None if bias is None else bias.detach(), layer.out_features, 0, True)
         ctx.layer = layer
-        ctx.save_for_backward(x2, weight)
+        ctx.save_for_backward(x_t, weight)
         ctx.has_bias = bias is not None
-        return ops.forward(x2, weight.detach(), layer.indices, layer.rows,
-                           None if bias is None else bias.detach(), layer.out_features, 0)
+        return y
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
-        x2, weight = ctx.saved_tensors
+        x_t, weight = ctx.saved_tensors
         layer = ctx.layer
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         gy = gy.contiguous()
         gx = gw = gb = None
         if need_x or need_w:
             csc = layer.csc() if need_x else []
-            gx, gw = condensed_ops().backward(gy, x2, weight.detach(), layer.indices, layer.rows, csc, need_x, need_w)
+            gx, gw = condensed_ops().backward(gy, x_t, weight.detach(), layer.indices, layer.rows, csc, need_x, need_w)
             gx = gx if need_x else None
             gw = gw if need_w else None
         if need_b and ctx.has_bias:

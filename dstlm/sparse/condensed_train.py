@@ -71,19 +71,21 @@ class _CondensedFromDense(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, layer: CondensedComputeLinear, lay: Layout):
         w_c = weight.detach().reshape(-1)[lay.flat]  # [R, k]: the active weights, read from the parameter
+        y, x_t = condensed_ops().forward(x2, w_c, lay.indices, lay.rows, None if bias is None else bias.detach(),
+                                         layer.out_features, 0, True)
         ctx.layer, ctx.lay, ctx.has_bias = layer, lay, bias is not None
-        ctx.save_for_backward(x2, w_c)
-        return condensed_ops().forward(x2, w_c, lay.indices, lay.rows,
-                                       None if bias is None else bias.detach(), layer.out_features, 0)
+        ctx.dense_w = layer.dense_grad  # this step's gradient scores a mask update: keep x for the dense one
+        ctx.save_for_backward(x_t, w_c, x2 if ctx.dense_w else None)
+        return y
 
     @staticmethod
     def backward(ctx, gy):
-        x2, w_c = ctx.saved_tensors
+        x_t, w_c, x2 = ctx.saved_tensors
         layer, lay = ctx.layer, ctx.lay
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gy = gy.contiguous()
-        dense_w = need_w and layer.dense_grad
-        gx, gw_c = condensed_ops().backward(gy, x2, w_c, lay.indices, lay.rows, lay.csc if need_x else [],
+        dense_w = need_w and ctx.dense_w
+        gx, gw_c = condensed_ops().backward(gy, x_t, w_c, lay.indices, lay.rows, lay.csc if need_x else [],
                                             need_x, need_w and not dense_w)
         gw = None
         if dense_w:  # the whole dense gradient: the engine scores inactive positions from it

@@ -263,40 +263,28 @@ void over_blocks(int64_t B, size_t scratch, F&& body) {
   }
 }
 
+// `kept` (nblk * in * BW floats, or null): the transposed blocks are written there and kept for the backward
 template <int BW, typename I>
 void forward_blocked(const float* x, int64_t B, int64_t in, const float* w, const I* idx, const int64_t* rows,
-                     int64_t R, int64_t k, const float* bias, float* y, int64_t out) {
-  over_blocks<BW>(B, static_cast<size_t>(in * BW), [&](int64_t b0, int64_t nb, float* xT) {
+                     int64_t R, int64_t k, const float* bias, float* y, int64_t out, float* kept) {
+  over_blocks<BW>(B, kept ? 0 : static_cast<size_t>(in * BW), [&](int64_t b0, int64_t nb, float* scratch) {
+    float* xT = kept ? kept + (b0 / BW) * in * BW : scratch;
     transpose_in<BW>(x, in, b0, nb, in, nullptr, xT);
     forward_block<BW>(xT, w, idx, rows, R, k, bias, y, out, b0, nb);
   });
 }
 
 constexpr int64_t kGatherBelow = 2;  // batch sizes up to this use the gather schedule (benchmarks/condensed.py)
-
-// gw [R, k] += the active entries' gradient; rows shared out, each thread transposing the input blocks into
-// its own cache (and its rows of grad_y), so the sum over the batch runs in one fixed order
-template <int WBW>
-void weight_grad(const float* gy, const float* x, const at::Tensor& idx, const int64_t* rows, int64_t B, int64_t in,
-                 int64_t out, int64_t R, int64_t k, float* gw) {
-  on_index_type(idx, [&](auto ip) {
-    at::parallel_for(0, R, 32, [&](int64_t r0, int64_t r1) {
-      AlignedBuffer xb(static_cast<size_t>(in * WBW)), gb(static_cast<size_t>((r1 - r0) * WBW));
-      for (int64_t b0 = 0; b0 < B; b0 += WBW) {
-        const int64_t nb = std::min<int64_t>(WBW, B - b0);
-        transpose_in<WBW>(x, in, b0, nb, in, nullptr, xb.get());
-        transpose_in<WBW>(gy, out, b0, nb, r1 - r0, rows + r0, gb.get());
-        weight_grad_block<WBW>(gb.get(), xb.get(), ip + r0 * k, r1 - r0, k, gw + r0 * k);
-      }
-    });
-  });
-}
+constexpr int kTrainBW = 32;        // batch columns per block when the forward keeps its transposed input
 
 }  // namespace
 
-// y [B, out] from x [B, in]; schedule: 0 = choose by batch, 1 = gather, 2 = blocked
-at::Tensor condensed_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx, const at::Tensor& rows,
-                             const c10::optional<at::Tensor>& bias, int64_t out, int64_t schedule) {
+// (y [B, out], xT) from x [B, in]; schedule: 0 = choose by batch, 1 = gather, 2 = blocked. With keep_xT the
+// blocked schedule runs (32 batch columns per block) and xT [nblk, in, 32] holds its transposed input blocks,
+// which `condensed_backward` takes instead of x; otherwise xT is undefined.
+std::vector<at::Tensor> condensed_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& idx,
+                                          const at::Tensor& rows, const c10::optional<at::Tensor>& bias,
+                                          int64_t out, int64_t schedule, bool keep_xT) {
   check_layout(w, idx, rows);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "condensed input: fp32 [B, in]");
   const int64_t B = x.size(0), in = x.size(1), R = w.size(0), k = w.size(1);
@@ -311,20 +299,24 @@ at::Tensor condensed_forward(const at::Tensor& x, const at::Tensor& w, const at:
       for (int64_t o = 0; o < out; ++o)
         if (!active[o]) yp[b * out + o] = bp ? bp[o] : 0.f;
   }
+  at::Tensor xT = keep_xT ? at::empty({(B + kTrainBW - 1) / kTrainBW, in, kTrainBW}, x.options()) : at::Tensor();
   if (schedule == 0) schedule = B <= kGatherBelow ? 1 : 2;
   on_index_type(idx, [&](auto ip) {
-    if (schedule == 1) {
-      forward_gather(x.data_ptr<float>(), B, in, w.data_ptr<float>(), ip, rows.data_ptr<int64_t>(), R, k, bp,
-                     y.data_ptr<float>(), out);
+    const float* xp = x.data_ptr<float>();
+    const float* wp = w.data_ptr<float>();
+    const int64_t* rp = rows.data_ptr<int64_t>();
+    float* yp = y.data_ptr<float>();
+    if (keep_xT) {
+      forward_blocked<kTrainBW>(xp, B, in, wp, ip, rp, R, k, bp, yp, out, xT.data_ptr<float>());
+    } else if (schedule == 1) {
+      forward_gather(xp, B, in, wp, ip, rp, R, k, bp, yp, out);
     } else if (B <= 16) {
-      forward_blocked<16>(x.data_ptr<float>(), B, in, w.data_ptr<float>(), ip, rows.data_ptr<int64_t>(), R, k, bp,
-                          y.data_ptr<float>(), out);
+      forward_blocked<16>(xp, B, in, wp, ip, rp, R, k, bp, yp, out, nullptr);
     } else {
-      forward_blocked<32>(x.data_ptr<float>(), B, in, w.data_ptr<float>(), ip, rows.data_ptr<int64_t>(), R, k, bp,
-                          y.data_ptr<float>(), out);
+      forward_blocked<32>(xp, B, in, wp, ip, rp, R, k, bp, yp, out, nullptr);
     }
   });
-  return y;
+  return {y, xT};
 }
 
 // the transposed structure for the input gradient: ptr [in + 1], and per entry its row and flat position
@@ -353,33 +345,46 @@ std::vector<at::Tensor> condensed_csc(const at::Tensor& idx, int64_t in) {
   return {ptr, ent_row, ent_pos};
 }
 
-// (grad_x [B, in] or undefined, grad_w [R, k] or undefined) from grad_y [B, out]
-std::vector<at::Tensor> condensed_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& w,
+// (grad_x [B, in] or undefined, grad_w [R, k] or undefined) from grad_y [B, out] and the transposed input
+// blocks the forward kept (keep_xT). grad_y is transposed once, block by block; the input gradient then runs
+// over batch blocks (each writes its own rows of gx), the weight gradient over rows (each sums its entries
+// over the blocks in order), both reading the same transposed blocks.
+std::vector<at::Tensor> condensed_backward(const at::Tensor& gy, const at::Tensor& xT, const at::Tensor& w,
                                            const at::Tensor& idx, const at::Tensor& rows,
                                            const std::vector<at::Tensor>& csc, bool need_x, bool need_w) {
   check_layout(w, idx, rows);
+  constexpr int BW = kTrainBW;
   TORCH_CHECK(gy.dim() == 2 && gy.scalar_type() == at::kFloat && gy.is_contiguous(), "grad_y: fp32 [B, out]");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) == gy.size(0), "condensed input: fp32 [B, in]");
-  const int64_t B = x.size(0), in = x.size(1), out = gy.size(1), R = w.size(0), k = w.size(1);
-  constexpr int BW = 32;  // input gradient: batch columns per block
-  at::Tensor gx = need_x ? at::empty({B, in}, x.options()) : at::Tensor();
+  const int64_t B = gy.size(0), out = gy.size(1), R = w.size(0), k = w.size(1), nblk = (B + BW - 1) / BW;
+  TORCH_CHECK(xT.dim() == 3 && xT.size(0) == nblk && xT.size(2) == BW && xT.is_contiguous(),
+              "condensed backward: xT must be the forward's kept transposed input");
+  const int64_t in = xT.size(1);
+  at::Tensor gx = need_x ? at::empty({B, in}, gy.options()) : at::Tensor();
   at::Tensor gw = need_w ? at::zeros({R, k}, w.options()) : at::Tensor();
+  at::Tensor gyT = at::empty({nblk, R, BW}, gy.options());
   const float* gyp = gy.data_ptr<float>();
   const int64_t* rp = rows.data_ptr<int64_t>();
-  if (need_x) {  // batch blocks shared out: each writes its own rows of gx
+  float* gyTp = gyT.data_ptr<float>();
+  over_blocks<BW>(B, 0, [&](int64_t b0, int64_t nb, float*) {
+    transpose_in<BW>(gyp, out, b0, nb, R, rp, gyTp + (b0 / BW) * R * BW);
+  });
+  if (need_x) {
     TORCH_CHECK(csc.size() == 3, "input gradient needs the transposed structure");
-    over_blocks<BW>(B, static_cast<size_t>(R * BW), [&](int64_t b0, int64_t nb, float* gyT) {
-      transpose_in<BW>(gyp, out, b0, nb, R, rp, gyT);
-      input_grad_block<BW>(gyT, w.data_ptr<float>(), csc[0].data_ptr<int32_t>(), csc[1].data_ptr<int32_t>(),
-                           csc[2].data_ptr<int32_t>(), in, gx.data_ptr<float>(), b0, nb);
+    over_blocks<BW>(B, 0, [&](int64_t b0, int64_t nb, float*) {
+      input_grad_block<BW>(gyTp + (b0 / BW) * R * BW, w.data_ptr<float>(), csc[0].data_ptr<int32_t>(),
+                           csc[1].data_ptr<int32_t>(), csc[2].data_ptr<int32_t>(), in, gx.data_ptr<float>(), b0, nb);
     });
   }
-  if (need_w) {  // longer dot products per horizontal sum while a transposed input block stays small
-    if (in <= 1024) {
-      weight_grad<64>(gyp, x.data_ptr<float>(), idx, rp, B, in, out, R, k, gw.data_ptr<float>());
-    } else {
-      weight_grad<32>(gyp, x.data_ptr<float>(), idx, rp, B, in, out, R, k, gw.data_ptr<float>());
-    }
+  if (need_w) {
+    const float* xTp = xT.data_ptr<float>();
+    float* gwp = gw.data_ptr<float>();
+    on_index_type(idx, [&](auto ip) {
+      at::parallel_for(0, R, 32, [&](int64_t r0, int64_t r1) {
+        for (int64_t blk = 0; blk < nblk; ++blk)
+          weight_grad_block<BW>(gyTp + (blk * R + r0) * BW, xTp + blk * in * BW, ip + r0 * k, r1 - r0, k,
+                                gwp + r0 * k);
+      });
+    });
   }
   return {gx, gw};
 }
