@@ -11,7 +11,8 @@ timed there: PyTorch has no CSR weight gradient). Ratios are against dense and C
 
 Model section (--model): trains a GPT with SRigL at --sparsity for --model-steps on the shipped corpus
 (`dstlm fit` in-process), exports it with `dstlm export --condensed`, then reports val loss (must be the
-same digits) and tokens/s of scoring (batch 8 x block) and of greedy generation, condensed vs dense, with
+same digits) and tokens/s of scoring (batch 8 x block) and of greedy generation (with and without the KV
+cache), condensed vs dense, with
 where the condensed model's time goes.
 
     .venv/bin/python benchmarks/condensed.py                     # paper shape 3072->768, 80/90/95/99 %
@@ -167,13 +168,16 @@ def model_section(args) -> None:
           f"{toks / sc[0]:,.0f} tokens/s -> {sd[0] / sc[0]:.2f}x (means {toks / sd[1]:,.0f} / {toks / sc[1]:,.0f})")
     prompt = batches[0][0][:1, :32]
     new = args.gen_tokens
-    gd = timed(lambda: dense.model.generate(prompt, new, temperature=0), 3, 10)
-    gc = timed(lambda: cond.model.generate(prompt, new, temperature=0), 3, 10)
-    greedy = [m.generate(prompt, new, temperature=0) for m in (dense.model, cond.model)]
-    same = torch.equal(*greedy)
-    print(f"  greedy generation (1 x 32 prompt + {new}, no KV cache: each step runs the whole context): dense "
-          f"{new / gd[0]:.0f} tokens/s, condensed {new / gc[0]:.0f} tokens/s -> {gd[0] / gc[0]:.2f}x "
-          f"({'same' if same else 'DIFFERENT'} tokens)")
+    for cached in (True, False):
+        def gen(model, cached=cached):
+            return model.generate(prompt, new, temperature=0, use_cache=cached)
+        gd = timed(lambda: gen(dense.model), 3, 10)
+        gc = timed(lambda: gen(cond.model), 3, 10)
+        greedy = [gen(m) for m in (dense.model, cond.model)]
+        how = "KV cache: one row per token" if cached else "no KV cache: the whole context per token"
+        print(f"  greedy generation (1 x 32 prompt + {new}; {how}): dense {new / gd[0]:.0f} tokens/s, condensed "
+              f"{new / gc[0]:.0f} tokens/s -> {gd[0] / gc[0]:.2f}x "
+              f"({'same' if torch.equal(*greedy) else 'DIFFERENT'} tokens)")
     where_time_goes(cond.model, x, args)
 
 

@@ -95,3 +95,31 @@ def test_bad_model_config():
     m = GPT(tiny())
     with pytest.raises(ValueError, match="exceeds model.block_size=16"):
         m(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+@pytest.mark.parametrize("moe", [False, True])
+def test_kv_cache_decoding_equals_full_forward(pos_emb, moe):
+    """Prompt into a KVCache, then one token per forward: the logits of every position equal one forward of the
+    whole sequence; generate() gives the same tokens with and without the cache, also past block_size (where
+    the window slides and the cache is dropped)."""
+    from dstlm.models.gpt import KVCache
+    from dstlm.models.moe import MoEConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=97, block_size=24, n_layer=2, n_head=2, n_embd=32, pos_emb=pos_emb, bias=True,
+                    moe=MoEConfig(num_experts=4, top_k=2, every=2, dropless=True) if moe else None)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = KVCache()
+        steps = [model(idx[:, :8], cache=cache)]
+        steps += [model(idx[:, t:t + 1], cache=cache) for t in range(8, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.length == 20
+    with pytest.raises(ValueError, match="one token per forward"):
+        model(idx[:, :2], cache=cache)
+    a = model.generate(idx[:, :10], 30, temperature=0)  # 40 tokens: past block_size 24
+    b = model.generate(idx[:, :10], 30, temperature=0, use_cache=False)
+    assert torch.equal(a, b)

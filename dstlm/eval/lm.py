@@ -21,6 +21,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from dstlm.data.tokenizer import TextTokenizer
+from dstlm.models.gpt import GPT, KVCache
 
 
 @register_model("dstlm")
@@ -132,9 +133,15 @@ class DstlmLM(TemplateLM):
             ids = self.tok_encode(context)[-self.max_length:]
             idx = torch.tensor([ids], dtype=torch.long, device=self._device)
             text = ""
+            cache = KVCache() if isinstance(self.model, GPT) and self.max_length == self.model.config.block_size \
+                else None  # dstlm's GPT decodes incrementally (keys and values of past tokens kept)
             for _ in range(max_new):
                 start = time.perf_counter()
-                logits = self.model(idx[:, -self.max_length:])[:, -1, :].float()
+                if cache is not None:
+                    logits, cache = self.model.next_logits(idx, cache)
+                    logits = logits.float()
+                else:
+                    logits = self.model(idx[:, -self.max_length:])[:, -1, :].float()
                 self.timing["generation_s"] += time.perf_counter() - start
                 self.timing["generated_tokens"] += 1
                 if temperature > 0:

@@ -105,10 +105,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, nh, T, hs)
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        # x: (B, nh, T, hs) at positions start .. start + T - 1
         T = x.size(-2)
-        cos, sin = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        cos, sin = self.cos[start:start + T].to(x.dtype), self.sin[start:start + T].to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)
         return x * cos + rotated * sin
@@ -130,19 +130,40 @@ class CausalSelfAttention(nn.Module):
             RotaryEmbedding(self.head_size, cfg.block_size, cfg.rope_base) if cfg.pos_emb == "rope" else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional["KVCache"] = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, C) -> (B, nh, T, hs)
         q = self.q_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_head, self.head_size).transpose(1, 2)
+        start = cache.length if cache is not None else 0
         if self.rope is not None:
-            q, k = self.rope(q), self.rope(k)
+            q, k = self.rope(q, start), self.rope(k, start)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        # new tokens attend to every cached one: causal among themselves, which for one token is no mask
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.out_proj(y))
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for incremental decoding (`GPT.generate`). Filled by a
+    first forward of the prompt, then one token per forward."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.length = 0  # tokens cached (the position of the next one)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.keys:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
 
 
 class MLP(nn.Module):
@@ -170,8 +191,8 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -269,19 +290,26 @@ class GPT(nn.Module):
                 pairs.append((f"{b}.mlp.fc_in.weight", f"{b}.mlp.fc_out.weight"))
         return pairs
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
         """idx: (B, T) int64 token ids -> logits (B, T, V) over the real (unpadded) vocabulary; with targets
         (B, T) (-100 ignored) -> the mean next-token cross-entropy instead, through the LM head's fused,
-        chunked loss (`lm_head.chunk_tokens`), so the full logits are never held."""
+        chunked loss (`lm_head.chunk_tokens`), so the full logits are never held. With a `cache`, idx are the
+        tokens after the cached ones (the whole prompt first, then one at a time), and the cache grows."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds model.block_size={self.config.block_size}")
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds model.block_size={self.config.block_size}")
+        if cache is not None and start and T > 1:
+            raise ValueError("a KVCache takes the prompt in its first forward, then one token per forward")
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
         return self.lm_head(self.ln_f(x), targets)  # (B, T, V) logits, or the loss
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, with_aux: bool = True) -> torch.Tensor:
@@ -320,12 +348,33 @@ class GPT(nn.Module):
         return 6 * n + 12 * cfg.n_layer * cfg.n_head * hs * cfg.block_size
 
     @torch.no_grad()
+    def next_logits(self, idx: torch.Tensor, cache: Optional[KVCache]) -> tuple[torch.Tensor, Optional[KVCache]]:
+        """Logits (B, V) of the token after idx (B, T), and the cache to pass with the next call: idx must be the
+        previous call's idx plus one token. The cache (None: no caching) takes the prompt, then one token per
+        call; once the context fills model.block_size the window slides and the last block_size tokens are
+        recomputed each call."""
+        n = self.config.block_size
+        if cache is not None and cache.length and cache.length < n:
+            return self(idx[:, -1:], cache=cache)[:, -1, :], cache
+        ctx = idx[:, -n:]
+        if cache is not None and ctx.size(1) < n:
+            cache = KVCache()  # the prompt, into a fresh cache
+            return self(ctx, cache=cache)[:, -1, :], cache
+        return self(ctx)[:, -1, :], cache
+
+    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Sample continuation tokens; idx (B, T) -> (B, T + max_new_tokens). temperature 0 = greedy."""
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Sample continuation tokens; idx (B, T) -> (B, T + max_new_tokens). temperature 0 = greedy. With
+        `use_cache` (default) the keys and values of past tokens are kept (a KVCache), so each new token runs
+        one row through the layers; once the context fills model.block_size the window slides and every token
+        is recomputed over the last block_size tokens (as without a cache). Capacity-limited MoE layers then
+        route one token at a time, so they drop none (a whole-context forward may drop some: dropless MoE
+        gives the same tokens either way)."""
+        cache = KVCache() if use_cache else None
         for _ in range(max_new_tokens):
-            ctx = idx[:, -self.config.block_size:]
-            logits = self(ctx)[:, -1, :]  # (B, V)
+            logits, cache = self.next_logits(idx, cache)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
