@@ -83,7 +83,8 @@ def load_spec(path: Path) -> tuple[dict, dict[str, Cell]]:
 def fit_command(spec: dict, budget: dict, cell: Cell, seed: int, out_dir: Path) -> list[str]:
     cmd = [sys.executable, "-m", "dstlm.cli", "fit", "--config", str(ROOT / spec["recipe"]),
            f"--name={cell.name}-s{seed}", f"--out_dir={out_dir}", f"--seed={seed}",
-           "--trainer.progress_bar=false", "--trainer.ckpt_every_n_steps=0"]
+           "--trainer.progress_bar=false", "--trainer.ckpt_every_n_steps=0",
+           "--ckpt_path=auto"]  # a run stopped part way (killed, or failed after its last save) goes on from there
     if spec.get("eval"):
         cmd.append(f"--eval={ROOT / spec['eval']}")
     cmd += budget.get("args", [])
