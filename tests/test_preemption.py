@@ -182,3 +182,27 @@ def test_auto_resume_takes_a_complete_save_whose_link_was_not_swapped(tmp_path):
     os.symlink("step0000005.ckpt", ckpts / "last.ckpt")
     with pytest.raises(FileNotFoundError, match="which does not exist; remove the link"):
         newest_complete(ckpts)
+
+
+def test_a_run_resumed_at_max_steps_is_finished(tmp_path, small_corpus):
+    """The job died after the last checkpoint (say in the final evaluation), before summary.json and FINISHED:
+    --ckpt_path auto then runs no step, but still validates and evaluates, so the summary is whole and equal to
+    the original run's."""
+    import json
+
+    from conftest import tiny_run
+    from dstlm.training.config import EvalConfig
+    from dstlm.training.run import fit as fit_run
+
+    cfg = tiny_run(tmp_path, small_corpus, name="r", model=dict(block_size=256), data=dict(block_size=64),
+                   trainer=dict(max_steps=4, val_every_n_steps=4, ckpt_every_n_steps=4))
+    cfg.eval = EvalConfig(tasks=["hellaswag"], limit=4)
+    first = fit_run(cfg)
+    run = tmp_path / "r"
+    (run / "summary.json").unlink()
+    (run / "FINISHED").unlink()
+    again = fit_run(cfg, ckpt_path="auto")
+    assert again["steps"] == 4 and again["val_loss"] == pytest.approx(first["val_loss"], abs=1e-6)
+    assert again["eval"] == first["eval"]
+    assert json.loads((run / "summary.json").read_text())["val_loss"] == again["val_loss"]
+    assert (run / "FINISHED").exists()

@@ -107,5 +107,7 @@ class EvalCallback(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._run(trainer, pl_module)
 
+    finish_training = on_train_end  # a run resumed at max_steps (dstlm.training.run)
+
     def summary(self) -> dict:
         return {"eval": self.last} if self.last else {}

@@ -73,6 +73,9 @@ def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, extra_callbacks: Option
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     wall = time.perf_counter() - t0
+    if ckpt_path is not None and trainer.global_step >= cfg.trainer.max_steps and \
+            not {"train/loss", "val/loss"} & set(trainer.callback_metrics):  # no step ran: nothing was logged
+        _finish_resumed(trainer, module, data)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     summary = {
         "run": str(out), "steps": trainer.global_step, "wall_s": round(wall, 1),
@@ -94,6 +97,19 @@ def fit(cfg: RunConfig, ckpt_path: Optional[str] = None, extra_callbacks: Option
         if not summary.get("preempted") and trainer.global_step >= cfg.trainer.max_steps:
             write_finished(out, summary)
     return summary
+
+
+def _finish_resumed(trainer, module, data) -> None:
+    """A run resumed from a checkpoint at trainer.max_steps (its job died after the last save, e.g. in the final
+    evaluation): Lightning then runs no step and calls no end-of-training hook, so do what the end of training
+    does: the validation and the callbacks' end-of-training work (lm-eval, the final sparsity record)."""
+    if _rank() == 0:
+        print(f"dstlm: the checkpoint is at step {trainer.global_step} = trainer.max_steps: finishing the run "
+              f"(validation, end-of-training evaluation)", flush=True)
+    trainer.validate(module, datamodule=data, verbose=False)
+    for cb in trainer.callbacks:
+        if hasattr(cb, "finish_training"):
+            cb.finish_training(trainer, module)
 
 
 def _rank() -> int:

@@ -64,6 +64,8 @@ class RunRecord(L.Callback):
         if trainer.is_global_zero:
             self._sparsity(pl_module, final=True)
 
+    finish_training = on_train_end  # a run resumed at max_steps (dstlm.training.run)
+
     def _sparsity(self, pl_module, final: bool) -> None:
         engine = pl_module.sparse_engine
         if engine is None:
