@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -214,6 +215,26 @@ void input_grad_block(const float* gyT, const float* w, const int32_t* ptr, cons
   });
 }
 
+#if defined(__AVX512F__)
+// 16 vectors -> one vector of their 16 horizontal sums, in order (a butterfly: 15 shuffles and adds instead of
+// 16 separate reductions)
+inline __m512 sum16(const __m512* v) {
+  __m512 a[8], b[4], c[2];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)  // 128-bit lanes 0,1: v[i]; lanes 2,3: v[i + 8]
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xEE));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)  // lanes: v[i], v[i + 8], v[i + 4], v[i + 12]
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88), _mm512_shuffle_f32x4(a[i], a[i + 4], 0xDD));
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)  // in each lane, elements 0,2 hold b[i]'s vector, 1,3 b[i + 2]'s
+    c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[i], b[i + 2]), _mm512_unpackhi_ps(b[i], b[i + 2]));
+  // lanes: sums of v[0..3], v[8..11], v[4..7], v[12..15]; put the lanes in order
+  const __m512 d = _mm512_add_ps(_mm512_unpacklo_ps(c[0], c[1]), _mm512_unpackhi_ps(c[0], c[1]));
+  return _mm512_shuffle_f32x4(d, d, 0xD8);
+}
+#endif
+
 // gw[r, j] += gyT[r, :] . xT[I[r, j], :]
 template <int BW, typename I>
 void weight_grad_block(const float* gyT, const float* xT, const I* idx, int64_t R, int64_t k, float* gw) {
@@ -222,7 +243,25 @@ void weight_grad_block(const float* gyT, const float* xT, const I* idx, int64_t 
       const float* g = gyT + r * BW;
       const I* ir = idx + r * k;
       float* gr = gw + r * k;
-      for (int64_t j = 0; j < k; ++j) gr[j] += dot_block<BW>(g, xT + static_cast<int64_t>(ir[j]) * BW);
+      int64_t j = 0;
+#if defined(__AVX512F__)
+      constexpr int NV = BW / 16;
+      __m512 gv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) gv[v] = _mm512_load_ps(g + 16 * v);
+      for (; j + 16 <= k; j += 16) {  // 16 entries at a time, reduced together
+        __m512 acc[16];
+#pragma GCC unroll 16
+        for (int u = 0; u < 16; ++u) {
+          const float* x = xT + static_cast<int64_t>(ir[j + u]) * BW;
+          acc[u] = _mm512_mul_ps(gv[0], _mm512_load_ps(x));
+#pragma GCC unroll 8
+          for (int v = 1; v < NV; ++v) acc[u] = _mm512_fmadd_ps(gv[v], _mm512_load_ps(x + 16 * v), acc[u]);
+        }
+        _mm512_storeu_ps(gr + j, _mm512_add_ps(_mm512_loadu_ps(gr + j), sum16(acc)));
+      }
+#endif
+      for (; j < k; ++j) gr[j] += dot_block<BW>(g, xT + static_cast<int64_t>(ir[j]) * BW);
     }
   });
 }
@@ -240,10 +279,10 @@ void on_index_type(const at::Tensor& idx, F&& f) {
   else f(idx.data_ptr<int32_t>());
 }
 
-struct AlignedBuffer {
-  explicit AlignedBuffer(size_t n) : raw(n + 16) {}
-  float* get() { return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t(63)); }
-  std::vector<float> raw;
+struct AlignedBuffer {  // scratch, not initialised (every use writes before it reads)
+  explicit AlignedBuffer(size_t n) : raw(new float[n + 16]) {}
+  float* get() { return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(raw.get()) + 63) & ~uintptr_t(63)); }
+  std::unique_ptr<float[]> raw;
 };
 
 // Runs body(b0, nb, scratch) for every batch block of BW rows. With at least one block per thread, the blocks
