@@ -18,7 +18,8 @@ Both are exact to fp32 rounding against the masked dense layer (`tests/test_cond
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -110,7 +111,8 @@ class CondensedLinear(nn.Module):
         if self.choose(x2) == "kernel":
             x2 = x2.contiguous()
             if torch.is_grad_enabled() and (x2.requires_grad or any(p.requires_grad for p in self.parameters())):
-                y = _Kernel.apply(x2, self.weight, self.bias, self)
+                y = CondensedMatmul.apply(x2, self.weight, self.bias,
+                                          MatmulPlan(self.indices, self.rows, self.out_features, self.csc))
             else:  # inference: no autograd node
                 y = condensed_ops().forward(x2, self.weight.detach(), self.indices, self.rows,
                                             None if self.bias is None else self.bias.detach(), self.out_features, 0,
@@ -175,33 +177,52 @@ def index_dtype(in_features: int) -> torch.dtype:
     return torch.uint16 if in_features <= 1 << 16 else torch.int32
 
 
-class _Kernel(torch.autograd.Function):
+@dataclass
+class MatmulPlan:
+    """What one condensed matmul reads: the layout, and where its active weights come from. `flat` None: the
+    weight argument is the [R, k] condensed weight itself (CondensedLinear); else it is a dense [out, in]
+    parameter and the active weights are gathered at these flat positions, its gradient scattered back (or,
+    with `dense_grad`, computed whole: condensed training on a mask-update step)."""
+
+    indices: torch.Tensor
+    rows: torch.Tensor
+    out_features: int
+    csc: Callable[[], list]
+    flat: Optional[torch.Tensor] = None
+    dense_grad: bool = False
+
+
+class CondensedMatmul(torch.autograd.Function):
+    """y = x W^T + b through the kernel. The forward keeps its transposed input blocks, which the backward
+    reads instead of x (x itself is kept only when the whole dense weight gradient is wanted)."""
+
     @staticmethod
     def forward(ctx, x2: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                layer: CondensedLinear) -> torch.Tensor:
-        # the kernel keeps its transposed input blocks: the backward reads them instead of x
-        y, x_t = condensed_ops().forward(x2, weight.detach(), layer.indices, layer.rows,
-                                         None if bias is None else bias.detach(), layer.out_features, 0, True)
-        ctx.layer = layer
-        ctx.save_for_backward(x_t, weight)
-        ctx.has_bias = bias is not None
+                plan: MatmulPlan) -> torch.Tensor:
+        w_c = weight.detach() if plan.flat is None else weight.detach().reshape(-1)[plan.flat]
+        y, x_t = condensed_ops().forward(x2, w_c, plan.indices, plan.rows, None if bias is None else bias.detach(),
+                                         plan.out_features, 0, True)
+        ctx.plan, ctx.has_bias, ctx.w_shape = plan, bias is not None, weight.shape
+        ctx.dense_w = plan.flat is not None and plan.dense_grad
+        ctx.save_for_backward(x_t, w_c, x2 if ctx.dense_w else None)
         return y
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
-        x_t, weight = ctx.saved_tensors
-        layer = ctx.layer
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        x_t, w_c, x2 = ctx.saved_tensors
+        plan = ctx.plan
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gy = gy.contiguous()
-        gx = gw = gb = None
-        if need_x or need_w:
-            csc = layer.csc() if need_x else []
-            gx, gw = condensed_ops().backward(gy, x_t, weight.detach(), layer.indices, layer.rows, csc, need_x, need_w)
-            gx = gx if need_x else None
-            gw = gw if need_w else None
-        if need_b and ctx.has_bias:
-            gb = gy.sum(0)
-        return gx, gw, gb, None
+        dense_w = need_w and ctx.dense_w
+        gx, gw = condensed_ops().backward(gy, x_t, w_c, plan.indices, plan.rows, plan.csc() if need_x else [],
+                                          need_x, need_w and not dense_w)
+        if dense_w:  # the whole dense gradient: the engine scores inactive positions from it
+            gw = gy.t().mm(x2)
+        elif need_w and plan.flat is not None:  # the masked dense gradient: active entries, zeros elsewhere
+            gw = torch.zeros(ctx.w_shape.numel(), dtype=w_c.dtype).index_copy_(
+                0, plan.flat.reshape(-1), gw.reshape(-1)).view(ctx.w_shape)
+        gb = gy.sum(0) if need_b and ctx.has_bias else None
+        return (gx if need_x else None), (gw if need_w else None), gb, None
 
 
 def condense(model: nn.Module, path: str = "auto") -> dict[str, str]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dstlm.sparse.condensed import index_dtype, kernel_wins, masked_layout
+from dstlm.sparse.condensed import CondensedMatmul, MatmulPlan, index_dtype, kernel_wins, masked_layout
 from dstlm.sparse.kernels import condensed_ops
 
 
@@ -63,39 +63,9 @@ class CondensedComputeLinear(nn.Linear):
         training = torch.is_grad_enabled() and (x2.requires_grad or self.weight.requires_grad)
         if lay.rows.numel() == 0 or lay.flat.shape[1] == 0 or not kernel_wins(lay.density, x2.shape[0], training):
             return F.linear(x, self.weight, self.bias)
-        y = _CondensedFromDense.apply(x2.contiguous(), self.weight, self.bias, self, lay)
+        plan = MatmulPlan(lay.indices, lay.rows, self.out_features, lambda: lay.csc, lay.flat, self.dense_grad)
+        y = CondensedMatmul.apply(x2.contiguous(), self.weight, self.bias, plan)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-
-class _CondensedFromDense(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2, weight, bias, layer: CondensedComputeLinear, lay: Layout):
-        w_c = weight.detach().reshape(-1)[lay.flat]  # [R, k]: the active weights, read from the parameter
-        y, x_t = condensed_ops().forward(x2, w_c, lay.indices, lay.rows, None if bias is None else bias.detach(),
-                                         layer.out_features, 0, True)
-        ctx.layer, ctx.lay, ctx.has_bias = layer, lay, bias is not None
-        ctx.dense_w = layer.dense_grad  # this step's gradient scores a mask update: keep x for the dense one
-        ctx.save_for_backward(x_t, w_c, x2 if ctx.dense_w else None)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        x_t, w_c, x2 = ctx.saved_tensors
-        layer, lay = ctx.layer, ctx.lay
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gy = gy.contiguous()
-        dense_w = need_w and ctx.dense_w
-        gx, gw_c = condensed_ops().backward(gy, x_t, w_c, lay.indices, lay.rows, lay.csc if need_x else [],
-                                            need_x, need_w and not dense_w)
-        gw = None
-        if dense_w:  # the whole dense gradient: the engine scores inactive positions from it
-            gw = gy.t().mm(x2)
-        elif need_w:  # the masked gradient: active entries only
-            gw = torch.zeros(layer.out_features * layer.in_features, dtype=w_c.dtype)
-            gw.index_copy_(0, lay.flat.reshape(-1), gw_c.reshape(-1))
-            gw = gw.view(layer.out_features, layer.in_features)
-        gb = gy.sum(0) if need_b and ctx.has_bias else None
-        return (gx if need_x else None), gw, gb, None, None
 
 
 def enable_condensed_compute(params: Iterable, method: str) -> list[CondensedComputeLinear]:
