@@ -37,6 +37,16 @@ KERNEL_BELOW = {
 }
 
 
+def kernel_can_run(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The kernel is built and computes this call: fp32 input and weight on the CPU."""
+    return (x2.dtype == torch.float32 and weight.dtype == torch.float32 and x2.device.type == "cpu"
+            and condensed_ops() is not None)
+
+
+def needs_grad(x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x2.requires_grad or weight.requires_grad)
+
+
 def kernel_wins(density: float, batch: int, training: bool = False) -> bool:
     for limit, below in KERNEL_BELOW["training" if training else "inference"]:
         if density <= limit:
@@ -122,14 +132,13 @@ class CondensedLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def choose(self, x2: torch.Tensor) -> str:
-        fp32 = x2.dtype == torch.float32 and self.weight.dtype == torch.float32 and x2.device.type == "cpu"
-        usable = fp32 and self.fan_in > 0 and condensed_ops() is not None
+        usable = self.fan_in > 0 and kernel_can_run(x2, self.weight)
         if self.path == "kernel" and not usable:
             return "structured"
         if self.path != "auto":
             return self.path
-        training = torch.is_grad_enabled() and (x2.requires_grad or self.weight.requires_grad)
-        return "kernel" if usable and kernel_wins(self.density, x2.shape[0], training) else "structured"
+        wins = kernel_wins(self.density, x2.shape[0], needs_grad(x2, self.weight))
+        return "kernel" if usable and wins else "structured"
 
     def _structured(self, x2: torch.Tensor) -> torch.Tensor:
         w = self._rows_dense().to(x2.dtype)

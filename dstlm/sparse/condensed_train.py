@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dstlm.sparse.condensed import CondensedMatmul, MatmulPlan, index_dtype, kernel_wins, masked_layout
+from dstlm.sparse.condensed import (CondensedMatmul, MatmulPlan, index_dtype, kernel_can_run, kernel_wins,
+                                    masked_layout, needs_grad)
 from dstlm.sparse.kernels import condensed_ops
 
 
@@ -56,11 +57,10 @@ class CondensedComputeLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        fp32 = x2.dtype == torch.float32 and self.weight.dtype == torch.float32 and x2.device.type == "cpu"
-        if not fp32 or condensed_ops() is None:
+        if not kernel_can_run(x2, self.weight):
             return F.linear(x, self.weight, self.bias)
         lay = self.layout()
-        training = torch.is_grad_enabled() and (x2.requires_grad or self.weight.requires_grad)
+        training = needs_grad(x2, self.weight)
         if lay.rows.numel() == 0 or lay.flat.shape[1] == 0 or not kernel_wins(lay.density, x2.shape[0], training):
             return F.linear(x, self.weight, self.bias)
         plan = MatmulPlan(lay.indices, lay.rows, self.out_features, lambda: lay.csc, lay.flat, self.dense_grad)

@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dstlm.training.faults import fault_disk_full, fault_point
+from dstlm.training.preemption import STEP_NAME
 
 SAVE_TIMES = "save_seconds.txt"  # in the checkpoint folder: the seconds of the latest saves, all ranks together
 
@@ -26,7 +27,7 @@ class StepCheckpoint(ModelCheckpoint):
     no checkpoint is written twice."""
 
     def __init__(self, dirpath: str | Path, every_n_steps: int, keep_last_k: int) -> None:
-        super().__init__(dirpath=dirpath, filename="step{step:07d}", auto_insert_metric_name=False,
+        super().__init__(dirpath=dirpath, filename=STEP_NAME, auto_insert_metric_name=False,
                          every_n_train_steps=every_n_steps or None, save_top_k=max(1, keep_last_k),
                          monitor="step", mode="max", save_last="link", enable_version_counter=False)
         self.save_seconds: list[float] = []

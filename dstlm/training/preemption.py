@@ -136,7 +136,11 @@ def newest_complete(ckpt_dir: Path) -> Optional[Path]:
     return best
 
 
+STEP_NAME = "step{step:07d}"  # the file name (without .ckpt) StepCheckpoint gives each step's checkpoint
+
+
 def _step_of(path: Path) -> Optional[int]:
+    """The step of a `STEP_NAME` checkpoint file, else None."""
     match = re.fullmatch(r"step(\d+)\.ckpt", path.name)
     return int(match.group(1)) if match else None
 
