@@ -312,6 +312,13 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _say_error(text: str) -> None:
+    """The one-line error, line end included, in one write: `print` writes the text and the newline separately,
+    and two ranks failing together on one pipe then interleave into 'msgmsg\n\n' (seen in CI)."""
+    sys.stderr.write(f"dstlm: error: {text}\n")
+    sys.stderr.flush()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -319,7 +326,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"dstlm: error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        _say_error(f"unknown command {name!r}; choose one of: {', '.join(COMMANDS)}")
         return 2
     import logging
     import os
@@ -335,7 +342,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, TypeError, OSError, KeyError, ArgumentError) as err:
         if "DSTLM_TRACEBACK" in os.environ:
             raise
-        print(f"dstlm: error: {one_line(err)}", file=sys.stderr)
+        _say_error(one_line(err))
         return 2
 
 
