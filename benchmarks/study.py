@@ -310,7 +310,10 @@ def plot(results: list[Result], flops: dict, docs: Path, stem: str, panels: dict
 
     by_name = {r.cell.name: r for r in results}
     panels = {k: [by_name[n] for n in v if n in by_name] for k, v in (panels or {}).items()}
-    panels = {k: v for k, v in panels.items() if v} or {"": [r for r in results if not r.cell.of]}
+    # default: the cells that vary no other (all of them when only variants were run, e.g. `--cells x-reclaim`)
+    panels = {k: v for k, v in panels.items() if v} or {"": [r for r in results if not r.cell.of] or results}
+    if not any(panels.values()):
+        return []
     colours = {r.cell.name: plt.get_cmap("tab20")(i % 20) for i, r in enumerate(results)}
     outs = []
     for xkind in ("tokens", "flops"):

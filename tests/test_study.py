@@ -151,3 +151,18 @@ def test_archived_runs_count_as_done_and_enter_the_report(tmp_path):
     assert [(r.cell.name, r.runs) for r in results] == [("dense", [out / "dense-s1"]), ("rigl", [dest])]
     md = study.report("s", "b", results, tmp_path / "docs", "cmd").read_text()
     assert "+0.2000" in next(line for line in md.splitlines() if line.startswith("| rigl |"))
+
+
+def test_report_of_variants_alone_plots_them(tmp_path):
+    """`--cells x-reclaim` alone: the default panel falls back to the variants (it was empty and the plot failed
+    after the runs had trained)."""
+    spec, cells = study.load_spec(write_spec(tmp_path, {
+        "rigl": {"sparsity": "configs/sparsity/rigl.yaml"},
+        "rigl-reclaim": {"of": "rigl", "args": ["--sparsity.reclaim_dead_units=true"]},
+    }))
+    out = tmp_path / "runs"
+    fake_run(out, "rigl-reclaim-s1", method="rigl", loss=4.1)
+    results = study.collect(out, [cells["rigl-reclaim"]], [1])
+    md = study.report("s", "b", results, tmp_path / "docs", "cmd").read_text()
+    assert next(line for line in md.splitlines() if line.startswith("| rigl-reclaim |"))
+    assert (tmp_path / "docs" / "s-b-loss-vs-tokens.png").stat().st_size > 10_000
