@@ -69,7 +69,7 @@ class StepCheckpoint(ModelCheckpoint):
         self.save_seconds.append(time.perf_counter() - t0)
         if trainer.is_global_zero:  # what a preemption signal's lead time must cover (dstlm slurm reads it)
             record = Path(self.dirpath) / SAVE_TIMES
-            record.write_text(" ".join(f"{s:.2f}" for s in self.save_seconds[-20:]) + "\n")
+            record.write_text(" ".join(f"{s:.4f}" for s in self.save_seconds[-20:]) + "\n")  # a small save takes < 5 ms
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:
