@@ -36,15 +36,16 @@ def model_transforms(source: ModelSource, ift: Optional[SparseIFTConfig] = None)
 
 
 def build_model(source: ModelSource, transforms: Sequence[ModelTransform] = (), hf_config: Optional[dict] = None,
-                weights: bool = True):
+                weights: bool = True, partitioned=None):
     """Build, transform and initialise. The random draws are those of building the transformed model directly
     (construction of every module in model order, then one reset_parameters), so seeded runs are unchanged by
     where a transform lives. A Hugging Face source is loaded (its weights unless `weights` is False; from the
-    config a checkpoint carries, `hf_config`, when given)."""
+    config a checkpoint carries, `hf_config`, when given; slice by slice under a partitioned build,
+    `partitioned`: dstlm/training/partitioned_build.py)."""
     if isinstance(source, HFModelConfig):
         from dstlm.hf.model import load_hf_model
 
-        return load_hf_model(source, hf_config, weights)
+        return load_hf_model(source, hf_config, weights, partitioned)
     if not isinstance(source, GPTConfig):
         raise TypeError(f"model source {source!r} is not supported; give a GPTConfig (model: in the run config)")
     cfg = source

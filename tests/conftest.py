@@ -65,6 +65,17 @@ def error_line(stderr: str) -> str:
     return lines[0]
 
 
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory, small_corpus) -> dict:
+    """Tiny GPT-2, Llama and Mixtral checkpoints saved as Hugging Face folders (BPE tokenizer of the corpus)."""
+    from dstlm.data.tokenizer import load_tokenizer
+    from helpers.hf_models import save_tiny
+
+    tok = load_tokenizer("bpe", small_corpus, 512)
+    root = tmp_path_factory.mktemp("hf")
+    return {k: save_tiny(k, root / k, tok) for k in ("gpt2", "llama", "mixtral")}
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_rendezvous_env():
     """In-process Lightning/DeepSpeed runs export MASTER_PORT & co and keep their store listening; a later

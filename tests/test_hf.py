@@ -11,20 +11,10 @@ import torch
 import torch.nn as nn
 
 from conftest import tiny_run
-from helpers.hf_models import save_tiny
 
 from dstlm.hf.model import load_hf_model
 from dstlm.hf.source import MASKS_FILE, HFModelConfig
 from dstlm.sparse import SparseEngine, SparsityConfig
-
-
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory, small_corpus) -> dict:
-    from dstlm.data.tokenizer import load_tokenizer
-
-    tok = load_tokenizer("bpe", small_corpus, 512)
-    root = tmp_path_factory.mktemp("hf")
-    return {k: save_tiny(k, root / k, tok) for k in ("gpt2", "llama", "mixtral")}
 
 
 def _engine(model, **kw) -> SparseEngine:

@@ -18,6 +18,7 @@ biases, routers and gates, and any other weight the adapter has no [out, in] rea
 from __future__ import annotations
 
 import fnmatch
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,19 +252,27 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
-def load_hf_model(source: HFModelConfig, config_dict: Optional[dict] = None, weights: bool = True) -> HFCausalLM:
+def load_hf_model(source: HFModelConfig, config_dict: Optional[dict] = None, weights: bool = True,
+                  partitioned=None) -> HFCausalLM:
     """The source as an HFCausalLM in fp32: pretrained weights (and the masks of a dstlm export, kept) unless
-    `weights` is False or the source asks for a fresh initialisation (`from_config`)."""
+    `weights` is False or the source asks for a fresh initialisation (`from_config`). `partitioned`: the
+    PartitionedBuild (trainer.zero_init) the model is being built under; the pretrained weights are then read
+    slice by slice from the folder's safetensors files, each rank reading only the rows its partition holds."""
     from transformers import AutoModelForCausalLM
 
     config = load_hf_config(source, config_dict)
     check_causal_lm(source, config)
     config._attn_implementation = source.attn_implementation
     if weights and not source.from_config:
-        hf = AutoModelForCausalLM.from_pretrained(source.hf, config=config, dtype=torch.float32)
+        if partitioned is not None:
+            stored = StoredWeights(source)  # checked before the (slow) build of the architecture
+            hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # placeholders, init partitioned
+            partitioned.load_slices(hf, stored.read, f"model.hf={source.hf!r}")
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(source.hf, config=config, dtype=torch.float32)
         model = HFCausalLM(hf, source, pretrained=True)
         if source.local is not None and (source.local / MASKS_FILE).is_file():
-            attach_saved_masks(model, source.local / MASKS_FILE)
+            attach_saved_masks(model, source.local / MASKS_FILE, partitioned)
     else:
         hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model = HFCausalLM(hf, source, pretrained=False)
@@ -271,8 +280,53 @@ def load_hf_model(source: HFModelConfig, config_dict: Optional[dict] = None, wei
     return model
 
 
-def attach_saved_masks(model: HFCausalLM, path: Path) -> None:
-    """Masks of a dstlm export, registered on their modules and marked to be kept as the initial masks."""
+class StoredWeights:
+    """The safetensors weights of a local model folder (one file or an index of shards), read a flat range of
+    one tensor at a time: only the rows that hold the range are read from disk."""
+
+    def __init__(self, source: HFModelConfig) -> None:
+        import json
+
+        from safetensors import safe_open
+
+        folder = source.local
+        if folder is None:
+            raise ValueError(f"model.hf={source.hf!r} with trainer.zero_init=true: a partitioned build reads the "
+                             f"weights from a local folder; download it first (save_pretrained) and give its path")
+        index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+        if index.is_file():
+            self.files = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        elif single.is_file():
+            with safe_open(str(single), "pt") as f:
+                self.files = dict.fromkeys(f.keys(), single)
+        else:
+            raise ValueError(f"model.hf={source.hf!r} has no safetensors weights (model.safetensors or its index), "
+                             f"which trainer.zero_init=true reads slice by slice; re-save the model with "
+                             f"save_pretrained (safetensors) or drop zero_init")
+        self._open: dict[Path, object] = {}
+
+    def read(self, name: str, start: int, length: int) -> Optional[torch.Tensor]:
+        """Entries start..start+length of tensor `name`, flat, or None when the files have no such tensor."""
+        path = self.files.get(name)
+        if path is None:
+            return None
+        if path not in self._open:
+            from safetensors import safe_open
+
+            self._open[path] = safe_open(str(path), "pt")
+        part = self._open[path].get_slice(name)
+        shape = part.get_shape()
+        if len(shape) < 2:
+            return part[:].reshape(-1)[start:start + length]
+        cols = math.prod(shape[1:])
+        first, end = start // cols, -(-(start + length) // cols)  # the rows that hold the range
+        rows = part[first:end].reshape(-1)
+        return rows[start - first * cols: start - first * cols + length]
+
+
+def attach_saved_masks(model: HFCausalLM, path: Path, partitioned=None) -> None:
+    """Masks of a dstlm export, registered on their modules and marked to be kept as the initial masks. Under a
+    partitioned build (`partitioned`) the weights are checked on this rank's slice."""
     from safetensors.torch import load_file
 
     from dstlm.sparse.distributed import unpack_bits
@@ -290,6 +344,12 @@ def attach_saved_masks(model: HFCausalLM, path: Path) -> None:
         module = model.hf.get_submodule(module_name)
         module.register_buffer(f"{attr}_mask", mask, persistent=True)
         module.dstlm_keep_mask = True
-        if bool((p.detach()[~mask] != 0).any()):
+        held = partitioned.local_values(p) if partitioned is not None else None
+        if held is not None:
+            start, values = held
+            off = ~mask.reshape(-1)[start:start + values.numel()]
+        else:
+            values, off = p.detach(), ~mask
+        if bool((values[off] != 0).any()):
             raise ValueError(f"{path}: {name} has non-zero weights where its mask is off; the weights and the mask "
                              f"file do not belong together")

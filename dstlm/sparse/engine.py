@@ -38,11 +38,15 @@ class MaskMismatchError(ValueError):
 
 class SparseEngine:
     def __init__(self, model: nn.Module, cfg: SparsityConfig, seed: int, max_steps: int,
-                 input_norms: Optional[dict[str, torch.Tensor]] = None) -> None:
+                 input_norms: Optional[dict[str, torch.Tensor]] = None, partitioned=None) -> None:
         """`input_norms`: per sparse matrix, ||X_j|| over calibration tokens of each input j (mask_init=wanda).
         A model may choose its own sparse weights (`model.sparse_params(include, exclude)`, e.g. the Hugging
-        Face adapter: transposed and fused layouts) and mark itself `pretrained` (magnitude masks by default)."""
+        Face adapter: transposed and fused layouts) and mark itself `pretrained` (magnitude masks by default).
+        `partitioned`: the partitioned build (trainer.zero_init) the model was built under, when its weights are
+        placeholders: `local_values(param)` gives this rank's slice and `all_reduce` joins the ranks, so that
+        magnitude masks are decided on the slices (the same masks as from whole weights)."""
         self.cfg = cfg
+        self._partitioned = partitioned
         self.method: DSTMethod = cfg.method_class(cfg)
         self.params: list[SparseParam] = sparse_params_of(model, cfg)
         self.mask_init = cfg.mask_init or ("magnitude" if getattr(model, "pretrained", False) else "random")
@@ -146,6 +150,9 @@ class SparseEngine:
             self.kept_masks += 1
             return mask, True
         w = sp.view(sp.weight)
+        if w.is_meta and self.mask_init == "magnitude" and not self.method.init_reads_weights and \
+                getattr(self._partitioned, "all_reduce", None) is not None:
+            return self._init_mask_on_slices(sp, ties, device), False
         if w.is_meta and (self.mask_init != "random" or self.method.init_reads_weights):
             how = f"sparsity.mask_init={self.mask_init!r}" if self.mask_init != "random" else \
                 f"sparsity.method={self.method.name!r}"
@@ -163,6 +170,23 @@ class SparseEngine:
         if norms is not None:
             score = score * norms.to(score.device, torch.float32)[None, :]
         return self.method.init_mask_scored(layer, score, ties, per_row=norms is not None), False
+
+    def _init_mask_on_slices(self, sp: SparseParam, ties: Ties, device: torch.device) -> torch.Tensor:
+        """A magnitude mask decided from this rank's slice of a partitioned weight by the sharded selection,
+        joined whole (masks are whole on every rank) by one byte all-reduce: each entry is decided by the one
+        rank holding it. Every rank calls it for every matrix, in the same order (collectives inside)."""
+        layer = self.layers[sp.name]
+        start, values = self._partitioned.local_values(sp.weight)
+        numel = layer.shape[0] * layer.shape[1]
+        base = 0 if sp.index is None else sp.index * numel  # the matrix's run in the parameter's flat index
+        a = min(max(start, base), base + numel)
+        b = max(a, min(start + values.numel(), base + numel))
+        index = sp.storage_index(torch.arange(a - base, b - base, device=device))
+        score = values[a - start:b - start].detach().abs().float().to(device)
+        local = self.method.init_mask_scored_shard(layer, score, index, ties, self._partitioned.all_reduce)
+        whole = torch.zeros(numel, dtype=torch.uint8, device=device)
+        whole[index] = local.to(torch.uint8)
+        return self._partitioned.all_reduce(whole).bool().reshape(layer.shape)
 
     # -- per step -------------------------------------------------------------------------------------
     def is_update_step(self, t: int) -> bool:

@@ -107,6 +107,14 @@ class DSTMethod:
             return selection.row_top_k(score, k, ties.sub("init-scored"))
         return selection.top_k(score, layer.budget, ties.sub("init-scored"))
 
+    def init_mask_scored_shard(self, layer: Layer, score: torch.Tensor, index: torch.Tensor, ties: Ties,
+                               all_reduce: sharded.AllReduce) -> torch.Tensor:
+        """`init_mask_scored` (per layer, not per row) when the layer is split across ranks: bool per local entry
+        (`score` >= 0 at the entries whose flat [out, in] indices are `index`); over the ranks the union is the
+        whole-layer mask, decided with the same order and ties."""
+        return sharded.sharded_top_k(score, index, layer.budget, ties.sub("init-scored"), all_reduce,
+                                     total=math.prod(layer.shape), nonnegative=True)
+
     def is_update_step(self, t: int, schedule: UpdateSchedule) -> bool:
         return self.dynamic and schedule.is_update_step(t)
 
@@ -248,6 +256,13 @@ class SRigL(DSTMethod):
         layer.budget = layer.shape[0] * layer.fan_in
         return selection.row_top_k(score, layer.fan_in, ties.sub("init-scored"))
 
+    def init_mask_scored_shard(self, layer, score, index, ties, all_reduce):
+        rows, cols = layer.shape
+        layer.fan_in = max(1, layer.budget // rows)
+        layer.budget = rows * layer.fan_in
+        k = torch.full((rows,), layer.fan_in, dtype=torch.int64, device=score.device)
+        return sharded.sharded_row_top_k(score, index, k, rows, cols, ties.sub("init-scored"), all_reduce)
+
     def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
         allow = self.cfg.ablation and not layer.protected
         new, layer.fan_in = rules.srigl_update(weight, mask, score, n_swap, layer.budget, self.cfg.gamma_sal,
@@ -288,6 +303,9 @@ class GMP(DSTMethod):
 
     def init_mask_scored(self, layer, score, ties, per_row):
         return self.init_mask(layer, score, ties)  # gradual: the schedule prunes (by magnitude) to the target
+
+    def init_mask_scored_shard(self, layer, score, index, ties, all_reduce):
+        return torch.ones(score.numel(), dtype=torch.bool, device=score.device)
 
     def is_update_step(self, t, schedule):  # prunes at t_end itself too (the ramp ends there)
         return t >= 1 and schedule.t_start <= t <= schedule.t_end and t % schedule.delta_t == 0

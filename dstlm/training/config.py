@@ -320,12 +320,14 @@ class RunConfig:
 
     def _check_zero_init(self) -> None:
         """What a partitioned build cannot do: read whole weights while the model is built."""
-        if isinstance(self.model, HFModelConfig):
-            raise ValueError(f"trainer.zero_init=true builds dstlm's own models partitioned; the Hugging Face model "
-                             f"{self.model.hf!r} is loaded whole: drop zero_init")
-        if self.sparsity is not None and self.sparsity.mask_init not in (None, "random"):
-            raise ValueError(f"sparsity.mask_init={self.sparsity.mask_init!r} ranks whole weights, which "
-                             f"trainer.zero_init=true never holds; use mask_init=random or drop zero_init")
+        if isinstance(self.model, HFModelConfig) and self.model.local is None:
+            raise ValueError(f"model.hf={self.model.hf!r} with trainer.zero_init=true: a partitioned build reads the "
+                             f"weights slice by slice from a local folder; download it first (save_pretrained) and "
+                             f"give its path, or drop zero_init")
+        if self.sparsity is not None and self.sparsity.mask_init == "wanda":
+            raise ValueError(f"sparsity.mask_init={self.sparsity.mask_init!r} calibrates on the whole model, which "
+                             f"trainer.zero_init=true never holds; use mask_init magnitude or random, or drop "
+                             f"zero_init")
         if self.sparsity is not None and self.sparsity.method_class.init_reads_weights:
             raise ValueError(f"sparsity.method={self.sparsity.method!r} picks its first mask by the whole weights, "
                              f"which trainer.zero_init=true never holds; use another method or drop zero_init")

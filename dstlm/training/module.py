@@ -23,6 +23,7 @@ from dstlm.sparse.condensed_train import enable_condensed_compute
 from dstlm.training.config import OptimConfig
 from dstlm.training.faults import fault_grad, fault_value
 from dstlm.training.nonfinite import NonFiniteError  # noqa: F401 (re-exported)
+from dstlm.training.partitioned_build import PartitionedBuild
 from dstlm.transforms.ift import SparseIFT, SparseIFTConfig
 
 
@@ -103,7 +104,8 @@ class LMModule(L.LightningModule):
         # model transforms (sparsity, Sparse-IFT) run the same on every rank before wrapping.
         if self.model is None:
             transforms = model_transforms(self.model_config, self.ift_config)
-            self.model = build_model(self.model_config, transforms)
+            partitioned = PartitionedBuild.active()  # trainer.zero_init: this rank's slices only
+            self.model = build_model(self.model_config, transforms, partitioned=partitioned)
             sparsity = self.sparsity_config
             for t in transforms:
                 if isinstance(t, SparseIFT):
@@ -117,7 +119,8 @@ class LMModule(L.LightningModule):
             if sparsity is not None:
                 # masks become persistent buffers on the modules, before any strategy wraps the model
                 norms = self._input_norms(sparsity) if sparsity.mask_init == "wanda" else None
-                self.sparse_engine = SparseEngine(self.model, sparsity, self.seed, self.max_steps, input_norms=norms)
+                self.sparse_engine = SparseEngine(self.model, sparsity, self.seed, self.max_steps, input_norms=norms,
+                                                  partitioned=partitioned)
                 if sparsity.condensed:  # the same parameters and masks, condensed matmuls
                     enable_condensed_compute(self.sparse_engine.params, sparsity.method)
             self._setup_expert_parallel()

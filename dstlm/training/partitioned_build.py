@@ -19,6 +19,11 @@ one parameter whole), and the result is bit-identical to the whole build:
 Random draws are those of the whole build because the same init function runs on a tensor of the same
 shape, dtype and device: the generator advances identically. Peak memory is one parameter whole (the
 scratch) on top of the rank's partitions and the model's buffers (masks included).
+
+Pretrained weights (a Hugging Face source) are read into the slices by `load_slices`, each rank reading only
+the rows that hold its entries. First masks that rank weights (mask_init=magnitude) are decided on the
+slices by the sparse engine's sharded selection (`local_values` and the build's `all_reduce`), the same masks
+as the whole build's.
 """
 
 from __future__ import annotations
@@ -80,11 +85,22 @@ class PartitionedBuild(TorchFunctionMode):
     """Active while a model is built: parameters become placeholders and writes to them keep only the slice
     of rank `rank` of `world` (see the module docstring). Use `building()`, then `to_zero3(ctx)`."""
 
-    def __init__(self, rank: int, world: int) -> None:
+    _active: Optional["PartitionedBuild"] = None
+
+    def __init__(self, rank: int, world: int,
+                 all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        """`all_reduce`: an in-place sum over the `world` ranks building together (decisions that rank the
+        weights, e.g. magnitude masks, need it; without one they are refused)."""
         super().__init__()
         self.rank, self.world = rank, world
+        self.all_reduce = all_reduce
         self.held: dict[int, tuple[weakref.ref, _Held]] = {}
         self.peak_scratch = 0  # bytes of the largest parameter held whole at once (the scratch)
+
+    @classmethod
+    def active(cls) -> Optional["PartitionedBuild"]:
+        """The build a model is being built under right now (inside `building()`), else None."""
+        return cls._active
 
     # -- placeholders ---------------------------------------------------------------------------------
     def _placeholder(self, param: nn.Parameter) -> nn.Parameter:
@@ -109,15 +125,45 @@ class PartitionedBuild(TorchFunctionMode):
             original(module, name, build._placeholder(param) if isinstance(param, nn.Parameter) else param)
 
         nn.Module.register_parameter = register_parameter
+        PartitionedBuild._active = self
         try:
             with self:
                 yield self
         finally:
             nn.Module.register_parameter = original
+            PartitionedBuild._active = None
 
     def _find(self, t: Any) -> Optional[_Held]:
         entry = self.held.get(id(t)) if isinstance(t, torch.Tensor) else None
         return entry[1] if entry is not None and entry[0]() is t else None
+
+    def local_values(self, param: torch.Tensor) -> Optional[tuple[int, torch.Tensor]]:
+        """(start, values) of this rank's slice of a placeholder: its entries start..start+len(values) of the
+        parameter's flat index, as currently built; None for anything else."""
+        held = self._find(param)
+        return None if held is None else (held.start, held.local())
+
+    @torch.no_grad()
+    def load_slices(self, model: nn.Module, read: Callable[[str, int, int], Optional[torch.Tensor]],
+                    source: str) -> None:
+        """Overwrite the slice of every placeholder of `model` with stored values: `read(name, start, length)`
+        returns entries start..start+length of the stored tensor `name` (flat), or None when it has no such
+        tensor. A parameter under several names (tied weights) is read under the first name stored. Every
+        placeholder must be found: one missing stops with its name (a model built whole would have kept the
+        fresh initialisation there, silently)."""
+        names: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if self._find(p) is not None:
+                names.setdefault(id(p), []).append(name)
+        for _, p, held in self.parameters(model):
+            for name in names[id(p)]:
+                values = read(name, held.start, held.length)
+                if values is not None:
+                    held.local().copy_(values.reshape(-1))
+                    break
+            else:
+                raise ValueError(f"{source} holds no weights for {' / '.join(names[id(p)])}; trainer.zero_init reads "
+                                 f"every parameter from the stored weights (build whole with trainer.zero_init=false)")
 
     # -- the interception -----------------------------------------------------------------------------
     def __torch_function__(self, func: Callable, types, args=(), kwargs=None):

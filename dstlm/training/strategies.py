@@ -70,10 +70,11 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         import deepspeed
         import torch.distributed as dist
 
+        from dstlm.sparse.sharded import torch_all_reduce
         from dstlm.training.partitioned_build import PartitionedBuild
         from dstlm.training.zero_backend import z3_fragment
 
-        build = PartitionedBuild(dist.get_rank(), dist.get_world_size())
+        build = PartitionedBuild(dist.get_rank(), dist.get_world_size(), all_reduce=torch_all_reduce())
         with build.building():
             yield
         init = deepspeed.zero.Init(config_dict_or_path=self.config, remote_device=self.remote_device)
