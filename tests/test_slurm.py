@@ -57,14 +57,31 @@ def job_field(job: str, field: str, env) -> str:
     return m.group(1) if m else ""
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def job_report(job: str, env) -> str:
+    """`scontrol show job` and the tail of the job's own log: what a failed wait needs to be diagnosed."""
+    show = sh(["scontrol", "show", "job", job], env, check=False)
+    m = re.search(r"\bStdOut=(\S+)", show)
+    log = Path(m.group(1)) if m else None
+    tail = log.read_text(errors="replace")[-4000:] if log and log.exists() else "(no job log)"
+    return f"{show}\n--- job log ({log}) ---\n{tail}"
+
+
 def wait_for(cond, timeout, what, env, job):
-    deadline, held_since = time.time() + timeout, None
+    """Poll `cond` until true; fail with the job's state and log after `timeout` s, or as soon as the job has
+    ended (for 10 s: a requeue passes through no ended state) without `cond` coming true."""
+    deadline, held_since, ended_since = time.time() + timeout, None, None
     while not cond():
-        if time.time() > deadline:
-            raise AssertionError(f"{what}: not after {timeout} s; job: {sh(['scontrol', 'show', 'job', job], env)}")
+        state = job_field(job, "JobState", env)
+        ended_since = (ended_since or time.time()) if state in ENDED else None
+        if time.time() > deadline or (ended_since and time.time() - ended_since > 10 and not cond()):
+            why = f"not after {timeout} s" if time.time() > deadline else f"the job ended ({state})"
+            raise AssertionError(f"{what}: {why}; job: {job_report(job, env)}")
         # a requeued job is held ~2 minutes (EligibleTime) by slurmctld: release it sooner, as an admin could,
         # but not before the old attempt's steps are gone (slurmd refuses a job whose credential it just revoked)
-        if job_field(job, "JobState", env) == "PENDING" and job_field(job, "Reason", env) == "BeginTime":
+        if state == "PENDING" and job_field(job, "Reason", env) == "BeginTime":
             held_since = held_since or time.time()
             if time.time() - held_since > 10:
                 sh(["scontrol", "update", f"JobId={job}", "StartTime=now"], env, check=False)
