@@ -5,6 +5,7 @@ model's init and the sparse engine's first masks, against the whole build); the 
 DeepSpeed ZeRO-3 training from both builds and compare weights, masks and losses bit for bit.
 """
 
+import shutil
 import subprocess
 import sys
 
@@ -148,13 +149,15 @@ def test_zero_init_refuses_a_hub_name(tmp_path):
 # -- Hugging Face sources: weights read slice by slice, magnitude masks decided on the slices ----------------
 
 @pytest.mark.parametrize("kind,method,shards", [("gpt2", "srigl", False), ("llama", "rigl", True),
-                                                ("llama", "gmp", False), ("gpt2", "static", True)])
+                                                ("llama", "gmp", False), ("gpt2", "static", True),
+                                                ("gpt2", "rigl", "bare")])
 def test_hf_partitioned_build_reads_slices_and_decides_magnitude_masks_on_them(tmp_path, hf_dirs, kind, method,
                                                                                  shards):
     """Each of 3 simulated ranks builds the HF model partitioned: its slices of every parameter equal the
     pretrained weights (Conv1D's transposed storage, fused experts, tied embeddings; one safetensors file or an
     index of shards), and the magnitude masks the 3 ranks decide together on their slices (threads joined by a
-    sum all-reduce) equal the whole build's, on every rank."""
+    sum all-reduce) equal the whole build's, on every rank. "bare": GPT-2 stored as the hub's original files are,
+    without the `transformer.` prefix (the base model's names), which from_pretrained maps back."""
     from types import SimpleNamespace
 
     from test_sharded import ThreadRanks
@@ -164,7 +167,16 @@ def test_hf_partitioned_build_reads_slices_and_decides_magnitude_masks_on_them(t
     from dstlm.hf.source import HFModelConfig
 
     folder = hf_dirs[kind]
-    if shards:  # the same weights as an index of several safetensors files
+    if shards == "bare":  # the same folder with every tensor stored under its base-model name
+        from safetensors.torch import load_file, save_file
+
+        folder = tmp_path / "bare"
+        shutil.copytree(hf_dirs[kind], folder)
+        stored = load_file(str(folder / "model.safetensors"))
+        save_file({k.removeprefix("transformer."): v for k, v in stored.items()}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        assert not any(k.startswith("transformer.") for k in load_file(str(folder / "model.safetensors")))
+    elif shards:  # the same weights as an index of several safetensors files
         folder = tmp_path / "sharded"
         AutoModelForCausalLM.from_pretrained(str(hf_dirs[kind])).save_pretrained(str(folder), max_shard_size="20KB")
         assert len(list(folder.glob("*.safetensors"))) > 1

@@ -267,6 +267,7 @@ def load_hf_model(source: HFModelConfig, config_dict: Optional[dict] = None, wei
         if partitioned is not None:
             stored = StoredWeights(source)  # checked before the (slow) build of the architecture
             hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # placeholders, init partitioned
+            stored.prefix = getattr(hf, "base_model_prefix", "")
             partitioned.load_slices(hf, stored.read, f"model.hf={source.hf!r}")
         else:
             hf = AutoModelForCausalLM.from_pretrained(source.hf, config=config, dtype=torch.float32)
@@ -304,9 +305,14 @@ class StoredWeights:
                              f"which trainer.zero_init=true reads slice by slice; re-save the model with "
                              f"save_pretrained (safetensors) or drop zero_init")
         self._open: dict[Path, object] = {}
+        self.prefix = ""  # the model's base_model_prefix: files saved from the bare base model lack it
 
     def read(self, name: str, start: int, length: int) -> Optional[torch.Tensor]:
-        """Entries start..start+length of tensor `name`, flat, or None when the files have no such tensor."""
+        """Entries start..start+length of tensor `name`, flat, or None when the files have no such tensor. A name
+        under the base model (`transformer.h.0...`) is also looked up without its prefix (`h.0...`), as
+        from_pretrained does: the original GPT-2 files are stored that way."""
+        if name not in self.files and self.prefix and name.startswith(self.prefix + "."):
+            name = name[len(self.prefix) + 1:]
         path = self.files.get(name)
         if path is None:
             return None
