@@ -208,3 +208,41 @@ def test_render_refuses_inconsistent_devices_and_another_recipes_run_dir(tmp_pat
     (run / "config.yaml").write_text("model: {n_layer: 12}\n")
     with pytest.raises(ValueError, match="holds a run of another recipe"):
         render(["--config", path, "--tasks-per-node", "4"])
+
+
+@pytest.mark.parametrize("requeue_ok", [True, False])
+def test_script_fails_the_job_when_slurm_refuses_the_requeue(tmp_path, small_corpus, requeue_ok):
+    """The rendered script with stand-ins for srun (a crash) and scontrol (requeue accepted or always refused):
+    an accepted requeue ends the script with 0 after one call; a refused one is retried, then the job fails
+    with exit 1 and a line saying to resubmit, instead of ending COMPLETED with the run unfinished."""
+    from dstlm.cli import parse_run
+    from dstlm.slurm import render
+
+    path = recipe(tmp_path, small_corpus, "q", strategy="ddp")
+    text, out, _, _ = render(["--config", path, "--tasks-per-node", "2"], parse_run)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    refuse = 'echo "slurm_requeue error: Requested operation is presently disabled" >&2; exit 1'
+    stubs = {"srun": "exit 1",
+             "squeue": "echo 10:00",
+             "scontrol": f"""echo "$*" >> {calls}
+case "$1 $2" in
+  "show hostnames") echo vm ;;
+  "show node") echo "NodeName=vm NodeAddr=127.0.0.1" ;;
+  requeue*) {"exit 0" if requeue_ok else refuse} ;;
+esac"""}
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "vm",
+           "DSTLM_REQUEUE_RETRY_S": "0"}
+    r = subprocess.run(["bash", str(out)], capture_output=True, text=True, env=env, timeout=60)
+    requeues = [line for line in calls.read_text().splitlines() if line.startswith("requeue")]
+    assert "crashed (exit code 1; 1 crash(es) in a row): requeueing (restart 1)" in r.stdout, r.stdout + r.stderr
+    if requeue_ok:
+        assert r.returncode == 0 and requeues == ["requeue 7"], r.stderr
+    else:
+        assert r.returncode == 1 and requeues == ["requeue 7"] * 3, r.stderr
+        assert "'scontrol requeue 7' failed 3 times" in r.stderr and "resubmit this script" in r.stderr
