@@ -230,6 +230,18 @@ def _dst_job(out, files, method, zero_init, extra_env=None):
     return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(2)]
 
 
+def _assert_same_training(whole: list[dict], part: list[dict]) -> None:
+    """Per rank: the same losses, first masks, masks after each of the 3 updates and final weights, bit for bit."""
+    for a, b in zip(whole, part):
+        assert a["losses"] == b["losses"]
+        assert len(a["masks"]) == len(b["masks"]) == 3
+        for ma, mb in zip([a["start_masks"], *a["masks"]], [b["start_masks"], *b["masks"]]):
+            assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+        assert a["weights"].keys() == b["weights"].keys()
+        for k in a["weights"]:
+            assert torch.equal(a["weights"][k], b["weights"][k]), k
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("method,extra", [
     ("srigl", {}),
@@ -241,14 +253,7 @@ def test_zero3_run_built_partitioned_equals_the_whole_build(tmp_path, small_corp
     the zero_init run's initial masks, masks after every update, losses and final weights equal the whole build's."""
     whole = _dst_job(tmp_path / "whole", small_corpus, method, False, extra)
     part = _dst_job(tmp_path / "part", small_corpus, method, True, extra)
-    for a, b in zip(whole, part):
-        assert a["losses"] == b["losses"]
-        assert len(a["masks"]) == len(b["masks"]) == 3
-        for ma, mb in zip([a["start_masks"], *a["masks"]], [b["start_masks"], *b["masks"]]):
-            assert all(torch.equal(ma[k], mb[k]) for k in ma)
-        assert a["weights"].keys() == b["weights"].keys()
-        for k in a["weights"]:
-            assert torch.equal(a["weights"][k], b["weights"][k]), k
+    _assert_same_training(whole, part)
 
 
 def test_first_constant_fan_in_mask_in_blocks_equals_one_call(monkeypatch):
@@ -276,11 +281,4 @@ def test_zero3_hf_run_built_partitioned_equals_the_whole_build(tmp_path, small_c
     env = {"DSTLM_HF": str(hf_dirs[kind])}
     whole = _dst_job(tmp_path / "whole", small_corpus, method, False, env)
     part = _dst_job(tmp_path / "part", small_corpus, method, True, env)
-    for a, b in zip(whole, part):
-        assert a["losses"] == b["losses"]
-        assert len(a["masks"]) == len(b["masks"]) == 3
-        for ma, mb in zip([a["start_masks"], *a["masks"]], [b["start_masks"], *b["masks"]]):
-            assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
-        assert a["weights"].keys() == b["weights"].keys()
-        for k in a["weights"]:
-            assert torch.equal(a["weights"][k], b["weights"][k]), k
+    _assert_same_training(whole, part)
