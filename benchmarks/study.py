@@ -246,11 +246,12 @@ def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, 
              "forward + backward (+ the dense gradients RigL-like rules read at updates), GMP integrated over its "
              "pruning. Dead units: hidden units no active consumer weight reads, at the end (mean over seeds; in "
              "brackets the most any seed had at any mask update), and the share of the linked layers' active "
-             "weights they hold at the end.", "",
+             "weights they hold at the end. Spread: the coefficient of variation of the masks' per-row (fan-in) "
+             "and per-column (fan-out) counts at the end, mean over layers and seeds (a random mask: ~0.1-0.2).", "",
              "| cell | method | sparsity | n | val loss | Δ vs dense | val ppl | "
              + " | ".join(f"{t} {m}" for t, m in EVAL_SHOWN)
-             + " | train TFLOP | FLOPs vs dense | updates | dead units | wasted |",
-             "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(EVAL_SHOWN) + "---:|---:|---:|---:|---:|"]
+             + " | train TFLOP | FLOPs vs dense | updates | dead units | wasted | spread in / out |",
+             "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(EVAL_SHOWN) + "---:|---:|---:|---:|---:|---:|"]
     for r in results:
         loss = r.values(lambda s: s["val_loss"])
         delta = f"{statistics.mean(loss) - dense_loss:+.4f}" if dense_loss is not None else "-"
@@ -261,6 +262,9 @@ def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, 
         if peaks:
             dead += f" (max {max(peaks):.0f})"
         wasted = f"{100 * statistics.mean(c['wasted_weight_frac'] for c in census):.1f} %" if census else "-"
+        spreads = [s["mask_spread"] for s in r.summaries if s.get("mask_spread")]
+        spread = (f"{statistics.mean(x['fan_in_cv'] for x in spreads):.2f} / "
+                  f"{statistics.mean(x['fan_out_cv'] for x in spreads):.2f}" if spreads else "-")
         sp = r.summaries[0].get("sparsity")
         lines.append(
             f"| {r.cell.name} | {r.summaries[0].get('sparsity_method', 'dense')} | "
@@ -268,7 +272,7 @@ def report(spec_name: str, budget_name: str, results: list[Result], docs: Path, 
             f"{mean_std(r.values(lambda s: s['val_ppl']), '.2f')} | "
             + " | ".join(eval_cell(r, t, m) for t, m in EVAL_SHOWN)
             + f" | {f / 1e12:.4g} | {f / dense_flops if dense_flops else float('nan'):.3f} | "
-            f"{statistics.mean(r.values(lambda s: s.get('mask_updates', 0))):.0f} | {dead} | {wasted} |")
+            f"{statistics.mean(r.values(lambda s: s.get('mask_updates', 0))):.0f} | {dead} | {wasted} | {spread} |")
     pairs = [(r, by_name[r.cell.of]) for r in results if r.cell.of and r.cell.of in by_name]
     if pairs:
         lines += ["", "## Each variant against the cell it varies (paired by seed)", "",

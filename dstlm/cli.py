@@ -251,6 +251,9 @@ def report(checkpoint: str, layer: Optional[str] = None, out: Optional[str] = No
         for name, row in c["links"].items():
             if row["dead"] or row["orphans"]:
                 print(f"  {name:<62} dead {row['dead']:>5}  orphan {row['orphans']:>5}  of {row['units']}")
+    sp = s["mask_spread"]
+    print(f"spread of the active weights: fan-in CV {sp['fan_in_cv']:.3f}, fan-out CV {sp['fan_out_cv']:.3f} "
+          f"(std / mean of the per-row and per-column counts, mean over layers; a random mask: ~0.1-0.2)")
     print(f"wrote {s['density_png']}\nwrote {s['mask_png']}")
     return 0
 

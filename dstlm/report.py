@@ -69,7 +69,7 @@ def report(checkpoint: str | Path, out_dir: str | Path, layer: Optional[str] = N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dstlm.sparse.connectivity import links_between, unit_census
+    from dstlm.sparse.connectivity import links_between, spread, unit_census
 
     masks, ckpt = _read(checkpoint)
     census = unit_census(masks, links_between(unit_pairs(ckpt), {n: tuple(m.shape) for n, m in masks.items()}))
@@ -115,6 +115,7 @@ def report(checkpoint: str | Path, out_dir: str | Path, layer: Optional[str] = N
     summary = {"checkpoint": str(checkpoint), "global_density": total, "global_sparsity": 1 - total,
                "layers": {n: {"density": d, "shape": list(masks[n].shape),
                               "ablated_rows": int((~masks[n].any(1)).sum())} for n, d in zip(names, dens)},
-               "unit_census": census, "density_png": str(density_png), "mask_png": str(mask_png)}
+               "unit_census": census, "mask_spread": spread(masks), "density_png": str(density_png),
+               "mask_png": str(mask_png)}
     (out / "sparsity.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -117,3 +117,47 @@ def test_reclaim_refused_where_budget_cannot_move():
         SparsityConfig(method="nm", reclaim_dead_units=True)
     with pytest.raises(ValueError, match="sparsity.method=static does not"):
         SparsityConfig(method="static", reclaim_dead_units=True)
+
+
+def test_spread_of_hand_built_and_random_masks():
+    from dstlm.sparse.connectivity import spread
+
+    fan_in = torch.zeros(8, 10, dtype=torch.bool)
+    for r in range(8):
+        fan_in[r, torch.randperm(10)[:3]] = True  # 3 per row: constant fan-in
+    half = torch.zeros(4, 6, dtype=torch.bool)
+    half[:, :3] = True  # three columns full, three empty: column counts 4,4,4,0,0,0
+    s = spread({"fan_in": fan_in, "half": half})
+    assert s["matrices"]["fan_in"]["fan_in_cv"] == 0.0 and s["matrices"]["half"]["fan_out_cv"] == 1.0
+    assert s["fan_in_cv"] == (0.0 + 0.0) / 2 and s["matrices"]["half"]["fan_in_cv"] == 0.0
+    g = torch.Generator().manual_seed(0)
+    rand = torch.rand(768, 768, generator=g) < 0.1  # binomial counts: CV ~ sqrt((1 - d) / (n d))
+    assert abs(spread({"r": rand})["fan_in_cv"] / ((0.9 / 76.8) ** 0.5) - 1) < 0.1
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_gradient_growth_concentrates_where_random_growth_does_not(method):
+    """The mechanism behind RigL trailing SET in the study (docs/results.md): gradients large in a few input
+    columns make RigL grow every new weight there, so the fan-out spread rises; SET grows at random and keeps
+    the spread of a random mask."""
+    from dstlm.sparse import TorchBackend
+
+    model = Pair()
+    engine = SparseEngine(model, SparsityConfig(method=method, sparsity=0.5, include=["*"], delta_t=1, t_end=10,
+                                                drop_fraction=0.3, distribution="uniform"), seed=0, max_steps=10)
+    before = engine.spread()["matrices"]["fc_in.weight"]["fan_out_cv"]
+    old = model.fc_in.weight_mask.clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model.fc_in.weight.grad[:, :4] = 1.0  # the loss cares about inputs 0-3 only
+    engine.before_optimizer_step(1, TorchBackend())
+    engine.after_optimizer_step(1, TorchBackend())
+    grown = model.fc_in.weight_mask & ~old
+    after = engine.spread()["matrices"]["fc_in.weight"]["fan_out_cv"]
+    assert bool(grown.any())
+    if method == "rigl":  # every new weight in columns 0-3
+        assert not bool(grown[:, 4:].any()) and after > before + 0.2
+    else:
+        assert bool(grown[:, 4:].any()) and abs(after - before) < 0.2
+    stats = engine.last_stats
+    assert stats["fan_out_cv"] == engine.spread()["fan_out_cv"] and "fan_in_cv" in stats

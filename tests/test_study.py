@@ -74,7 +74,8 @@ def test_bad_specs_are_refused_in_one_line(tmp_path, cells, message):
         study.load_spec(write_spec(tmp_path, cells))
 
 
-def fake_run(root: Path, name: str, *, method, loss, steps=4, flops=None, densities=(), census=None, ev=None):
+def fake_run(root: Path, name: str, *, method, loss, steps=4, flops=None, densities=(), census=None, ev=None,
+             spread=None):
     run = root / name
     (run / "logs" / "version_0").mkdir(parents=True)
     rows = ["step,val/loss,sparsity/density"] + [f"{k},{loss + 0.5 * (steps - k) / steps},"
@@ -90,6 +91,8 @@ def fake_run(root: Path, name: str, *, method, loss, steps=4, flops=None, densit
         summary["unit_census"] = census
     if ev:
         summary["eval"] = ev
+    if spread:
+        summary["mask_spread"] = spread
     (run / "summary.json").write_text(json.dumps(summary))
     return run
 
@@ -117,7 +120,8 @@ def test_report_table_pairs_and_plots(tmp_path):
     for seed, (d, r, rr) in zip((1, 2), ((4.0, 4.2, 4.1), (4.2, 4.4, 4.2))):
         fake_run(out, f"dense-s{seed}", method=None, loss=d, ev=ev)
         census = {"units": 100, "dead": 10 * seed, "wasted_weight_frac": 0.1}
-        fake_run(out, f"rigl-s{seed}", method="rigl", loss=r, census=census)
+        fake_run(out, f"rigl-s{seed}", method="rigl", loss=r, census=census,
+                 spread={"fan_in_cv": 0.2 * seed, "fan_out_cv": 0.1})
         fake_run(out, f"rigl-reclaim-s{seed}", method="rigl", loss=rr,
                  census={"units": 100, "dead": 0, "wasted_weight_frac": 0.0})
     results = study.collect(out, [cells[n] for n in ("dense", "rigl", "rigl-reclaim")], [1, 2, 3])
@@ -126,7 +130,8 @@ def test_report_table_pairs_and_plots(tmp_path):
     dense_row = next(line for line in md.splitlines() if line.startswith("| dense |"))
     assert "4.1000 ± 0.1414" in dense_row and "0.300 (0.050)" in dense_row
     rigl_row = next(line for line in md.splitlines() if line.startswith("| rigl |"))
-    assert "+0.2000" in rigl_row and "15.0 / 100" in rigl_row
+    assert "+0.2000" in rigl_row and "15.0 / 100" in rigl_row and rigl_row.endswith("| 0.30 / 0.10 |")
+    assert dense_row.endswith("| - |")  # no masks, no spread
     pairs = md.split("## Each variant")[1]
     pair = next(line for line in pairs.splitlines() if line.startswith("| rigl-reclaim | rigl |"))
     assert "-0.1500 ± 0.0707" in pair and "15.0 → 0.0" in pair

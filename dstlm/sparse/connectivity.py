@@ -10,6 +10,10 @@ w_in.e / w_out.e). Two ways a unit wastes budget:
 - orphan: the producer's row i is empty. The unit outputs a constant (0 without bias), so the consumer's
   column i gets no useful gradient.
 Per-row rules (SRigL's constant fan-in, its ablation) judge each row alone and cannot see either case.
+
+`spread` measures the milder form of the same thing: how unevenly a matrix's active weights sit on its rows
+(fan-in) and columns (fan-out). Gradient-driven growth (RigL) adds weights where gradients are large, which is
+the same rows and columns update after update; random growth (SET) keeps the spread of a random mask.
 """
 
 from __future__ import annotations
@@ -75,3 +79,20 @@ def unit_census(masks: Mapping[str, torch.Tensor], links: Sequence[UnitLink]) ->
     return {"links": per_link, "units": units, "dead": dead, "orphans": orphans,
             "dead_unit_frac": dead / max(1, units), "orphan_unit_frac": orphans / max(1, units),
             "wasted_weight_frac": (dead_w + orphan_w) / max(1, active)}
+
+
+@torch.no_grad()
+def spread(masks: Mapping[str, torch.Tensor]) -> dict:
+    """How unevenly each [out, in] mask's active weights are spread: the coefficient of variation (std / mean)
+    of its per-row counts (fan-in) and per-column counts (fan-out), per matrix and averaged over matrices. A
+    uniformly random mask of density d has a fan-in CV of about sqrt((1 - d) / (in * d)) (0.11 for 90 % sparse
+    and 768 inputs); constant fan-in (SRigL) has 0 over its active rows, more when rows are ablated."""
+    per = {}
+    for name, m in masks.items():
+        rows, cols = row_counts(m).double(), column_counts(m).double()
+        mean_r, mean_c = rows.mean(), cols.mean()
+        per[name] = {"fan_in_cv": float(rows.std(unbiased=False) / mean_r) if mean_r > 0 else 0.0,
+                     "fan_out_cv": float(cols.std(unbiased=False) / mean_c) if mean_c > 0 else 0.0}
+    n = max(1, len(per))
+    return {"matrices": per, "fan_in_cv": sum(v["fan_in_cv"] for v in per.values()) / n,
+            "fan_out_cv": sum(v["fan_out_cv"] for v in per.values()) / n}

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from dstlm.sparse.config import SparsityConfig
-from dstlm.sparse.connectivity import UnitLink, dead_units, links_between, unit_census
+from dstlm.sparse.connectivity import UnitLink, dead_units, links_between, spread, unit_census
 from dstlm.sparse.density import active_counts, erk_densities
 from dstlm.sparse.distributed import SparseBackend, TorchBackend, count_packed, pack_mask
 from dstlm.sparse.masks import SparseParam, attach_mask, check_patterns_match, mask_checksum, select_params
@@ -495,11 +495,17 @@ class SparseEngine:
         """Dead and orphan hidden units of the linked layers (dstlm/sparse/connectivity.py)."""
         return unit_census({sp.name: sp.mask for sp in self.params}, self.links)
 
+    def spread(self) -> dict:
+        """Fan-in and fan-out spread of the masks (dstlm/sparse/connectivity.py `spread`)."""
+        return spread({sp.name: sp.mask for sp in self.params})
+
     def census_stats(self) -> dict[str, float]:
+        s = self.spread()
+        out = {"fan_in_cv": s["fan_in_cv"], "fan_out_cv": s["fan_out_cv"]}
         if not self.links:
-            return {}
+            return out
         c = self.census()
-        return {"dead_units": float(c["dead"]), "dead_unit_frac": c["dead_unit_frac"],
+        return {**out, "dead_units": float(c["dead"]), "dead_unit_frac": c["dead_unit_frac"],
                 "orphan_units": float(c["orphans"]), "wasted_weight_frac": c["wasted_weight_frac"]}
 
     def layer_densities(self) -> dict[str, float]:

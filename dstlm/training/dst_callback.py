@@ -135,6 +135,8 @@ class DSTCallback(L.Callback):
         e = self.engine
         out = {"sparsity": 1.0 - e.density(), "sparsity_method": e.cfg.method, "mask_updates": e.n_updates,
                "itop": e.last_stats.get("itop")}
+        s = e.spread()
+        out["mask_spread"] = {"fan_in_cv": round(s["fan_in_cv"], 4), "fan_out_cv": round(s["fan_out_cv"], 4)}
         if e.links:
             c = e.census()
             out["unit_census"] = {"units": c["units"], "dead": c["dead"], "orphans": c["orphans"],

@@ -167,6 +167,9 @@ def format_summary(summary: dict) -> str:
     census = summary.get("unit_census")
     if census:
         lines.append(f"   {'dead hidden units':<28} {census['dead']:,} of {census['units']:,}")
+    spread = summary.get("mask_spread")
+    if spread:
+        lines.append(f"   {'fan-in / fan-out CV':<28} {spread['fan_in_cv']:.3f} / {spread['fan_out_cv']:.3f}")
     for task, metrics in (summary.get("eval") or {}).items():
         shown = ", ".join(f"{m} {v:.4f}" for m, v in metrics.items() if not m.endswith("stderr"))
         lines.append(f"   lm-eval {task:<14} {shown}")
