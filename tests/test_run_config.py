@@ -43,7 +43,7 @@ def test_saved_config_reruns_to_the_same_val_loss(tmp_path, small_corpus, case):
         assert saved["sparsity"] is None and not (run / "sparsity.yaml").exists()
     if case == "nm":  # the values the method fixes are written out, not left unset
         assert saved["sparsity"]["sparsity"] == 0.5 and saved["sparsity"]["distribution"] == "uniform"
-        assert saved["sparsity"]["sparse_init"] == "none"
+        assert saved["sparsity"]["sparse_init"] == "rescale"
     fit_recipe(run / "config.yaml", "--name", case + "-again")
     again = json.loads((tmp_path / "runs" / (case + "-again") / "summary.json").read_text())
     assert again["val_loss"] == first["val_loss"] and again["steps"] == first["steps"] == 4

@@ -60,7 +60,8 @@ class SparsityConfig:
     sparse_init: Optional[Literal["rescale", "none"]] = None
     """'rescale': scale each row's initial weights by sqrt(fan_in / active_fan_in) so the output variance
     matches the dense init (SRigL's sparse-aware init); 'none': keep the dense init. Unset: the method's
-    default (rescale for srigl, none otherwise)."""
+    default (rescale for every built-in method; only random first masks of freshly initialised weights are
+    rescaled, never pretrained or kept weights)."""
     gmp_initial_sparsity: float = 0.0
     """GMP: sparsity at t_start."""
     n: int = 2
