@@ -429,7 +429,8 @@ def main() -> None:
         raise SystemExit(f"no finished runs under {out_dir} for these cells and seeds")
     command = " ".join(["python benchmarks/study.py", f"--spec {args.spec}", f"--budget {budget_name}",
                         f"--cells {','.join(names)}" if args.cells else f"--groups {args.groups}",
-                        f"--seeds {','.join(map(str, seeds))}"])
+                        f"--seeds {','.join(map(str, seeds))}",
+                        *([f"--docs {args.docs}"] if args.docs != ap.get_default("docs") else [])])
     path = report(spec_path.stem, budget_name, results, Path(args.docs), command, spec.get("panels"), args.note)
     print(path.read_text())
     if failed:
