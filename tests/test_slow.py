@@ -11,7 +11,7 @@ from conftest import REPO
 
 @pytest.mark.slow
 def test_default_recipe_learns_on_shipped_corpus(tmp_path):
-    """200 steps of the default (SRigL 90 %) recipe on the shipped corpus: val loss falls far below the
+    """200 steps of the default (SET 90 %) recipe on the shipped corpus: val loss falls far below the
     uniform-guess level ln(4096) = 8.3."""
     r = subprocess.run([sys.executable, "-m", "dstlm.cli", "fit", "--config", "recipes/default.yaml",
                         "--trainer.max_steps=200", "--trainer.progress_bar=false", f"--out_dir={tmp_path}"],
