@@ -372,7 +372,8 @@ def test_cli_on_a_zero3_checkpoint_validate_load_export(tmp_path, small_corpus):
     assert (run / "checkpoints" / "last.ckpt" / "checkpoint").is_dir()  # sharded, not a file
     summary = json.loads((run / "summary.json").read_text())
     out = cli("validate", "--config", recipe, *over, "--ckpt_path", "last")
-    assert abs(float(out.split("val/loss")[1].split()[0]) - summary["val_loss"]) < 1e-5
+    # `dstlm validate` prints 4 decimals: equal up to half of the last printed digit
+    assert abs(float(out.split("val/loss")[1].split()[0]) - summary["val_loss"]) <= 5e-5
     ckpt = read_checkpoint(run)
     loaded = load_checkpoint(run)
     assert loaded.step == 8 and loaded.sparsity["method"] == "rigl"
