@@ -171,6 +171,15 @@ class SparseEngine:
             score = score * norms.to(score.device, torch.float32)[None, :]
         return self.method.init_mask_scored(layer, score, ties, per_row=norms is not None), False
 
+    def _matrix_run(self, sp: SparseParam, start: int, length: int) -> tuple[int, int, int]:
+        """(base, a, b): matrix `sp` occupies base..base+rows*cols of its parameter's flat index (a batched
+        parameter holds several), and a..b is the part of it inside the flat range start..start+length."""
+        rows, cols = self.layers[sp.name].shape
+        numel = rows * cols
+        base = 0 if sp.index is None else sp.index * numel
+        a = min(max(start, base), base + numel)
+        return base, a, max(a, min(start + length, base + numel))
+
     def _init_mask_on_slices(self, sp: SparseParam, ties: Ties, device: torch.device) -> torch.Tensor:
         """A magnitude mask decided from this rank's slice of a partitioned weight by the sharded selection,
         joined whole (masks are whole on every rank) by one byte all-reduce: each entry is decided by the one
@@ -178,9 +187,7 @@ class SparseEngine:
         layer = self.layers[sp.name]
         start, values = self._partitioned.local_values(sp.weight)
         numel = layer.shape[0] * layer.shape[1]
-        base = 0 if sp.index is None else sp.index * numel  # the matrix's run in the parameter's flat index
-        a = min(max(start, base), base + numel)
-        b = max(a, min(start + values.numel(), base + numel))
+        base, a, b = self._matrix_run(sp, start, values.numel())
         index = sp.storage_index(torch.arange(a - base, b - base, device=device))
         score = values[a - start:b - start].detach().abs().float().to(device)
         local = self.method.init_mask_scored_shard(layer, score, index, ties, self._partitioned.all_reduce)
@@ -369,10 +376,7 @@ class SparseEngine:
         new_local = torch.zeros(f_len, dtype=torch.bool, device=full_old.device)
         for sp in group:
             layer = self.layers[sp.name]
-            numel = layer.shape[0] * layer.shape[1]
-            base = 0 if sp.index is None else sp.index * numel  # the matrix's run in the parameter's flat index
-            a = min(max(f_start, base), base + numel)
-            b = max(a, min(f_start + f_len, base + numel))
+            base, a, b = self._matrix_run(sp, f_start, f_len)
             lo, hi = a - f_start, b - f_start
             shard = Shard(weight[lo:hi].to(full_old.device), full_old[a:b],
                           None if score is None else score[lo:hi].to(full_old.device),
