@@ -20,8 +20,11 @@ cores / world threads, or --threads) holding replicas, as under DDP: on more tha
 decides the masks of its 1/world of each weight with the sharded rules and the masks are joined by a byte
 all-reduce
 (dstlm/sparse/sharded.py). Reported per world: mean update seconds (slowest rank), the most any rank's
-update added to its resident memory, the fp32 score bytes each rank held, and whether the masks equal the
-one-process run's.
+update added to its resident memory, the fp32 score bytes each rank held, the mask bytes each rank held
+(mask and ever-active record), and whether the masks equal the one-process run's.
+
+--partition (with --worlds): masks partitioned across the ranks (sparsity.partition_masks), every parameter split
+evenly as ZeRO-3 partitions it; each rank holds and decides only its fragment of every mask, with no join.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def build(preset: str, n_layer: int | None, method: str, sparsity: float, seed: int = 0, shard_by: str = "owner"):
+def build(preset: str, n_layer: int | None, method: str, sparsity: float, seed: int = 0, shard_by: str = "owner",
+          partition: bool = False):
     from dstlm.models.gpt import GPT
     from dstlm.models.presets import load_preset
     from dstlm.sparse import SparseEngine, SparsityConfig, TorchBackend
@@ -75,7 +79,8 @@ def build(preset: str, n_layer: int | None, method: str, sparsity: float, seed: 
     overrides = {"n_layer": n_layer} if n_layer else {}
     torch.manual_seed(seed)
     model = GPT(load_preset(preset, **overrides))
-    cfg = SparsityConfig(method=method, sparsity=sparsity, delta_t=100, t_end=1000, drop_fraction=0.3)
+    cfg = SparsityConfig(method=method, sparsity=sparsity, delta_t=100, t_end=1000, drop_fraction=0.3,
+                         **({"partition_masks": True} if partition else {}))
     engine = SparseEngine(model, cfg, seed=seed, max_steps=1000)
     # the default spelled out only when not the default: an older checkout (--against) has no shard_by
     return model, engine, (TorchBackend() if shard_by == "owner" else TorchBackend(shard_by=shard_by))
@@ -102,7 +107,8 @@ def one_update(model, engine, backend, reference: bool) -> tuple[float, int, dic
 
 
 def _rank(rank: int, world: int, rdzv: str, args: argparse.Namespace, out: torch.Tensor) -> None:
-    """One rank of a --worlds run: out[rank, method] = (mean seconds, max added bytes, score bytes, digest)."""
+    """One rank of a --worlds run: out[rank, method] = (mean seconds, max added bytes, score bytes, digest,
+    mask bytes held)."""
     import torch.distributed as dist
 
     from dstlm.sparse.masks import mask_checksum
@@ -113,7 +119,11 @@ def _rank(rank: int, world: int, rdzv: str, args: argparse.Namespace, out: torch
     for i, method in enumerate(args.methods.split(",")):
         seconds, added = [], []
         for _ in range(args.repeats):
-            model, engine, backend = build(args.preset, args.n_layer, method, args.sparsity, shard_by=args.shard_by)
+            model, engine, backend = build(args.preset, args.n_layer, method, args.sparsity,
+                                           shard_by="entries" if args.partition else args.shard_by,
+                                           partition=args.partition)
+            if args.partition:
+                engine.partition(backend)
             gen = torch.Generator().manual_seed(1)
             for sp in engine.params:
                 sp.weight.grad = torch.randn(sp.weight.shape, generator=gen)
@@ -127,12 +137,21 @@ def _rank(rank: int, world: int, rdzv: str, args: argparse.Namespace, out: torch
                 engine.after_optimizer_step(100, backend)
                 seconds.append(time.perf_counter() - start)
             added.append(mem.added)
-            digest = mask_checksum(sp.mask for sp in engine.params)
+            held = _mask_bytes(model, engine)
+            digest = mask_checksum(engine.whole_masks().values())  # joined (a collective) when partitioned
             del model, engine
         out[rank, i] = torch.tensor([statistics.mean(seconds), max(added), score_bytes,
-                                     float(digest[:, 1].sum() % (2**40))], dtype=torch.float64)
+                                     float(digest[:, 1].sum() % (2**40)), held], dtype=torch.float64)
     if world > 1:
         dist.destroy_process_group()
+
+
+def _mask_bytes(model, engine) -> int:
+    """Bytes of mask state this rank holds: mask buffers, ever-active records, partitioned fragments."""
+    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("_mask"))
+    ever = sum(e.numel() for e in engine.ever_active.values())
+    frags = sum(f.mask.numel() + f.ever.numel() for f in (engine.fragments or {}).values())
+    return buffers + ever + frags
 
 
 def sweep_worlds(args: argparse.Namespace) -> None:
@@ -146,7 +165,7 @@ def sweep_worlds(args: argparse.Namespace) -> None:
     del engine
     rows, digests = [], {}
     for world in (int(w) for w in args.worlds.split(",")):
-        out = torch.zeros(world, len(methods), 4, dtype=torch.float64).share_memory_()
+        out = torch.zeros(world, len(methods), 5, dtype=torch.float64).share_memory_()
         with tempfile.TemporaryDirectory() as tmp:
             if world == 1:
                 _rank(0, 1, "", args, out)
@@ -156,16 +175,18 @@ def sweep_worlds(args: argparse.Namespace) -> None:
             digests.setdefault(method, float(out[0, i, 3]))
             same = all(float(out[r, i, 3]) == digests[method] for r in range(world))
             rows.append((method, world, float(out[:, i, 0].max()), float(out[:, i, 1].max()) / n_sparse,
-                         float(out[:, i, 2].max()) / n_sparse, same))
+                         float(out[:, i, 2].max()) / n_sparse, same, float(out[:, i, 4].max()) / n_sparse))
             print(f"{method} world {world}: {rows[-1][2]:.3f} s", flush=True)
     threads = args.threads or "cores / world"
     print(f"\n{n_sparse:,} sparse weights, {os.cpu_count()} cores shared by the ranks, {threads} thread(s) per rank, "
-          f"decisions on shards by {args.shard_by}")
+          + ("masks partitioned across the ranks (sparsity.partition_masks)" if args.partition else
+             f"decisions on shards by {args.shard_by}"))
     print("| method | world | update s (slowest rank) | peak added by the update (B / sparse weight, worst rank) "
-          "| fp32 score held per rank (B / sparse weight) | masks equal world 1 |")
-    print("|---|---:|---:|---:|---:|---|")
-    for method, world, sec, per_w, score, same in rows:
-        print(f"| {method} | {world} | {sec:.3f} | {per_w:.2f} | {score:.2f} | {same} |")
+          "| fp32 score held per rank (B / sparse weight) | mask state held per rank (B / sparse weight) "
+          "| masks equal world 1 |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for method, world, sec, per_w, score, same, held in rows:
+        print(f"| {method} | {world} | {sec:.3f} | {per_w:.2f} | {score:.2f} | {held:.3f} | {same} |")
 
 
 def against(args: argparse.Namespace) -> None:
@@ -220,6 +241,8 @@ def main() -> None:
     ap.add_argument("--shard-by", default="owner", choices=["owner", "entries"],
                     help="--worlds runs: replicas decide whole parameters by owner (DDP's default) or split every "
                          "parameter evenly and decide with the collective rules (what ZeRO runs)")
+    ap.add_argument("--partition", action="store_true",
+                    help="--worlds runs: masks partitioned across the ranks (sparsity.partition_masks, as ZeRO-3)")
     ap.add_argument("--against", default=None, help="another dstlm checkout to time in the same run (see above)")
     ap.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)  # one update, one JSON line
     args = ap.parse_args()

@@ -18,6 +18,7 @@ from dstlm.build import build_model, model_transforms
 from dstlm.models.gpt import GPTConfig
 from dstlm.models.moe import without_placement
 from dstlm.sparse.condensed import CondensedLinear, condense, condensed_layouts, rebuild_condensed
+from dstlm.sparse.fragments import saved_files, whole_masks_from
 from dstlm.transforms.ift import SparseIFTConfig
 
 
@@ -93,6 +94,10 @@ def checkpoint_problem(path: str | Path) -> Optional[str]:
         if ranks and ranks != list(range(len(ranks))):  # (ZeRO-0 keeps its optimizer in the model states)
             missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
             return f"the optimizer states of rank(s) {missing} are missing"
+        masks = sorted(int(m.group(1)) for f in files if (m := re.search(r"dstlm_masks_rank_(\d+)\.pt$", f.name)))
+        if masks and masks != list(range(max(len(ranks), 1))):  # partitioned masks: one file per rank
+            missing = sorted(set(range(max(len(ranks), 1))) - set(masks))
+            return f"the mask fragments of rank(s) {missing or masks} are missing or extra"
     else:
         return "it is neither a .ckpt file nor a DeepSpeed checkpoint directory"
     for f in files:
@@ -162,6 +167,8 @@ def read_checkpoint(path: str | Path) -> dict:
     ckpt = load_states(states[0])  # DeepSpeed's own reader below unpickles freely: checkpoint_problem vetted it
     ckpt = {k: v for k, v in ckpt.items() if k not in ("module", "optimizer", "lr_scheduler")}
     ckpt["state_dict"] = dict(get_fp32_state_dict_from_zero_checkpoint(str(p), tag="checkpoint"))
+    if saved_files(tag):  # masks partitioned across the ranks (sparsity.partition_masks): joined whole
+        ckpt["state_dict"].update({f"model.{k}_mask": m for k, m in whole_masks_from(tag).items()})
     return ckpt
 
 

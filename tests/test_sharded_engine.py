@@ -57,8 +57,10 @@ class ThreadBackend(TorchBackend):
 
 
 def run(method: str, world: int, rank: int, reduce, steps: int = 8, method_class=None, check=False,
-        shard_by: str = "entries", **kw):
-    """Train-like loop on quantised weights and gradients (the same on every replica); masks after each update."""
+        shard_by: str = "entries", partition: bool = False, **kw):
+    """Train-like loop on quantised weights and gradients (the same on every replica); masks after each update.
+    `partition`: sparsity.partition_masks, each rank keeping only its fragment of every mask (as under ZeRO-3,
+    it then masks only its fragment of the replica's weights, gradients and state: the rest is never read)."""
     torch.manual_seed(0)
     model = Toy()
     gen = torch.Generator().manual_seed(1)
@@ -67,12 +69,14 @@ def run(method: str, world: int, rank: int, reduce, steps: int = 8, method_class
             p.copy_(quantised(gen, p.shape, 6))
     extra = {"sparsity": 0.8} if method != "nm" else {}
     cfg = SparsityConfig(method=method, delta_t=2, t_end=steps, include=["*"], distribution="uniform",
-                         drop_fraction=0.4, **{**extra, **kw})
+                         drop_fraction=0.4, partition_masks=partition, **{**extra, **kw})
     engine = SparseEngine(model, cfg, seed=3, max_steps=steps)
     if method_class is not None:
         engine.method = method_class(cfg)
     engine.check_reference = check
     backend = ThreadBackend(world, rank, reduce, shard_by)
+    if partition:
+        engine.partition(backend)
     masks, sharded = [], []
     for t in range(1, steps + 1):
         for p in model.parameters():
@@ -83,7 +87,7 @@ def run(method: str, world: int, rank: int, reduce, steps: int = 8, method_class
                 p.sub_(p.grad * 0.125)  # stays on the 1/64 grid: |W| keeps ties
         stats = engine.after_optimizer_step(t, backend)
         if stats is not None:
-            masks.append({sp.name: sp.mask.clone() for sp in engine.params})
+            masks.append({name: m.clone() for name, m in engine.whole_masks().items()})
             sharded.append(stats["sharded"])
             assert engine.verify(backend) == []
     return masks, sharded
@@ -109,6 +113,47 @@ def test_masks_decided_on_shards_equal_the_whole_decision(method, kw, world, sha
                 assert torch.equal(a[name], b[name]), (rank, i, name)
     changed = any(not torch.equal(whole[0][n], whole[-1][n]) for n in whole[0])
     assert changed  # the masks did move
+
+
+@pytest.mark.parametrize("method,kw", CASES, ids=IDS)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_partitioned_masks_equal_the_whole_decision(method, kw, world):
+    """sparsity.partition_masks: each rank holds, decides and masks only its fragment of every mask (cuts inside
+    rows, N:M groups and between a batched weight's matrices), and reads only counts of the rest; after every
+    update the fragments joined equal the whole-mask run's masks, with the keyed tie-break deciding the ties.
+    (Each replica here masks only its fragment, so its weights elsewhere are not the model's: no rank may read
+    them, and the gathered-weight reference check is left to the real ZeRO-3 runs of tests/test_dist.py.)"""
+    whole, _ = run(method, 1, 0, None, **kw)
+    got = ThreadRanks(world).run(lambda r, reduce: run(method, world, r, reduce, partition=True, **kw))
+    for rank, (masks, flags) in enumerate(got):
+        assert flags == [1.0] * len(whole)
+        for i, (a, b) in enumerate(zip(masks, whole)):
+            for name in b:
+                assert torch.equal(a[name], b[name]), (rank, i, name)
+
+
+def test_partitioned_engine_holds_fragments_only():
+    """After `partition`, no whole mask is left on a rank: the buffers are empty placeholders, the fragments of
+    the ranks tile every parameter once, and the statistics (density, census, spread) equal the whole run's."""
+    def body(rank, reduce):
+        torch.manual_seed(0)
+        model = Toy()
+        cfg = SparsityConfig(method="rigl", sparsity=0.8, include=["*"], distribution="uniform",
+                             partition_masks=True)
+        engine = SparseEngine(model, cfg, seed=3, max_steps=8)
+        whole = {"density": engine.density(), "census": engine.census(), "spread": engine.spread()}
+        engine.partition(ThreadBackend(3, rank, reduce))
+        assert all(b.numel() == 0 for n, b in model.named_buffers() if n.endswith("_mask"))
+        got = {"density": engine.density(), "census": engine.census(), "spread": engine.spread()}
+        return whole, got, {k: (f.start, f.length, f.numel) for k, f in engine.fragments.items()}
+
+    results = ThreadRanks(3).run(body)
+    for whole, got, _ in results:
+        assert whole == got
+    for key in results[0][2]:
+        runs = sorted(r[2][key] for r in results)
+        assert runs[0][0] == 0 and all(a[0] + a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        assert runs[-1][0] + runs[-1][1] == runs[0][2]
 
 
 def test_reclaim_case_has_dead_units_to_act_on():

@@ -82,6 +82,10 @@ class SparsityConfig:
     """Compute the sparse linear layers condensed in training (active weights only, dstlm's CPU kernel; fp32
     on the CPU; methods with constant fan-in: srigl, nm). Same parameters, masks and checkpoints as masked
     training; docs/condensed.md."""
+    partition_masks: bool = False
+    """ZeRO-3 only: each rank holds only the masks of its own partition of the weights ((1 + 1/8) bytes per sparse
+    weight / world instead of 1.125 bytes on every rank), decides them there and saves them beside its
+    optimizer partition; the same masks, weights and losses as whole masks. docs/dst-at-scale.md."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "sparsity")

@@ -19,11 +19,39 @@ the same rows and columns update after update; random growth (SET) keeps the spr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence, Union
 
 import torch
 
 from dstlm.sparse.selection import column_counts, count, row_counts
+
+
+class MaskCounts(NamedTuple):
+    """Active entries per row (fan-in, int64 [out]) and per column (fan-out, int64 [in]) of one [out, in]
+    mask: all that the census, the spread, densities and the per-row invariants read. Masks partitioned
+    across ranks sum their fragments' partial counts (one all-reduce) instead of joining the masks."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> "MaskCounts":
+        return cls(row_counts(mask), column_counts(mask))
+
+    @property
+    def active(self) -> int:
+        return int(self.rows.sum())
+
+    @property
+    def numel(self) -> int:
+        return self.rows.numel() * self.cols.numel()
+
+
+MaskOrCounts = Union[torch.Tensor, MaskCounts]
+
+
+def counts_of(m: MaskOrCounts) -> MaskCounts:
+    return m if isinstance(m, MaskCounts) else MaskCounts.of(m)
 
 
 @dataclass(frozen=True)
@@ -57,14 +85,14 @@ def orphan_units(producer: torch.Tensor, consumer: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def unit_census(masks: Mapping[str, torch.Tensor], links: Sequence[UnitLink]) -> dict:
+def unit_census(masks: Mapping[str, MaskOrCounts], links: Sequence[UnitLink]) -> dict:
     """Per link and in total: units, dead units and the producer weights they hold, orphan units and the
     consumer weights they hold. Fractions are of the units, and of the active weights of the linked layers.
-    One pass over each mask: the producer's row counts and the consumer's column counts say it all."""
+    The producer's row counts and the consumer's column counts say it all (`masks`: masks or their counts)."""
     per_link, units = {}, 0
     dead = orphans = dead_w = orphan_w = active = 0
     for link in links:
-        rows, cols = row_counts(masks[link.producer]), column_counts(masks[link.consumer])
+        rows, cols = counts_of(masks[link.producer]).rows, counts_of(masks[link.consumer]).cols
         d, o = cols == 0, rows == 0
         row = {"units": int(d.numel()), "dead": count(d), "dead_weights": int(rows[d].sum()),
                "orphans": count(o), "orphan_weights": int(cols[o].sum()),
@@ -82,14 +110,15 @@ def unit_census(masks: Mapping[str, torch.Tensor], links: Sequence[UnitLink]) ->
 
 
 @torch.no_grad()
-def spread(masks: Mapping[str, torch.Tensor]) -> dict:
+def spread(masks: Mapping[str, MaskOrCounts]) -> dict:
     """How unevenly each [out, in] mask's active weights are spread: the coefficient of variation (std / mean)
     of its per-row counts (fan-in) and per-column counts (fan-out), per matrix and averaged over matrices. A
     uniformly random mask of density d has a fan-in CV of about sqrt((1 - d) / (in * d)) (0.11 for 90 % sparse
     and 768 inputs); constant fan-in (SRigL) has 0 over its active rows, more when rows are ablated."""
     per = {}
     for name, m in masks.items():
-        rows, cols = row_counts(m).double(), column_counts(m).double()
+        c = counts_of(m)
+        rows, cols = c.rows.double(), c.cols.double()
         mean_r, mean_c = rows.mean(), cols.mean()
         per[name] = {"fan_in_cv": float(rows.std(unbiased=False) / mean_r) if mean_r > 0 else 0.0,
                      "fan_out_cv": float(cols.std(unbiased=False) / mean_c) if mean_c > 0 else 0.0}

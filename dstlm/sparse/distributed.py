@@ -183,10 +183,21 @@ class TorchBackend(Collectives):
             grad = self.all_reduce_mean_(grad.clone())
         return grad
 
+    def _aligned(self, param, tensor: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the part of parameter-shaped `tensor` that `mask` covers, the mask shaped like it): the whole tensor
+        for a whole mask, this rank's flat fragment for a fragment's mask (masks partitioned across ranks)."""
+        if mask.numel() == param.numel():
+            return tensor, mask.reshape(tensor.shape)
+        start, n = self.fragment(param)
+        if mask.numel() != n:
+            raise ValueError(f"a mask of {mask.numel()} entries for a parameter of {param.numel()} whose fragment "
+                             f"here holds {n}")
+        return tensor.view(-1)[start:start + n], mask.reshape(-1)
+
     @torch.no_grad()
     def mask_grad_(self, param, mask):
         if param.grad is not None:
-            keep_where_(param.grad, mask)
+            keep_where_(*self._aligned(param, param.grad, mask))
 
     def full_weight(self, param):
         return param.detach()
@@ -195,7 +206,8 @@ class TorchBackend(Collectives):
     def mask_weight_(self, param, keep):
         # a multiply by the bool mask itself (cast inside the kernel: no float copy of the mask); pruned negative
         # weights become -0.0, as the recorded runs of tests/test_golden.py have them (keep_where_ gives +0.0)
-        param.mul_(keep)
+        part, keep = self._aligned(param, param.data, keep)
+        part.mul_(keep)
 
     def _states(self, param):
         if self.optimizer is None:
@@ -206,7 +218,8 @@ class TorchBackend(Collectives):
     @torch.no_grad()
     def mask_optimizer_state_(self, param, keep):
         for t in self._states(param):
-            t.mul_(keep)
+            part, k = self._aligned(param, t, keep)
+            part.mul_(k)
 
     # -- on shards --------------------------------------------------------------------------------
     # Every replica holds every weight and gradient whole, so a rank can decide whole parameters alone:
@@ -248,6 +261,6 @@ class TorchBackend(Collectives):
         """[non-zero weights, non-zero module weights, non-zero optimizer state] at pruned entries of this
         rank's fragment (the fragments of all ranks cover the parameter once)."""
         start, n = self.fragment(param)
-        keep = mask.reshape(-1)[start:start + n]
+        keep = mask.reshape(-1)[start:start + n] if mask.numel() == param.numel() else mask.reshape(-1)
         states = sum(count_nonzero_outside(t.reshape(-1)[start:start + n], keep) for t in self._states(param))
         return torch.tensor([count_nonzero_outside(self.local_weight(param), keep), 0, states], dtype=torch.int64)

@@ -14,6 +14,7 @@ update steps, the update itself, invariants) is asked of the method object (dstl
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from typing import Optional
 
@@ -21,13 +22,14 @@ import torch
 import torch.nn as nn
 
 from dstlm.sparse.config import SparsityConfig
-from dstlm.sparse.connectivity import UnitLink, dead_units, links_between, spread, unit_census
+from dstlm.sparse.connectivity import MaskCounts, UnitLink, links_between, spread, unit_census
 from dstlm.sparse.density import active_counts, erk_densities
-from dstlm.sparse.distributed import SparseBackend, TorchBackend, count_packed, pack_mask
+from dstlm.sparse.distributed import SparseBackend, TorchBackend, count_packed, pack_mask, unpack_bits
+from dstlm.sparse.fragments import Fragment, fragment_state, partial_counts, read_fragments
 from dstlm.sparse.masks import SparseParam, attach_mask, check_patterns_match, mask_checksum, select_params
 from dstlm.sparse.methods import DSTMethod, Layer
 from dstlm.sparse.schedule import UpdateSchedule
-from dstlm.sparse.selection import Ties, active_rows, count, reference_selection, row_counts
+from dstlm.sparse.selection import Ties, count, reference_selection
 from dstlm.sparse.sharded import Shard
 
 
@@ -95,6 +97,9 @@ class SparseEngine:
         self._score_steps = 0
         self.last_stats: dict[str, float] = {}
         self.n_updates = 0
+        self.fragments: Optional[dict[str, Fragment]] = None
+        """sparsity.partition_masks, once `partition` ran: per parameter, this rank's part of its mask."""
+        self._counts: Optional[dict[str, MaskCounts]] = None  # partitioned masks' all-reduced counts (cached)
         self._init_masks()
 
     # per-layer views (read-only dicts) of the layers' state
@@ -129,7 +134,7 @@ class SparseEngine:
             factor = torch.ones(param.shape, dtype=param.dtype, device=device)
             for sp in group:
                 mask, kept = self._init_mask(sp, device)
-                attach_mask(sp, mask)
+                attach_mask(sp, mask, persistent=not self.cfg.partition_masks)
                 f = sp.mask.to(param.dtype)
                 # the sparse-aware rescale is for random initialisations, never for pretrained or kept weights
                 if self.cfg.sparse_init == "rescale" and not kept and self.mask_init == "random":
@@ -195,6 +200,89 @@ class SparseEngine:
         whole[index] = local.to(torch.uint8)
         return self._partitioned.all_reduce(whole).bool().reshape(layer.shape)
 
+    # -- partitioned masks (sparsity.partition_masks) --------------------------------------------------
+    @property
+    def partitioned(self) -> bool:
+        return self.fragments is not None
+
+    @torch.no_grad()
+    def partition(self, backend: SparseBackend, files: Optional[list] = None) -> None:
+        """Keep only this rank's fragment of every mask (the flat run `backend.fragment` gives, the rank's
+        partition of the weight) and free the whole masks. `files`: a checkpoint's saved fragments
+        (dstlm/sparse/fragments.py) to restore them from, at any world size; else the whole masks held now
+        (the first masks) are cut. Every rank calls it, before the first step."""
+        if not self.method.shardable:
+            raise ValueError(f"sparsity.partition_masks=true needs a rule that decides on shards; "
+                             f"sparsity.method={self.cfg.method!r} has none; drop partition_masks")
+        if self.fragments is not None and files is None:
+            return  # already partitioned (a second fit of the same module)
+        self._backend = backend
+        runs = {_param_name(g): backend.fragment(g[0].weight) for g in self.groups}
+        saved = read_fragments(files, runs) if files is not None else None
+        fragments = {}
+        for group in self.groups:
+            key, full = _param_name(group), group[0].full_mask
+            start, n = runs[key]
+            if saved is not None:
+                mask, ever = saved[key]
+                mask, ever = mask.to(full.device), pack_mask(ever.to(full.device))
+            else:
+                mask = full.reshape(-1)[start:start + n].clone()
+                ever = torch.cat([sp.to_storage(unpack_bits(self.ever_active[sp.name], math.prod(self.layers[
+                    sp.name].shape)).reshape(self.layers[sp.name].shape)).reshape(-1) for sp in group])
+                ever = pack_mask(ever[start:start + n].to(full.device))
+            fragments[key] = Fragment(start, mask, ever, full.numel(), tuple(full.shape))
+            # the whole mask is freed: an empty placeholder keeps the buffer's name (never saved)
+            group[0].module._buffers[f"{group[0].attr}_mask"] = torch.zeros(0, dtype=torch.bool, device=full.device)
+        self.fragments = fragments
+        self.ever_active = {}
+        self._counts = None
+        self.counts()  # on every rank now (a collective), so that later reads on one rank find them cached
+
+    def counts(self) -> dict[str, MaskCounts]:
+        """Per matrix, active entries per row and per column: from the whole masks, or (partitioned) the sum of
+        every rank's partial counts, computed once per mask change (a collective: every rank's first call after
+        a change must be at the same point; the engine makes it at `partition` and after each update)."""
+        if self.fragments is None:
+            return {sp.name: MaskCounts.of(sp.mask) for sp in self.params}
+        if self._counts is None:
+            parts = []
+            for group in self.groups:
+                f = self.fragments[_param_name(group)]
+                for sp in group:
+                    rows, cols = self.layers[sp.name].shape
+                    base, a, b = self._matrix_run(sp, f.start, f.length)
+                    parts += partial_counts(rows, cols, sp.storage_index, f.mask[a - f.start:b - f.start], a - base)
+            flat = self._backend.all_reduce_sum_(torch.cat(parts))
+            out, i = {}, 0
+            for sp in self.params:
+                rows, cols = self.layers[sp.name].shape
+                out[sp.name] = MaskCounts(flat[i:i + rows], flat[i + rows:i + rows + cols])
+                i += rows + cols
+            self._counts = out
+        return self._counts
+
+    def whole_masks(self) -> dict[str, torch.Tensor]:
+        """Every matrix's whole [out, in] mask. Partitioned: joined from the ranks' fragments (a collective, and
+        whole masks on every rank: for tests and tools, not for training)."""
+        if self.fragments is None:
+            return {sp.name: sp.mask for sp in self.params}
+        out = {}
+        for group in self.groups:
+            f = self.fragments[_param_name(group)]
+            whole = self._backend.assemble(f.numel, f.start, f.mask).reshape(f.shape)
+            out.update({sp.name: sp.view(whole) for sp in group})
+        return out
+
+    def _local_mask(self, group: list[SparseParam]) -> torch.Tensor:
+        """The mask the backend masks gradients, weights and state with: this rank's fragment when
+        partitioned, else the whole parameter's."""
+        return self.fragments[_param_name(group)].mask if self.fragments is not None else group[0].full_mask
+
+    def fragment_state(self) -> dict:
+        """This rank's fragments, bit-packed with their ranges (what it saves in a checkpoint)."""
+        return fragment_state(self.fragments or {}, self._backend.rank, self._backend.world_size)
+
     # -- per step -------------------------------------------------------------------------------------
     def is_update_step(self, t: int) -> bool:
         return self.method.is_update_step(t, self.schedule)
@@ -208,6 +296,8 @@ class SparseEngine:
     def sharded(self, backend: SparseBackend) -> bool:
         """Whether masks are decided on shards (dstlm/sparse/sharded.py): on more than one rank, for methods
         that have a sharded rule, with a backend that exposes fragments; else every rank decides whole."""
+        if self.fragments is not None:
+            return True  # partitioned masks: every rank decides its fragment, at any world size
         sharded = backend.world_size > 1 and self.method.shardable and getattr(backend, "shards", False)
         if sharded and hasattr(backend, "plan") and self._planned is not backend:
             backend.plan([group[0].weight for group in self.groups])  # who owns which parameter
@@ -243,7 +333,7 @@ class SparseEngine:
                             self._scores[sp.name] = g.abs().float()
             self._score_steps += 1
         for group in self.groups:
-            backend.mask_grad_(group[0].weight, group[0].full_mask)
+            backend.mask_grad_(group[0].weight, self._local_mask(group))
 
     @torch.no_grad()
     def after_optimizer_step(self, t: int, backend: SparseBackend) -> Optional[dict[str, float]]:
@@ -256,50 +346,46 @@ class SparseEngine:
         """New masks, decided where the masks and weights live, one parameter (group of matrices) at a time;
         that group's weights and optimizer state are zeroed before the next is read."""
         start = time.perf_counter()
-        self.check_ranks_agree(backend, t, when="before")  # masks that drifted apart since the last update
-        grown_total = active_total = numel_total = ablated = 0
-        per_layer: dict[str, float] = {}
-        active: dict[str, int] = {}
+        partitioned = self.fragments is not None
+        if not partitioned:  # partitioned masks cannot drift apart: no two ranks hold the same entries
+            self.check_ranks_agree(backend, t, when="before")
         drop_fraction = self.schedule.drop_fraction(t)
-        masks = {sp.name: sp.mask for sp in self.params}
-        dead = {link.producer: dead_units(masks[link.producer], masks[link.consumer])
-                for link in self.links} if self.cfg.reclaim_dead_units else {}
-        reclaimed_rows = sum(count(dead[sp.name] & (row_counts(sp.mask) > 0)) for sp in self.params
-                             if dead.get(sp.name) is not None)
+        before = self.counts()
+        dead = {link.producer: before[link.consumer].cols == 0 for link in self.links} \
+            if self.cfg.reclaim_dead_units else {}
+        reclaimed_rows = sum(count(d & (before[name].rows > 0)) for name, d in dead.items())
         sharded = self.sharded(backend)
         if sharded:
             self._localize_scores(backend)
-        by_owner = sharded and getattr(backend, "whole_fragments", False)
+        by_owner = sharded and not partitioned and getattr(backend, "whole_fragments", False)
         owned = None
         if by_owner:
             # every owner decides all its parameters first (no collective), then the masks are joined: joining
             # each right after its decision would make the ranks take turns
             owned = [self._decide_owned(group, backend, t, drop_fraction, dead) for group in self.groups]
+        kept = {}  # per matrix: entries active before and after the update (this rank's part when partitioned)
         for gi, group in enumerate(self.groups):
-            reference = self._reference(group, backend, t, drop_fraction, dead) if sharded and \
-                self.check_reference else None
-            if owned is not None:
-                new_full = backend.assemble(group[0].full_mask.numel(), 0, owned[gi])
+            if partitioned:
+                f = self.fragments[_param_name(group)]
+                reference = self._reference(group, backend, t, drop_fraction, dead, backend.assemble(
+                    f.numel, f.start, f.mask).reshape(f.shape)) if self.check_reference else None
+                new = self._decide_shards(group, backend, t, drop_fraction, dead, before)
+                if reference is not None:
+                    self._check_reference(group, t, reference, backend.assemble(f.numel, f.start, new))
+                keep = new & f.mask  # zero both dropped and newly grown entries (grown start at 0)
+                for sp in group:
+                    _, a, b = self._matrix_run(sp, f.start, f.length)
+                    kept[sp.name] = count(keep[a - f.start:b - f.start])
+                f.ever |= pack_mask(new)
+                f.mask.copy_(new)
             else:
-                decide = self._decide_shards if sharded else self._decide_whole
-                new_full = decide(group, backend, t, drop_fraction, dead)
-            new_full = new_full.reshape(group[0].full_mask.shape)
-            if reference is not None and not torch.equal(reference.reshape(new_full.shape), new_full):
-                n_diff = count(reference.reshape(new_full.shape) != new_full)
-                raise MaskMismatchError(f"{_param_name(group)}: the sharded decision at step {t} differs from the "
-                                        f"whole-tensor reference in {n_diff} entries")
-            keep = new_full & group[0].full_mask  # zero both dropped and newly grown entries (grown start at 0)
-            for sp in group:
-                new = sp.view(new_full)
-                self.ever_active[sp.name] |= pack_mask(new).to(self.ever_active[sp.name].device)
-                n_new = count(new)
-                grown_total += n_new - count(sp.view(keep))
-                active_total += n_new
-                numel_total += new.numel()
-                ablated += new.shape[0] - count(active_rows(new))
-                per_layer[sp.name] = n_new / new.numel()
-                active[sp.name] = n_new
-            group[0].full_mask.copy_(new_full)
+                new = self._decide_group(group, backend, t, drop_fraction, dead, before,
+                                         None if owned is None else owned[gi])
+                keep = new & group[0].full_mask
+                for sp in group:
+                    self.ever_active[sp.name] |= pack_mask(sp.view(new)).to(self.ever_active[sp.name].device)
+                    kept[sp.name] = count(sp.view(keep))
+                group[0].full_mask.copy_(new)
             param = group[0].weight
             backend.mask_weight_(param, keep)
             backend.mask_optimizer_state_(param, keep)
@@ -309,32 +395,73 @@ class SparseEngine:
         self._shard_scores.clear()
         self._score_steps = 0
         self.n_updates += 1
+        self._counts = None
+        after = self.counts()
+        ever = sum(count_packed(e) for e in (self.ever_active.values() if not partitioned else
+                                             (f.ever for f in self.fragments.values())))
+        if partitioned:  # the kept entries and the ever-active record, summed over the ranks' fragments
+            joined = backend.all_reduce_sum_(torch.tensor([kept[sp.name] for sp in self.params] + [ever],
+                                                          dtype=torch.int64, device=self._device))
+            kept = dict(zip((sp.name for sp in self.params), joined[:-1].tolist()))
+            ever = int(joined[-1])
+        active = {n: c.active for n, c in after.items()}
+        numel_total = sum(c.numel for c in after.values())
+        active_total = sum(active.values())
+        grown_total = active_total - sum(kept.values())
+        ablated = sum(count(c.rows == 0) for c in after.values())
         self.check_ranks_agree(backend, t, active if sharded else None)
-        itop = sum(count_packed(e) for e in self.ever_active.values()) / max(1, numel_total)
         self.last_stats = {
             "density": active_total / max(1, numel_total), "churn": grown_total / max(1, active_total),
-            "itop": itop, "ablated_neurons": float(ablated), "drop_fraction": drop_fraction,
+            "itop": ever / max(1, numel_total), "ablated_neurons": float(ablated), "drop_fraction": drop_fraction,
             "update_ms": (time.perf_counter() - start) * 1e3, "sharded": float(sharded),
         }
         if self.cfg.reclaim_dead_units:
             self.last_stats["reclaimed_rows"] = float(reclaimed_rows)
-        self.last_stats.update(self.census_stats())
-        self.last_stats.update({f"layer/{n}": d for n, d in per_layer.items()})
+        self.last_stats.update(self.census_stats(after))
+        self.last_stats.update({f"layer/{n}": active[n] / after[n].numel for n in active})
         return self.last_stats
 
+    def _decide_group(self, group: list[SparseParam], backend: SparseBackend, t: int, drop_fraction: float,
+                      dead: dict[str, torch.Tensor], before: dict[str, MaskCounts],
+                      owned: Optional[torch.Tensor]) -> torch.Tensor:
+        """The group's whole new mask (parameter-shaped), from whole masks: the owner's decision joined, the
+        sharded decisions joined, or decided whole; checked against the whole-tensor reference when asked."""
+        sharded = self.sharded(backend)
+        reference = self._reference(group, backend, t, drop_fraction, dead) if sharded and \
+            self.check_reference else None
+        if owned is not None:
+            new_full = backend.assemble(group[0].full_mask.numel(), 0, owned)
+        elif sharded:
+            new_full = self._decide_shards(group, backend, t, drop_fraction, dead, before)
+        else:
+            new_full = self._decide_whole(group, backend, t, drop_fraction, dead)
+        new_full = new_full.reshape(group[0].full_mask.shape)
+        if reference is not None:
+            self._check_reference(group, t, reference, new_full)
+        return new_full
+
+    @staticmethod
+    def _check_reference(group: list[SparseParam], t: int, reference: torch.Tensor, new: torch.Tensor) -> None:
+        reference = reference.reshape(new.shape)
+        if not torch.equal(reference, new):
+            raise MaskMismatchError(f"{_param_name(group)}: the sharded decision at step {t} differs from the "
+                                    f"whole-tensor reference in {count(reference != new)} entries")
+
     def _decide_whole(self, group: list[SparseParam], backend: SparseBackend, t: int, drop_fraction: float,
-                      dead: dict[str, torch.Tensor]) -> torch.Tensor:
+                      dead: dict[str, torch.Tensor], old_full: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The group's new masks from its whole weight (one collective read where it is sharded)."""
         full = backend.full_weight(group[0].weight).detach()
-        return self._decide_matrices(group, full, lambda sp: self._scores.get(sp.name), t, drop_fraction, dead)
+        return self._decide_matrices(group, full, lambda sp: self._scores.get(sp.name), t, drop_fraction, dead,
+                                     old_full)
 
     def _decide_matrices(self, group: list[SparseParam], full: torch.Tensor, score_of, t: int,
-                         drop_fraction: float, dead: dict[str, torch.Tensor]) -> torch.Tensor:
+                         drop_fraction: float, dead: dict[str, torch.Tensor],
+                         old_full: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The one-process rules on every matrix of the group, from the parameter's whole weight `full`."""
         news = []
         for sp in group:
             layer = self.layers[sp.name]
-            old = sp.mask
+            old = sp.mask if old_full is None else sp.view(old_full)
             w = sp.view(full).reshape(layer.shape).contiguous()  # [out, in] (a copy only for transposed storage)
             score = self._need(score_of(sp), sp) if self.method.uses_dense_grad else None
             if score is not None:
@@ -364,30 +491,41 @@ class SparseEngine:
                                      t, drop_fraction, dead).reshape(-1)
 
     def _decide_shards(self, group: list[SparseParam], backend: SparseBackend, t: int, drop_fraction: float,
-                       dead: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The group's new masks, each rank deciding the entries of its fragment of the parameter's flat index
-        with the sharded rules, joined by one byte all-reduce. No rank reads another's weights or scores."""
-        param, full_old = group[0].weight, group[0].full_mask.reshape(-1)
+                       dead: dict[str, torch.Tensor], before: dict[str, MaskCounts]) -> torch.Tensor:
+        """Each rank decides the entries of its fragment of the parameter's flat index with the sharded rules.
+        Partitioned masks: the rank's new fragment; else the group's whole new mask, joined by one byte
+        all-reduce. No rank reads another's weights or scores."""
+        param = group[0].weight
         f_start, f_len = backend.fragment(param)
+        if self.fragments is not None:
+            f = self.fragments[_param_name(group)]
+            if (f.start, f.length) != (f_start, f_len):
+                raise RuntimeError(f"{_param_name(group)}: this rank's mask fragment covers {f.start}+{f.length} "
+                                   f"but its weight partition {f_start}+{f_len}")
+            old = f.mask
+        else:
+            old = group[0].full_mask.reshape(-1)[f_start:f_start + f_len]
         weight = backend.local_weight(param).detach().reshape(-1)
         score = self._shard_scores.get(_param_name(group)) if self.method.uses_dense_grad else None
         if self.method.uses_dense_grad and score is None:
             self._need(None, group[0])
-        new_local = torch.zeros(f_len, dtype=torch.bool, device=full_old.device)
+        new_local = torch.zeros(f_len, dtype=torch.bool, device=old.device)
         for sp in group:
             layer = self.layers[sp.name]
             base, a, b = self._matrix_run(sp, f_start, f_len)
             lo, hi = a - f_start, b - f_start
-            shard = Shard(weight[lo:hi].to(full_old.device), full_old[a:b],
-                          None if score is None else score[lo:hi].to(full_old.device),
-                          sp.storage_index(torch.arange(a - base, b - base, device=full_old.device)),
+            shard = Shard(weight[lo:hi].to(old.device), old[lo:hi],
+                          None if score is None else score[lo:hi].to(old.device),
+                          sp.storage_index(torch.arange(a - base, b - base, device=old.device)),
                           backend.all_reduce_sum_)
             layer.dead_rows = dead.get(sp.name)
-            n_swap = int(round(drop_fraction * count(sp.mask)))
+            n_swap = int(round(drop_fraction * before[sp.name].active))
             new_local[lo:hi] = self.method.update_layer_shard(layer, shard, n_swap, t, self.schedule,
                                                               Ties(self.tie_seed, "update", t, sp.name))
             layer.dead_rows = None
-        return backend.assemble(full_old.numel(), f_start, new_local)
+        if self.fragments is not None:
+            return new_local
+        return backend.assemble(group[0].full_mask.numel(), f_start, new_local)
 
     def _share_fan_ins(self, backend: SparseBackend) -> None:
         """After decisions by owner: the fan-ins the owners' rules set (SRigL), on every rank (one all-reduce)."""
@@ -396,12 +534,12 @@ class SparseEngine:
             return
         owned = {sp.name: backend.fragment(sp.weight)[1] > 0 for sp in self.params}
         values = torch.tensor([self.layers[n].fan_in if owned[n] else 0 for n in names], dtype=torch.int64,
-                              device=self.params[0].mask.device)  # where the process group's backend reduces
+                              device=self._device)  # where the process group's backend reduces
         for name, k in zip(names, backend.all_reduce_sum_(values).tolist()):
             self.layers[name].fan_in = int(k)
 
     def _reference(self, group: list[SparseParam], backend: SparseBackend, t: int, drop_fraction: float,
-                   dead: dict[str, torch.Tensor]) -> torch.Tensor:
+                   dead: dict[str, torch.Tensor], old_full: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The whole-tensor decision with the sort-based reference selection, from gathered weights and
         scores (for check_reference)."""
         saved = dict(self._scores)
@@ -409,7 +547,7 @@ class SparseEngine:
         try:
             self._scores = self._whole_scores(backend, [group])
             with reference_selection():
-                return self._decide_whole(group, backend, t, drop_fraction, dead)
+                return self._decide_whole(group, backend, t, drop_fraction, dead, old_full)
         finally:
             self._scores = saved
             for sp in group:  # the sharded rule sets it again
@@ -434,11 +572,18 @@ class SparseEngine:
             if local is None:
                 continue
             f_start, _ = backend.fragment(group[0].weight)
-            whole = backend.assemble(group[0].full_mask.numel(), f_start, local)
+            numel, shape = self._param_size(group)
+            whole = backend.assemble(numel, f_start, local)
             for sp in group:
-                out[sp.name] = sp.view(whole.reshape(group[0].full_mask.shape)).clone(
-                    memory_format=torch.contiguous_format)
+                out[sp.name] = sp.view(whole.reshape(shape)).clone(memory_format=torch.contiguous_format)
         return out
+
+    def _param_size(self, group: list[SparseParam]) -> tuple[int, tuple[int, ...]]:
+        """The group's parameter's number of entries and (storage) shape, whole masks or partitioned."""
+        if self.fragments is not None:
+            f = self.fragments[_param_name(group)]
+            return f.numel, f.shape
+        return group[0].full_mask.numel(), tuple(group[0].full_mask.shape)
 
     def _need(self, score: Optional[torch.Tensor], sp: SparseParam) -> torch.Tensor:
         if score is None:
@@ -460,7 +605,7 @@ class SparseEngine:
             values = torch.tensor([[active[sp.name], self.layers[sp.name].fan_in or 0] for sp in self.params])
         else:
             values = mask_checksum(sp.mask for sp in self.params)
-        gathered = backend.all_gather(values.to(self.params[0].mask.device))
+        gathered = backend.all_gather(values.to(self._device))
         differ = {sp.name: [r for r, g in enumerate(gathered) if not torch.equal(g[i], gathered[0][i])]
                   for i, sp in enumerate(self.params)}
         differ = {name: ranks for name, ranks in differ.items() if ranks}
@@ -479,49 +624,58 @@ class SparseEngine:
         optimizer state off the mask. Each rank counts on what it holds; one all-reduce joins the counts, so
         every rank returns the same list and no weight is gathered."""
         problems = []
-        counts = torch.stack([backend.violations(g[0].weight, g[0].full_mask).to(torch.int64).cpu()
+        counts = torch.stack([backend.violations(g[0].weight, self._local_mask(g)).to(torch.int64).cpu()
                               for g in self.groups])
         if backend.world_size > 1:
-            counts = backend.all_reduce_sum_(counts.to(self.groups[0][0].full_mask.device)).cpu()
+            counts = backend.all_reduce_sum_(counts.to(self._device)).cpu()
         what = ("non-zero weights", "non-zero module weights", "non-zero optimizer state")
         for group, row in zip(self.groups, counts.tolist()):
             problems += [f"{_param_name(group)}: {what[i]} at pruned entries ({n})" for i, n in enumerate(row) if n]
+        masks = self.counts()
         for sp in self.params:
-            problems += self.method.check_invariants(self.layers[sp.name], sp.mask)
+            problems += self.method.check_invariants(self.layers[sp.name], masks[sp.name])
         return problems
 
     # -- reporting ------------------------------------------------------------------------------------
     def density(self) -> float:
-        active = sum(count(sp.mask) for sp in self.params)
-        return active / sum(sp.mask.numel() for sp in self.params)
+        counts = self.counts().values()
+        return sum(c.active for c in counts) / sum(c.numel for c in counts)
 
-    def census(self) -> dict:
+    def census(self, counts: Optional[dict[str, MaskCounts]] = None) -> dict:
         """Dead and orphan hidden units of the linked layers (dstlm/sparse/connectivity.py)."""
-        return unit_census({sp.name: sp.mask for sp in self.params}, self.links)
+        return unit_census(counts or self.counts(), self.links)
 
-    def spread(self) -> dict:
+    def spread(self, counts: Optional[dict[str, MaskCounts]] = None) -> dict:
         """Fan-in and fan-out spread of the masks (dstlm/sparse/connectivity.py `spread`)."""
-        return spread({sp.name: sp.mask for sp in self.params})
+        return spread(counts or self.counts())
 
-    def census_stats(self) -> dict[str, float]:
-        s = self.spread()
+    def census_stats(self, counts: Optional[dict[str, MaskCounts]] = None) -> dict[str, float]:
+        counts = counts or self.counts()
+        s = self.spread(counts)
         out = {"fan_in_cv": s["fan_in_cv"], "fan_out_cv": s["fan_out_cv"]}
         if not self.links:
             return out
-        c = self.census()
+        c = self.census(counts)
         return {**out, "dead_units": float(c["dead"]), "dead_unit_frac": c["dead_unit_frac"],
                 "orphan_units": float(c["orphans"]), "wasted_weight_frac": c["wasted_weight_frac"]}
 
     def layer_densities(self) -> dict[str, float]:
-        return {sp.name: float(sp.mask.float().mean()) for sp in self.params}
+        return {n: c.active / c.numel for n, c in self.counts().items()}
 
     def describe(self) -> str:
+        densities = self.layer_densities()
         lines = [f"{self.cfg.method} at sparsity {self.cfg.sparsity:.3f} ({self.cfg.distribution}); "
-                 f"{len(self.params)} sparse weights, density {self.density():.4f}"]
+                 f"{len(self.params)} sparse weights, density {self.density():.4f}"
+                 + (" (masks partitioned across ranks)" if self.fragments is not None else "")]
         for sp in self.params:
-            shape, density = str(self.layers[sp.name].shape), float(sp.mask.float().mean())
-            lines.append(f"  {sp.name:<40} {shape:>14}  density {density:.4f}")
+            shape = str(self.layers[sp.name].shape)
+            lines.append(f"  {sp.name:<40} {shape:>14}  density {densities[sp.name]:.4f}")
         return "\n".join(lines)
+
+    @property
+    def _device(self) -> torch.device:
+        """Where the masks live (and the process group's reductions run)."""
+        return self._local_mask(self.groups[0]).device
 
     # -- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -532,19 +686,24 @@ class SparseEngine:
         return {"tie_seed": self.tie_seed, "ever_active": dict(self.ever_active),
                 "scores": scores, "score_steps": self._score_steps, "n_updates": self.n_updates,
                 "fan_in": dict(self.fan_in), "method": self.cfg.method, "sparsity": self.cfg.sparsity,
-                "last_stats": dict(self.last_stats)}
+                "last_stats": dict(self.last_stats), "partitioned": self.cfg.partition_masks}
 
     def load_state_dict(self, state: dict) -> None:
         if state["method"] != self.cfg.method or abs(state["sparsity"] - self.cfg.sparsity) > 1e-9:
             raise ValueError(f"checkpoint was trained with sparsity.method={state['method']!r} at sparsity "
                              f"{state['sparsity']}, this run has {self.cfg.method!r} at {self.cfg.sparsity}; "
                              f"resume with the same sparsity config")
+        if bool(state.get("partitioned")) != self.cfg.partition_masks:
+            saved = bool(state.get("partitioned"))
+            raise ValueError(f"checkpoint was written with sparsity.partition_masks={str(saved).lower()}, this run has "
+                             f"{str(self.cfg.partition_masks).lower()}; resume with the same setting (its masks are "
+                             f"{'in per-rank fragment files' if saved else 'module buffers'})")
         if "tie_seed" not in state:
             raise ValueError("this checkpoint's masks were decided by dstlm's earlier rules (a generator, not the "
                              "seeded hashes of dstlm/sparse/selection.py); resume it with the dstlm version that "
                              "wrote it, or start a new run")
         self.tie_seed = int(state["tie_seed"])
-        device = {sp.name: sp.mask.device for sp in self.params}
+        device = {sp.name: self._device for sp in self.params}
         # bit-packed since session 8; a checkpoint from before holds bool masks
         self.ever_active = {k: (pack_mask(v) if v.dtype == torch.bool else v).to(device.get(k, v.device), copy=True)
                             for k, v in state["ever_active"].items()}

@@ -70,7 +70,10 @@ class SparseParam:
         """[out, in] view of the weight (the weight's own shape for 2-D parameters); read from the mask once it
         exists (a ZeRO-3 partitioned weight holds no shape of its own)."""
         held = self.module._buffers.get(f"{self.attr}_mask")
-        return tuple(self.view(held if held is not None else self.weight).shape)
+        if held is None or held.numel() == 0:  # no mask yet, or a partitioned one (sparsity.partition_masks)
+            held = self.weight if not hasattr(self.weight, "ds_shape") else torch.empty(self.weight.ds_shape,
+                                                                                         device="meta")
+        return tuple(self.view(held).shape)
 
 
 def select_params(model: nn.Module, include: Iterable[str], exclude: Iterable[str]) -> list[SparseParam]:
@@ -117,15 +120,16 @@ def check_patterns_match(model: nn.Module, patterns: Iterable[str], what: str,
             raise ValueError(f"{what} pattern {pat!r} matches no parameter; names look like {_example_names(model)}")
 
 
-def attach_mask(sp: SparseParam, mask: torch.Tensor) -> None:
-    """Register (or overwrite) the persistent bool buffer `<attr>_mask` on the owning module."""
+def attach_mask(sp: SparseParam, mask: torch.Tensor, persistent: bool = True) -> None:
+    """Register (or overwrite) the bool buffer `<attr>_mask` on the owning module (persistent: saved with the
+    module's state; masks partitioned across ranks are saved by the engine instead)."""
     buf_name = f"{sp.attr}_mask"
     # a partitioned build's placeholder weights live on the meta device: their masks stay where they were made
     mask = mask.to(device=mask.device if sp.weight.is_meta else sp.weight.device, dtype=torch.bool)
     if buf_name not in sp.module._buffers:
         simple = sp.index is None and not sp.transposed
         full = mask if simple else torch.ones(sp.weight.shape, dtype=torch.bool, device=mask.device)
-        sp.module.register_buffer(buf_name, full.clone(), persistent=True)
+        sp.module.register_buffer(buf_name, full.clone(), persistent=persistent)
     sp.view(sp.module._buffers[buf_name]).copy_(mask)
 
 

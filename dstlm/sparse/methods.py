@@ -5,7 +5,8 @@ A method decides four things about one sparse [out, in] matrix at a time:
 - `init_mask`: its first mask (and may fix the layer's exact budget, e.g. constant fan-in, N:M);
 - `is_update_step`: after which optimizer steps masks change;
 - `update`: the new mask from the weights, the old mask and (if `uses_dense_grad`) the dense-gradient score;
-- `check_invariants`: what must hold of a mask between updates.
+- `check_invariants`: what must hold of a mask between updates, judged on its per-row and per-column counts
+  (`MaskCounts`: the same whether the mask is whole on a rank or partitioned across ranks).
 and one thing about the run: `training_flops`, from the forward FLOPs with sparse and with dense weights.
 The engine does everything shared: budgets and densities, the drop-fraction schedule, score capture,
 zeroing weights and optimizer state, cross-rank checks, state for checkpoints.
@@ -24,6 +25,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from dstlm.sparse import rules, selection, sharded
+from dstlm.sparse.connectivity import MaskCounts
 from dstlm.sparse.selection import Ties, count
 from dstlm.sparse.sharded import Shard
 from dstlm.sparse.schedule import UpdateSchedule, gmp_sparsity
@@ -166,8 +168,8 @@ class DSTMethod:
         rank = torch.where(in_dead, torch.full_like(rank, -1.0), rank)
         return sharded.grow_top_shard(new, rank, shard.index, reclaimed, ties.sub("reclaim"), shard.all_reduce)
 
-    def check_invariants(self, layer: Layer, mask: torch.Tensor) -> list[str]:
-        nnz = count(mask)
+    def check_invariants(self, layer: Layer, counts: MaskCounts) -> list[str]:
+        nnz = counts.active
         return [] if nnz == layer.budget else [f"{layer.name}: {nnz} active != budget {layer.budget}"]
 
     # -- cost -------------------------------------------------------------------------------------------
@@ -283,8 +285,8 @@ class SRigL(DSTMethod):
     def update_layer_shard(self, layer, shard, n_swap, t, schedule, ties):
         return self.update_shard(layer, shard, n_swap, t, schedule, ties)
 
-    def check_invariants(self, layer, mask):
-        problems, rows, nnz = [], mask.sum(dim=1), int(mask.sum())
+    def check_invariants(self, layer, counts):
+        problems, rows, nnz = [], counts.rows, counts.active
         if not bool(((rows == 0) | (rows == layer.fan_in)).all()):
             problems.append(f"{layer.name}: active rows do not all have fan-in {layer.fan_in}")
         if nnz > layer.budget:
@@ -323,7 +325,7 @@ class GMP(DSTMethod):
         return sharded.gmp_prune_shard(shard.weight, shard.mask, self._n_keep(layer, t, schedule), shard.index,
                                        ties, shard.all_reduce)
 
-    def check_invariants(self, layer, mask):
+    def check_invariants(self, layer, counts):
         return []  # the count follows the ramp
 
 

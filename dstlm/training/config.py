@@ -312,6 +312,10 @@ class RunConfig:
                              f"--sparsity configs/sparsity/rigl.yaml (or static/set/srigl)")
         if self.trainer.zero_init:
             self._check_zero_init()
+        if self.sparsity is not None and self.sparsity.partition_masks and self.trainer.zero_stage != 3:
+            raise ValueError(f"sparsity.partition_masks=true partitions masks like ZeRO-3 partitions the weights, but "
+                             f"trainer.strategy={self.trainer.strategy!r}; use deepspeed_stage_3 or drop "
+                             f"partition_masks (other strategies hold every weight whole, and its mask with it)")
         if self.model.block_size is not None and self.data.block_size > self.model.block_size:
             raise ValueError(
                 f"data.block_size={self.data.block_size} exceeds model.block_size={self.model.block_size}; "

@@ -44,16 +44,26 @@ class DSTCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.engine = self._engine(pl_module)
+        partition = self.engine.cfg.partition_masks
         if "DeepSpeed" in type(trainer.strategy).__name__:
             from dstlm.training.zero_backend import ZeROBackend
 
             stage = trainer.strategy.config.get("zero_optimization", {}).get("stage", 0)
-            self.backend = ZeROBackend(self.engine, stage)
+            if partition and stage != 3:
+                raise ValueError(f"sparsity.partition_masks=true needs ZeRO-3, this run has ZeRO-{stage}; "
+                                 f"use deepspeed_stage_3 or drop partition_masks")
+            self.backend = ZeROBackend(self.engine, stage, mask_before_reduce=not partition)
         else:
+            if partition:
+                raise ValueError(f"sparsity.partition_masks=true needs ZeRO-3, this run has "
+                                 f"{type(trainer.strategy).__name__}; use deepspeed_stage_3 or drop partition_masks")
             self.backend = TorchBackend(trainer.optimizers[0] if trainer.optimizers else None, grads_synced=True)
-        if self._pending_state is not None:
+        resumed = self._pending_state is not None
+        if resumed:
             self.engine.load_state_dict(self._pending_state)
             self._pending_state = None
+        if partition:  # keep this rank's fragments only: cut from the first masks, or read from the checkpoint
+            self.engine.partition(self.backend, trainer.strategy.mask_fragment_files if resumed else None)
         self._last_step = trainer.global_step
         self._guards = None
         self._condensed = [m for m in pl_module.modules() if isinstance(m, CondensedComputeLinear)]
@@ -102,7 +112,8 @@ class DSTCallback(L.Callback):
         if t != self._last_step:  # an optimizer step happened (not an accumulation micro-step)
             self._last_step = t
             stats = engine.after_optimizer_step(t, self.backend)
-            fault_flip("mask", trainer.global_rank, t, engine.params[0].full_mask)  # test-only injection
+            if not engine.partitioned:
+                fault_flip("mask", trainer.global_rank, t, engine.params[0].full_mask)  # test-only injection
             verify = stats is not None or (engine.cfg.verify_every and t % engine.cfg.verify_every == 0)
             if verify:
                 problems = engine.verify(self.backend)

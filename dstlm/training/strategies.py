@@ -46,6 +46,7 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         self._on_cpu = cpu
         self.zero_init = zero_init
         self.partitioned_build = None  # the PartitionedBuild of a zero_init start (its figures), once built
+        self.mask_fragment_files: list[Path] = []  # the restored checkpoint's partitioned masks (partition_masks)
         self.build_peak_bytes: Optional[int] = None  # resident memory the model build added on this rank (Linux)
         # bucket sizes a raw DeepSpeed JSON sets are the user's; the others are sized to the model at setup
         self._user_zero_keys = set((self.config or {}).get("zero_optimization", {}) or {}) if user_config else set()
@@ -114,7 +115,24 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
             if key not in self._user_zero_keys and n > 0:
                 zero[key] = int(min(float(zero.get(key, 5e8)), n))
 
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        """DeepSpeed's checkpoint, and with partitioned masks (sparsity.partition_masks) each rank's mask
+        fragments beside its optimizer partition (`checkpoint/dstlm_masks_rank_<r>.pt`)."""
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+        engine = getattr(self.lightning_module, "sparse_engine", None)
+        if engine is not None and engine.partitioned:
+            from dstlm.sparse.fragments import fragment_file
+
+            folder = Path(self.broadcast(filepath)) / "checkpoint"
+            torch.save(engine.fragment_state(), folder / fragment_file(self.global_rank))
+
     def load_checkpoint(self, checkpoint_path, weights_only=None):
+        from dstlm.sparse.fragments import saved_files
+
+        source = Path(checkpoint_path)  # a universal conversion sits beside the checkpoint it was made from
+        if source.name.endswith("-universal"):
+            source = source.with_name(source.name[:-len("-universal")])
+        self.mask_fragment_files = saved_files(source / "checkpoint")
         universal = bool((self.config or {}).get("checkpoint", {}).get("load_universal"))
         optimizer = getattr(self.deepspeed_engine, "optimizer", None)
         groups = getattr(optimizer, "param_groups", None) or []

@@ -71,14 +71,15 @@ class RunRecord(L.Callback):
         if engine is None:
             return
         layers = {}
+        counts = engine.counts() if final else {}  # whole masks, or partitioned masks' cached all-reduced counts
         for sp in engine.params:
             la = engine.layers[sp.name]
             entry = {"shape": list(la.shape), "target_density": round(la.density, 6), "budget": la.budget}
             if la.fan_in is not None:
                 entry["fan_in"] = la.fan_in
             if final:
-                entry["final_active"] = int(sp.mask.sum())
-                entry["final_ablated_rows"] = int((~sp.mask.any(dim=1)).sum())
+                entry["final_active"] = counts[sp.name].active
+                entry["final_ablated_rows"] = int((counts[sp.name].rows == 0).sum())
             layers[sp.name] = entry
         record = {"method": engine.cfg.method, "effective_config": dataclasses.asdict(engine.cfg),
                   "density": round(engine.density(), 6), "mask_updates": engine.n_updates, "layers": layers}

@@ -3,7 +3,11 @@
 - Gradients of pruned entries are masked by a tensor hook on each sparse weight, which sees the rank's
   local, full-shape gradient before DeepSpeed reduces it; so the reduced gradient is exactly the masked
   global average. On steps whose dense gradient feeds a mask update the hook lets the gradient through;
-  the engine then reads the reduced dense gradient and masks it before the optimizer step.
+  the engine then reads the reduced dense gradient and masks it before the optimizer step. With masks
+  partitioned across ranks (sparsity.partition_masks, ZeRO-3) no rank holds the whole mask a hook needs:
+  every step masks the rank's partition of the reduced gradient instead (the same numbers: a mean of
+  masked gradients is the masked mean).
+- Masks handed to the masking methods are whole (parameter-shaped) or the rank's fragment alone.
 - Weights, gradients and AdamW moments are read and masked on the rank's own fragment only, with no
   gather: under ZeRO-1/2 the fragment of the parameter that the rank's flat fp32 partition holds
   (`param._hp_mapping`: its range in the parameter, the fp32 master view, the reduced gradient and the
@@ -37,14 +41,16 @@ def z3_fragment(param) -> tuple[int, int]:
 
 
 class ZeROBackend(Collectives):
-    def __init__(self, engine, stage: int) -> None:
+    def __init__(self, engine, stage: int, mask_before_reduce: bool = True) -> None:
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage={stage} must be 0, 1, 2 or 3")
         self.sparse = engine
         self.stage = stage
         self.capture_dense = False  # set for the micro-steps whose gradients feed a mask update
+        self.mask_before_reduce = mask_before_reduce
         # one hook per parameter (a batched expert weight holds several sparse matrices)
-        self._handles = [group[0].weight.register_hook(self._hook_for(group[0])) for group in engine.groups]
+        self._handles = [group[0].weight.register_hook(self._hook_for(group[0])) for group in engine.groups] \
+            if mask_before_reduce else []
 
     def _hook_for(self, sp):
         def hook(grad: torch.Tensor) -> Optional[torch.Tensor]:
@@ -66,7 +72,7 @@ class ZeROBackend(Collectives):
         return safe_get_full_grad(param)
 
     def mask_grad_(self, param, mask: torch.Tensor) -> None:
-        if self.capture_dense:  # else the hook masked the local gradients before the reduction
+        if self.capture_dense or not self.mask_before_reduce:  # else the hook masked it before the reduction
             self.mask_local_grad_(param, mask)
 
     def full_weight(self, param):
@@ -95,6 +101,17 @@ class ZeROBackend(Collectives):
         if mapping is None:  # no entry of this parameter in the rank's partition
             return 0, 0
         return mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+
+    def _local_keep(self, param, keep: torch.Tensor) -> torch.Tensor:
+        """The fragment's part of `keep`: a whole (parameter-shaped) mask is cut, a fragment's is itself."""
+        start, n = self.fragment(param)
+        flat = keep.reshape(-1)
+        if flat.numel() == getattr(param, "ds_numel", param.numel()):
+            return flat[start:start + n]
+        if flat.numel() != n:
+            raise ValueError(f"a mask of {flat.numel()} entries for a parameter of "
+                             f"{getattr(param, 'ds_numel', param.numel())} whose fragment here holds {n}")
+        return flat
 
     @staticmethod
     def _z3_whole(param) -> bool:
@@ -139,7 +156,7 @@ class ZeROBackend(Collectives):
         """Zero the rank's fragment of the reduced gradient off the mask (the dense steps' gradients reached
         the reduction unmasked)."""
         start, n = self.fragment(param)
-        keep = mask.reshape(-1)[start:start + n]
+        keep = self._local_keep(param, mask)
         if self.stage == 3:
             from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
@@ -149,7 +166,7 @@ class ZeROBackend(Collectives):
                 keep_where_(flat[:n], keep)
                 safe_set_local_grad(param, flat)
             return
-        if param.grad is not None:
+        if param.grad is not None:  # ZeRO-1/2 before the reduction copied it: whole
             keep_where_(param.grad, mask.reshape(param.grad.shape))
             return
         frag = self._grad_fragment(param)
@@ -161,7 +178,7 @@ class ZeROBackend(Collectives):
         """Zero the rank's fp32 master fragment and the module's copy (its partition under ZeRO-3; under
         ZeRO-1/2 every rank holds the module weight whole and zeroes it whole) where `keep` (whole) is False."""
         start, n = self.fragment(param)
-        local_keep = keep.reshape(-1)[start:start + n]
+        local_keep = self._local_keep(param, keep)
         if self.stage == 3:
             from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
@@ -170,6 +187,8 @@ class ZeROBackend(Collectives):
             safe_set_local_fp32_param(param, master)
             param.ds_tensor.data.reshape(-1)[:n].mul_(local_keep.to(param.ds_tensor.device, param.ds_tensor.dtype))
             if self._z3_whole(param):  # a persistent (small) parameter stays gathered: the next forward reads it
+                if keep.numel() != param.ds_numel:  # a fragment: the ranks' fragments joined (small by definition)
+                    keep = self.assemble(param.ds_numel, start, local_keep)
                 param.data.mul_(keep.reshape(param.data.shape).to(param.device, param.dtype))
             return
         mapping = getattr(param, "_hp_mapping", None)
@@ -198,7 +217,7 @@ class ZeROBackend(Collectives):
     @torch.no_grad()
     def mask_local_optimizer_state_(self, param, keep: torch.Tensor) -> None:
         start, n = self.fragment(param)
-        local_keep = keep.reshape(-1)[start:start + n]
+        local_keep = self._local_keep(param, keep)
         for key, state in self._local_states(param):
             if self.stage == 3:
                 from deepspeed.utils import safe_set_local_optimizer_state
@@ -213,7 +232,7 @@ class ZeROBackend(Collectives):
         """[non-zero fp32 master, non-zero module weights, non-zero optimizer state] at pruned entries of the
         rank's fragment; the fragments of all ranks cover each parameter once."""
         start, n = self.fragment(param)
-        keep = mask.reshape(-1)[start:start + n]
+        keep = self._local_keep(param, mask)
         module = 0
         if self.stage != 3 or self._z3_whole(param):  # the whole module copy the next forward reads
             module += count_nonzero_outside(param.detach().reshape(-1)[start:start + n], keep)

@@ -8,7 +8,8 @@ Environment: DSTLM_STRATEGY (default ddp / auto), DSTLM_STEPS (8), DSTLM_CKPT_EV
 DSTLM_STEP_SLEEP (seconds per step, to give a test time to kill a rank), DSTLM_IFT (a Sparse-IFT family),
 DSTLM_MOE (a MoE model), DSTLM_HF (a Hugging Face model folder as the model source),
 DSTLM_EP (its expert_parallel_size), DSTLM_ZERO_INIT (build partitioned: trainer.zero_init),
-DSTLM_RESUME (a checkpoint to resume from, through dstlm.training.run.fit), DSTLM_CONDENSED (sparsity.condensed).
+DSTLM_RESUME (a checkpoint to resume from, through dstlm.training.run.fit), DSTLM_CONDENSED (sparsity.condensed),
+DSTLM_PARTITION_MASKS (sparsity.partition_masks: masks are joined whole for the dumps).
 Each rank saves masks after every update, the masks at train start (after a restore), the final masks and the
 final (gathered) weights.
 """
@@ -43,7 +44,7 @@ class MaskDump(L.Callback):
         self.out, self.snapshots, self.start, self.losses, self.sharded = out, [], {}, {}, []
 
     def on_train_start(self, trainer, pl_module):  # after a checkpoint was restored
-        self.start = {sp.name: sp.mask.clone() for sp in pl_module.sparse_engine.params}
+        self.start = {k: m.clone() for k, m in pl_module.sparse_engine.whole_masks().items()}
         # sharded decisions also decided whole by the sort-based reference; any difference stops the run
         pl_module.sparse_engine.check_reference = bool(os.environ.get("DSTLM_CHECK_REFERENCE"))
 
@@ -51,7 +52,7 @@ class MaskDump(L.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
         engine = pl_module.sparse_engine
         if engine.n_updates > len(self.snapshots):
-            self.snapshots.append({sp.name: sp.mask.clone() for sp in engine.params})
+            self.snapshots.append({k: m.clone() for k, m in engine.whole_masks().items()})
             self.sharded.append(engine.last_stats["sharded"])
 
     def on_train_end(self, trainer, pl_module):
@@ -65,7 +66,7 @@ class MaskDump(L.Callback):
             weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
         torch.save({"masks": self.snapshots, "start_masks": self.start, "weights": weights, "losses": self.losses,
                     "sharded": self.sharded,
-                    "final_masks": {sp.name: sp.mask.clone() for sp in pl_module.sparse_engine.params}},
+                    "final_masks": {k: m.clone() for k, m in pl_module.sparse_engine.whole_masks().items()}},
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
@@ -82,7 +83,8 @@ def main() -> None:
     cfg.trainer.zero_init = bool(os.environ.get("DSTLM_ZERO_INIT"))
     extra = dict(sparsity=0.5, n=2, m=4) if method == "nm" else dict(sparsity=0.8)
     cfg.sparsity = SparsityConfig(method=method, delta_t=2, t_end=1.0, drop_fraction=0.3,
-                                  condensed=bool(os.environ.get("DSTLM_CONDENSED")), **extra)
+                                  condensed=bool(os.environ.get("DSTLM_CONDENSED")),
+                                  partition_masks=bool(os.environ.get("DSTLM_PARTITION_MASKS")), **extra)
     if os.environ.get("DSTLM_MOE"):  # 4 experts, top-2, in every 2nd block
         from dstlm.models.moe import MoEConfig
 

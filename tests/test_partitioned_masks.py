@@ -1,0 +1,138 @@
+"""Masks partitioned like the weights (sparsity.partition_masks, ZeRO-3): real multi-process runs against the
+whole-mask runs, checkpoints of per-rank fragments resumed at the same and at another world size, the tools
+that read checkpoints, and the refusals. Every rule at 1-4 ranks (threads) is in tests/test_sharded_engine.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_run
+from dstlm.sparse.fragments import Fragment, fragment_file, fragment_state, read_fragments, whole_masks_from
+from dstlm.sparse.distributed import even_fragment, pack_mask
+from test_dist import _assert_resumed_like, _dst_job
+
+Z3 = {"DSTLM_STRATEGY": "deepspeed_stage_3"}
+PARTITIONED = {**Z3, "DSTLM_PARTITION_MASKS": "1"}
+
+
+def _save_as_ranks(folder, masks: dict[str, torch.Tensor], world: int) -> None:
+    """The fragment files `world` ranks with ZeRO-3's even cuts would write for these whole masks."""
+    for rank in range(world):
+        frags = {}
+        for key, m in masks.items():
+            start, n = even_fragment(m.numel(), rank, world)
+            part = m.reshape(-1)[start:start + n]
+            frags[key] = Fragment(start, part.clone(), pack_mask(part), m.numel(), tuple(m.shape))
+        torch.save(fragment_state(frags, rank, world), folder / fragment_file(rank))
+
+
+def test_fragment_files_join_at_any_world_size(tmp_path):
+    """Saved by 3 ranks (cuts at odd bit offsets), read back by 2 and 5 ranks and whole: the same bits."""
+    gen = torch.Generator().manual_seed(0)
+    masks = {"a.weight": torch.rand(37, 11, generator=gen) < 0.3, "b.experts": torch.rand(3, 5, 7, generator=gen) < 0.5}
+    _save_as_ranks(tmp_path, masks, 3)
+    files = sorted(tmp_path.glob("dstlm_masks_rank_*.pt"))
+    for world in (2, 5):
+        for rank in range(world):
+            runs = {k: even_fragment(m.numel(), rank, world) for k, m in masks.items()}
+            got = read_fragments(files, runs)
+            for key, (start, n) in runs.items():
+                want = masks[key].reshape(-1)[start:start + n]
+                assert torch.equal(got[key][0], want) and torch.equal(got[key][1], want), (world, rank, key)
+    whole = whole_masks_from(tmp_path)
+    assert all(torch.equal(whole[k], m) for k, m in masks.items())
+    files[1].unlink()
+    with pytest.raises(ValueError, match="cover"):
+        whole_masks_from(tmp_path)
+    for f in files:
+        f.unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match="partition_masks=false"):
+        read_fragments([], {"a.weight": (0, 10)})
+
+
+def test_partition_masks_needs_zero3(tmp_path, small_corpus):
+    from dstlm.sparse import SparsityConfig
+
+    with pytest.raises(ValueError, match=r"partition_masks=true .* trainer.strategy='ddp'.* deepspeed_stage_3"):
+        tiny_run(tmp_path, small_corpus, trainer=dict(strategy="ddp"),
+                 sparsity=SparsityConfig(method="rigl", sparsity=0.8, partition_masks=True))
+
+
+def test_resume_with_another_partition_setting_is_refused():
+    import torch.nn as nn
+
+    from dstlm.sparse import SparsityConfig
+    from dstlm.sparse.engine import SparseEngine
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    saved = SparseEngine(model, SparsityConfig(method="rigl", sparsity=0.5, include=["*"]), 0, 10).state_dict()
+    engine = SparseEngine(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)),
+                          SparsityConfig(method="rigl", sparsity=0.5, include=["*"], partition_masks=True), 0, 10)
+    with pytest.raises(ValueError, match="written with sparsity.partition_masks=false, this run has true"):
+        engine.load_state_dict(saved)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("method,nproc", [("rigl", 2), ("srigl", 4), pytest.param("nm", 2, marks=pytest.mark.slow),
+                                          pytest.param("set", 4, marks=pytest.mark.slow)])
+def test_zero3_partitioned_masks_equal_whole_masks(tmp_path, small_corpus, method, nproc):
+    """ZeRO-3 on 2 and 4 gloo ranks: with partitioned masks every update is also decided whole from gathered
+    weights and scores by the sort-based reference (the run stops on any difference), and the run has the
+    whole-mask run's masks after every update, losses and final weights, bit for bit (gradients masked after
+    the reduction instead of before it: the same numbers)."""
+    _assert_same_runs(tmp_path, method, nproc, small_corpus, {})
+
+
+@pytest.mark.dist
+def test_zero3_partitioned_masks_on_a_hugging_face_model(tmp_path, small_corpus, hf_dirs):
+    """GPT-2 from a Hugging Face folder stores its projections transposed ([in, out] Conv1D): the fragments cut
+    the storage order, and the rules' per-row counts follow the [out, in] view. Same result as whole masks."""
+    _assert_same_runs(tmp_path, "srigl", 2, small_corpus, {"DSTLM_HF": str(hf_dirs["gpt2"])})
+
+
+def _assert_same_runs(tmp_path, method: str, nproc: int, corpus, env: dict) -> None:
+    batch = 8 // nproc
+    part = _dst_job(tmp_path / "part", method, batch, corpus, nproc=nproc, extra_env={**PARTITIONED, **env})
+    whole = _dst_job(tmp_path / "whole", method, batch, corpus, nproc=nproc, extra_env={**Z3, **env})
+    assert len(part[0]["masks"]) >= 3
+    for p, w in zip(part, whole):
+        assert p["sharded"] == [1.0] * len(w["masks"]) and p["losses"] == w["losses"]
+        for a, b in zip(p["masks"], w["masks"]):
+            assert all(torch.equal(a[k], b[k]) for k in b)
+        assert {k for k in w["weights"] if not k.endswith("_mask")} == set(p["weights"])  # no mask in the module
+        for k in p["weights"]:
+            assert torch.equal(p["weights"][k], w["weights"][k]), k
+    changed = any(not torch.equal(part[0]["masks"][0][k], part[0]["masks"][-1][k]) for k in part[0]["masks"][0])
+    assert changed or method == "nm"
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("saved_ranks,resume_ranks", [(2, 2), (2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
+def test_partitioned_checkpoint_resumes_at_any_world_size(tmp_path, small_corpus, saved_ranks, resume_ranks):
+    """Each rank saves its mask fragments beside its optimizer partition; a resume reads the runs it now holds
+    from the saved files (universal checkpoint for the weights when the world size changes): the masks after
+    the restore equal the saved ones exactly, and the run ends like the uninterrupted one (bit for bit at the
+    same world size). The tools that read checkpoints see the joined whole masks."""
+    from dstlm.checkpoint import checkpoint_problem, read_checkpoint
+
+    env = {**PARTITIONED, "DSTLM_CKPT_EVERY": "4"}
+    ref = _dst_job(tmp_path / "ref", "rigl", 8 // saved_ranks, small_corpus, nproc=saved_ranks, extra_env=env)
+    ckpt = tmp_path / "ref" / "run" / "t" / "checkpoints" / "step0000004.ckpt"
+    assert len(list((ckpt / "checkpoint").glob("dstlm_masks_rank_*.pt"))) == saved_ranks
+    new = _dst_job(tmp_path / "new", "rigl", 8 // resume_ranks, small_corpus, nproc=resume_ranks,
+                   extra_env={**env, "DSTLM_RESUME": str(ckpt)})
+    if saved_ranks == resume_ranks:
+        for a, b in zip(ref, new):
+            assert all(torch.equal(b["start_masks"][k], m) for k, m in ref[0]["masks"][1].items())
+            assert all(torch.equal(a["final_masks"][k], b["final_masks"][k]) for k in a["final_masks"])
+            assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    else:
+        _assert_resumed_like(ref[0], new, rtol=1e-4, atol=1e-5)
+    last = tmp_path / "ref" / "run" / "t" / "checkpoints" / "last.ckpt"
+    state = read_checkpoint(last)["state_dict"]
+    for name, mask in ref[0]["final_masks"].items():
+        assert torch.equal(state[f"model.{name}_mask"], mask), name
+        assert (state[f"model.{name}"][~mask] == 0).all(), name
+    next((last / "checkpoint").glob("dstlm_masks_rank_*.pt")).unlink()
+    assert "mask fragments" in checkpoint_problem(last)
