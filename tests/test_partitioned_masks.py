@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_run
+from conftest import REPO, tiny_run
 from dstlm.sparse.fragments import Fragment, fragment_file, fragment_state, read_fragments, whole_masks_from
 from dstlm.sparse.distributed import even_fragment, pack_mask
-from test_dist import _assert_resumed_like, _dst_job
+from test_dist import _assert_resumed_like, _dst_job, _torchrun
 
-Z3 = {"DSTLM_STRATEGY": "deepspeed_stage_3"}
+Z3 = {"DSTLM_STRATEGY": "deepspeed_stage_3", "DSTLM_PARTITION_MASKS": "0"}  # whole masks, the reference
 PARTITIONED = {**Z3, "DSTLM_PARTITION_MASKS": "1"}
 
 
@@ -123,6 +123,11 @@ def test_partitioned_checkpoint_resumes_at_any_world_size(tmp_path, small_corpus
     new = _dst_job(tmp_path / "new", "rigl", 8 // resume_ranks, small_corpus, nproc=resume_ranks,
                    extra_env={**env, "DSTLM_RESUME": str(ckpt)})
     if saved_ranks == resume_ranks:
+        # the other setting is refused in one line before anything is loaded (the masks are elsewhere)
+        helper = str(REPO / "tests" / "helpers" / "dst_run.py")
+        r = _torchrun([helper, str(tmp_path / "other"), "rigl", str(8 // resume_ranks), *small_corpus],
+                      nproc=resume_ranks, extra_env={**env, "DSTLM_PARTITION_MASKS": "0", "DSTLM_RESUME": str(ckpt)})
+        assert r.returncode != 0 and "resume it with --sparsity.partition_masks true" in r.stderr, r.stderr[-2000:]
         for a, b in zip(ref, new):
             assert all(torch.equal(b["start_masks"][k], m) for k, m in ref[0]["masks"][1].items())
             assert all(torch.equal(a["final_masks"][k], b["final_masks"][k]) for k in a["final_masks"])

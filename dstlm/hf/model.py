@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dstlm.hf.source import MASKS_FILE, HFModelConfig
+from dstlm.models.gpt import param_numel
 from dstlm.sparse.masks import SparseParam
 
 ROUTER_WORDS = ("router", "gate")
@@ -100,9 +101,9 @@ class HFCausalLM(nn.Module):
                 self.hf.set_experts_implementation(before)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.hf.parameters())  # shared (tied) tensors once
+        n = sum(param_numel(p) for p in self.hf.parameters())  # shared (tied) tensors once; ZeRO-3: whole size
         if non_embedding:
-            n -= sum(p.numel() for p in self.hf.get_input_embeddings().parameters())
+            n -= sum(param_numel(p) for p in self.hf.get_input_embeddings().parameters())
         return n
 
     # -- the sparse adapter ---------------------------------------------------------------------------
@@ -359,3 +360,4 @@ def attach_saved_masks(model: HFCausalLM, path: Path, partitioned=None) -> None:
         if bool((values[off] != 0).any()):
             raise ValueError(f"{path}: {name} has non-zero weights where its mask is off; the weights and the mask "
                              f"file do not belong together")
+

@@ -330,13 +330,13 @@ class GPT(nn.Module):
         return (torch.stack([m.aux_loss for m in layers]).mean(), torch.stack([m.z_loss for m in layers]).mean())
 
     def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
+        n = sum(param_numel(p) for p in self.parameters())  # ZeRO-3: a partitioned parameter's whole size
         if non_embedding:
-            n -= self.wte.weight.numel()
+            n -= param_numel(self.wte.weight)
             if self.wpe is not None:
-                n -= self.wpe.weight.numel()
+                n -= param_numel(self.wpe.weight)
             if not self.config.tie_embeddings:
-                n -= self.lm_head.weight.numel()
+                n -= param_numel(self.lm_head.weight)
         return n
 
     def flops_per_token(self) -> int:
@@ -385,3 +385,8 @@ class GPT(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+def param_numel(p) -> int:
+    """A parameter's number of entries, also when ZeRO-3 holds only a partition of it (ds_numel)."""
+    return getattr(p, "ds_numel", None) or p.numel()

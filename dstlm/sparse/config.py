@@ -82,10 +82,11 @@ class SparsityConfig:
     """Compute the sparse linear layers condensed in training (active weights only, dstlm's CPU kernel; fp32
     on the CPU; methods with constant fan-in: srigl, nm). Same parameters, masks and checkpoints as masked
     training; docs/condensed.md."""
-    partition_masks: bool = False
+    partition_masks: Optional[bool] = None
     """ZeRO-3 only: each rank holds only the masks of its own partition of the weights ((1 + 1/8) bytes per sparse
     weight / world instead of 1.125 bytes on every rank), decides them there and saves them beside its
-    optimizer partition; the same masks, weights and losses as whole masks. docs/dst-at-scale.md."""
+    optimizer partition; the same masks, weights and losses as whole masks. Unset: true under ZeRO-3
+    (deepspeed_stage_3), false under every other strategy. docs/distributed.md."""
 
     def __post_init__(self) -> None:
         check_field_types(self, "sparsity")

@@ -233,7 +233,9 @@ class SparseEngine:
                 ever = pack_mask(ever[start:start + n].to(full.device))
             fragments[key] = Fragment(start, mask, ever, full.numel(), tuple(full.shape))
             # the whole mask is freed: an empty placeholder keeps the buffer's name (never saved)
-            group[0].module._buffers[f"{group[0].attr}_mask"] = torch.zeros(0, dtype=torch.bool, device=full.device)
+            module, name = group[0].module, f"{group[0].attr}_mask"
+            module._buffers[name] = torch.zeros(0, dtype=torch.bool, device=full.device)
+            module._non_persistent_buffers_set.add(name)  # also a mask that came with the model (saved as fragments)
         self.fragments = fragments
         self.ever_active = {}
         self._counts = None
@@ -296,8 +298,8 @@ class SparseEngine:
     def sharded(self, backend: SparseBackend) -> bool:
         """Whether masks are decided on shards (dstlm/sparse/sharded.py): on more than one rank, for methods
         that have a sharded rule, with a backend that exposes fragments; else every rank decides whole."""
-        if self.fragments is not None:
-            return True  # partitioned masks: every rank decides its fragment, at any world size
+        if self.fragments is not None:  # partitioned masks: every rank decides its fragment (on one rank: all of
+            return backend.world_size > 1  # it, with the one-process rules)
         sharded = backend.world_size > 1 and self.method.shardable and getattr(backend, "shards", False)
         if sharded and hasattr(backend, "plan") and self._planned is not backend:
             backend.plan([group[0].weight for group in self.groups])  # who owns which parameter
@@ -368,8 +370,9 @@ class SparseEngine:
             if partitioned:
                 f = self.fragments[_param_name(group)]
                 reference = self._reference(group, backend, t, drop_fraction, dead, backend.assemble(
-                    f.numel, f.start, f.mask).reshape(f.shape)) if self.check_reference else None
-                new = self._decide_shards(group, backend, t, drop_fraction, dead, before)
+                    f.numel, f.start, f.mask).reshape(f.shape)) if sharded and self.check_reference else None
+                new = self._decide_shards(group, backend, t, drop_fraction, dead, before) if sharded else \
+                    self._decide_whole(group, backend, t, drop_fraction, dead, f.mask.reshape(f.shape)).reshape(-1)
                 if reference is not None:
                     self._check_reference(group, t, reference, backend.assemble(f.numel, f.start, new))
                 keep = new & f.mask  # zero both dropped and newly grown entries (grown start at 0)

@@ -296,6 +296,8 @@ class RunConfig:
         if self.model is None:
             self.model = GPTConfig()
         check_field_types(self, "")
+        if not 0 <= self.seed < 2**32:  # what numpy's and Lightning's seeding accept
+            raise ValueError(f"seed={self.seed} must be in [0, 2^32 - 1]; e.g. seed: 1337")
         if not self.name or self.name in (".", "..") or "/" in self.name or self.name.startswith("-"):
             raise ValueError(f"name={self.name!r} must name one folder under out_dir (no '/', not empty); e.g. "
                              f"name: rigl-90")

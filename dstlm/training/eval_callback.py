@@ -90,7 +90,9 @@ class EvalCallback(L.Callback):
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         with torch.random.fork_rng():  # building draws an init: keep the training RNG as it was
             whole = pl_module.build_fresh_model()
-        for name, buf in model.named_buffers():  # mask buffers too
+        for name, buf in model.named_buffers():  # mask buffers too (partitioned masks: none; weights are 0 there)
+            if name not in state:  # not saved with the module (partitioned masks' empty placeholders)
+                continue
             module_name, _, attr = name.rpartition(".")
             target = whole.get_submodule(module_name) if module_name else whole
             if attr not in dict(target.named_buffers(recurse=False)):

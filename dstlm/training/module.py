@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import asdict
 
@@ -115,6 +117,10 @@ class LMModule(L.LightningModule):
                     if ignored:
                         rank_zero_warn(f"Sparse-IFT sets which weights are sparse and their densities itself; "
                                        f"ignored: {', '.join(ignored)}")
+            if sparsity is not None and sparsity.partition_masks is None:  # unset: partitioned under ZeRO-3 (the
+                # resolved value is the engine's config, which runs/<name>/sparsity.yaml records)
+                strategy = self._trainer.strategy if self._trainer is not None else None
+                sparsity = dataclasses.replace(sparsity, partition_masks=bool(getattr(strategy, "zero_stage_3", False)))
             self.effective_sparsity = sparsity
             if sparsity is not None:
                 # masks become persistent buffers on the modules, before any strategy wraps the model

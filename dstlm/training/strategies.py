@@ -133,6 +133,12 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         if source.name.endswith("-universal"):
             source = source.with_name(source.name[:-len("-universal")])
         self.mask_fragment_files = saved_files(source / "checkpoint")
+        engine = getattr(self.lightning_module, "sparse_engine", None)
+        if engine is not None and bool(self.mask_fragment_files) != bool(engine.cfg.partition_masks):
+            saved = "true" if self.mask_fragment_files else "false"
+            raise ValueError(f"checkpoint {source} was written with sparsity.partition_masks={saved} (masks "
+                             f"{'in per-rank fragment files' if saved == 'true' else 'in the module state'}); resume "
+                             f"it with --sparsity.partition_masks {saved}")
         universal = bool((self.config or {}).get("checkpoint", {}).get("load_universal"))
         optimizer = getattr(self.deepspeed_engine, "optimizer", None)
         groups = getattr(optimizer, "param_groups", None) or []

@@ -9,7 +9,8 @@ DSTLM_STEP_SLEEP (seconds per step, to give a test time to kill a rank), DSTLM_I
 DSTLM_MOE (a MoE model), DSTLM_HF (a Hugging Face model folder as the model source),
 DSTLM_EP (its expert_parallel_size), DSTLM_ZERO_INIT (build partitioned: trainer.zero_init),
 DSTLM_RESUME (a checkpoint to resume from, through dstlm.training.run.fit), DSTLM_CONDENSED (sparsity.condensed),
-DSTLM_PARTITION_MASKS (sparsity.partition_masks: masks are joined whole for the dumps).
+DSTLM_PARTITION_MASKS (1/0: sparsity.partition_masks true/false; unset: the default, true under ZeRO-3; masks
+are joined whole for the dumps).
 Each rank saves masks after every update, the masks at train start (after a restore), the final masks and the
 final (gathered) weights.
 """
@@ -84,7 +85,8 @@ def main() -> None:
     extra = dict(sparsity=0.5, n=2, m=4) if method == "nm" else dict(sparsity=0.8)
     cfg.sparsity = SparsityConfig(method=method, delta_t=2, t_end=1.0, drop_fraction=0.3,
                                   condensed=bool(os.environ.get("DSTLM_CONDENSED")),
-                                  partition_masks=bool(os.environ.get("DSTLM_PARTITION_MASKS")), **extra)
+                                  partition_masks={"1": True, "0": False}.get(os.environ.get("DSTLM_PARTITION_MASKS")),
+                                  **extra)
     if os.environ.get("DSTLM_MOE"):  # 4 experts, top-2, in every 2nd block
         from dstlm.models.moe import MoEConfig
 
