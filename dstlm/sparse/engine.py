@@ -689,17 +689,17 @@ class SparseEngine:
         return {"tie_seed": self.tie_seed, "ever_active": dict(self.ever_active),
                 "scores": scores, "score_steps": self._score_steps, "n_updates": self.n_updates,
                 "fan_in": dict(self.fan_in), "method": self.cfg.method, "sparsity": self.cfg.sparsity,
-                "last_stats": dict(self.last_stats), "partitioned": self.cfg.partition_masks}
+                "last_stats": dict(self.last_stats), "partitioned": bool(self.cfg.partition_masks)}
 
     def load_state_dict(self, state: dict) -> None:
         if state["method"] != self.cfg.method or abs(state["sparsity"] - self.cfg.sparsity) > 1e-9:
             raise ValueError(f"checkpoint was trained with sparsity.method={state['method']!r} at sparsity "
                              f"{state['sparsity']}, this run has {self.cfg.method!r} at {self.cfg.sparsity}; "
                              f"resume with the same sparsity config")
-        if bool(state.get("partitioned")) != self.cfg.partition_masks:
+        if bool(state.get("partitioned")) != bool(self.cfg.partition_masks):
             saved = bool(state.get("partitioned"))
             raise ValueError(f"checkpoint was written with sparsity.partition_masks={str(saved).lower()}, this run has "
-                             f"{str(self.cfg.partition_masks).lower()}; resume with the same setting (its masks are "
+                             f"{str(not saved).lower()}; resume with the same setting (its masks are "
                              f"{'in per-rank fragment files' if saved else 'module buffers'})")
         if "tie_seed" not in state:
             raise ValueError("this checkpoint's masks were decided by dstlm's earlier rules (a generator, not the "
