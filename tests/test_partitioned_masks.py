@@ -23,7 +23,7 @@ def _save_as_ranks(folder, masks: dict[str, torch.Tensor], world: int) -> None:
         for key, m in masks.items():
             start, n = even_fragment(m.numel(), rank, world)
             part = m.reshape(-1)[start:start + n]
-            frags[key] = Fragment(start, part.clone(), pack_mask(part), m.numel(), tuple(m.shape))
+            frags[key] = Fragment(start, part.clone(), pack_mask(part), tuple(m.shape))
         torch.save(fragment_state(frags, rank, world), folder / fragment_file(rank))
 
 

@@ -214,7 +214,7 @@ class SparseEngine:
         if not self.method.shardable:
             raise ValueError(f"sparsity.partition_masks=true needs a rule that decides on shards; "
                              f"sparsity.method={self.cfg.method!r} has none; drop partition_masks")
-        if self.fragments is not None and files is None:
+        if self.partitioned and files is None:
             return  # already partitioned (a second fit of the same module)
         self._backend = backend
         runs = {_param_name(g): backend.fragment(g[0].weight) for g in self.groups}
@@ -228,10 +228,11 @@ class SparseEngine:
                 mask, ever = mask.to(full.device), pack_mask(ever.to(full.device))
             else:
                 mask = full.reshape(-1)[start:start + n].clone()
-                ever = torch.cat([sp.to_storage(unpack_bits(self.ever_active[sp.name], math.prod(self.layers[
-                    sp.name].shape)).reshape(self.layers[sp.name].shape)).reshape(-1) for sp in group])
+                shapes = [self.layers[sp.name].shape for sp in group]
+                ever = _flat_storage(group, [unpack_bits(self.ever_active[sp.name], math.prod(shape)).reshape(shape)
+                                             for sp, shape in zip(group, shapes)])
                 ever = pack_mask(ever[start:start + n].to(full.device))
-            fragments[key] = Fragment(start, mask, ever, full.numel(), tuple(full.shape))
+            fragments[key] = Fragment(start, mask, ever, tuple(full.shape))
             # the whole mask is freed: an empty placeholder keeps the buffer's name (never saved)
             module, name = group[0].module, f"{group[0].attr}_mask"
             module._buffers[name] = torch.zeros(0, dtype=torch.bool, device=full.device)
@@ -245,7 +246,7 @@ class SparseEngine:
         """Per matrix, active entries per row and per column: from the whole masks, or (partitioned) the sum of
         every rank's partial counts, computed once per mask change (a collective: every rank's first call after
         a change must be at the same point; the engine makes it at `partition` and after each update)."""
-        if self.fragments is None:
+        if not self.partitioned:
             return {sp.name: MaskCounts.of(sp.mask) for sp in self.params}
         if self._counts is None:
             parts = []
@@ -267,7 +268,7 @@ class SparseEngine:
     def whole_masks(self) -> dict[str, torch.Tensor]:
         """Every matrix's whole [out, in] mask. Partitioned: joined from the ranks' fragments (a collective, and
         whole masks on every rank: for tests and tools, not for training)."""
-        if self.fragments is None:
+        if not self.partitioned:
             return {sp.name: sp.mask for sp in self.params}
         out = {}
         for group in self.groups:
@@ -279,7 +280,7 @@ class SparseEngine:
     def _local_mask(self, group: list[SparseParam]) -> torch.Tensor:
         """The mask the backend masks gradients, weights and state with: this rank's fragment when
         partitioned, else the whole parameter's."""
-        return self.fragments[_param_name(group)].mask if self.fragments is not None else group[0].full_mask
+        return self.fragments[_param_name(group)].mask if self.partitioned else group[0].full_mask
 
     def fragment_state(self) -> dict:
         """This rank's fragments, bit-packed with their ranges (what it saves in a checkpoint)."""
@@ -298,7 +299,7 @@ class SparseEngine:
     def sharded(self, backend: SparseBackend) -> bool:
         """Whether masks are decided on shards (dstlm/sparse/sharded.py): on more than one rank, for methods
         that have a sharded rule, with a backend that exposes fragments; else every rank decides whole."""
-        if self.fragments is not None:  # partitioned masks: every rank decides its fragment (on one rank: all of
+        if self.partitioned:  # partitioned masks: every rank decides its fragment (on one rank: all of
             return backend.world_size > 1  # it, with the one-process rules)
         sharded = backend.world_size > 1 and self.method.shardable and getattr(backend, "shards", False)
         if sharded and hasattr(backend, "plan") and self._planned is not backend:
@@ -348,7 +349,7 @@ class SparseEngine:
         """New masks, decided where the masks and weights live, one parameter (group of matrices) at a time;
         that group's weights and optimizer state are zeroed before the next is read."""
         start = time.perf_counter()
-        partitioned = self.fragments is not None
+        partitioned = self.partitioned
         if not partitioned:  # partitioned masks cannot drift apart: no two ranks hold the same entries
             self.check_ranks_agree(backend, t, when="before")
         drop_fraction = self.schedule.drop_fraction(t)
@@ -500,7 +501,7 @@ class SparseEngine:
         all-reduce. No rank reads another's weights or scores."""
         param = group[0].weight
         f_start, f_len = backend.fragment(param)
-        if self.fragments is not None:
+        if self.partitioned:
             f = self.fragments[_param_name(group)]
             if (f.start, f.length) != (f_start, f_len):
                 raise RuntimeError(f"{_param_name(group)}: this rank's mask fragment covers {f.start}+{f.length} "
@@ -526,7 +527,7 @@ class SparseEngine:
             new_local[lo:hi] = self.method.update_layer_shard(layer, shard, n_swap, t, self.schedule,
                                                               Ties(self.tie_seed, "update", t, sp.name))
             layer.dead_rows = None
-        if self.fragments is not None:
+        if self.partitioned:
             return new_local
         return backend.assemble(group[0].full_mask.numel(), f_start, new_local)
 
@@ -563,7 +564,7 @@ class SparseEngine:
         for group in self.groups:
             if group[0].name not in self._scores:
                 continue
-            whole = torch.cat([sp.to_storage(self._scores.pop(sp.name)).reshape(-1) for sp in group])
+            whole = _flat_storage(group, [self._scores.pop(sp.name) for sp in group])
             f_start, f_len = backend.fragment(group[0].weight)
             self._shard_scores[_param_name(group)] = whole[f_start:f_start + f_len].clone()
 
@@ -583,7 +584,7 @@ class SparseEngine:
 
     def _param_size(self, group: list[SparseParam]) -> tuple[int, tuple[int, ...]]:
         """The group's parameter's number of entries and (storage) shape, whole masks or partitioned."""
-        if self.fragments is not None:
+        if self.partitioned:
             f = self.fragments[_param_name(group)]
             return f.numel, f.shape
         return group[0].full_mask.numel(), tuple(group[0].full_mask.shape)
@@ -669,7 +670,7 @@ class SparseEngine:
         densities = self.layer_densities()
         lines = [f"{self.cfg.method} at sparsity {self.cfg.sparsity:.3f} ({self.cfg.distribution}); "
                  f"{len(self.params)} sparse weights, density {self.density():.4f}"
-                 + (" (masks partitioned across ranks)" if self.fragments is not None else "")]
+                 + (" (masks partitioned across ranks)" if self.partitioned else "")]
         for sp in self.params:
             shape = str(self.layers[sp.name].shape)
             lines.append(f"  {sp.name:<40} {shape:>14}  density {densities[sp.name]:.4f}")
@@ -730,6 +731,11 @@ def sparse_params_of(model: nn.Module, cfg: SparsityConfig) -> list[SparseParam]
     include = include_of(model, cfg)
     choose = getattr(model, "sparse_params", None)
     return choose(include, cfg.exclude) if choose is not None else select_params(model, include, cfg.exclude)
+
+
+def _flat_storage(group: list[SparseParam], matrices: list[torch.Tensor]) -> torch.Tensor:
+    """The group's per-matrix [out, in] tensors laid out as its parameter's flat storage (matrices in index order)."""
+    return torch.cat([sp.to_storage(m).reshape(-1) for sp, m in zip(group, matrices)])
 
 
 def _param_name(group: list[SparseParam]) -> str:

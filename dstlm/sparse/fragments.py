@@ -17,6 +17,7 @@ tools that want whole masks (eval, export, report) join all of them (`whole_mask
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -41,14 +42,17 @@ class Fragment:
     """bool [length]: the mask at flat positions start .. start + length."""
     ever: torch.Tensor
     """uint8 [ceil(length / 8)]: bit-packed, every entry that was ever active (ITOP)."""
-    numel: int
-    """The whole parameter's number of entries."""
     shape: tuple[int, ...]
     """The whole parameter's (storage) shape."""
 
     @property
     def length(self) -> int:
         return self.mask.numel()
+
+    @property
+    def numel(self) -> int:
+        """The whole parameter's number of entries."""
+        return math.prod(self.shape)
 
 
 def partial_counts(rows: int, cols: int, storage_index, fragment_mask: torch.Tensor,
