@@ -18,7 +18,7 @@ from dstlm.build import build_model, model_transforms
 from dstlm.models.gpt import GPTConfig
 from dstlm.models.moe import without_placement
 from dstlm.sparse.condensed import CondensedLinear, condense, condensed_layouts, rebuild_condensed
-from dstlm.sparse.fragments import saved_files, whole_masks_from
+from dstlm.sparse.fragments import expected_files, saved_files, whole_masks_from
 from dstlm.transforms.ift import SparseIFTConfig
 
 
@@ -95,8 +95,11 @@ def checkpoint_problem(path: str | Path) -> Optional[str]:
             missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
             return f"the optimizer states of rank(s) {missing} are missing"
         masks = sorted(int(m.group(1)) for f in files if (m := re.search(r"dstlm_masks_rank_(\d+)\.pt$", f.name)))
-        if masks and masks != list(range(max(len(ranks), 1))):  # partitioned masks: one file per rank
-            missing = sorted(set(range(max(len(ranks), 1))) - set(masks))
+        # partitioned masks: one file per rank, as many as rank 0 recorded (checkpoints before the marker: as
+        # many as optimizer partitions)
+        world = expected_files(p / "checkpoint") or (max(len(ranks), 1) if masks else None)
+        if world is not None and masks != list(range(world)):
+            missing = sorted(set(range(world)) - set(masks))
             return f"the mask fragments of rank(s) {missing or masks} are missing or extra"
     else:
         return "it is neither a .ckpt file nor a DeepSpeed checkpoint directory"

@@ -16,15 +16,17 @@ Z3 = {"DSTLM_STRATEGY": "deepspeed_stage_3", "DSTLM_PARTITION_MASKS": "0"}  # wh
 PARTITIONED = {**Z3, "DSTLM_PARTITION_MASKS": "1"}
 
 
-def _save_as_ranks(folder, masks: dict[str, torch.Tensor], world: int) -> None:
-    """The fragment files `world` ranks with ZeRO-3's even cuts would write for these whole masks."""
+def _save_as_ranks(folder, masks: dict[str, torch.Tensor], world: int, scores=None) -> None:
+    """The fragment files `world` ranks with ZeRO-3's even cuts would write for these whole masks (and scores)."""
     for rank in range(world):
-        frags = {}
+        frags, parts = {}, {}
         for key, m in masks.items():
             start, n = even_fragment(m.numel(), rank, world)
             part = m.reshape(-1)[start:start + n]
             frags[key] = Fragment(start, part.clone(), pack_mask(part), tuple(m.shape))
-        torch.save(fragment_state(frags, rank, world), folder / fragment_file(rank))
+            if scores is not None:
+                parts[key] = scores[key].reshape(-1)[start:start + n]
+        torch.save(fragment_state(frags, rank, world, parts), folder / fragment_file(rank))
 
 
 def test_fragment_files_join_at_any_world_size(tmp_path):
@@ -49,6 +51,28 @@ def test_fragment_files_join_at_any_world_size(tmp_path):
         f.unlink(missing_ok=True)
     with pytest.raises(FileNotFoundError, match="partition_masks=false"):
         read_fragments([], {"a.weight": (0, 10)})
+
+
+def test_pending_scores_are_saved_per_rank_and_read_at_any_world_size(tmp_path):
+    """A checkpoint inside a score window: each rank saves the fp32 score of its own fragment (nothing joined
+    whole); ranks of another world size read the exact values of the runs they hold. A file without scores
+    (another checkpoint's) is refused, not read as zeros."""
+    gen = torch.Generator().manual_seed(1)
+    masks = {"a.weight": torch.rand(37, 11, generator=gen) < 0.3, "b.experts": torch.rand(3, 5, 7, generator=gen) < 0.5}
+    scores = {k: torch.rand(m.shape, generator=gen) for k, m in masks.items()}
+    _save_as_ranks(tmp_path, masks, 3, scores)
+    files = sorted(tmp_path.glob("dstlm_masks_rank_*.pt"))
+    for world in (1, 2, 5):
+        for rank in range(world):
+            runs = {k: even_fragment(m.numel(), rank, world) for k, m in masks.items()}
+            got = read_fragments(files, runs, scores=True)
+            for key, (start, n) in runs.items():
+                assert torch.equal(got[key][2], scores[key].reshape(-1)[start:start + n]), (world, rank, key)
+                assert torch.equal(got[key][0], masks[key].reshape(-1)[start:start + n])
+    assert read_fragments(files, {"a.weight": (0, 5), "b.experts": (0, 5)})["a.weight"][2] is None
+    _save_as_ranks(tmp_path, masks, 3)  # the same files without scores
+    with pytest.raises(ValueError, match="holds no gradient score for a.weight"):
+        read_fragments(files, {"a.weight": (0, 5), "b.experts": (0, 5)}, scores=True)
 
 
 def test_partition_masks_needs_zero3(tmp_path, small_corpus):
@@ -140,4 +164,40 @@ def test_partitioned_checkpoint_resumes_at_any_world_size(tmp_path, small_corpus
         assert torch.equal(state[f"model.{name}_mask"], mask), name
         assert (state[f"model.{name}"][~mask] == 0).all(), name
     next((last / "checkpoint").glob("dstlm_masks_rank_*.pt")).unlink()
-    assert "mask fragments" in checkpoint_problem(last)
+    assert "mask fragments of rank(s) [0]" in (checkpoint_problem(last) or "")  # at any world size (marker file)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("resume_ranks", [2, pytest.param(1, marks=pytest.mark.slow)])
+def test_checkpoint_inside_a_score_window_keeps_scores_per_rank(tmp_path, small_corpus, resume_ranks):
+    """Scores over 2 steps (sparsity.grad_accumulation=2) and a checkpoint at step 3, between the two gradients
+    that feed the update at step 4: each rank saves its fragment of the pending score in its fragment file (the
+    trainer state holds none), and the resumed run has the uninterrupted run's masks after every later update
+    and its final weights, bit for bit at the same world size (at 1 rank: read whole from both files)."""
+    from dstlm.checkpoint import checkpoint_problem, read_checkpoint
+    from dstlm.safe_load import load_states
+
+    env = {**PARTITIONED, "DSTLM_CKPT_EVERY": "3", "DSTLM_SCORE_STEPS": "2"}
+    ref = _dst_job(tmp_path / "ref", "rigl", 4, small_corpus, nproc=2, extra_env=env)
+    ckpt = tmp_path / "ref" / "run" / "t" / "checkpoints" / "step0000003.ckpt"
+    assert checkpoint_problem(ckpt) is None
+    files = sorted((ckpt / "checkpoint").glob("dstlm_masks_rank_*.pt"))
+    assert len(files) == 2 and all("score" in p for f in files for p in load_states(f)["params"].values())
+    dst = next(v for k, v in read_checkpoint(ckpt)["callbacks"].items() if "DSTCallback" in k)
+    assert dst["scores_in_fragments"] and not dst["scores"] and dst["score_steps"] == 1
+    new = _dst_job(tmp_path / "new", "rigl", 8 // resume_ranks, small_corpus, nproc=resume_ranks,
+                   extra_env={**env, "DSTLM_RESUME": str(ckpt)})
+    assert len(ref[0]["masks"]) == 3  # updates at 2, 4, 6
+    # the resumed dump starts counting at the restored n_updates: its first and last snapshots are steps 4 and 6
+    pairs = [(ref[0]["masks"][1], new[0]["masks"][0]), (ref[0]["masks"][2], new[0]["masks"][-1]),
+             (ref[0]["final_masks"], new[0]["final_masks"])]
+    if resume_ranks == 2:
+        for a, b in zip(ref, new):
+            for before, after in [(a["masks"][1], b["masks"][0]), (a["masks"][2], b["masks"][-1]),
+                                  (a["final_masks"], b["final_masks"])]:
+                assert all(torch.equal(before[k], after[k]) for k in before)
+            assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
+    else:  # another summation order of the gradient mean: see _assert_resumed_like
+        for before, after in pairs:
+            agree = sum(int((before[k] == after[k]).sum()) for k in before)
+            assert agree >= 0.999 * sum(m.numel() for m in before.values())

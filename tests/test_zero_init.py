@@ -5,6 +5,7 @@ model's init and the sparse engine's first masks, against the whole build); the 
 DeepSpeed ZeRO-3 training from both builds and compare weights, masks and losses bit for bit.
 """
 
+import json
 import shutil
 import subprocess
 import sys
@@ -254,6 +255,9 @@ def test_zero3_run_built_partitioned_equals_the_whole_build(tmp_path, small_corp
     whole = _dst_job(tmp_path / "whole", small_corpus, method, False, extra)
     part = _dst_job(tmp_path / "part", small_corpus, method, True, extra)
     _assert_same_training(whole, part)
+    # the FLOP report at fit start reads the engine's counts: no whole mask is left on a partitioned build
+    flops = [json.loads((tmp_path / how / "run" / "t" / "flops.json").read_text()) for how in ("whole", "part")]
+    assert flops[0] == flops[1] and flops[0]["block_projection_ratio"] < 0.5
 
 
 def test_first_constant_fan_in_mask_in_blocks_equals_one_call(monkeypatch):
@@ -282,3 +286,41 @@ def test_zero3_hf_run_built_partitioned_equals_the_whole_build(tmp_path, small_c
     whole = _dst_job(tmp_path / "whole", small_corpus, method, False, env)
     part = _dst_job(tmp_path / "part", small_corpus, method, True, env)
     _assert_same_training(whole, part)
+
+
+@pytest.mark.parametrize("preset,method", [("tiny", "srigl"), ("tiny", "rigl"), ("tiny-moe", "set")])
+def test_partitioned_build_keeps_only_each_ranks_fragment_of_the_first_masks(preset, method):
+    """With partitioned masks (ZeRO-3's default) a partitioned build keeps only the rank's fragment of each first
+    mask: decided whole one parameter at a time, cut, the whole mask freed. The fragments are the whole build's
+    masks cut at ZeRO-3's partitions; counts and the FLOPs read from them equal the whole build's."""
+    from dstlm.models.gpt import linear_layer_names
+    from dstlm.sparse.flops import count_flops
+
+    cfg = load_preset(preset)
+    sparsity = SparsityConfig(method=method, sparsity=0.9, partition_masks=True)
+    whole, whole_engine, _ = _whole_and_partitioned(cfg, 0, sparsity=sparsity)
+    want_flops = count_flops(whole, linear_layer_names(cfg), 64)
+    want_counts = whole_engine.counts()
+    world = 3
+    for rank in range(world):
+        build = PartitionedBuild(rank, world)
+        with build.building():
+            torch.manual_seed(5)
+            model = build_model(cfg, model_transforms(cfg, None))
+            engine = SparseEngine(model, sparsity, 5, 100, partitioned=build)
+        assert engine.partitioned and not engine.ever_active
+        for group, whole_group in zip(engine.groups, whole_engine.groups):
+            f = engine.fragments[group[0].name.rsplit(".", 1)[0] if group[0].index is not None else group[0].name]
+            flat = whole_group[0].full_mask.reshape(-1)
+            assert (f.start, f.length) == partition_range(flat.numel(), rank, world)[1:]
+            assert torch.equal(f.mask, flat[f.start:f.start + f.length]), (rank, group[0].name)
+            assert f.shape == tuple(whole_group[0].full_mask.shape)
+            assert group[0].full_mask.numel() == 0  # no whole mask left on the module, and none saved
+            assert f"{group[0].attr}_mask" in group[0].module._non_persistent_buffers_set
+        got = engine.counts()
+        assert all(torch.equal(got[n].rows, c.rows) and torch.equal(got[n].cols, c.cols) for n, c in want_counts.items())
+        assert engine.density() == whole_engine.density()
+        flops = count_flops(model, linear_layer_names(cfg), 64, engine.active_entries())
+        assert flops.layers == want_flops.layers and flops.density == want_flops.density
+        with pytest.raises(ValueError, match="partitioned across ranks.*active_entries"):
+            count_flops(model, linear_layer_names(cfg), 64)

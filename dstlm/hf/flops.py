@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from dstlm.hf.model import is_router
-from dstlm.sparse.flops import FlopCount
+from dstlm.sparse.flops import FlopCount, active_entries
 
 TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts")
 
@@ -40,8 +40,9 @@ def attention_width(config) -> tuple[int, int]:
     return layers, heads * head_dim
 
 
-def hf_flop_counts(model, seq_len: int) -> tuple[FlopCount, FlopCount]:
-    """(dense baseline, this model) forward FLOPs per token of an HFCausalLM at context `seq_len`, per weight."""
+def hf_flop_counts(model, seq_len: int, active=None) -> tuple[FlopCount, FlopCount]:
+    """(dense baseline, this model) forward FLOPs per token of an HFCausalLM at context `seq_len`, per weight.
+    `active`: non-zero entries per sparse parameter (`SparseEngine.active_entries()`), instead of mask buffers."""
     from transformers.pytorch_utils import Conv1D
 
     hf = model.hf
@@ -60,9 +61,8 @@ def hf_flop_counts(model, seq_len: int) -> tuple[FlopCount, FlopCount]:
                 continue
             seen.add(id(p))
             name = f"{mod_name}.{attr}" if mod_name else attr
-            mask = getattr(module, f"{attr}_mask", None)
             numel = getattr(p, "ds_numel", None) or p.numel()
-            nnz = int(mask.sum()) if mask is not None else numel
+            nnz = active_entries(module, attr, numel, active)
             if attr == "weight" and (isinstance(module, (nn.Linear, Conv1D)) or (len(shape) == 2 and is_router(name))):
                 visits, experts = 1, 1  # routers may be their own modules (Mixtral's TopKRouter: F.linear)
             elif len(shape) == 3 and hasattr(module, "num_experts") and shape[0] == module.num_experts:

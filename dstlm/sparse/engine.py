@@ -70,6 +70,7 @@ class SparseEngine:
         for sp in self.params:
             groups.setdefault((id(sp.module), sp.attr), []).append(sp)
         self.groups: list[list[SparseParam]] = list(groups.values())
+        self._by_name = {sp.name: sp for sp in self.params}
         t_end = cfg.resolve_t_end(max_steps)
         self.schedule = UpdateSchedule(cfg.delta_t, cfg.t_start, t_end, cfg.drop_fraction, cfg.drop_schedule)
         fixed = {n: 1.0 - s for pat, s in cfg.overrides.items() for n in shapes if fnmatch.fnmatchcase(n, pat)}
@@ -89,6 +90,7 @@ class SparseEngine:
         self.ever_active: dict[str, torch.Tensor] = {}  # per matrix, bit-packed (1/8 byte per sparse weight)
         self._scores: dict[str, torch.Tensor] = {}  # whole decisions: per matrix, [out, in]
         self._shard_scores: dict[str, torch.Tensor] = {}  # sharded decisions: the rank's fragment per parameter
+        self._scores_in_fragments = False  # a restored checkpoint's pending scores are in its fragment files
         self._backend: Optional[SparseBackend] = None
         self._planned: Optional[SparseBackend] = None
         self.check_reference = False
@@ -125,6 +127,13 @@ class SparseEngine:
         self.kept_masks = 0
         self.wanda_unseen = 0  # mask_init=wanda matrices calibration gave no input (an expert no token reached)
         """Sparse matrices whose mask came with the model (an exported sparse model) and was kept."""
+        # a partitioned build (trainer.zero_init) with partitioned masks keeps only this rank's fragment of each
+        # mask from the start: decided whole one parameter at a time (as the whole build does), then cut
+        cut = self._partitioned is not None and bool(self.cfg.partition_masks)
+        if cut:
+            self._check_shardable()
+        fragments: dict[str, Fragment] = {}
+        counts: dict[str, MaskCounts] = {}
         for group in self.groups:
             param = group[0].weight
             # the weights' factor: 0 where pruned, the sparse-aware rescale (or 1) where kept; applied to the
@@ -143,6 +152,29 @@ class SparseEngine:
                 sp.view(factor).copy_(f)
                 self.ever_active[sp.name] = pack_mask(sp.mask)
             param.mul_(factor)
+            del factor
+            if cut:
+                self._cut_at_build(group, fragments, counts)
+        if cut:
+            self.fragments, self._counts, self.ever_active = fragments, counts, {}
+
+    def _cut_at_build(self, group: list[SparseParam], fragments: dict[str, Fragment],
+                      counts: dict[str, MaskCounts]) -> None:
+        """Keep this rank's fragment of the group's first mask (the slice the partitioned build holds of its
+        weight, which is the rank's ZeRO-3 partition) and the matrices' counts (every rank decided the same whole
+        mask: no collective), then free the whole mask."""
+        found = self._partitioned.local_values(group[0].weight)
+        if found is None:
+            raise RuntimeError(f"{_param_name(group)} is not a placeholder of the partitioned build (trainer.zero_init)")
+        start, values = found
+        full = group[0].full_mask
+        for sp in group:
+            counts[sp.name] = MaskCounts.of(sp.mask)
+        part = full.reshape(-1)[start:start + values.numel()].clone()
+        fragments[_param_name(group)] = Fragment(start, part, pack_mask(part), tuple(full.shape))
+        for sp in group:
+            self.ever_active.pop(sp.name, None)
+        _release_whole_mask(group, full.device)
 
     def _init_mask(self, sp: SparseParam, device: torch.device) -> tuple[torch.Tensor, bool]:
         """The first [out, in] mask of one sparse matrix, and whether it came with the model (kept)."""
@@ -210,37 +242,80 @@ class SparseEngine:
         """Keep only this rank's fragment of every mask (the flat run `backend.fragment` gives, the rank's
         partition of the weight) and free the whole masks. `files`: a checkpoint's saved fragments
         (dstlm/sparse/fragments.py) to restore them from, at any world size; else the whole masks held now
-        (the first masks) are cut. Every rank calls it, before the first step."""
-        if not self.method.shardable:
-            raise ValueError(f"sparsity.partition_masks=true needs a rule that decides on shards; "
-                             f"sparsity.method={self.cfg.method!r} has none; drop partition_masks")
-        if self.partitioned and files is None:
-            return  # already partitioned (a second fit of the same module)
+        (the first masks) are cut, unless the partitioned build cut them already (trainer.zero_init: then the
+        cuts are checked against the backend's). Every rank calls it, before the first step."""
+        self._check_shardable()
         self._backend = backend
         runs = {_param_name(g): backend.fragment(g[0].weight) for g in self.groups}
-        saved = read_fragments(files, runs) if files is not None else None
+        if self.partitioned and files is None:  # cut at build (trainer.zero_init), or a second fit of the module
+            self._adopt_fragments(runs)
+            return
+        saved = read_fragments(files, runs, scores=self._scores_in_fragments) if files is not None else None
         fragments = {}
         for group in self.groups:
             key, full = _param_name(group), group[0].full_mask
             start, n = runs[key]
+            shape = self.fragments[key].shape if self.partitioned else tuple(full.shape)
             if saved is not None:
-                mask, ever = saved[key]
+                mask, ever, score = saved[key]
                 mask, ever = mask.to(full.device), pack_mask(ever.to(full.device))
+                if score is not None:
+                    self._restore_score(group, score.to(full.device), shape, backend.world_size)
             else:
                 mask = full.reshape(-1)[start:start + n].clone()
                 shapes = [self.layers[sp.name].shape for sp in group]
                 ever = _flat_storage(group, [unpack_bits(self.ever_active[sp.name], math.prod(shape)).reshape(shape)
                                              for sp, shape in zip(group, shapes)])
                 ever = pack_mask(ever[start:start + n].to(full.device))
-            fragments[key] = Fragment(start, mask, ever, tuple(full.shape))
-            # the whole mask is freed: an empty placeholder keeps the buffer's name (never saved)
-            module, name = group[0].module, f"{group[0].attr}_mask"
-            module._buffers[name] = torch.zeros(0, dtype=torch.bool, device=full.device)
-            module._non_persistent_buffers_set.add(name)  # also a mask that came with the model (saved as fragments)
+            fragments[key] = Fragment(start, mask, ever, shape)
+            _release_whole_mask(group, full.device)
         self.fragments = fragments
         self.ever_active = {}
+        self._scores_in_fragments = False
         self._counts = None
         self.counts()  # on every rank now (a collective), so that later reads on one rank find them cached
+
+    def _restore_score(self, group: list[SparseParam], score: torch.Tensor, shape: tuple[int, ...],
+                       world: int) -> None:
+        """A pending score read back from the fragment files: the rank's fragment (sharded decisions), or on one
+        rank, whose fragment is the whole parameter, per matrix as the one-process rules read it."""
+        if world > 1:
+            self._shard_scores[_param_name(group)] = score
+            return
+        whole = score.reshape(shape)
+        for sp in group:
+            self._scores[sp.name] = sp.view(whole).clone(memory_format=torch.contiguous_format)
+
+    def _check_shardable(self) -> None:
+        if not self.method.shardable:
+            raise ValueError(f"sparsity.partition_masks=true needs a rule that decides on shards; "
+                             f"sparsity.method={self.cfg.method!r} has none; drop partition_masks")
+
+    def _adopt_fragments(self, runs: dict[str, tuple[int, int]]) -> None:
+        """Fragments cut before the backend existed: they must be the runs the backend gives (the rank's ZeRO-3
+        partitions), and move to where the module's (placeholder) masks now live (the training device)."""
+        for group in self.groups:
+            key = _param_name(group)
+            f = self.fragments[key]
+            if (f.start, f.length) != tuple(runs[key]):
+                raise RuntimeError(f"{key}: the mask fragment cut at build covers ({f.start}, {f.length}) but this "
+                                   f"rank's ZeRO-3 partition is {tuple(runs[key])}")
+            device = group[0].full_mask.device
+            f.mask, f.ever = f.mask.to(device), f.ever.to(device)
+        if self._counts is not None:
+            device = self._device
+            self._counts = {k: MaskCounts(c.rows.to(device), c.cols.to(device)) for k, c in self._counts.items()}
+        else:
+            self.counts()
+
+    def active_entries(self) -> dict[tuple[int, str], int]:
+        """Active entries of every sparse parameter, keyed (id(module), attr), from the counts: what FLOP counts
+        read (partitioned masks leave no whole mask on the module to sum)."""
+        out: dict[tuple[int, str], int] = {}
+        for name, c in self.counts().items():
+            sp = self._by_name[name]
+            out[(id(sp.module), sp.attr)] = out.get((id(sp.module), sp.attr), 0) + c.active
+        return out
 
     def counts(self) -> dict[str, MaskCounts]:
         """Per matrix, active entries per row and per column: from the whole masks, or (partitioned) the sum of
@@ -284,7 +359,7 @@ class SparseEngine:
 
     def fragment_state(self) -> dict:
         """This rank's fragments, bit-packed with their ranges (what it saves in a checkpoint)."""
-        return fragment_state(self.fragments or {}, self._backend.rank, self._backend.world_size)
+        return fragment_state(self.fragments or {}, self._backend.rank, self._backend.world_size, self._shard_scores)
 
     # -- per step -------------------------------------------------------------------------------------
     def is_update_step(self, t: int) -> bool:
@@ -683,12 +758,14 @@ class SparseEngine:
 
     # -- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Called on every rank (a collective when sharded scores are pending, inside a score window)."""
+        """Called on every rank. Inside a score window sharded scores are pending: with partitioned masks each rank
+        saves its own in its fragment file (`fragment_state`); else they are joined whole here (a collective)."""
         scores = dict(self._scores)
-        if self._shard_scores:
+        if self._shard_scores and not self.partitioned:
             scores.update(self._whole_scores(self._backend))
         return {"tie_seed": self.tie_seed, "ever_active": dict(self.ever_active),
-                "scores": scores, "score_steps": self._score_steps, "n_updates": self.n_updates,
+                "scores": scores, "scores_in_fragments": self.partitioned and bool(self._shard_scores),
+                "score_steps": self._score_steps, "n_updates": self.n_updates,
                 "fan_in": dict(self.fan_in), "method": self.cfg.method, "sparsity": self.cfg.sparsity,
                 "last_stats": dict(self.last_stats), "partitioned": bool(self.cfg.partition_masks)}
 
@@ -713,6 +790,7 @@ class SparseEngine:
                             for k, v in state["ever_active"].items()}
         self._scores = {k: v.to(device.get(k, v.device), copy=True) for k, v in state["scores"].items()}
         self._shard_scores = {}
+        self._scores_in_fragments = bool(state.get("scores_in_fragments"))  # read by `partition` from the files
         self._score_steps = state["score_steps"]
         self.n_updates = state["n_updates"]
         for name, k in state["fan_in"].items():
@@ -736,6 +814,14 @@ def sparse_params_of(model: nn.Module, cfg: SparsityConfig) -> list[SparseParam]
 def _flat_storage(group: list[SparseParam], matrices: list[torch.Tensor]) -> torch.Tensor:
     """The group's per-matrix [out, in] tensors laid out as its parameter's flat storage (matrices in index order)."""
     return torch.cat([sp.to_storage(m).reshape(-1) for sp, m in zip(group, matrices)])
+
+
+def _release_whole_mask(group: list[SparseParam], device: torch.device) -> None:
+    """Free the group's whole mask buffer once its fragment is kept: an empty placeholder keeps the buffer's name,
+    never saved (also a mask that came with the model: the fragments are saved instead)."""
+    module, name = group[0].module, f"{group[0].attr}_mask"
+    module._buffers[name] = torch.zeros(0, dtype=torch.bool, device=device)
+    module._non_persistent_buffers_set.add(name)
 
 
 def _param_name(group: list[SparseParam]) -> str:

@@ -2,7 +2,8 @@
 
 Conventions (say them with every figure):
 - a linear layer costs 2 FLOPs per non-zero weight per token (one multiply-add); masks are read from the
-  modules' `weight_mask` buffers, so the count is of the weights that are really non-zero;
+  modules' `weight_mask` buffers (or, masks partitioned across ranks, the sparse engine's counts:
+  `active=engine.active_entries()`), so the count is of the weights that are really non-zero;
 - attention scores (Q K^T and A V) cost 2 * 2 * T * C per layer per token at context T, width C (no
   discount for the causal mask, as in the PaLM/nanoGPT MFU convention); embeddings lookups cost 0;
 - training = forward + backward = 3x forward for dense and for static sparse weights (sparse input and
@@ -39,19 +40,33 @@ class FlopCount:
         return sum(self.layers_dense.values()) + self.attention + self.lm_head
 
 
-def count_flops(model: nn.Module, layer_names: list[str], seq_len: int) -> FlopCount:
+def active_entries(module: nn.Module, attr: str, size: int, active: Optional[dict] = None) -> int:
+    """Non-zero entries of `module.<attr>` (`size` entries): `active[(id(module), attr)]` when given, else its
+    mask buffer's sum, else all of them. A mask partitioned across ranks leaves an empty buffer: refused."""
+    if active is not None and (id(module), attr) in active:
+        return active[(id(module), attr)]
+    mask = getattr(module, f"{attr}_mask", None)
+    if mask is None:
+        return size
+    if mask.numel() != size:
+        raise ValueError(f"{type(module).__name__}.{attr}_mask holds {mask.numel()} of its {size} entries (masks "
+                         f"partitioned across ranks); count with the engine's counts: active=engine.active_entries()")
+    return int(mask.sum())
+
+
+def count_flops(model: nn.Module, layer_names: list[str], seq_len: int, active: Optional[dict] = None) -> FlopCount:
     """Forward FLOPs per token, grouped by the dense model's layer names (a transformed layer's branches,
-    factors and low-rank parts count towards the layer they replace)."""
+    factors and low-rank parts count towards the layer they replace). `active`: non-zero entries per sparse
+    parameter (`SparseEngine.active_entries()`), read instead of the modules' mask buffers."""
     out = FlopCount(n_embd=model.config.n_embd)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     for layer in layer_names:
         parts = [m for n, m in linears.items() if n == layer or n.startswith(layer + ".")]
         nnz = numel = 0
         for m in parts:
-            mask = getattr(m, "weight_mask", None)
             size = getattr(m.weight, "ds_numel", None) or m.weight.numel()  # ZeRO-3 partitions the weight
             numel += size
-            nnz += int(mask.sum()) if mask is not None else size
+            nnz += active_entries(m, "weight", size, active)
         out.layers[layer], out.layers_dense[layer] = 2 * nnz, 2 * numel
         out.density[layer] = nnz / max(1, numel)
     for name, m in model.named_modules():  # MoE MLPs: router + the top_k experts a token visits (mean nnz)
@@ -59,10 +74,10 @@ def count_flops(model: nn.Module, layer_names: list[str], seq_len: int) -> FlopC
             E, k = m.cfg.num_experts, m.cfg.top_k
             nnz = numel = 0
             for attr in m.batched_params:
-                w, mask = getattr(m, attr), getattr(m, f"{attr}_mask", None)
+                w = getattr(m, attr)
                 size = getattr(w, "ds_numel", None) or w.numel()
                 numel += size
-                nnz += int(mask.sum()) if mask is not None else size
+                nnz += active_entries(m, attr, size, active)
             router = m.router.weight.numel()
             out.layers[name] = 2 * (k * nnz // E + router)
             out.layers_dense[name] = 2 * (k * numel // E + router)

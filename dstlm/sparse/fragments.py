@@ -10,13 +10,17 @@ What needs more than a fragment is answered from counts: per matrix, the active 
 and of each column (fan-out), summed over the ranks by one all-reduce (`partial_counts`). They give the
 density, budgets, SRigL's fan-in check, ablated rows, the dead-unit census and the spread.
 
-Checkpoints: each rank saves its fragments, bit-packed, with their ranges (`fragment_state`); a resume at any
-world size reads, from every saved file, the parts that overlap the runs it now holds (`read_fragments`), and
-tools that want whole masks (eval, export, report) join all of them (`whole_masks_from`).
+Checkpoints: each rank saves its fragments, bit-packed, with their ranges (`fragment_state`), and the fp32
+gradient scores of its fragments when the checkpoint falls inside a score window (the last grad_accumulation
+steps before an update); rank 0 writes a marker with the world size (`write_marker`), so a checkpoint missing
+any rank's file is known to be incomplete. A resume at any world size reads, from every saved file, the parts
+that overlap the runs it now holds (`read_fragments`), and tools that want whole masks (eval, export, report)
+join all of them (`whole_masks_from`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,7 @@ import torch
 from dstlm.sparse.distributed import pack_mask, unpack_bits
 
 FILE_PATTERN = "dstlm_masks_rank_*.pt"
+MARKER = "dstlm_masks.json"
 
 
 def fragment_file(rank: int) -> str:
@@ -66,16 +71,34 @@ def partial_counts(rows: int, cols: int, storage_index, fragment_mask: torch.Ten
             torch.bincount(idx % cols, minlength=cols).to(torch.int64))
 
 
-def fragment_state(fragments: dict[str, Fragment], rank: int, world: int) -> dict:
-    """What one rank saves: every fragment bit-packed, with its range and its parameter's shape."""
-    return {"format": 1, "rank": rank, "world": world,
-            "params": {key: {"start": f.start, "length": f.length, "numel": f.numel, "shape": list(f.shape),
-                             "mask": pack_mask(f.mask).cpu(), "ever": f.ever.cpu()}
-                       for key, f in fragments.items()}}
+def fragment_state(fragments: dict[str, Fragment], rank: int, world: int,
+                   scores: dict[str, torch.Tensor] | None = None) -> dict:
+    """What one rank saves: every fragment bit-packed, with its range and its parameter's shape, and the fp32
+    gradient score of the fragment (`scores`, per parameter key) when a score window is open."""
+    params = {}
+    for key, f in fragments.items():
+        params[key] = {"start": f.start, "length": f.length, "numel": f.numel, "shape": list(f.shape),
+                       "mask": pack_mask(f.mask).cpu(), "ever": f.ever.cpu()}
+        if scores and key in scores:
+            params[key]["score"] = scores[key].detach().float().cpu()
+    return {"format": 1, "rank": rank, "world": world, "params": params}
 
 
 def saved_files(folder: str | Path) -> list[Path]:
     return sorted(Path(folder).glob(FILE_PATTERN))
+
+
+def write_marker(folder: str | Path, world: int) -> None:
+    """Rank 0's note of how many fragment files the checkpoint in `folder` holds (one per rank)."""
+    (Path(folder) / MARKER).write_text(json.dumps({"format": 1, "world": world}))
+
+
+def expected_files(folder: str | Path) -> int | None:
+    """The number of fragment files rank 0 recorded for this checkpoint folder (None: no marker)."""
+    marker = Path(folder) / MARKER
+    if not marker.is_file():
+        return None
+    return int(json.loads(marker.read_text())["world"])
 
 
 def _load(path: Path) -> dict:
@@ -94,14 +117,16 @@ def _check_complete(files: list[Path], folder) -> None:
                                 f"with sparsity.partition_masks=false; resume it with the same setting")
 
 
-def read_fragments(files: Iterable[Path], wanted: dict[str, tuple[int, int]],
-                   device=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per parameter key, (mask, ever-active) of the flat positions start .. start + length that `wanted` names,
-    joined from the saved fragments that overlap them (any world size wrote them); each file is read once and
-    only the overlapping parts are unpacked. Ever-active comes back bool."""
+def read_fragments(files: Iterable[Path], wanted: dict[str, tuple[int, int]], device=None,
+                   scores: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Per parameter key, (mask, ever-active, score) of the flat positions start .. start + length that `wanted`
+    names, joined from the saved fragments that overlap them (any world size wrote them); each file is read once
+    and only the overlapping parts are unpacked. Ever-active comes back bool; the fp32 score only when `scores`
+    (a checkpoint inside a score window), else None."""
     files = list(files)
     _check_complete(files, "the checkpoint")
-    out = {k: (torch.zeros(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.bool, device=device))
+    out = {k: (torch.zeros(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.bool, device=device),
+               torch.zeros(n, dtype=torch.float32, device=device) if scores else None)
            for k, (_, n) in wanted.items()}
     covered = dict.fromkeys(wanted, 0)
     for path in files:
@@ -118,6 +143,11 @@ def read_fragments(files: Iterable[Path], wanted: dict[str, tuple[int, int]],
             for dst, packed in zip(out[key], (saved["mask"], saved["ever"])):
                 bits = unpack_bits(packed[a:b], (b - a) * 8)[lo - s0 - 8 * a:hi - s0 - 8 * a]
                 dst[lo - start:hi - start] = bits.to(dst.device)
+            if scores:
+                if "score" not in saved:
+                    raise ValueError(f"{path} holds no gradient score for {key}, but the checkpoint was taken inside a "
+                                     f"score window (a file of another checkpoint?)")
+                out[key][2][lo - start:hi - start] = saved["score"][lo - s0:hi - s0].to(out[key][2].device)
             covered[key] += hi - lo
     for key, (_, length) in wanted.items():
         if covered[key] != length:

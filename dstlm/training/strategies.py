@@ -121,10 +121,12 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options)
         engine = getattr(self.lightning_module, "sparse_engine", None)
         if engine is not None and engine.partitioned:
-            from dstlm.sparse.fragments import fragment_file
+            from dstlm.sparse.fragments import fragment_file, write_marker
 
             folder = Path(self.broadcast(filepath)) / "checkpoint"
             torch.save(engine.fragment_state(), folder / fragment_file(self.global_rank))
+            if self.global_rank == 0:  # how many files a whole checkpoint holds (checkpoint_problem reads it)
+                write_marker(folder, self.world_size)
 
     def load_checkpoint(self, checkpoint_path, weights_only=None):
         from dstlm.sparse.fragments import saved_files

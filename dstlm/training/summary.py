@@ -107,7 +107,7 @@ class FlopsLog(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        text, summary = flops_report(self.cfg, pl_module.model)
+        text, summary = flops_report(self.cfg, pl_module.model, getattr(pl_module, "sparse_engine", None))
         print(text)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "flops.json").write_text(json.dumps(summary, indent=2))
@@ -115,9 +115,10 @@ class FlopsLog(L.Callback):
             logger.log_metrics({f"flops/{k}": float(v) for k, v in summary.items() if not isinstance(v, dict)}, step=0)
 
 
-def flops_report(cfg: RunConfig, model=None) -> tuple[str, dict]:
+def flops_report(cfg: RunConfig, model=None, engine=None) -> tuple[str, dict]:
     """Forward/training FLOPs per token of this run's model (masks included) against the dense baseline.
-    `model`: the built model (with masks); built here when not given."""
+    `model`: the built model (with masks) and its sparse engine, whose counts give the non-zeros (partitioned
+    masks leave none on the modules); built here when not given."""
     from dstlm.models.gpt import dense_layer_shapes, linear_layer_names
     from dstlm.sparse.flops import count_flops, dense_count, report
 
@@ -125,15 +126,16 @@ def flops_report(cfg: RunConfig, model=None) -> tuple[str, dict]:
         module = LMModule(cfg.model, cfg.optim, cfg.trainer.max_steps, sparsity=cfg.sparsity, seed=cfg.seed,
                           ift=cfg.ift, seq_len=cfg.data.block_size)
         module.configure_model()
-        model = module.model
+        model, engine = module.model, module.sparse_engine
+    active = engine.active_entries() if engine is not None else None
     T = cfg.data.block_size
     if isinstance(cfg.model, GPTConfig):
         base = dense_count(cfg.model, dense_layer_shapes(cfg.model), T)
-        mine = count_flops(model, linear_layer_names(cfg.model), T)
+        mine = count_flops(model, linear_layer_names(cfg.model), T, active)
     else:  # a Hugging Face source: every matrix a token multiplies, read from its modules
         from dstlm.hf.flops import hf_flop_counts
 
-        base, mine = hf_flop_counts(model, T)
+        base, mine = hf_flop_counts(model, T, active)
     method = cfg.sparsity.method if cfg.sparsity is not None else None
     return report(base, mine, method, cfg.sparsity.delta_t if cfg.sparsity else 1, T)
 

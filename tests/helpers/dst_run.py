@@ -10,7 +10,7 @@ DSTLM_MOE (a MoE model), DSTLM_HF (a Hugging Face model folder as the model sour
 DSTLM_EP (its expert_parallel_size), DSTLM_ZERO_INIT (build partitioned: trainer.zero_init),
 DSTLM_RESUME (a checkpoint to resume from, through dstlm.training.run.fit), DSTLM_CONDENSED (sparsity.condensed),
 DSTLM_PARTITION_MASKS (1/0: sparsity.partition_masks true/false; unset: the default, true under ZeRO-3; masks
-are joined whole for the dumps).
+are joined whole for the dumps), DSTLM_SCORE_STEPS (sparsity.grad_accumulation: steps whose gradients feed a score).
 Each rank saves masks after every update, the masks at train start (after a restore), the final masks and the
 final (gathered) weights.
 """
@@ -86,6 +86,7 @@ def main() -> None:
     cfg.sparsity = SparsityConfig(method=method, delta_t=2, t_end=1.0, drop_fraction=0.3,
                                   condensed=bool(os.environ.get("DSTLM_CONDENSED")),
                                   partition_masks={"1": True, "0": False}.get(os.environ.get("DSTLM_PARTITION_MASKS")),
+                                  grad_accumulation=int(os.environ.get("DSTLM_SCORE_STEPS", "1")),
                                   **extra)
     if os.environ.get("DSTLM_MOE"):  # 4 experts, top-2, in every 2nd block
         from dstlm.models.moe import MoEConfig
