@@ -1,7 +1,7 @@
 """Start-up memory of ZeRO-3: the model built whole on every rank vs built partitioned (trainer.zero_init).
 
     .venv/bin/python benchmarks/zero_init_memory.py [--preset gpt-1b] [--n-layer 2] [--worlds 2,4]
-        [--method srigl] [--sparsity 0.9] [--steps 1] [--budget-gb G]
+        [--method srigl] [--sparsity 0.9] [--steps 1] [--budget-gb G | --budget-fraction F] [--no-os-cap]
 
 For each world size, two real `dstlm` ZeRO-3 runs on the CPU (gloo, ranks under torchrun, 1 thread each) of
 the same model, data and seed: one built whole, one built partitioned. Each rank reports the peak resident
@@ -9,8 +9,8 @@ memory the model build added (model init + the sparse engine's first masks; /pro
 clear_refs) and the peak of the whole start-up plus `--steps` training steps. Then the table, with the
 model's fp32 weight bytes for scale, and whether the two runs' final weights and masks are equal.
 
---budget-gb G: the per-rank host-memory budget of the build. Default: 0.9x the fp32 weight bytes, a rank
-that cannot hold the model whole. Where this machine lets a process create cgroup-v1 memory groups
+--budget-gb G: the per-rank host-memory budget of the build. Default: 0.9x the fp32 weight bytes
+(`--budget-fraction`), a rank that cannot hold the model whole. Where this machine lets a process create cgroup-v1 memory groups
 (/sys/fs/cgroup/memory writable, e.g. as root in a container) the budget is enforced by the OS: each rank
 moves itself into its own memory cgroup with `memory.limit_in_bytes` = G for the duration of the build (model
 init, first masks, conversion to ZeRO-3 parameters); memory the process held before counts against its old
@@ -206,6 +206,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--budget-gb", type=float, default=None)
+    ap.add_argument("--budget-fraction", type=float, default=0.9, help="budget as a fraction of the fp32 weights "
+                    "(when --budget-gb is not given)")
     ap.add_argument("--no-os-cap", action="store_true", help="check the budget by measurement only")
     ap.add_argument("--worker", default=None)
     ap.add_argument("--zero-init", action="store_true")
@@ -224,7 +226,7 @@ def main() -> None:
         model = build_model(load_preset(args.preset, n_layer=args.n_layer, block_size=args.block))
     n_params = sum(p.numel() for p in model.parameters())
     fp32 = 4 * n_params
-    budget = args.budget_gb * 2**30 if args.budget_gb else 0.9 * fp32
+    budget = args.budget_gb * 2**30 if args.budget_gb else args.budget_fraction * fp32
     os_cap = not args.no_os_cap and cgroup_caps_available()
     gib = 2**30
     print(f"{args.preset} with {args.n_layer} layers: {n_params / 1e6:.0f} M parameters, fp32 weights "

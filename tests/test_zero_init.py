@@ -324,3 +324,19 @@ def test_partitioned_build_keeps_only_each_ranks_fragment_of_the_first_masks(pre
         assert flops.layers == want_flops.layers and flops.density == want_flops.density
         with pytest.raises(ValueError, match="partitioned across ranks.*active_entries"):
             count_flops(model, linear_layer_names(cfg), 64)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_zero3_start_up_under_a_per_rank_memory_cap():
+    """GPT-2 124M shape on 4 ZeRO-3 ranks, each rank's build capped at 0.95x the model's fp32 weights: by the OS
+    where memory cgroups can be made (the rank is OOM-killed past the cap), else by measurement. The whole build
+    cannot start; the partitioned build (trainer.zero_init) starts and trains a step (benchmarks/zero_init_memory.py)."""
+    import re
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "zero_init_memory.py"), "--preset", "gpt2-124m",
+                        "--n-layer", "12", "--worlds", "4", "--budget-fraction", "0.95"],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"^\| 4 \| whole \| .*\| no", r.stdout, re.M), r.stdout
+    assert re.search(r"^\| 4 \| partitioned \| [0-9.]+ \| [-0-9.]+ \| yes \|", r.stdout, re.M), r.stdout
