@@ -318,7 +318,8 @@ def test_partitioned_build_keeps_only_each_ranks_fragment_of_the_first_masks(pre
             assert group[0].full_mask.numel() == 0  # no whole mask left on the module, and none saved
             assert f"{group[0].attr}_mask" in group[0].module._non_persistent_buffers_set
         got = engine.counts()
-        assert all(torch.equal(got[n].rows, c.rows) and torch.equal(got[n].cols, c.cols) for n, c in want_counts.items())
+        assert all(torch.equal(got[n].rows, c.rows) and torch.equal(got[n].cols, c.cols)
+                   for n, c in want_counts.items())
         assert engine.density() == whole_engine.density()
         flops = count_flops(model, linear_layer_names(cfg), 64, engine.active_entries())
         assert flops.layers == want_flops.layers and flops.density == want_flops.density
@@ -331,7 +332,8 @@ def test_partitioned_build_keeps_only_each_ranks_fragment_of_the_first_masks(pre
 def test_zero3_start_up_under_a_per_rank_memory_cap():
     """GPT-2 124M shape on 4 ZeRO-3 ranks, each rank's build capped at 0.95x the model's fp32 weights: by the OS
     where memory cgroups can be made (the rank is OOM-killed past the cap), else by measurement. The whole build
-    cannot start; the partitioned build (trainer.zero_init) starts and trains a step (benchmarks/zero_init_memory.py)."""
+    cannot start; the partitioned build (trainer.zero_init) starts and trains a step
+    (benchmarks/zero_init_memory.py)."""
     import re
 
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "zero_init_memory.py"), "--preset", "gpt2-124m",

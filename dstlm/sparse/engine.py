@@ -165,7 +165,8 @@ class SparseEngine:
         mask: no collective), then free the whole mask."""
         found = self._partitioned.local_values(group[0].weight)
         if found is None:
-            raise RuntimeError(f"{_param_name(group)} is not a placeholder of the partitioned build (trainer.zero_init)")
+            raise RuntimeError(f"{_param_name(group)} is not a placeholder of the partitioned build "
+                               f"(trainer.zero_init)")
         start, values = found
         full = group[0].full_mask
         for sp in group:
