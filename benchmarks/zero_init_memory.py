@@ -9,13 +9,13 @@ memory the model build added (model init + the sparse engine's first masks; /pro
 clear_refs) and the peak of the whole start-up plus `--steps` training steps. Then the table, with the
 model's fp32 weight bytes for scale, and whether the two runs' final weights and masks are equal.
 
---budget-gb G: the per-rank host-memory budget of the build. Default: 0.9x the fp32 weight bytes (`--budget-
-fraction`), a rank that cannot hold the model whole. Where this machine lets a process create cgroup-v1 memory
-groups (/sys/fs/cgroup/memory writable, e.g. as root in a container) the budget is enforced by the OS: each rank
-moves itself into its own memory cgroup with `memory.limit_in_bytes` = G for the duration of the build (model
-init, first masks, conversion to ZeRO-3 parameters); memory the process held before counts against its old
-group, so the cap bounds exactly what the build adds, and a rank that needs more is OOM-killed (no swap is used:
-the cap also limits memory+swap where the kernel accounts it). The cgroup's own peak
+--budget-gb G: the per-rank host-memory budget of the build. Default: 0.9x the fp32 weight bytes
+(`--budget-fraction`), a rank that cannot hold the model whole. Where this machine lets a process create
+cgroup-v1 memory groups (/sys/fs/cgroup/memory writable, e.g. as root in a container) the budget is enforced by
+the OS: each rank moves itself into its own memory cgroup with `memory.limit_in_bytes` = G for the duration of
+the build (model init, first masks, conversion to ZeRO-3 parameters); memory the process held before counts
+against its old group, so the cap bounds exactly what the build adds, and a rank that needs more is OOM-killed
+(no swap is used: the cap also limits memory+swap where the kernel accounts it). The cgroup's own peak
 (`memory.max_usage_in_bytes`) is reported next to the VmHWM measurement. Without cgroups (`--no-os-cap`, or not
 permitted) the build "fits" when its measured peak stays under G. After the build the cap is lifted: on a GPU
 machine the build is what runs in host memory, and the training states then live on the device. The start-up +
