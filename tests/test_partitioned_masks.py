@@ -24,7 +24,7 @@ def _save_as_ranks(folder, masks: dict[str, torch.Tensor], world: int, scores=No
             start, n = even_fragment(m.numel(), rank, world)
             part = m.reshape(-1)[start:start + n]
             frags[key] = Fragment(start, part.clone(), pack_mask(part), tuple(m.shape))
-            if scores is not None:
+            if scores is not None and key in scores:
                 parts[key] = scores[key].reshape(-1)[start:start + n]
         torch.save(fragment_state(frags, rank, world, parts), folder / fragment_file(rank))
 
@@ -55,8 +55,8 @@ def test_fragment_files_join_at_any_world_size(tmp_path):
 
 def test_pending_scores_are_saved_per_rank_and_read_at_any_world_size(tmp_path):
     """A checkpoint inside a score window: each rank saves the fp32 score of its own fragment (nothing joined
-    whole); ranks of another world size read the exact values of the runs they hold. A file without scores
-    (another checkpoint's) is refused, not read as zeros."""
+    whole); ranks of another world size read the exact values of the runs they hold. A parameter no gradient
+    reached has no score (None); files of which only some hold a parameter's score are refused, not read as zeros."""
     gen = torch.Generator().manual_seed(1)
     masks = {"a.weight": torch.rand(37, 11, generator=gen) < 0.3, "b.experts": torch.rand(3, 5, 7, generator=gen) < 0.5}
     scores = {k: torch.rand(m.shape, generator=gen) for k, m in masks.items()}
@@ -70,9 +70,19 @@ def test_pending_scores_are_saved_per_rank_and_read_at_any_world_size(tmp_path):
                 assert torch.equal(got[key][2], scores[key].reshape(-1)[start:start + n]), (world, rank, key)
                 assert torch.equal(got[key][0], masks[key].reshape(-1)[start:start + n])
     assert read_fragments(files, {"a.weight": (0, 5), "b.experts": (0, 5)})["a.weight"][2] is None
-    _save_as_ranks(tmp_path, masks, 3)  # the same files without scores
-    with pytest.raises(ValueError, match="holds no gradient score for a.weight"):
-        read_fragments(files, {"a.weight": (0, 5), "b.experts": (0, 5)}, scores=True)
+    whole = {"a.weight": (0, 407), "b.experts": (0, 105)}
+    # a parameter no gradient reached has no score: read as None, the others exactly
+    _save_as_ranks(tmp_path, masks, 3, {"a.weight": scores["a.weight"]})
+    got = read_fragments(files, whole, scores=True)
+    assert torch.equal(got["a.weight"][2], scores["a.weight"].reshape(-1)) and got["b.experts"][2] is None
+    # files of different checkpoints (rank 0's with scores, the others without) are refused, not read as zeros
+    _save_as_ranks(tmp_path, masks, 3)
+    other = tmp_path / "other"
+    other.mkdir()
+    _save_as_ranks(other, masks, 3, scores)
+    (other / files[0].name).replace(files[0])
+    with pytest.raises(ValueError, match="gradient scores for 136 of the 407 entries of a.weight"):
+        read_fragments(files, whole, scores=True)
 
 
 def test_partition_masks_needs_zero3(tmp_path, small_corpus):

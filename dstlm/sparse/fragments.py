@@ -125,9 +125,10 @@ def read_fragments(files: Iterable[Path], wanted: dict[str, tuple[int, int]], de
     (a checkpoint inside a score window), else None."""
     files = list(files)
     _check_complete(files, "the checkpoint")
-    out = {k: (torch.zeros(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.bool, device=device),
-               torch.zeros(n, dtype=torch.float32, device=device) if scores else None)
+    out = {k: (torch.zeros(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.bool, device=device))
            for k, (_, n) in wanted.items()}
+    score = {k: torch.zeros(n, dtype=torch.float32, device=device) for k, (_, n) in wanted.items()} if scores else {}
+    scored = dict.fromkeys(wanted, 0)  # entries read with a score (a parameter no gradient reached has none)
     covered = dict.fromkeys(wanted, 0)
     for path in files:
         params = _load(path)["params"]
@@ -143,17 +144,18 @@ def read_fragments(files: Iterable[Path], wanted: dict[str, tuple[int, int]], de
             for dst, packed in zip(out[key], (saved["mask"], saved["ever"])):
                 bits = unpack_bits(packed[a:b], (b - a) * 8)[lo - s0 - 8 * a:hi - s0 - 8 * a]
                 dst[lo - start:hi - start] = bits.to(dst.device)
-            if scores:
-                if "score" not in saved:
-                    raise ValueError(f"{path} holds no gradient score for {key}, but the checkpoint was taken inside a "
-                                     f"score window (a file of another checkpoint?)")
-                out[key][2][lo - start:hi - start] = saved["score"][lo - s0:hi - s0].to(out[key][2].device)
+            if scores and "score" in saved:
+                score[key][lo - start:hi - start] = saved["score"][lo - s0:hi - s0].to(score[key].device)
+                scored[key] += hi - lo
             covered[key] += hi - lo
     for key, (_, length) in wanted.items():
         if covered[key] != length:
             raise ValueError(f"the saved mask fragments of {key} cover {covered[key]} of the {length} entries this "
                              f"rank needs (a file is missing from the checkpoint)")
-    return out
+        if scored[key] not in (0, length):
+            raise ValueError(f"the saved fragments hold gradient scores for {scored[key]} of the {length} entries of "
+                             f"{key} this rank needs (files of different checkpoints?)")
+    return {k: (m, e, score[k] if scored[k] else None) for k, (m, e) in out.items()}
 
 
 def whole_masks_from(folder: str | Path) -> dict[str, torch.Tensor]:
