@@ -283,9 +283,7 @@ class SparseEngine:
         if world > 1:
             self._shard_scores[_param_name(group)] = score
             return
-        whole = score.reshape(shape)
-        for sp in group:
-            self._scores[sp.name] = sp.view(whole).clone(memory_format=torch.contiguous_format)
+        self._scores.update(_per_matrix(group, score, shape))
 
     def _check_shardable(self) -> None:
         if not self.method.shardable:
@@ -653,9 +651,7 @@ class SparseEngine:
                 continue
             f_start, _ = backend.fragment(group[0].weight)
             numel, shape = self._param_size(group)
-            whole = backend.assemble(numel, f_start, local)
-            for sp in group:
-                out[sp.name] = sp.view(whole.reshape(shape)).clone(memory_format=torch.contiguous_format)
+            out.update(_per_matrix(group, backend.assemble(numel, f_start, local), shape))
         return out
 
     def _param_size(self, group: list[SparseParam]) -> tuple[int, tuple[int, ...]]:
@@ -815,6 +811,12 @@ def sparse_params_of(model: nn.Module, cfg: SparsityConfig) -> list[SparseParam]
 def _flat_storage(group: list[SparseParam], matrices: list[torch.Tensor]) -> torch.Tensor:
     """The group's per-matrix [out, in] tensors laid out as its parameter's flat storage (matrices in index order)."""
     return torch.cat([sp.to_storage(m).reshape(-1) for sp, m in zip(group, matrices)])
+
+
+def _per_matrix(group: list[SparseParam], flat: torch.Tensor, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The inverse of `_flat_storage`: a parameter's flat storage-order tensor as each matrix's own [out, in] copy."""
+    whole = flat.reshape(shape)
+    return {sp.name: sp.view(whole).clone(memory_format=torch.contiguous_format) for sp in group}
 
 
 def _release_whole_mask(group: list[SparseParam], device: torch.device) -> None:
