@@ -9,7 +9,18 @@ import pytest
 import torch
 
 from dstlm.sparse import selection as S
-from dstlm.sparse.sharded import float_order_bits, float_order_key, sharded_top_k, torch_all_reduce
+from dstlm.sparse.radix import order_bits
+from dstlm.sparse.sharded import float_order_bits, sharded_top_k, torch_all_reduce
+
+
+@pytest.fixture(autouse=True, params=[1 << 20, 64, 7], ids=["block-1M", "block-64", "block-7"])
+def block(request):
+    """Every test at three block sizes: one block (the rounds keep few entries after the first), and blocks
+    small enough that passes cross block edges and rounds keep streaming over many blocks."""
+    from dstlm.sparse.radix import block_size
+
+    with block_size(request.param):
+        yield request.param
 
 
 class ThreadRanks:
@@ -108,11 +119,12 @@ def test_float_order_keys_are_monotone():
     x = torch.tensor([float("-inf"), -3.5, -1e-30, 0.0, 1e-30, 2.0, 7.25, float("inf")])
     b = float_order_bits(x)
     assert bool((b[1:] > b[:-1]).all()) and int(b.min()) >= 0 and int(b.max()) < 2**32
-    key = float_order_key(x)
-    assert key.dtype == torch.int32 and bool((key[1:] > key[:-1]).all()) and int(key.min()) > -(2**31)
-    zeros = torch.tensor([-0.0, 0.0])  # equal values: the same key (and bits), so the hash decides between them
-    assert float_order_key(zeros)[0] == float_order_key(zeros)[1]
+    mag = order_bits(x, magnitude=True)  # |x|'s order: symmetric, and increasing from 0 on either side
+    assert torch.equal(mag, order_bits(-x, magnitude=True)) and bool((mag[4:] > mag[3:-1]).all())
+    assert bool((mag[:3] > mag[1:4]).all())
+    zeros = torch.tensor([-0.0, 0.0])  # equal values: the same bits, so the hash decides between them
     assert float_order_bits(zeros)[0] == float_order_bits(zeros)[1]
+    assert order_bits(zeros, magnitude=True)[0] == order_bits(zeros, magnitude=True)[1]
 
 
 def _gloo_worker(rank, world, path, score, k, out):
@@ -216,7 +228,7 @@ def test_srigl_on_shards_equals_the_whole_layer_rule(world, ablation):
 
         def rank(r, reduce, fw=fw, fm=fm, fg=fg, parts=parts, ties=ties, budget=budget):
             i = parts[r]
-            return srigl_update_shard(fw[i], fm[i], fg[i], 48, budget, 0.3, ablation, i // cols, i, (rows, cols),
+            return srigl_update_shard(fw[i], fm[i], fg[i], 48, budget, 0.3, ablation, i, (rows, cols),
                                       ties, reduce)
 
         union = torch.zeros(rows * cols, dtype=torch.bool)

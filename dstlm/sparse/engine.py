@@ -594,8 +594,7 @@ class SparseEngine:
             lo, hi = a - f_start, b - f_start
             shard = Shard(weight[lo:hi].to(old.device), old[lo:hi],
                           None if score is None else score[lo:hi].to(old.device),
-                          sp.storage_index(torch.arange(a - base, b - base, device=old.device)),
-                          backend.all_reduce_sum_)
+                          sp.entries(a - base, b - a, old.device), backend.all_reduce_sum_)
             layer.dead_rows = dead.get(sp.name)
             n_swap = int(round(drop_fraction * before[sp.name].active))
             new_local[lo:hi] = self.method.update_layer_shard(layer, shard, n_swap, t, self.schedule,

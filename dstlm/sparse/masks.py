@@ -13,6 +13,8 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
+from dstlm.sparse.radix import Entries
+
 NEVER_SPARSE = (nn.Embedding, nn.LayerNorm)
 
 
@@ -52,6 +54,12 @@ class SparseParam:
             return flat
         rows, cols = self.shape
         return (flat % rows) * cols + flat // rows
+
+    def entries(self, start: int, n: int, device: torch.device) -> Entries:
+        """The matrix's entries at flat storage positions start .. start + n, as the sharded rules read them
+        (their [out, in] indices made a block at a time, never whole)."""
+        rows, cols = self.shape
+        return Entries(n, cols, device, start=start, storage_rows=rows if self.transposed else None)
 
     @property
     def full_mask(self) -> torch.Tensor:

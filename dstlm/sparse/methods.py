@@ -160,13 +160,12 @@ class DSTMethod:
         dead = layer.dead_rows
         if dead is None or count(dead) == 0:
             return self.update_shard(layer, shard, n_swap, t, schedule, ties)
-        in_dead = dead.to(shard.index.device)[shard.rows(layer.shape[1])]
-        live = Shard(shard.weight, shard.mask & ~in_dead, shard.score, shard.index, shard.all_reduce)
+        in_dead = sharded.rows_in(dead, shard.entries)
+        live = Shard(shard.weight, shard.mask & ~in_dead, shard.score, shard.entries, shard.all_reduce)
         new = self.update_shard(layer, live, n_swap, t, schedule, ties) & ~in_dead
         reclaimed = shard.count(shard.mask) - shard.count(new)
-        rank = shard.score.abs().float() if shard.score is not None else torch.zeros(new.shape, device=new.device)
-        rank = torch.where(in_dead, torch.full_like(rank, -1.0), rank)
-        return sharded.grow_top_shard(new, rank, shard.index, reclaimed, ties.sub("reclaim"), shard.all_reduce)
+        return sharded.reclaim_shard(new, shard.score, in_dead, reclaimed, shard.entries, ties.sub("reclaim"),
+                                     shard.all_reduce)
 
     def check_invariants(self, layer: Layer, counts: MaskCounts) -> list[str]:
         nnz = counts.active
@@ -218,7 +217,7 @@ class SET(DSTMethod):
         return rules.set_update(weight, mask, n_swap, ties)
 
     def update_shard(self, layer, shard, n_swap, t, schedule, ties):
-        return sharded.drop_and_grow_shard(shard.weight, shard.mask, None, n_swap, shard.index, ties,
+        return sharded.drop_and_grow_shard(shard.weight, shard.mask, None, n_swap, shard.entries, ties,
                                            shard.all_reduce, numel=math.prod(layer.shape))
 
 
@@ -232,7 +231,7 @@ class RigL(DSTMethod):
         return rules.rigl_update(weight, mask, score, n_swap, ties)
 
     def update_shard(self, layer, shard, n_swap, t, schedule, ties):
-        return sharded.drop_and_grow_shard(shard.weight, shard.mask, shard.score, n_swap, shard.index, ties,
+        return sharded.drop_and_grow_shard(shard.weight, shard.mask, shard.score, n_swap, shard.entries, ties,
                                            shard.all_reduce, numel=math.prod(layer.shape))
 
 
@@ -275,7 +274,7 @@ class SRigL(DSTMethod):
         allow = self.cfg.ablation and not layer.protected
         new, layer.fan_in = sharded.srigl_update_shard(
             shard.weight, shard.mask, shard.score, n_swap, layer.budget, self.cfg.gamma_sal, allow,
-            shard.rows(layer.shape[1]), shard.index, layer.shape, ties, shard.all_reduce,
+            shard.entries, layer.shape, ties, shard.all_reduce,
             force_ablate=layer.dead_rows)
         return new
 
@@ -322,7 +321,7 @@ class GMP(DSTMethod):
         return rules.gmp_prune(weight, mask, self._n_keep(layer, t, schedule), ties)
 
     def update_shard(self, layer, shard, n_swap, t, schedule, ties):
-        return sharded.gmp_prune_shard(shard.weight, shard.mask, self._n_keep(layer, t, schedule), shard.index,
+        return sharded.gmp_prune_shard(shard.weight, shard.mask, self._n_keep(layer, t, schedule), shard.entries,
                                        ties, shard.all_reduce)
 
     def check_invariants(self, layer, counts):
@@ -366,4 +365,4 @@ class NM(DSTMethod):
 
     def update_shard(self, layer, shard, n_swap, t, schedule, ties):
         return sharded.nm_update_shard(shard.weight, shard.mask, shard.score, n_swap, self.cfg.n, self.cfg.m,
-                                       shard.index, math.prod(layer.shape), ties, shard.all_reduce)
+                                       shard.entries, math.prod(layer.shape), ties, shard.all_reduce)

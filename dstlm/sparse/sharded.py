@@ -1,21 +1,19 @@
-"""Exact top-k over a layer split across ranks, without gathering it: the distributed form of
-`selection.top_k`, the same set in the same total order (value desc, then the keyed hash of the entry's index
-in the layer desc).
+"""The mask rules decided on shards: each rank decides the entries of the layer it holds, and over the ranks
+the union equals the whole-layer rule of rules.py, in the same total order (value desc, then the keyed hash of
+the entry's flat index in the layer desc).
 
-Each rank holds some entries of the layer (any split: ZeRO's flat partitions cut rows anywhere) as values
-and their flat indices in the whole layer. The k-th entry of the order is found by radix selection on
-order-preserving int32 keys (a non-negative float's own bits), 11, 11 and 10 bits at a time, with one
-all-reduce of a histogram of at most 2048 counts per round: 3 rounds give the threshold value, how many
-entries above it are in and how many sit at it (only the first round reads every entry; the others read the
-entries sharing the digits chosen so far); when the threshold is tied, 3 more rounds over the 32-bit hashes
-of only the tied entries pick which of them. Entries that are not candidates (eligibility) take the lowest
-key instead of being compacted out. Communication: 3 (or 6) small all-reduces per selection, whatever the
-layer's size; compute: a few passes over the rank's own entries, about what the one-process selection
-makes.
+Each rank holds some entries of the layer (any split: ZeRO's flat partitions cut rows anywhere), described by
+`Entries` (a contiguous run, a run of a transposed storage, or explicit indices). Layer-wide selections (the
+keep by |W|, the grow by |grad|) are `radix.radix_select` over the whole layer: 3 small all-reduces (6 when the
+threshold is tied) whatever its size. Per-row selections (SRigL's fan-in, N:M's groups) decide every row whose
+eligible entries are all on one rank there alone, with `selection.row_top_k`, a block of whole rows at a time;
+only the rows cut between ranks (at most the first and the last of a contiguous run) go through radix rounds,
+on [cut rows, 256] histograms.
 
-Per-row selections (SRigL's fan-in, N:M's groups) decide every row whose candidates are all on one rank
-there alone, with `selection.row_top_k`; only the rows cut between ranks (at most world - 1 per layer for
-contiguous fragments) go through radix rounds, on [cut rows, 256] histograms.
+Memory: nothing of the rank's fragment is copied whole. Values, eligibility and indices are read a block at a
+time, so besides the new mask (one byte per entry, the buffer the rule writes into) a rule's working set is a
+few tens of bytes per entry of one block (`radix.block_size`). Explicit and transposed entries
+(tests; Hugging Face Conv1D weights) take a per-row path that compacts the rank's own rows whole.
 
 `all_reduce` is any in-place sum over the ranks (torch.distributed.all_reduce over a process group, or an
 identity on one process), so the module imports no distributed framework.
@@ -24,14 +22,17 @@ identity on one process), so the module imports no distributed framework.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
+from dstlm.sparse.radix import (ROW_DIGITS, Eligible, Entries, Source, block, blocks, inside, order_bits, outside,
+                                radix_select)
 from dstlm.sparse.rules import srigl_keep_is_salient, srigl_survivors
-from dstlm.sparse.selection import M32, Ties, row_top_k
+from dstlm.sparse.selection import Ties, row_top_k
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+Index = Union[torch.Tensor, Entries]
 
 
 def single_process(t: torch.Tensor) -> torch.Tensor:
@@ -50,12 +51,9 @@ class Shard:
     """bool: the current mask at these entries."""
     score: Optional[torch.Tensor]
     """|dense gradient| accumulated over the score window (None for methods that read no gradient)."""
-    index: torch.Tensor
-    """int64: each entry's flat index in the [R, C] matrix (row = index // C)."""
+    entries: Entries
+    """Each entry's flat index in the [R, C] matrix, made on demand (row = index // C)."""
     all_reduce: AllReduce = single_process
-
-    def rows(self, cols: int) -> torch.Tensor:
-        return self.index // cols
 
     def count(self, sel: torch.Tensor) -> int:
         """Entries selected by `sel` (bool over this shard's entries) over all ranks."""
@@ -76,332 +74,316 @@ def torch_all_reduce(group=None) -> AllReduce:
 
 def float_order_bits(values: torch.Tensor) -> torch.Tensor:
     """int64 in [0, 2^32), increasing with the float32 value (the IEEE bits, sign-folded; -0.0 as +0.0)."""
-    b = (values.float() + 0.0).contiguous().view(torch.int32).to(torch.int64) & M32
-    negative = b >= 2**31
-    return torch.where(negative, (~b) & M32, b | 2**31)
-
-
-INT32_MIN = -(2**31)
-
-
-def float_order_key(values: torch.Tensor) -> torch.Tensor:
-    """int32 whose (signed) order is the float32 order of `values` (-0.0 counted as +0.0; INT32_MIN is
-    left to mark ineligible entries: only a negative NaN maps there)."""
-    b = (values.float() + 0.0).contiguous().view(torch.int32)  # + 0.0: -0.0 becomes +0.0
-    return b ^ ((b >> 31) & 0x7FFFFFFF)
-
-
-# radix rounds over int32 keys: (shift, bits) from the top; small histograms (2048 counts, 16 KB) keep each
-# all-reduce latency-bound, and the first round already leaves only the entries near the threshold
-_ROUNDS = ((21, 11), (10, 11), (0, 10))
-
-
-def _pick_digit(digit: torch.Tensor, bins: int, k: int, all_reduce: AllReduce) -> tuple[int, int, int]:
-    """Over all ranks' digits (0..bins-1), the digit of the k-th largest, how many are larger and how many
-    equal it."""
-    hist = all_reduce(torch.bincount(digit, minlength=bins).to(torch.int64)).cpu()
-    from_top = torch.flip(hist, [0]).cumsum(0)  # from_top[j]: digits >= bins - 1 - j
-    j = int(torch.searchsorted(from_top, torch.tensor(k)))
-    return bins - 1 - j, (int(from_top[j - 1]) if j > 0 else 0), int(hist[bins - 1 - j])
-
-
-def _select_keys(key: torch.Tensor, k: int,
-                 all_reduce: AllReduce) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Over all ranks' int32 keys: the local entries surely among the k largest (bool), the local entries at
-    the k-th largest key (indices), how many of those tied entries, over all ranks, are still to be taken,
-    and how many there are over all ranks. Three radix rounds (11, 11, 10 bits); only the first reads every
-    entry, the others read the entries that share the digits chosen so far."""
-    (shift, bits), rest = _ROUNDS[0], _ROUNDS[1:]
-    digit = key >> shift
-    digit += 1 << (bits - 1)  # the signed top digit, shifted to 0..2^bits-1
-    d, above, _ = _pick_digit(digit, 1 << bits, k, all_reduce)
-    out = digit > d
-    live = (digit == d).nonzero().squeeze(1)
-    del digit
-    live_key = key[live]
-    for shift, bits in rest:
-        digit = (live_key >> shift) & ((1 << bits) - 1)
-        d, more, at = _pick_digit(digit, 1 << bits, k - above, all_reduce)
-        above += more
-        out[live[digit > d]] = True
-        same = digit == d
-        live, live_key = live[same], live_key[same]
-    return out, live, k - above, at
-
-
-def sharded_top_k(values: torch.Tensor, index: torch.Tensor, k: int, ties: Ties,
-                  all_reduce: AllReduce = single_process, total: Optional[int] = None,
-                  eligible: Optional[torch.Tensor] = None, nonnegative: bool = False) -> torch.Tensor:
-    """bool per local entry: whether it is among the k first entries of the whole layer in (value desc, hash of
-    index desc) order, where the layer's entries are the union of every rank's (values, index) — only the
-    `eligible` ones (bool per entry) when given. `total`: the number of (eligible) entries over all ranks, if
-    the caller knows it (saves one all-reduce). `nonnegative`: the caller guarantees values >= 0 (|W|, |grad|):
-    their float bits are then their order, with no conversion pass. Entries are never compacted: ineligible
-    ones get the lowest key, below every eligible one, and k never reaches them."""
-    values, index = values.reshape(-1), index.reshape(-1)
-    if total is None:
-        n = values.numel() if eligible is None else torch.count_nonzero(eligible)
-        total = int(all_reduce(torch.as_tensor(n, dtype=torch.int64, device=values.device).reshape(1)).item())
-    k = max(0, min(int(k), total))
-    if k == 0:
-        return torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
-    if k == total:
-        return torch.ones(values.numel(), dtype=torch.bool, device=values.device) if eligible is None \
-            else eligible.reshape(-1).clone()
-    if nonnegative:  # + 0.0 would only turn -0.0 into +0.0, which |x| never yields
-        key = values.float().contiguous().view(torch.int32)
-    else:
-        key = float_order_key(values)
-    if eligible is not None:
-        key = torch.where(eligible.reshape(-1), key, torch.tensor(INT32_MIN, dtype=torch.int32, device=key.device))
-    out, tied, need, n_tied = _select_keys(key, k, all_reduce)
-    if need >= n_tied:
-        out[tied] = True
-    else:  # the tied entries' 32-bit hashes, shifted into int32's signed range (an order-preserving shift)
-        h = (ties.hash(index[tied]) - 2**31).to(torch.int32)
-        sure, at, _, _ = _select_keys(h, need, all_reduce)
-        out[tied[sure]] = True
-        out[tied[at]] = True  # hashes are distinct: the need-th one is the only one at the threshold
-    return out
-
-
-# -- rules on shards: each equal, over the union of the ranks' entries, to its whole-layer form in rules.py --
+    return order_bits(values, magnitude=False)
 
 
 def _global_count(mask: torch.Tensor, all_reduce: AllReduce) -> int:
     return int(all_reduce(torch.count_nonzero(mask).reshape(1).to(torch.int64)).item())
 
 
-def keep_largest_shard(weight: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, n_keep: int, ties: Ties,
+def select_top(src: Source, entries: Entries, k: int, ties: Ties, all_reduce: AllReduce, out: torch.Tensor,
+               total: Optional[int] = None) -> None:
+    """out |= this rank's part of the k first eligible entries of the layer (over all ranks) in (value desc,
+    hash desc) order. `total`: the eligible entries over all ranks, when the caller knows it (k = 0 or all of
+    them then need no pass)."""
+    if total is not None:
+        k = max(0, min(int(k), int(total)))
+        if k == 0:
+            return
+        if k == total:
+            for a, b in blocks([(0, entries.n)]):
+                ok = src.ok(a, b)
+                out[a:b] = True if ok is None else out[a:b] | ok
+            return
+    radix_select(src, entries, torch.tensor([max(0, int(k))]), ties, all_reduce, out)
+
+
+def sharded_top_k(values: torch.Tensor, index: Index, k: int, ties: Ties,
+                  all_reduce: AllReduce = single_process, total: Optional[int] = None,
+                  eligible: Optional[torch.Tensor] = None, nonnegative: bool = False) -> torch.Tensor:
+    """bool per local entry: whether it is among the k first entries of the whole layer in (value desc, hash of
+    index desc) order, where the layer's entries are the union of every rank's (values, index) — only the
+    `eligible` ones (bool per entry) when given. `total`: the number of (eligible) entries over all ranks, if
+    known. `nonnegative`: the values are >= 0 (|W|, |grad|), ordered by their magnitude bits."""
+    entries = Entries.of(index)
+    out = torch.zeros(entries.n, dtype=torch.bool, device=values.device)
+    src = Source(values, magnitude=nonnegative, eligible=None if eligible is None else inside(eligible))
+    select_top(src, entries, k, ties, all_reduce, out, total)
+    return out
+
+
+# -- rules on shards: each equal, over the union of the ranks' entries, to its whole-layer form in rules.py --
+
+
+def keep_largest_shard(weight: torch.Tensor, mask: torch.Tensor, index: Index, n_keep: int, ties: Ties,
                        all_reduce: AllReduce, nnz: Optional[int] = None) -> torch.Tensor:
     """rules.keep_largest on a shard: the n_keep largest |W| (over all ranks) among the active entries."""
-    out = sharded_top_k(weight.reshape(-1).abs(), index, max(0, n_keep), ties.sub("keep"), all_reduce,
-                        total=nnz, eligible=mask.reshape(-1), nonnegative=True)
+    out = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    nnz = _global_count(mask, all_reduce) if nnz is None else nnz
+    select_top(Source(weight, True, inside(mask)), Entries.of(index), n_keep, ties.sub("keep"), all_reduce, out,
+               total=nnz)
     return out.view(mask.shape)
 
 
-def grow_top_shard(mask: torch.Tensor, score: torch.Tensor, index: torch.Tensor, k: int, ties: Ties,
+def grow_top_shard(mask: torch.Tensor, score: Union[torch.Tensor, Source, None], index: Index, k: int, ties: Ties,
                    all_reduce: AllReduce, nonnegative: bool = False,
                    n_eligible: Optional[int] = None) -> torch.Tensor:
-    """rules.grow_top on a shard: `mask` plus the k highest scores (over all ranks) outside it. `n_eligible`:
-    the entries outside the mask over all ranks, if known (saves an all-reduce)."""
-    grown = sharded_top_k(score.reshape(-1), index, k, ties.sub("grow"), all_reduce, eligible=~mask.reshape(-1),
-                          nonnegative=nonnegative, total=n_eligible)
-    return (mask.reshape(-1) | grown).view(mask.shape)
+    """rules.grow_top on a shard: `mask` plus the k highest scores (over all ranks) outside it (`score` a
+    Source: its own order). `n_eligible`: the entries outside the mask over all ranks, if known."""
+    out = mask.reshape(-1).clone()
+    src = score if isinstance(score, Source) else Source(score, nonnegative, outside(mask))
+    select_top(src, Entries.of(index), k, ties.sub("grow"), all_reduce, out, total=n_eligible)
+    return out.view(mask.shape)
 
 
 def drop_and_grow_shard(weight: torch.Tensor, mask: torch.Tensor, score: Optional[torch.Tensor], n_swap: int,
-                        index: torch.Tensor, ties: Ties, all_reduce: AllReduce,
+                        index: Index, ties: Ties, all_reduce: AllReduce,
                         numel: Optional[int] = None) -> torch.Tensor:
     """RigL (score = |dense gradient|) or SET (score None: random growth) on a shard; `n_swap` is the layer's
     (the same on every rank), `numel` its size if known. Equal over the union of shards to
-    rules.rigl_update / rules.set_update."""
+    rules.rigl_update / rules.set_update. The keep is written into the new mask and the grow into the same
+    buffer (its complement is what may grow): one byte per entry besides the blocks' working set."""
+    entries = Entries.of(index)
     nnz = _global_count(mask, all_reduce)
     n_keep = nnz - min(n_swap, nnz)
-    kept = keep_largest_shard(weight, mask, index, n_keep, ties, all_reduce, nnz=nnz)  # exactly n_keep, over all
-    grow_score = torch.zeros(mask.shape, device=mask.device) if score is None else score.abs()
-    return grow_top_shard(kept, grow_score, index, nnz - n_keep, ties, all_reduce, nonnegative=True,
-                          n_eligible=None if numel is None else numel - n_keep)
+    out = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    select_top(Source(weight, True, inside(mask)), entries, n_keep, ties.sub("keep"), all_reduce, out, total=nnz)
+    select_top(Source(score, True, outside(out)), entries, nnz - n_keep, ties.sub("grow"), all_reduce, out,
+               total=None if numel is None else numel - n_keep)
+    return out.view(mask.shape)
 
 
-def gmp_prune_shard(weight: torch.Tensor, mask: torch.Tensor, n_keep: int, index: torch.Tensor, ties: Ties,
+def gmp_prune_shard(weight: torch.Tensor, mask: torch.Tensor, n_keep: int, index: Index, ties: Ties,
                     all_reduce: AllReduce) -> torch.Tensor:
     """rules.gmp_prune on a shard: keep the layer's n_keep largest |W| among active entries."""
     nnz = _global_count(mask, all_reduce)
     return keep_largest_shard(weight, mask, index, min(n_keep, nnz), ties, all_reduce, nnz=nnz)
 
 
-# -- per-row selections (SRigL's constant fan-in) when a shard cuts rows anywhere --------------------------
+# -- per-row selections (SRigL's constant fan-in, N:M's groups) when a shard cuts rows anywhere ------------
 
 
-def _radix_select_rows(bits: torch.Tensor, rows: torch.Tensor, k: torch.Tensor, n_rows: int,
-                       all_reduce: AllReduce) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row r (over all ranks' entries, row ids `rows`), the k[r]-th largest 32-bit pattern and the count
-    strictly above it (k[r] >= 1 and <= the row's entries; rows with k[r] = 0 get meaningless values).
-    One all-reduced [n_rows, 256] histogram per round."""
-    prefix = torch.zeros(n_rows, dtype=torch.int64, device=bits.device)
-    above = torch.zeros(n_rows, dtype=torch.int64, device=bits.device)
-    live_bits, live_rows = bits, rows
-    for shift in (24, 16, 8, 0):
-        digit = (live_bits >> shift) & 0xFF
-        hist = torch.bincount(live_rows * 256 + digit, minlength=n_rows * 256).view(n_rows, 256)
-        hist = all_reduce(hist.to(torch.int64))
-        from_top = torch.flip(hist, [1]).cumsum(1)
-        j = torch.searchsorted(from_top, (k - above).clamp_min(1)[:, None]).squeeze(1).clamp_max(255)
-        above += torch.where(j > 0, from_top.gather(1, (j - 1).clamp_min(0)[:, None]).squeeze(1), 0)
-        d = 255 - j
-        prefix |= d << shift
-        keep = digit == d[live_rows]
-        live_bits, live_rows = live_bits[keep], live_rows[keep]
-    return prefix, above
+def row_counts_shard(eligible: Eligible, entries: Entries, n_rows: int, all_reduce: AllReduce,
+                     local_only: bool = False) -> torch.Tensor:
+    """int64 [n_rows]: the entries `eligible` selects in each row (of entries.row_len), over all ranks (this
+    rank's alone with local_only), counted a block at a time."""
+    counts = torch.zeros(n_rows, dtype=torch.int64, device=entries.device)
+    for a, b in blocks([(0, entries.n)]):
+        ok = eligible(a, b)
+        rows = entries.rows(a, b)
+        counts += torch.bincount(rows if ok is None else rows[ok], minlength=n_rows)
+    return counts if local_only else all_reduce(counts)
 
 
-def sharded_row_top_k(values: torch.Tensor, index: torch.Tensor, k: torch.Tensor, n_rows: int, cols: int,
+def select_rows(src: Source, entries: Entries, k: torch.Tensor, n_rows: int, ties: Ties, all_reduce: AllReduce,
+                out: torch.Tensor, assign: bool = False) -> None:
+    """In every row r over all ranks, the k[r] first eligible entries in (value desc, hash of the flat index
+    desc) order, written into `out` as radix_select does (out |= chosen; with `assign`, out = chosen at the
+    eligible entries). Rows whose eligible entries are all on this rank are decided here alone
+    (selection.row_top_k); the rows cut between ranks by radix rounds over those rows only. Collective: every
+    rank calls it with the same k."""
+    cols = entries.row_len
+    local = row_counts_shard(lambda a, b: src.ok(a, b), entries, n_rows, all_reduce, local_only=True)
+    per_row = all_reduce(local.clone())
+    k = torch.minimum(k.to(device=local.device, dtype=torch.int64), per_row)
+    shared = all_reduce(((local > 0) & (local < per_row)).to(torch.int64)) > 0  # the same on every rank
+    own_k = torch.where(shared, 0, k)
+    if entries.run is not None:
+        spans = _own_rows_of_run(src, entries, own_k, cols, ties, out, assign, shared)
+    else:
+        _own_rows_compacted(src, entries, own_k, shared, cols, ties, out, assign)
+        spans = None
+    shared_ids = shared.nonzero().squeeze(1)
+    if shared_ids.numel():
+        slot = torch.full((n_rows,), -1, dtype=torch.int64, device=local.device)
+        slot[shared_ids] = torch.arange(shared_ids.numel(), device=local.device)
+        radix_select(src, entries, k[shared_ids], ties, all_reduce, out, spans=spans,
+                     segment=lambda a, b: slot[entries.rows(a, b)], n_seg=shared_ids.numel(), digits=ROW_DIGITS,
+                     assign=assign)
+
+
+def _write(out: torch.Tensor, a: int, b: int, chosen: torch.Tensor, ok: Optional[torch.Tensor], assign: bool) -> None:
+    if not assign:
+        out[a:b] |= chosen
+    elif ok is None:
+        out[a:b] = chosen
+    else:
+        out[a:b] = torch.where(ok, chosen, out[a:b])
+
+
+def _own_rows_of_run(src: Source, entries: Entries, k: torch.Tensor, cols: int, ties: Ties, out: torch.Tensor,
+                     assign: bool, shared: torch.Tensor) -> list[tuple[int, int]]:
+    """select_rows' rows held whole here, for a contiguous run: blocks of whole rows read in place (the first
+    and the last row padded when the run cuts them). Returns the local spans of the rows cut between ranks."""
+    n, start, dev = entries.n, entries.run, out.device
+    if n == 0:
+        return []
+    first, last = start // cols, (start + n - 1) // cols
+    per_block = max(1, block() // cols)
+    for r0 in range(first, last + 1, per_block):
+        r1 = min(last + 1, r0 + per_block)
+        kk = k[r0:r1]
+        a, b = max(0, r0 * cols - start), min(n, r1 * cols - start)
+        if not bool((kk > 0).any()):  # nothing chosen in these rows: with `assign` their eligible entries clear
+            if assign:
+                ok = src.ok(a, b)
+                clear = ~shared[r0:r1].repeat_interleave(cols)[a - (r0 * cols - start):][:b - a]
+                out[a:b] &= ~clear if ok is None else ~(ok & clear)
+            continue
+        pad = a - (r0 * cols - start)
+        values, ok = src.floats(a, b, dev), src.ok(a, b)
+        if pad or b - a != (r1 - r0) * cols:  # a row the run cuts: padded with ineligible entries
+            dense = torch.zeros((r1 - r0) * cols, device=dev)
+            dense[pad:pad + b - a] = values
+            okd = torch.zeros((r1 - r0) * cols, dtype=torch.bool, device=dev)
+            okd[pad:pad + b - a] = True if ok is None else ok
+            values, okp = dense, okd
+        else:
+            okp = ok
+        sel = row_top_k(values.view(r1 - r0, cols), kk, ties, eligible=None if okp is None else okp.view(r1 - r0, cols),
+                        row_ids=torch.arange(r0, r1, device=dev)).reshape(-1)[pad:pad + b - a]
+        if assign:  # rows cut between ranks are assigned by the collective pass, not here
+            in_shared = shared[r0:r1].repeat_interleave(cols)[pad:pad + b - a]
+            ok = ~in_shared if ok is None else ok & ~in_shared
+        _write(out, a, b, sel, ok, assign)
+    spans = []
+    if bool(shared[first]):
+        spans.append((0, min(n, (first + 1) * cols - start)))
+    if last > first and bool(shared[last]):
+        spans.append((last * cols - start, n))
+    return spans
+
+
+def _own_rows_compacted(src: Source, entries: Entries, k: torch.Tensor, shared: torch.Tensor, cols: int,
+                        ties: Ties, out: torch.Tensor, assign: bool) -> None:
+    """select_rows' rows held whole here, for entries that are not a contiguous run (explicit indices, a
+    transposed storage): the rank's eligible entries of those rows compacted into a dense table (O(entries))."""
+    n, dev = entries.n, out.device
+    if n == 0 or (not assign and not bool(((k > 0) & ~shared).any())):
+        return
+    ok = src.ok(0, n)
+    index = entries.all()
+    rows = index // cols
+    own = ~shared[rows] if assign else (k[rows] > 0) & ~shared[rows]
+    idx = (own if ok is None else own & ok).nonzero().squeeze(1)
+    if not idx.numel():
+        return
+    r, c = rows[idx], index[idx] % cols
+    r0 = int(r.min())
+    dense = torch.zeros(int(r.max()) + 1 - r0, cols, device=dev)
+    okd = torch.zeros(dense.shape, dtype=torch.bool, device=dev)
+    dense[r - r0, c] = src.floats(0, n, dev)[idx]
+    okd[r - r0, c] = True
+    sel = row_top_k(dense, k[r0:r0 + dense.shape[0]], ties, eligible=okd,
+                    row_ids=torch.arange(r0, r0 + dense.shape[0], device=dev))
+    if assign:
+        out[idx] = sel[r - r0, c]
+    else:
+        out[idx] |= sel[r - r0, c]
+
+
+def sharded_row_top_k(values: torch.Tensor, index: Index, k: torch.Tensor, n_rows: int, cols: int,
                       ties: Ties, all_reduce: AllReduce = single_process,
                       eligible: Optional[torch.Tensor] = None) -> torch.Tensor:
     """bool per local entry: among the (eligible) entries of its row over all ranks, whether it is one of the
     k[row] first in (value desc, hash of index desc) order: selection.row_top_k when the layer's rows are cut
-    across ranks. `index`: each entry's flat index in the [n_rows, cols] layer, ascending; k: [n_rows].
-    Rows whose eligible entries are all on one rank are decided there alone (selection.row_top_k); only rows
-    cut between ranks (at most world - 1 per layer for contiguous fragments) go through the collective radix
-    selection, on histograms of those rows only. A contiguous run of indices (ZeRO's and the engine's
-    fragments) is laid out as whole rows in place, with no compaction."""
-    values, index = values.reshape(-1), index.reshape(-1)
-    n = values.numel()
-    eligible = torch.ones(n, dtype=torch.bool, device=values.device) if eligible is None else eligible.reshape(-1)
-    if n and int(index[-1]) - int(index[0]) + 1 == n:
-        return _row_top_k_run(values, eligible, int(index[0]), k, n_rows, cols, ties, all_reduce)
-    idx = eligible.nonzero().squeeze(1)  # any other subset of entries: the eligible ones, compacted
-    rows = index[idx] // cols
-    local = torch.bincount(rows, minlength=n_rows).to(torch.int64)
-    k, shared = _clamp_and_cut_rows(local, k, all_reduce)
-    out = torch.zeros(n, dtype=torch.bool, device=values.device)
-    own = (~shared[rows]).nonzero().squeeze(1)
-    if own.numel():
-        r, c = rows[own], index[idx[own]] % cols
-        r0 = int(r.min())
-        dense = torch.zeros(int(r.max()) + 1 - r0, cols, dtype=torch.float32, device=values.device)
-        ok = torch.zeros(dense.shape, dtype=torch.bool, device=values.device)
-        dense[r - r0, c] = values[idx[own]].float()
-        ok[r - r0, c] = True
-        sel = row_top_k(dense, k[r0:r0 + dense.shape[0]], ties, eligible=ok,
-                        row_ids=torch.arange(r0, r0 + dense.shape[0], device=values.device))
-        out[idx[own]] = sel[r - r0, c]
-    cut = shared[rows]
-    _cut_rows(out, idx[cut], values[idx[cut]], index[idx[cut]], rows[cut], shared, k, ties, all_reduce)
+    across ranks. `index`: each entry's flat index in the [n_rows, cols] layer (a tensor or Entries)."""
+    entries = Entries.of(index, cols) if not isinstance(index, Entries) else index
+    out = torch.zeros(entries.n, dtype=torch.bool, device=values.device)
+    src = Source(values, magnitude=False, eligible=None if eligible is None else inside(eligible))
+    select_rows(src, entries, k, n_rows, ties, all_reduce, out)
     return out
 
 
-def _clamp_and_cut_rows(local: torch.Tensor, k: torch.Tensor, all_reduce: AllReduce):
-    """k clamped to each row's eligible entries over all ranks, and the rows cut between ranks (the same on
-    every rank): a rank holds some but not all of the row's eligible entries."""
-    per_row = all_reduce(local.clone())
-    k = torch.minimum(k.to(torch.int64).to(local.device), per_row)
-    shared = all_reduce(((local > 0) & (local < per_row)).to(torch.int64)) > 0
-    return k, shared
+class _Ranked(Source):
+    """|score| order with the entries of some rows ranked below every other (dead rows: grown last)."""
+
+    def __init__(self, score: Optional[torch.Tensor], last: torch.Tensor, eligible: Eligible) -> None:
+        super().__init__(score, True, eligible)
+        self.last, self.constant = last.reshape(-1), False
+
+    def keys(self, a: int, b: int) -> torch.Tensor:
+        base = torch.zeros(b - a, dtype=torch.int64, device=self.last.device) if self.values is None \
+            else super().keys(a, b)
+        return torch.where(self.last[a:b], 0, base | 2**31)
 
 
-def _cut_rows(out: torch.Tensor, pos: torch.Tensor, values: torch.Tensor, index: torch.Tensor, rows: torch.Tensor,
-              shared: torch.Tensor, k: torch.Tensor, ties: Ties, all_reduce: AllReduce) -> None:
-    """Decide out[pos], the entries of the cut rows (their values, flat indices and rows), collectively.
-    Every rank calls it; the collective part runs when any row is cut (the same on every rank)."""
-    shared_ids = shared.nonzero().squeeze(1)
-    if shared_ids.numel():
-        slot = torch.full((shared.numel(),), -1, dtype=torch.int64, device=values.device)
-        slot[shared_ids] = torch.arange(shared_ids.numel(), device=values.device)
-        out[pos] = _collective_row_top_k(values, slot[rows], index, k[shared_ids], shared_ids.numel(), ties,
-                                         all_reduce)
+def reclaim_shard(new: torch.Tensor, score: Optional[torch.Tensor], in_dead: torch.Tensor, k: int,
+                  entries: Entries, ties: Ties, all_reduce: AllReduce) -> torch.Tensor:
+    """`new` plus the k entries outside it ranked first by |score| (equal scores when None), entries of dead
+    rows (`in_dead`) only after every other: the dead-row reclaim of DSTMethod.update_layer on a shard."""
+    return grow_top_shard(new, _Ranked(score, in_dead, outside(new)), entries, k, ties, all_reduce)
 
 
-def _row_top_k_run(values: torch.Tensor, eligible: torch.Tensor, start: int, k: torch.Tensor, n_rows: int,
-                   cols: int, ties: Ties, all_reduce: AllReduce) -> torch.Tensor:
-    """sharded_row_top_k for the entries [start, start + n) of the layer: padded to whole rows in place."""
-    n, dev = values.numel(), values.device
-    first, last = start // cols, (start + n - 1) // cols
-    pad, n_local = start - first * cols, last - first + 1
-    dense = torch.zeros(n_local * cols, dtype=torch.float32, device=dev)
-    ok = torch.zeros(n_local * cols, dtype=torch.bool, device=dev)
-    dense[pad:pad + n] = values
-    ok[pad:pad + n] = eligible
-    dense, ok = dense.view(n_local, cols), ok.view(n_local, cols)
-    local = torch.zeros(n_rows, dtype=torch.int64, device=dev)
-    local[first:last + 1] = torch.count_nonzero(ok, dim=1)
-    k, shared = _clamp_and_cut_rows(local, k, all_reduce)
-    sel = torch.zeros(n_local, cols, dtype=torch.bool, device=dev)
-    # only the first and the last row of a run can be cut; the rows between are this rank's alone
-    a = 1 if bool(shared[first]) else 0
-    b = n_local - 1 if (last > first and bool(shared[last])) else n_local
-    if b > a:
-        sel[a:b] = row_top_k(dense[a:b], k[first + a:first + b], ties, eligible=ok[a:b],
-                             row_ids=torch.arange(first + a, first + b, device=dev))
-    cut = [r for r in {0, n_local - 1} if bool(shared[first + r])]
-    pos = torch.cat([r * cols + ok[r].nonzero().squeeze(1) for r in cut]) if cut else \
-        torch.zeros(0, dtype=torch.int64, device=dev)
-    flat = sel.view(-1)
-    _cut_rows(flat, pos, dense.view(-1)[pos], pos + first * cols, first + pos // cols, shared, k, ties, all_reduce)
-    return flat[pad:pad + n].clone()
-
-
-def _collective_row_top_k(values: torch.Tensor, rows: torch.Tensor, index: torch.Tensor, k: torch.Tensor,
-                          n_rows: int, ties: Ties, all_reduce: AllReduce) -> torch.Tensor:
-    """sharded_row_top_k's radix selection for rows cut between ranks (`rows`: 0..n_rows-1, the same row
-    numbering on every rank; k already clamped to each row's entries over all ranks)."""
-    bits = float_order_bits(values)
-    threshold, above = _radix_select_rows(bits, rows, k, n_rows, all_reduce)
-    live = k[rows] > 0
-    out = (bits > threshold[rows]) & live
-    tied = ((bits == threshold[rows]) & live).nonzero().squeeze(1)
-    need = k - above
-    n_tied = all_reduce(torch.bincount(rows[tied], minlength=n_rows).to(torch.int64))
-    take_all = need >= n_tied
-    all_in = tied[take_all[rows[tied]]]
-    out[all_in] = True
-    part = tied[~take_all[rows[tied]]]
-    # every rank takes part in the hash round (it is collective), with or without entries of its own
-    h = ties.hash(index[part])
-    need_h = torch.where(take_all, torch.zeros_like(need), need)
-    h_threshold, _ = _radix_select_rows(h, rows[part], need_h, n_rows, all_reduce)
-    out[part[h >= h_threshold[rows[part]]]] = True
+def rows_in(rows: torch.Tensor, entries: Entries) -> torch.Tensor:
+    """bool per entry: whether its row is marked in `rows` (bool [R])."""
+    out = torch.zeros(entries.n, dtype=torch.bool, device=entries.device)
+    rows = rows.to(entries.device)
+    for a, b in blocks([(0, entries.n)]):
+        out[a:b] = rows[entries.rows(a, b)]
     return out
 
 
 def srigl_update_shard(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int, budget: int,
-                       gamma_sal: float, allow_ablation: bool, rows: torch.Tensor, index: torch.Tensor,
-                       shape: tuple[int, int], ties: Ties, all_reduce: AllReduce,
-                       force_ablate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
-    """rules.srigl_update on a shard (entries with their row and flat index in the [R, C] layer `shape`):
-    the same steps with layer-wide selections by sharded_top_k, per-row ones by sharded_row_top_k and row
-    counts all-reduced; over the union of the ranks equal to the whole-layer rule. Returns (mask, k)."""
+                       gamma_sal: float, allow_ablation: bool, index: Index, shape: tuple[int, int], ties: Ties,
+                       all_reduce: AllReduce, force_ablate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
+    """rules.srigl_update on a shard (entries with their flat index in the [R, C] layer `shape`): the same
+    steps with layer-wide selections by radix_select, per-row ones by select_rows and row counts all-reduced;
+    over the union of the ranks equal to the whole-layer rule. Returns (mask, k). The kept and grown entries
+    go into one new buffer; the step-1 saliency of the gradient is counted per row, never stored."""
     n_rows, cols = shape
+    entries = Entries.of(index, cols) if not isinstance(index, Entries) else index
     weight, mask, grad = weight.reshape(-1), mask.reshape(-1), grad.reshape(-1)
-    rows, index = rows.reshape(-1), index.reshape(-1)
+    dev = mask.device
 
-    def row_counts(sel: torch.Tensor) -> torch.Tensor:  # one pass, no compaction
-        counts = torch.zeros(n_rows, dtype=torch.int32, device=sel.device).index_add_(0, rows, sel.to(torch.int32))
-        return all_reduce(counts.to(torch.int64))
+    def counts_of(elig: Eligible) -> torch.Tensor:
+        return row_counts_shard(elig, entries, n_rows, all_reduce)
 
-    def pick(sel: torch.Tensor, values: torch.Tensor, k: int, sub: str, total: Optional[int] = None):
-        return sharded_top_k(values, index, k, ties.sub(sub), all_reduce, total=total, eligible=sel,
-                             nonnegative=True)
-
-    row_nnz = row_counts(mask)
+    row_nnz = counts_of(inside(mask))
     active_rows = row_nnz > 0
     n_active_rows = int(active_rows.sum())
     nnz = int(row_nnz.sum())
     n_swap = min(n_swap, nnz)
-    w_abs, g_abs = weight.abs(), grad.abs()
-    counts = salient_w = None
+    kept = torch.zeros(entries.n, dtype=torch.bool, device=dev)
+    counts = None
     if allow_ablation and n_active_rows > 0:
-        salient_w = pick(mask, w_abs, nnz - n_swap, "keep", total=nnz)  # step 4's keep when nothing is ablated
-        counts = row_counts(salient_w | pick(~mask, g_abs, n_swap, "salient-g"))
+        select_top(Source(weight, True, inside(mask)), entries, nnz - n_swap, ties.sub("keep"), all_reduce, kept,
+                   total=nnz)  # step 4's keep when nothing is ablated
+        salient_g = torch.zeros(entries.n, dtype=torch.bool, device=dev)
+        select_top(Source(grad, True, outside(mask)), entries, n_swap, ties.sub("salient-g"), all_reduce, salient_g,
+                   total=n_rows * cols - nnz)
+        counts = counts_of(inside(kept)) + counts_of(inside(salient_g))  # disjoint: inside and outside the mask
+        del salient_g
     survivors, k = srigl_survivors(active_rows, counts, budget, cols, gamma_sal, force_ablate)
     n_surv = int(survivors.sum())
     keep_total = max(0, k * n_surv - n_swap)
-    if salient_w is not None and srigl_keep_is_salient(keep_total, nnz, n_swap, survivors, active_rows):
-        kept = salient_w  # decided alike on every rank (all-reduced counts): the collectives stay in step
-    else:
-        kept = pick(mask & survivors[rows], w_abs, keep_total, "keep")
-    over = row_counts(kept) > k
+    if counts is None or not srigl_keep_is_salient(keep_total, nnz, n_swap, survivors, active_rows):
+        kept.zero_()  # decided alike on every rank (all-reduced counts): the collectives stay in step
+        surv = survivors.to(dev)
+        select_top(Source(weight, True, lambda a, b: mask[a:b] & surv[entries.rows(a, b)]), entries, keep_total,
+                   ties.sub("keep"), all_reduce, kept, total=int(row_nnz[survivors].sum()))
+    kept_rows = counts_of(inside(kept))
+    over = kept_rows > k
     if bool(over.any()):  # the same on every rank (all-reduced counts): the collective trim runs on all or none
-        trim_rows = kept & over[rows]
-        k_rows = torch.where(over, torch.full_like(over, k, dtype=torch.int64), 0)
-        sel = sharded_row_top_k(w_abs, index, k_rows, n_rows, cols, ties.sub("trim"), all_reduce, eligible=trim_rows)
-        kept &= ~trim_rows | sel
-    deficit = (k - row_counts(kept)) * survivors
-    grown = sharded_row_top_k(g_abs, index, deficit, n_rows, cols, ties.sub("grow"), all_reduce, eligible=~kept)
-    return kept | grown, k
+        over_d = over.to(dev)
+        k_rows = torch.where(over, k, 0)
+        select_rows(Source(weight, True, lambda a, b: kept[a:b] & over_d[entries.rows(a, b)]), entries, k_rows,
+                    n_rows, ties.sub("trim"), all_reduce, kept, assign=True)
+        kept_rows = torch.where(over, k, kept_rows)
+    deficit = (k - kept_rows) * survivors
+    select_rows(Source(grad, True, outside(kept)), entries, deficit, n_rows, ties.sub("grow"), all_reduce, kept)
+    return kept.view(mask.shape), k
 
 
 def nm_update_shard(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int, n: int, m: int,
-                    index: torch.Tensor, numel: int, ties: Ties, all_reduce: AllReduce) -> torch.Tensor:
+                    index: Index, numel: int, ties: Ties, all_reduce: AllReduce) -> torch.Tensor:
     """rules.nm_update on a shard: groups are m consecutive flat entries (a cut may split one group across
     ranks); drop by |W| layer-wide, refill every group to n by |grad|."""
-    weight, mask, grad, index = weight.reshape(-1), mask.reshape(-1), grad.reshape(-1), index.reshape(-1)
+    weight, mask, grad = weight.reshape(-1), mask.reshape(-1), grad.reshape(-1)
+    entries = Entries.of(index).grouped(m)
     nnz = _global_count(mask, all_reduce)
-    kept = keep_largest_shard(weight, mask, index, nnz - min(n_swap, nnz), ties, all_reduce, nnz=nnz)
-    groups = index // m
+    kept = keep_largest_shard(weight, mask, entries, nnz - min(n_swap, nnz), ties, all_reduce, nnz=nnz).reshape(-1)
     n_groups = numel // m
-    deficit = n - all_reduce(torch.bincount(groups[kept], minlength=n_groups).to(torch.int64))
-    grown = sharded_row_top_k(grad.abs(), index, deficit, n_groups, m, ties.sub("nm-grow"), all_reduce,
-                              eligible=~kept)
-    return kept | grown
+    deficit = n - row_counts_shard(inside(kept), entries, n_groups, all_reduce)
+    select_rows(Source(grad, True, outside(kept)), entries, deficit, n_groups, ties.sub("nm-grow"), all_reduce, kept)
+    return kept.view(mask.shape)

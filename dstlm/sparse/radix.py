@@ -1,0 +1,309 @@
+"""Exact selection over a layer split across ranks, one block of entries at a time: the engine under the
+sharded rules (dstlm/sparse/sharded.py).
+
+A selection picks, in every segment s (the whole layer, or a row, or an N:M group), the k[s] eligible entries
+that come first in (value desc, hash of the entry's flat index in the layer desc) order, where the entries are
+the union of every rank's. It is found as two thresholds per segment: the k-th value T (radix selection on
+the value's order-preserving 32 bits, a few digits at a time, one all-reduced histogram per digit), and, when
+T is tied and only some of the tied entries fit, the hash H the last of them has (the same rounds over the
+tied entries' 32-bit hashes). An entry is chosen when its value is above T, or equals it with a hash at or
+above H. The thresholds depend only on the union of the entries, so every rank decides its own entries alike.
+
+Memory: no per-entry tensor of the rank's whole fragment is made. Every pass reads the values in blocks of
+`BLOCK` entries (1M by default, `block_size()` to change it), computing keys, eligibility and flat indices
+on the fly (`Entries`: the indices of a contiguous run are its start plus the position), so the working set
+is a few tens of bytes per entry of one block whatever the layer's size. Once a round leaves few entries
+(at most one block's worth over all ranks) their keys are kept and the remaining rounds read only those;
+a value tied across many entries (SET's equal scores, zero gradients) keeps the rounds streaming instead.
+The result is written into a caller's bool buffer (`out`), block by block after every threshold is known, so
+a rule can grow into the same buffer whose complement is the eligible set (RigL's keep, then its grow).
+
+Communication: one all-reduce of [segments, 2^digit bits] counts per round: 3 rounds (11, 11, 10 bits) for a
+layer-wide selection, 4 (8 bits each) for per-row ones, plus as many over hashes when a threshold is tied.
+Every rank runs the same rounds whatever entries it holds (none included), so the collectives stay in step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from dstlm.sparse.selection import M32, Ties
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+Eligible = Callable[[int, int], Optional[torch.Tensor]]
+Segment = Callable[[int, int], torch.Tensor]
+
+LAYER_DIGITS = (11, 11, 10)
+ROW_DIGITS = (8, 8, 8, 8)
+_BLOCK = 1 << 20
+
+
+def block() -> int:
+    """Entries a pass reads at a time."""
+    return _BLOCK
+
+
+@contextlib.contextmanager
+def block_size(n: int) -> Iterator[None]:
+    """Read `n` entries at a time inside the block (tests make it small to cross block edges)."""
+    global _BLOCK
+    if n < 1:
+        raise ValueError(f"block size {n} must be >= 1")
+    before, _BLOCK = _BLOCK, int(n)
+    try:
+        yield
+    finally:
+        _BLOCK = before
+
+
+def blocks(spans: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    for a, b in spans:
+        for lo in range(a, b, _BLOCK):
+            yield lo, min(b, lo + _BLOCK)
+
+
+class Entries:
+    """Which entries of an [R, C] matrix a rank holds, in its local order, with their flat [R, C] indices made on
+    demand for a block or a few positions, never for the whole fragment at once: a contiguous run of the layer
+    (start + position), a run of a transposed storage ([C, R] storage: position q is entry (q % R) * C + q // R,
+    e.g. Hugging Face's Conv1D), or any explicit index tensor."""
+
+    def __init__(self, n: int, cols: int, device: torch.device, start: Optional[int] = None,
+                 index: Optional[torch.Tensor] = None, storage_rows: Optional[int] = None) -> None:
+        if (start is None) == (index is None):
+            raise ValueError("Entries: give either start (a run) or index (explicit indices)")
+        self.n, self.cols, self.device = int(n), int(cols), torch.device(device)
+        self.start, self._index, self.storage_rows = start, index, storage_rows
+        self.row_len = self.cols
+
+    def grouped(self, row_len: int) -> "Entries":
+        """The same entries with `rows()` counting runs of `row_len` flat indices (N:M's groups) as rows."""
+        other = Entries(self.n, self.cols, self.device, self.start, self._index, self.storage_rows)
+        other.row_len = int(row_len)
+        return other
+
+    @classmethod
+    def of(cls, index, cols: int = 1) -> "Entries":
+        """`index` as Entries: already Entries, or an explicit int64 tensor of flat indices."""
+        if isinstance(index, Entries):
+            return index
+        index = index.reshape(-1)
+        return cls(index.numel(), cols, index.device, index=index)
+
+    @property
+    def run(self) -> Optional[int]:
+        """The layer index of entry 0 when the entries are the contiguous run run .. run + n, else None."""
+        return self.start if self._index is None and self.storage_rows is None else None
+
+    def _from_storage(self, q: torch.Tensor) -> torch.Tensor:
+        if self.storage_rows is None:
+            return q
+        return (q % self.storage_rows) * self.cols + q // self.storage_rows
+
+    def index(self, a: int, b: int) -> torch.Tensor:
+        """int64 flat indices of entries a .. b."""
+        if self._index is not None:
+            return self._index[a:b]
+        return self._from_storage(torch.arange(self.start + a, self.start + b, device=self.device))
+
+    def index_at(self, pos: torch.Tensor) -> torch.Tensor:
+        if self._index is not None:
+            return self._index[pos]
+        return self._from_storage(pos + self.start)
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        """int64 row of entries a .. b (rows of `row_len` flat indices)."""
+        return self.index(a, b) // self.row_len
+
+    def all(self) -> torch.Tensor:
+        """Every entry's flat index (one int64 tensor of the fragment: for the paths that are not streamed)."""
+        return self.index(0, self.n)
+
+
+def order_bits(values: torch.Tensor, magnitude: bool) -> torch.Tensor:
+    """int64 in [0, 2^32), increasing with |value| (magnitude) or with the float32 value (-0.0 counted as +0.0)."""
+    b = values.float().contiguous().view(torch.int32)
+    if magnitude:
+        return (b & 0x7FFFFFFF).to(torch.int64)
+    b = (values.float() + 0.0).contiguous().view(torch.int32).to(torch.int64) & M32
+    return torch.where(b >= 2**31, (~b) & M32, b | 2**31)
+
+
+class Source:
+    """What one selection orders, a block at a time: the values' order bits (|values| when `magnitude`; all
+    equal when values is None, e.g. SET's random growth, which is then decided by the hash alone) and which
+    entries are eligible (`eligible(a, b)`: bool over entries a .. b, None for all)."""
+
+    def __init__(self, values: Optional[torch.Tensor], magnitude: bool = True,
+                 eligible: Optional[Eligible] = None) -> None:
+        self.values = None if values is None else values.reshape(-1)
+        self.magnitude, self._eligible = magnitude, eligible
+        self.constant = values is None
+        """Every key equal (keys() None): the hash alone orders the entries."""
+
+    def keys(self, a: int, b: int) -> Optional[torch.Tensor]:
+        return None if self.values is None else order_bits(self.values[a:b], self.magnitude)
+
+    def ok(self, a: int, b: int) -> Optional[torch.Tensor]:
+        return None if self._eligible is None else self._eligible(a, b)
+
+    def floats(self, a: int, b: int, device: torch.device) -> torch.Tensor:
+        """fp32 of entries a .. b in the order's sense (|values|, or zeros when all are equal)."""
+        if self.values is None:
+            return torch.zeros(b - a, device=device)
+        v = self.values[a:b].float()
+        return v.abs() if self.magnitude else v
+
+
+def inside(mask: torch.Tensor) -> Eligible:
+    flat = mask.reshape(-1)
+    return lambda a, b: flat[a:b]
+
+
+def outside(mask: torch.Tensor) -> Eligible:
+    flat = mask.reshape(-1)
+    return lambda a, b: ~flat[a:b]
+
+
+def _and(x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if x is None:
+        return y
+    return x if y is None else x & y
+
+
+def _find(produce: Callable[[], Iterator], k: torch.Tensor, n_seg: int, digits: tuple[int, ...],
+          all_reduce: AllReduce, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Radix rounds over the 32-bit keys `produce()` yields as (key int64, segment or None, eligible or None)
+    per block, in every segment: the k-th largest key T, how many are above it, how many sit at it, and k
+    clamped to the segment's eligible entries, all over every rank. Once a round leaves at most one block of
+    entries over all ranks, those entries' keys are kept and later rounds read them instead of the blocks."""
+    prefix = torch.zeros(n_seg, dtype=torch.int64, device=device)
+    above = torch.zeros(n_seg, dtype=torch.int64, device=device)
+    at = total = None
+    live: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+    hi = 32
+
+    def matching(key, seg, ok, hi):  # eligible entries whose bits above `hi` are the prefix chosen so far
+        if hi >= 32:
+            return ok
+        pre = prefix[0] if seg is None else prefix[seg.clamp_min(0)]
+        return _and(ok, (key >> hi) == (pre >> hi))
+
+    for r, bits in enumerate(digits):
+        lo, nb = hi - bits, 1 << bits
+        hist = torch.zeros(n_seg * nb + 1, dtype=torch.int64, device=device)  # + a bin for the ineligible
+        parts = [live] if live is not None else produce()
+        for key, seg, *rest in parts:
+            ok = matching(key, seg, rest[0] if rest else None, hi)
+            slot = (key >> lo) & (nb - 1)
+            if seg is not None:
+                slot = slot + seg.clamp_min(0) * nb
+            if ok is not None:
+                slot = torch.where(ok, slot, n_seg * nb)
+            hist += torch.bincount(slot, minlength=n_seg * nb + 1)
+        h = all_reduce(hist[:-1].contiguous()).view(n_seg, nb)
+        if total is None:
+            total = h.sum(1)
+            k = torch.minimum(k, total)
+        from_top = torch.flip(h, [1]).cumsum(1)
+        j = torch.searchsorted(from_top, (k - above).clamp_min(1)[:, None]).squeeze(1).clamp_max(nb - 1)
+        above += torch.where(j > 0, from_top.gather(1, (j - 1).clamp_min(0)[:, None]).squeeze(1), 0)
+        d = nb - 1 - j
+        prefix |= d << lo
+        at = h.gather(1, d[:, None]).squeeze(1)
+        hi = lo
+        if r + 1 == len(digits):
+            break
+        if live is not None:
+            key, seg = live
+            keep = matching(key, seg, None, hi)
+            live = (key[keep], None if seg is None else seg[keep])
+        elif int(at[k > 0].sum()) <= _BLOCK:  # few left over all ranks (all-reduced: every rank alike): keep them
+            keys, segs = [], []
+            for key, seg, *rest in produce():
+                keep = matching(key, seg, rest[0] if rest else None, hi)
+                keep = keep.nonzero().squeeze(1) if keep is not None else slice(None)
+                keys.append(key[keep])
+                segs.append(None if seg is None else seg[keep])
+            key = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64, device=device)
+            seg = None if (not segs or segs[0] is None) else torch.cat(segs)
+            if seg is None and n_seg > 1:
+                seg = torch.zeros(0, dtype=torch.int64, device=device)
+            live = (key, seg)
+    return prefix, above, at, k
+
+
+def radix_select(src: Source, entries: Entries, k: torch.Tensor, ties: Ties, all_reduce: AllReduce,
+                 out: torch.Tensor, spans: Optional[list[tuple[int, int]]] = None,
+                 segment: Optional[Segment] = None, n_seg: int = 1,
+                 digits: tuple[int, ...] = LAYER_DIGITS, assign: bool = False) -> None:
+    """In every segment s over all ranks, choose the k[s] first eligible entries in (value desc, hash of flat
+    index desc) order, and write this rank's choice into `out` (bool [entries.n]): out |= chosen, or with
+    `assign`, out = chosen at every eligible entry. `spans`: the local positions taking part (all by
+    default); `segment(a, b)`: each entry's segment (-1: none) when n_seg > 1. Every rank calls it with the
+    same k, n_seg and digits (collectives inside), whatever entries it holds."""
+    spans = [(0, entries.n)] if spans is None else spans
+    device = out.device
+    k = k.to(device=device, dtype=torch.int64).reshape(n_seg).clone()
+
+    def load(a: int, b: int):
+        ok = src.ok(a, b)
+        seg = segment(a, b) if segment is not None else None
+        if seg is not None:
+            ok = _and(ok, seg >= 0)
+        return src.keys(a, b), seg, ok
+
+    if not src.constant:
+        thr, above, at, k = _find(lambda: (load(a, b) for a, b in blocks(spans)), k, n_seg, digits, all_reduce,
+                                  device)
+        need = k - above
+        tied = (k > 0) & (need < at)  # the threshold is tied and only some of the tied entries fit: hash rounds
+    else:  # all values equal: the hash alone orders the eligible entries
+        thr = torch.zeros(n_seg, dtype=torch.int64, device=device)
+        need, tied = k, k > 0
+    h_thr = None
+    if bool(tied.any()):
+        def hashes():
+            for a, b in blocks(spans):
+                key, seg, ok = load(a, b)
+                sel = _at_threshold(key, seg, ok, thr, tied, b - a, device)
+                pos = sel.nonzero().squeeze(1)
+                yield ties.hash(entries.index_at(pos + a)), None if seg is None else seg[pos]
+
+        h_thr, _, _, _ = _find(hashes, torch.where(tied, need, 0), n_seg, digits, all_reduce, device)
+    for a, b in blocks(spans):
+        key, seg, ok = load(a, b)
+        s = None if seg is None else seg.clamp_min(0)
+        live = (k[0] > 0) if seg is None else (k[s] > 0)
+        if key is None:
+            chosen = torch.zeros(b - a, dtype=torch.bool, device=device)
+        else:
+            chosen = key > (thr[0] if seg is None else thr[s])
+        eq = _at_threshold(key, seg, ok, thr, k > 0, b - a, device)
+        if h_thr is not None:
+            pos = (eq & (tied[0] if seg is None else tied[s])).nonzero().squeeze(1)
+            if pos.numel():
+                hs = ties.hash(entries.index_at(pos + a))
+                low = hs < (h_thr[0] if seg is None else h_thr[s[pos]])
+                eq[pos[low]] = False
+        chosen = _and(_and(chosen, live), ok) | eq
+        if assign:
+            if ok is None:
+                out[a:b] = chosen
+            else:
+                out[a:b] = torch.where(ok, chosen, out[a:b])
+        else:
+            out[a:b] |= chosen
+
+
+def _at_threshold(key, seg, ok, thr, live, n, device) -> torch.Tensor:
+    """bool [n]: eligible entries of live segments whose key equals their segment's threshold."""
+    if seg is None:
+        eq = torch.full((n,), bool(live[0]), device=device) if key is None else (key == thr[0]) & live[0]
+    else:
+        s = seg.clamp_min(0)
+        eq = live[s] if key is None else (key == thr[s]) & live[s]
+    return eq if ok is None else eq & ok
