@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from dstlm.sparse.selection import M32, Ties
+from dstlm.sparse.selection import Ties
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 Eligible = Callable[[int, int], Optional[torch.Tensor]]
@@ -38,17 +38,22 @@ Segment = Callable[[int, int], torch.Tensor]
 
 LAYER_DIGITS = (11, 11, 10)
 ROW_DIGITS = (8, 8, 8, 8)
-_BLOCK = 1 << 20
+INT32_MIN = -(2**31)
+CPU_BLOCK, GPU_BLOCK = 1 << 18, 1 << 22
+_BLOCK: Optional[int] = None
 
 
-def block() -> int:
-    """Entries a pass reads at a time."""
-    return _BLOCK
+def block(device: Optional[torch.device] = None) -> int:
+    """Entries a pass reads at a time: 256K on the CPU (a working set of ~10 MB), 4M on a GPU (~150 MB, where
+    fewer, larger kernels pay), unless set by `block_size`."""
+    if _BLOCK is not None:
+        return _BLOCK
+    return GPU_BLOCK if device is not None and torch.device(device).type == "cuda" else CPU_BLOCK
 
 
 @contextlib.contextmanager
 def block_size(n: int) -> Iterator[None]:
-    """Read `n` entries at a time inside the block (tests make it small to cross block edges)."""
+    """Read `n` entries at a time inside the block, on every device (tests make it small to cross block edges)."""
     global _BLOCK
     if n < 1:
         raise ValueError(f"block size {n} must be >= 1")
@@ -59,10 +64,11 @@ def block_size(n: int) -> Iterator[None]:
         _BLOCK = before
 
 
-def blocks(spans: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+def blocks(spans: list[tuple[int, int]], device: Optional[torch.device] = None) -> Iterator[tuple[int, int]]:
+    step = block(device)
     for a, b in spans:
-        for lo in range(a, b, _BLOCK):
-            yield lo, min(b, lo + _BLOCK)
+        for lo in range(a, b, step):
+            yield lo, min(b, lo + step)
 
 
 class Entries:
@@ -118,6 +124,29 @@ class Entries:
         """int64 row of entries a .. b (rows of `row_len` flat indices)."""
         return self.index(a, b) // self.row_len
 
+    def per_row(self, values: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """values[row of each entry a .. b] (values: one per row): for a run, each row's value repeated over its
+        entries, with no per-entry index or division."""
+        if self.run is None:
+            return values[self.rows(a, b)]
+        first, last = (self.start + a) // self.row_len, (self.start + b - 1) // self.row_len
+        off = self.start + a - first * self.row_len
+        return values[first:last + 1].repeat_interleave(self.row_len)[off:off + b - a]
+
+    def add_row_counts(self, counts: torch.Tensor, sel: Optional[torch.Tensor], a: int, b: int) -> None:
+        """counts[row] += the entries a .. b of each row that `sel` (bool over them; None: all) selects."""
+        if b <= a:
+            return
+        if self.run is None:
+            rows = self.rows(a, b)
+            counts += torch.bincount(rows if sel is None else rows[sel], minlength=counts.numel())
+            return
+        first, last = (self.start + a) // self.row_len, (self.start + b - 1) // self.row_len
+        off = self.start + a - first * self.row_len
+        padded = torch.zeros((last - first + 1) * self.row_len, dtype=torch.bool, device=counts.device)
+        padded[off:off + b - a] = True if sel is None else sel
+        counts[first:last + 1] += torch.count_nonzero(padded.view(-1, self.row_len), dim=1)
+
     def all(self) -> torch.Tensor:
         """Every entry's flat index (one int64 tensor of the fragment: for the paths that are not streamed)."""
         return self.index(0, self.n)
@@ -125,11 +154,22 @@ class Entries:
 
 def order_bits(values: torch.Tensor, magnitude: bool) -> torch.Tensor:
     """int64 in [0, 2^32), increasing with |value| (magnitude) or with the float32 value (-0.0 counted as +0.0)."""
+    return order_key(values, magnitude).to(torch.int64) - INT32_MIN
+
+
+def order_key(values: torch.Tensor, magnitude: bool) -> torch.Tensor:
+    """int32 whose signed order is the order of |value| (magnitude: the float's bits without the sign, >= 0) or
+    of the float32 value (the bits sign-folded; -0.0 counted as +0.0)."""
     b = values.float().contiguous().view(torch.int32)
     if magnitude:
-        return (b & 0x7FFFFFFF).to(torch.int64)
-    b = (values.float() + 0.0).contiguous().view(torch.int32).to(torch.int64) & M32
-    return torch.where(b >= 2**31, (~b) & M32, b | 2**31)
+        return b & 0x7FFFFFFF
+    b = (values.float() + 0.0).contiguous().view(torch.int32)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+def hash_key(ties: Ties, index: torch.Tensor) -> torch.Tensor:
+    """int32 whose signed order is the order of the 32-bit tie-break hashes of `index`."""
+    return (ties.hash(index) + INT32_MIN).to(torch.int32)
 
 
 class Source:
@@ -145,7 +185,8 @@ class Source:
         """Every key equal (keys() None): the hash alone orders the entries."""
 
     def keys(self, a: int, b: int) -> Optional[torch.Tensor]:
-        return None if self.values is None else order_bits(self.values[a:b], self.magnitude)
+        """int32 signed-order keys of entries a .. b (None when all are equal)."""
+        return None if self.values is None else order_key(self.values[a:b], self.magnitude)
 
     def ok(self, a: int, b: int) -> Optional[torch.Tensor]:
         return None if self._eligible is None else self._eligible(a, b)
@@ -176,11 +217,12 @@ def _and(x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> Optional[torch
 
 def _find(produce: Callable[[], Iterator], k: torch.Tensor, n_seg: int, digits: tuple[int, ...],
           all_reduce: AllReduce, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Radix rounds over the 32-bit keys `produce()` yields as (key int64, segment or None, eligible or None)
-    per block, in every segment: the k-th largest key T, how many are above it, how many sit at it, and k
-    clamped to the segment's eligible entries, all over every rank. Once a round leaves at most one block of
-    entries over all ranks, those entries' keys are kept and later rounds read them instead of the blocks."""
-    prefix = torch.zeros(n_seg, dtype=torch.int64, device=device)
+    """Radix rounds over the int32 signed-order keys `produce()` yields as (key, segment or None, eligible or
+    None) per block, in every segment: the k-th largest key T (int32), how many are above it, how many sit at
+    it, and k clamped to the segment's eligible entries, all over every rank. The first digit is the key's
+    top bits read as signed (offset to 0 .. 2^bits - 1), the others unsigned. Once a round leaves at most one
+    block of entries over all ranks, those entries' keys are kept and later rounds read them, not the blocks."""
+    prefix = torch.zeros(n_seg, dtype=torch.int32, device=device)  # the chosen top bits, low bits 0
     above = torch.zeros(n_seg, dtype=torch.int64, device=device)
     at = total = None
     live: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
@@ -190,7 +232,7 @@ def _find(produce: Callable[[], Iterator], k: torch.Tensor, n_seg: int, digits: 
         if hi >= 32:
             return ok
         pre = prefix[0] if seg is None else prefix[seg.clamp_min(0)]
-        return _and(ok, (key >> hi) == (pre >> hi))
+        return _and(ok, (key >> hi) == (pre >> hi))  # arithmetic shifts on both: the same top bits
 
     for r, bits in enumerate(digits):
         lo, nb = hi - bits, 1 << bits
@@ -198,9 +240,9 @@ def _find(produce: Callable[[], Iterator], k: torch.Tensor, n_seg: int, digits: 
         parts = [live] if live is not None else produce()
         for key, seg, *rest in parts:
             ok = matching(key, seg, rest[0] if rest else None, hi)
-            slot = (key >> lo) & (nb - 1)
+            slot = (key >> lo) + (nb >> 1) if r == 0 else (key >> lo) & (nb - 1)
             if seg is not None:
-                slot = slot + seg.clamp_min(0) * nb
+                slot = slot + seg.clamp_min(0).to(torch.int32) * nb
             if ok is not None:
                 slot = torch.where(ok, slot, n_seg * nb)
             hist += torch.bincount(slot, minlength=n_seg * nb + 1)
@@ -212,7 +254,7 @@ def _find(produce: Callable[[], Iterator], k: torch.Tensor, n_seg: int, digits: 
         j = torch.searchsorted(from_top, (k - above).clamp_min(1)[:, None]).squeeze(1).clamp_max(nb - 1)
         above += torch.where(j > 0, from_top.gather(1, (j - 1).clamp_min(0)[:, None]).squeeze(1), 0)
         d = nb - 1 - j
-        prefix |= d << lo
+        prefix |= ((d - (nb >> 1)) << lo if r == 0 else d << lo).to(torch.int32)
         at = h.gather(1, d[:, None]).squeeze(1)
         hi = lo
         if r + 1 == len(digits):
@@ -221,14 +263,14 @@ def _find(produce: Callable[[], Iterator], k: torch.Tensor, n_seg: int, digits: 
             key, seg = live
             keep = matching(key, seg, None, hi)
             live = (key[keep], None if seg is None else seg[keep])
-        elif int(at[k > 0].sum()) <= _BLOCK:  # few left over all ranks (all-reduced: every rank alike): keep them
+        elif int(at[k > 0].sum()) <= block(device):  # few left over all ranks (all-reduced: every rank alike)
             keys, segs = [], []
             for key, seg, *rest in produce():
                 keep = matching(key, seg, rest[0] if rest else None, hi)
                 keep = keep.nonzero().squeeze(1) if keep is not None else slice(None)
                 keys.append(key[keep])
                 segs.append(None if seg is None else seg[keep])
-            key = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64, device=device)
+            key = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int32, device=device)
             seg = None if (not segs or segs[0] is None) else torch.cat(segs)
             if seg is None and n_seg > 1:
                 seg = torch.zeros(0, dtype=torch.int64, device=device)
@@ -244,9 +286,10 @@ def radix_select(src: Source, entries: Entries, k: torch.Tensor, ties: Ties, all
     index desc) order, and write this rank's choice into `out` (bool [entries.n]): out |= chosen, or with
     `assign`, out = chosen at every eligible entry. `spans`: the local positions taking part (all by
     default); `segment(a, b)`: each entry's segment (-1: none) when n_seg > 1. Every rank calls it with the
-    same k, n_seg and digits (collectives inside), whatever entries it holds."""
+    same k, n_seg and digits (collectives inside), whatever entries it holds. `out` may instead be a function,
+    called with (a, b, chosen) for every block (e.g. to count the chosen entries without storing them)."""
     spans = [(0, entries.n)] if spans is None else spans
-    device = out.device
+    device = entries.device
     k = k.to(device=device, dtype=torch.int64).reshape(n_seg).clone()
 
     def load(a: int, b: int):
@@ -257,24 +300,24 @@ def radix_select(src: Source, entries: Entries, k: torch.Tensor, ties: Ties, all
         return src.keys(a, b), seg, ok
 
     if not src.constant:
-        thr, above, at, k = _find(lambda: (load(a, b) for a, b in blocks(spans)), k, n_seg, digits, all_reduce,
-                                  device)
+        thr, above, at, k = _find(lambda: (load(a, b) for a, b in blocks(spans, device)), k, n_seg, digits,
+                                  all_reduce, device)
         need = k - above
         tied = (k > 0) & (need < at)  # the threshold is tied and only some of the tied entries fit: hash rounds
     else:  # all values equal: the hash alone orders the eligible entries
-        thr = torch.zeros(n_seg, dtype=torch.int64, device=device)
+        thr = torch.zeros(n_seg, dtype=torch.int32, device=device)
         need, tied = k, k > 0
     h_thr = None
     if bool(tied.any()):
         def hashes():
-            for a, b in blocks(spans):
+            for a, b in blocks(spans, device):
                 key, seg, ok = load(a, b)
                 sel = _at_threshold(key, seg, ok, thr, tied, b - a, device)
                 pos = sel.nonzero().squeeze(1)
-                yield ties.hash(entries.index_at(pos + a)), None if seg is None else seg[pos]
+                yield hash_key(ties, entries.index_at(pos + a)), None if seg is None else seg[pos]
 
         h_thr, _, _, _ = _find(hashes, torch.where(tied, need, 0), n_seg, digits, all_reduce, device)
-    for a, b in blocks(spans):
+    for a, b in blocks(spans, device):
         key, seg, ok = load(a, b)
         s = None if seg is None else seg.clamp_min(0)
         live = (k[0] > 0) if seg is None else (k[s] > 0)
@@ -286,11 +329,13 @@ def radix_select(src: Source, entries: Entries, k: torch.Tensor, ties: Ties, all
         if h_thr is not None:
             pos = (eq & (tied[0] if seg is None else tied[s])).nonzero().squeeze(1)
             if pos.numel():
-                hs = ties.hash(entries.index_at(pos + a))
+                hs = hash_key(ties, entries.index_at(pos + a))
                 low = hs < (h_thr[0] if seg is None else h_thr[s[pos]])
                 eq[pos[low]] = False
         chosen = _and(_and(chosen, live), ok) | eq
-        if assign:
+        if callable(out):
+            out(a, b, chosen)
+        elif assign:
             if ok is None:
                 out[a:b] = chosen
             else:

@@ -81,19 +81,23 @@ def _global_count(mask: torch.Tensor, all_reduce: AllReduce) -> int:
     return int(all_reduce(torch.count_nonzero(mask).reshape(1).to(torch.int64)).item())
 
 
-def select_top(src: Source, entries: Entries, k: int, ties: Ties, all_reduce: AllReduce, out: torch.Tensor,
-               total: Optional[int] = None) -> None:
+def select_top(src: Source, entries: Entries, k: int, ties: Ties, all_reduce: AllReduce,
+               out: Union[torch.Tensor, Callable], total: Optional[int] = None) -> None:
     """out |= this rank's part of the k first eligible entries of the layer (over all ranks) in (value desc,
-    hash desc) order. `total`: the eligible entries over all ranks, when the caller knows it (k = 0 or all of
-    them then need no pass)."""
+    hash desc) order (`out` a function: called with each block's choice, as radix_select does). `total`: the
+    eligible entries over all ranks, when the caller knows it (k = 0 or all of them then need no pass)."""
     if total is not None:
         k = max(0, min(int(k), int(total)))
         if k == 0:
             return
         if k == total:
-            for a, b in blocks([(0, entries.n)]):
+            for a, b in blocks([(0, entries.n)], entries.device):
                 ok = src.ok(a, b)
-                out[a:b] = True if ok is None else out[a:b] | ok
+                ok = torch.ones(b - a, dtype=torch.bool, device=entries.device) if ok is None else ok
+                if callable(out):
+                    out(a, b, ok)
+                else:
+                    out[a:b] |= ok
             return
     radix_select(src, entries, torch.tensor([max(0, int(k))]), ties, all_reduce, out)
 
@@ -168,10 +172,8 @@ def row_counts_shard(eligible: Eligible, entries: Entries, n_rows: int, all_redu
     """int64 [n_rows]: the entries `eligible` selects in each row (of entries.row_len), over all ranks (this
     rank's alone with local_only), counted a block at a time."""
     counts = torch.zeros(n_rows, dtype=torch.int64, device=entries.device)
-    for a, b in blocks([(0, entries.n)]):
-        ok = eligible(a, b)
-        rows = entries.rows(a, b)
-        counts += torch.bincount(rows if ok is None else rows[ok], minlength=n_rows)
+    for a, b in blocks([(0, entries.n)], entries.device):
+        entries.add_row_counts(counts, eligible(a, b), a, b)
     return counts if local_only else all_reduce(counts)
 
 
@@ -198,7 +200,7 @@ def select_rows(src: Source, entries: Entries, k: torch.Tensor, n_rows: int, tie
         slot = torch.full((n_rows,), -1, dtype=torch.int64, device=local.device)
         slot[shared_ids] = torch.arange(shared_ids.numel(), device=local.device)
         radix_select(src, entries, k[shared_ids], ties, all_reduce, out, spans=spans,
-                     segment=lambda a, b: slot[entries.rows(a, b)], n_seg=shared_ids.numel(), digits=ROW_DIGITS,
+                     segment=lambda a, b: entries.per_row(slot, a, b), n_seg=shared_ids.numel(), digits=ROW_DIGITS,
                      assign=assign)
 
 
@@ -219,7 +221,7 @@ def _own_rows_of_run(src: Source, entries: Entries, k: torch.Tensor, cols: int, 
     if n == 0:
         return []
     first, last = start // cols, (start + n - 1) // cols
-    per_block = max(1, block() // cols)
+    per_block = max(1, block(dev) // cols)
     for r0 in range(first, last + 1, per_block):
         r1 = min(last + 1, r0 + per_block)
         kk = k[r0:r1]
@@ -303,9 +305,9 @@ class _Ranked(Source):
         self.last, self.constant = last.reshape(-1), False
 
     def keys(self, a: int, b: int) -> torch.Tensor:
-        base = torch.zeros(b - a, dtype=torch.int64, device=self.last.device) if self.values is None \
-            else super().keys(a, b)
-        return torch.where(self.last[a:b], 0, base | 2**31)
+        base = torch.zeros(b - a, dtype=torch.int32, device=self.last.device) if self.values is None \
+            else super().keys(a, b)  # magnitude keys: >= 0
+        return torch.where(self.last[a:b], -1, base)
 
 
 def reclaim_shard(new: torch.Tensor, score: Optional[torch.Tensor], in_dead: torch.Tensor, k: int,
@@ -319,8 +321,8 @@ def rows_in(rows: torch.Tensor, entries: Entries) -> torch.Tensor:
     """bool per entry: whether its row is marked in `rows` (bool [R])."""
     out = torch.zeros(entries.n, dtype=torch.bool, device=entries.device)
     rows = rows.to(entries.device)
-    for a, b in blocks([(0, entries.n)]):
-        out[a:b] = rows[entries.rows(a, b)]
+    for a, b in blocks([(0, entries.n)], entries.device):
+        out[a:b] = entries.per_row(rows, a, b)
     return out
 
 
@@ -349,25 +351,24 @@ def srigl_update_shard(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Ten
     if allow_ablation and n_active_rows > 0:
         select_top(Source(weight, True, inside(mask)), entries, nnz - n_swap, ties.sub("keep"), all_reduce, kept,
                    total=nnz)  # step 4's keep when nothing is ablated
-        salient_g = torch.zeros(entries.n, dtype=torch.bool, device=dev)
-        select_top(Source(grad, True, outside(mask)), entries, n_swap, ties.sub("salient-g"), all_reduce, salient_g,
-                   total=n_rows * cols - nnz)
-        counts = counts_of(inside(kept)) + counts_of(inside(salient_g))  # disjoint: inside and outside the mask
-        del salient_g
+        salient_g = torch.zeros(n_rows, dtype=torch.int64, device=dev)  # per row, counted as chosen: not stored
+        select_top(Source(grad, True, outside(mask)), entries, n_swap, ties.sub("salient-g"), all_reduce,
+                   lambda a, b, chosen: entries.add_row_counts(salient_g, chosen, a, b), total=n_rows * cols - nnz)
+        counts = counts_of(inside(kept)) + all_reduce(salient_g)  # disjoint: inside and outside the mask
     survivors, k = srigl_survivors(active_rows, counts, budget, cols, gamma_sal, force_ablate)
     n_surv = int(survivors.sum())
     keep_total = max(0, k * n_surv - n_swap)
     if counts is None or not srigl_keep_is_salient(keep_total, nnz, n_swap, survivors, active_rows):
         kept.zero_()  # decided alike on every rank (all-reduced counts): the collectives stay in step
         surv = survivors.to(dev)
-        select_top(Source(weight, True, lambda a, b: mask[a:b] & surv[entries.rows(a, b)]), entries, keep_total,
+        select_top(Source(weight, True, lambda a, b: mask[a:b] & entries.per_row(surv, a, b)), entries, keep_total,
                    ties.sub("keep"), all_reduce, kept, total=int(row_nnz[survivors].sum()))
     kept_rows = counts_of(inside(kept))
     over = kept_rows > k
     if bool(over.any()):  # the same on every rank (all-reduced counts): the collective trim runs on all or none
         over_d = over.to(dev)
         k_rows = torch.where(over, k, 0)
-        select_rows(Source(weight, True, lambda a, b: kept[a:b] & over_d[entries.rows(a, b)]), entries, k_rows,
+        select_rows(Source(weight, True, lambda a, b: kept[a:b] & entries.per_row(over_d, a, b)), entries, k_rows,
                     n_rows, ties.sub("trim"), all_reduce, kept, assign=True)
         kept_rows = torch.where(over, k, kept_rows)
     deficit = (k - kept_rows) * survivors
