@@ -128,14 +128,24 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return table.index_select(0, packed.to(torch.int64)).view(torch.uint8).view(torch.bool)[:numel]
 
 
+_PACK_CHUNK = 1 << 21  # entries packed at a time: pack_bits' int64 temporaries stay ~6 MB whatever the mask
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor bit-packed (flat order, zero-padded to whole bytes): uint8 [ceil(numel / 8)]."""
+    """A bool tensor bit-packed (flat order, zero-padded to whole bytes): uint8 [ceil(numel / 8)], packed a
+    chunk at a time."""
     flat = mask.reshape(-1)
-    if flat.numel() % 8 == 0:
-        return pack_bits(flat.view(torch.uint8))
-    bits = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8, device=mask.device)
-    bits[:flat.numel()] = flat
-    return pack_bits(bits)
+    n = flat.numel()
+    out = torch.empty(-(-n // 8), dtype=torch.uint8, device=mask.device)
+    for a in range(0, n, _PACK_CHUNK):
+        b = min(n, a + _PACK_CHUNK)
+        if (b - a) % 8 == 0:
+            out[a // 8:b // 8] = pack_bits(flat[a:b].view(torch.uint8))
+        else:  # the tail: zero-padded to a whole byte
+            bits = torch.zeros(-(-(b - a) // 8) * 8, dtype=torch.uint8, device=mask.device)
+            bits[:b - a] = flat[a:b]
+            out[a // 8:] = pack_bits(bits)
+    return out
 
 
 def count_packed(packed: torch.Tensor) -> int:

@@ -372,9 +372,11 @@ class SparseEngine:
 
     def sharded(self, backend: SparseBackend) -> bool:
         """Whether masks are decided on shards (dstlm/sparse/sharded.py): on more than one rank, for methods
-        that have a sharded rule, with a backend that exposes fragments; else every rank decides whole."""
-        if self.partitioned:  # partitioned masks: every rank decides its fragment (on one rank: all of
-            return backend.world_size > 1  # it, with the one-process rules)
+        that have a sharded rule, with a backend that exposes fragments; else every rank decides whole.
+        Partitioned masks always take the sharded rules (on one rank too: they read the fragment a block at a
+        time, where the one-process rules make several whole-matrix temporaries)."""
+        if self.partitioned:
+            return backend.world_size > 1 or self.method.shardable
         sharded = backend.world_size > 1 and self.method.shardable and getattr(backend, "shards", False)
         if sharded and hasattr(backend, "plan") and self._planned is not backend:
             backend.plan([group[0].weight for group in self.groups])  # who owns which parameter
@@ -450,12 +452,11 @@ class SparseEngine:
                     self._decide_whole(group, backend, t, drop_fraction, dead, f.mask.reshape(f.shape)).reshape(-1)
                 if reference is not None:
                     self._check_reference(group, t, reference, backend.assemble(f.numel, f.start, new))
-                keep = new & f.mask  # zero both dropped and newly grown entries (grown start at 0)
+                f.ever |= pack_mask(new)
+                keep = f.mask.logical_and_(new)  # in place: zero dropped and newly grown entries (grown start at 0)
                 for sp in group:
                     _, a, b = self._matrix_run(sp, f.start, f.length)
                     kept[sp.name] = count(keep[a - f.start:b - f.start])
-                f.ever |= pack_mask(new)
-                f.mask.copy_(new)
             else:
                 new = self._decide_group(group, backend, t, drop_fraction, dead, before,
                                          None if owned is None else owned[gi])
@@ -467,6 +468,8 @@ class SparseEngine:
             param = group[0].weight
             backend.mask_weight_(param, keep)
             backend.mask_optimizer_state_(param, keep)
+            if partitioned:
+                f.mask.copy_(new)  # the fragment held the kept entries while its state was zeroed
         if by_owner:
             self._share_fan_ins(backend)
         self._scores.clear()
@@ -587,7 +590,7 @@ class SparseEngine:
         score = self._shard_scores.get(_param_name(group)) if self.method.uses_dense_grad else None
         if self.method.uses_dense_grad and score is None:
             self._need(None, group[0])
-        new_local = torch.zeros(f_len, dtype=torch.bool, device=old.device)
+        new_local = None  # a parameter with one matrix takes the rule's new mask itself (no second buffer)
         for sp in group:
             layer = self.layers[sp.name]
             base, a, b = self._matrix_run(sp, f_start, f_len)
@@ -597,9 +600,18 @@ class SparseEngine:
                           sp.entries(a - base, b - a, old.device), backend.all_reduce_sum_)
             layer.dead_rows = dead.get(sp.name)
             n_swap = int(round(drop_fraction * before[sp.name].active))
-            new_local[lo:hi] = self.method.update_layer_shard(layer, shard, n_swap, t, self.schedule,
-                                                              Ties(self.tie_seed, "update", t, sp.name))
+            decided = self.method.update_layer_shard(layer, shard, n_swap, t, self.schedule,
+                                                     Ties(self.tie_seed, "update", t, sp.name)).reshape(-1)
             layer.dead_rows = None
+            if (lo, hi) == (0, f_len) and new_local is None:
+                new_local = decided
+            else:
+                if new_local is None:
+                    new_local = torch.zeros(f_len, dtype=torch.bool, device=old.device)
+                new_local[lo:hi] = decided
+            del decided
+        if new_local is None:  # no matrix of the group in this rank's fragment
+            new_local = torch.zeros(f_len, dtype=torch.bool, device=old.device)
         if self.partitioned:
             return new_local
         return backend.assemble(group[0].full_mask.numel(), f_start, new_local)

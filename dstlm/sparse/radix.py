@@ -10,13 +10,13 @@ tied entries' 32-bit hashes). An entry is chosen when its value is above T, or e
 above H. The thresholds depend only on the union of the entries, so every rank decides its own entries alike.
 
 Memory: no per-entry tensor of the rank's whole fragment is made. Every pass reads the values in blocks of
-`BLOCK` entries (1M by default, `block_size()` to change it), computing keys, eligibility and flat indices
-on the fly (`Entries`: the indices of a contiguous run are its start plus the position), so the working set
-is a few tens of bytes per entry of one block whatever the layer's size. Once a round leaves few entries
-(at most one block's worth over all ranks) their keys are kept and the remaining rounds read only those;
-a value tied across many entries (SET's equal scores, zero gradients) keeps the rounds streaming instead.
-The result is written into a caller's bool buffer (`out`), block by block after every threshold is known, so
-a rule can grow into the same buffer whose complement is the eligible set (RigL's keep, then its grow).
+`block()` entries (256K on the CPU, 1M on a GPU; `block_size()` changes it), computing keys, eligibility and
+flat indices on the fly (`Entries`: a contiguous run's indices are its start plus the position), so the working
+set is a few tens of bytes per entry of one block whatever the layer's size. Once a round leaves at most one
+block's worth of entries over all ranks, their keys are kept and the remaining rounds read only those; a
+value tied across many entries (SET's equal scores, zero gradients) keeps the rounds streaming instead. The
+result is written into a caller's bool buffer (`out`), block by block once every threshold is known, so a rule
+can grow into the buffer whose complement is the eligible set (RigL's keep, then its grow).
 
 Communication: one all-reduce of [segments, 2^digit bits] counts per round: 3 rounds (11, 11, 10 bits) for a
 layer-wide selection, 4 (8 bits each) for per-row ones, plus as many over hashes when a threshold is tied.
@@ -39,13 +39,13 @@ Segment = Callable[[int, int], torch.Tensor]
 LAYER_DIGITS = (11, 11, 10)
 ROW_DIGITS = (8, 8, 8, 8)
 INT32_MIN = -(2**31)
-CPU_BLOCK, GPU_BLOCK = 1 << 18, 1 << 22
+CPU_BLOCK, GPU_BLOCK = 1 << 18, 1 << 20
 _BLOCK: Optional[int] = None
 
 
 def block(device: Optional[torch.device] = None) -> int:
-    """Entries a pass reads at a time: 256K on the CPU (a working set of ~10 MB), 4M on a GPU (~150 MB, where
-    fewer, larger kernels pay), unless set by `block_size`."""
+    """Entries a pass reads at a time, unless set by `block_size`: 256K on the CPU, 1M on a GPU (where fewer,
+    larger kernels pay); the working set is a few tens of bytes per entry of one block (~10 MB, ~40 MB)."""
     if _BLOCK is not None:
         return _BLOCK
     return GPU_BLOCK if device is not None and torch.device(device).type == "cuda" else CPU_BLOCK
