@@ -29,11 +29,16 @@ evenly as ZeRO-3 partitions it; each rank holds and decides only its fragment of
 --device cuda (one process): the model, masks, gradients and scores on the GPU, so the update runs where the
 weights live (the GPU goal: the 124M RigL update in <= 100 ms). Times are taken after a device synchronise;
 "peak added" is then the growth of torch's peak allocated GPU memory during the update.
+
+--paths fast,sharded (one process, any device): the one-process rules against the sharded rules on the same
+update, with masks partitioned (sparsity.partition_masks) at world 1: the rules ZeRO-3 runs on every rank,
+which read each fragment a block at a time (dstlm/sparse/radix.py); the masks must be identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import threading
@@ -134,7 +139,8 @@ def one_update(model, engine, backend, reference: bool) -> tuple[float, int, dic
         engine.after_optimizer_step(100, backend)
         _sync(device)
         seconds = time.perf_counter() - start
-    return seconds, mem.added, {sp.name: sp.mask.to("cpu", copy=True) for sp in engine.params}
+    masks = engine.whole_masks() if hasattr(engine, "whole_masks") else {sp.name: sp.mask for sp in engine.params}
+    return seconds, mem.added, {n: m.to("cpu", copy=True) for n, m in masks.items()}  # (an older tree: no joins)
 
 
 def _rank(rank: int, world: int, rdzv: str, args: argparse.Namespace, out: torch.Tensor) -> None:
@@ -311,8 +317,12 @@ def main() -> None:
         masks: dict[str, dict] = {}
         for _ in range(args.repeats):
             for path in paths:  # each path from the same initial state, interleaved
-                model, engine, backend = build(args.preset, args.n_layer, method, args.sparsity, device=args.device)
-                n_sparse = sum(sp.mask.numel() for sp in engine.params)
+                sharded = path == "sharded"
+                model, engine, backend = build(args.preset, args.n_layer, method, args.sparsity, device=args.device,
+                                               partition=sharded, shard_by="entries" if sharded else "owner")
+                n_sparse = sum(math.prod(engine.layers[sp.name].shape) for sp in engine.params)
+                if sharded:
+                    engine.partition(backend)
                 s, b, m = one_update(model, engine, backend, path == "reference")
                 times[path].append(s)
                 added[path].append(b)

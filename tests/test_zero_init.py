@@ -257,7 +257,11 @@ def test_zero3_run_built_partitioned_equals_the_whole_build(tmp_path, small_corp
     _assert_same_training(whole, part)
     # the FLOP report at fit start reads the engine's counts: no whole mask is left on a partitioned build
     flops = [json.loads((tmp_path / how / "run" / "t" / "flops.json").read_text()) for how in ("whole", "part")]
-    assert flops[0] == flops[1] and flops[0]["block_projection_ratio"] < 0.5
+    assert flops[0] == flops[1]
+    if "DSTLM_IFT" in extra:  # Sparse-IFT widens the layers so the sparse model costs the dense FLOPs
+        assert flops[0]["block_projection_ratio"] == pytest.approx(1.0, abs=0.05)
+    else:
+        assert flops[0]["block_projection_ratio"] < 0.5
 
 
 def test_first_constant_fan_in_mask_in_blocks_equals_one_call(monkeypatch):

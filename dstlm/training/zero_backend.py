@@ -161,9 +161,9 @@ class ZeROBackend(Collectives):
             from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
             grad = safe_get_local_grad(param)
-            if grad is not None:
-                flat = grad.reshape(-1).clone()
-                keep_where_(flat[:n], keep)
+            if grad is not None:  # DeepSpeed hands out its fp32 gradient partition itself (a copy only when
+                flat = grad.reshape(-1)  # offloaded to another device): masked in place, then set (a no-op
+                keep_where_(flat[:n], keep)  # self-copy unless it was a copy): no per-step clone
                 safe_set_local_grad(param, flat)
             return
         if param.grad is not None:  # ZeRO-1/2 before the reduction copied it: whole
