@@ -32,7 +32,7 @@ class LargeOutputs(TorchDispatchMode):
         return out
 
 
-ROWS, COLS = 96, 2048  # 196,608 entries, read in blocks of 2,048
+ROWS, COLS = 192, 2048  # 393,216 entries, read in blocks of 2,048
 
 
 def _case(seed: int = 0):
@@ -65,14 +65,12 @@ def test_rules_make_no_fragment_sized_tensor_but_the_new_mask(rule):
     entries = Entries(mask.numel(), COLS, torch.device("cpu"), start=0)
     with block_size(2048):
         expected = RULES[rule](w, g, mask, entries)  # outside the mode: the reference run
-        with LargeOutputs(limit=8 * 2048) as seen:
+        with LargeOutputs(limit=mask.numel() // 4) as seen:  # above a block's work and the 65,536-bin histogram
             got = RULES[rule](w, g, mask, entries)
     assert torch.equal(got, expected)
     assert seen.seen, "the check sees the new mask: it can fail"
     big = [s for s in seen.seen if s[1] != torch.bool]
-    if rule == "nm":  # N:M's per-group counts, deficits and flags: one per group of 4 (documented), none larger
-        big = [s for s in big if s[2] > mask.numel() // 4]
-        seen.seen = [s for s in seen.seen if s[2] > mask.numel() // 4]
+    # (N:M's per-group counts, deficits and flags, one per group of 4, are at the limit: documented, none larger)
     assert not big, big  # no index, key, score or weight copy of the fragment
     masks = [s for s in seen.seen if s[1] == torch.bool and s[2] == mask.numel()]
     assert len(masks) <= 2, masks  # the new mask (and the keep, which the grow then fills in place)

@@ -12,13 +12,13 @@ above H. The thresholds depend only on the union of the entries, so every rank d
 Memory: no per-entry tensor of the rank's whole fragment is made. Every pass reads the values in blocks of
 `block()` entries (256K on the CPU, 1M on a GPU; `block_size()` changes it), computing keys, eligibility and
 flat indices on the fly (`Entries`: a contiguous run's indices are its start plus the position), so the working
-set is a few tens of bytes per entry of one block whatever the layer's size. Once a round leaves at most one
-block's worth of entries over all ranks, their keys are kept and the remaining rounds read only those; a
+set is a few tens of bytes per entry of one block whatever the layer's size. Once a round leaves at most four
+blocks' worth of entries over all ranks, their keys are kept and the remaining rounds read only those; a
 value tied across many entries (SET's equal scores, zero gradients) keeps the rounds streaming instead. The
 result is written into a caller's bool buffer (`out`), block by block once every threshold is known, so a rule
 can grow into the buffer whose complement is the eligible set (RigL's keep, then its grow).
 
-Communication: one all-reduce of [segments, 2^digit bits] counts per round: 3 rounds (11, 11, 10 bits) for a
+Communication: one all-reduce of [segments, 2^digit bits] counts per round: 3 rounds (13, 10, 9 bits) for a
 layer-wide selection, 4 (8 bits each) for per-row ones, plus as many over hashes when a threshold is tied.
 Every rank runs the same rounds whatever entries it holds (none included), so the collectives stay in step.
 """
@@ -36,10 +36,12 @@ AllReduce = Callable[[torch.Tensor], torch.Tensor]
 Eligible = Callable[[int, int], Optional[torch.Tensor]]
 Segment = Callable[[int, int], torch.Tensor]
 
-LAYER_DIGITS = (11, 11, 10)
+LAYER_DIGITS = (13, 10, 9)  # a first round of 13 bits (sign, exponent, 4 mantissa bits) leaves ~1/100 of
+# |W| or |grad| entries, which the next rounds then read alone (11 bits left ~1/30; 16 cost more in histograms)
 ROW_DIGITS = (8, 8, 8, 8)
 INT32_MIN = -(2**31)
 CPU_BLOCK, GPU_BLOCK = 1 << 18, 1 << 20
+_KEEP_BLOCKS = 4  # the rounds after the first keep the entries left once they are at most 4 blocks' worth
 _BLOCK: Optional[int] = None
 
 
@@ -220,8 +222,8 @@ def _find(produce: Callable[[], Iterator], k: torch.Tensor, n_seg: int, digits: 
     """Radix rounds over the int32 signed-order keys `produce()` yields as (key, segment or None, eligible or
     None) per block, in every segment: the k-th largest key T (int32), how many are above it, how many sit at
     it, and k clamped to the segment's eligible entries, all over every rank. The first digit is the key's
-    top bits read as signed (offset to 0 .. 2^bits - 1), the others unsigned. Once a round leaves at most one
-    block of entries over all ranks, those entries' keys are kept and later rounds read them, not the blocks."""
+    top bits read as signed (offset to 0 .. 2^bits - 1), the others unsigned. Once a round leaves at most four
+    blocks of entries over all ranks, those entries' keys are kept and later rounds read them, not the blocks."""
     prefix = torch.zeros(n_seg, dtype=torch.int32, device=device)  # the chosen top bits, low bits 0
     above = torch.zeros(n_seg, dtype=torch.int64, device=device)
     at = total = None
@@ -263,7 +265,7 @@ def _find(produce: Callable[[], Iterator], k: torch.Tensor, n_seg: int, digits: 
             key, seg = live
             keep = matching(key, seg, None, hi)
             live = (key[keep], None if seg is None else seg[keep])
-        elif int(at[k > 0].sum()) <= block(device):  # few left over all ranks (all-reduced: every rank alike)
+        elif int(at[k > 0].sum()) <= _KEEP_BLOCKS * block(device):  # few left over all ranks (every rank alike)
             keys, segs = [], []
             for key, seg, *rest in produce():
                 keep = matching(key, seg, rest[0] if rest else None, hi)
@@ -317,8 +319,16 @@ def radix_select(src: Source, entries: Entries, k: torch.Tensor, ties: Ties, all
                 yield hash_key(ties, entries.index_at(pos + a)), None if seg is None else seg[pos]
 
         h_thr, _, _, _ = _find(hashes, torch.where(tied, need, 0), n_seg, digits, all_reduce, device)
+    simple = segment is None and h_thr is None and not src.constant and not assign
     for a, b in blocks(spans, device):
         key, seg, ok = load(a, b)
+        if simple:  # one segment, every entry at the threshold taken: value >= T
+            if not bool(k[0] > 0):
+                break
+            chosen = key >= thr[0]
+            chosen = chosen if ok is None else chosen & ok
+            _emit(out, a, b, chosen, ok, assign)
+            continue
         s = None if seg is None else seg.clamp_min(0)
         live = (k[0] > 0) if seg is None else (k[s] > 0)
         if key is None:
@@ -332,16 +342,17 @@ def radix_select(src: Source, entries: Entries, k: torch.Tensor, ties: Ties, all
                 hs = hash_key(ties, entries.index_at(pos + a))
                 low = hs < (h_thr[0] if seg is None else h_thr[s[pos]])
                 eq[pos[low]] = False
-        chosen = _and(_and(chosen, live), ok) | eq
-        if callable(out):
-            out(a, b, chosen)
-        elif assign:
-            if ok is None:
-                out[a:b] = chosen
-            else:
-                out[a:b] = torch.where(ok, chosen, out[a:b])
-        else:
-            out[a:b] |= chosen
+        _emit(out, a, b, _and(_and(chosen, live), ok) | eq, ok, assign)
+
+
+def _emit(out, a: int, b: int, chosen: torch.Tensor, ok: Optional[torch.Tensor], assign: bool) -> None:
+    """Write a block's choice: to a function, or into the bool buffer (or-ed in, or assigned where eligible)."""
+    if callable(out):
+        out(a, b, chosen)
+    elif assign:
+        out[a:b] = chosen if ok is None else torch.where(ok, chosen, out[a:b])
+    else:
+        out[a:b] |= chosen
 
 
 def _at_threshold(key, seg, ok, thr, live, n, device) -> torch.Tensor:
