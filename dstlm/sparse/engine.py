@@ -470,6 +470,7 @@ class SparseEngine:
             backend.mask_optimizer_state_(param, keep)
             if partitioned:
                 f.mask.copy_(new)  # the fragment held the kept entries while its state was zeroed
+            del new, keep  # freed before the next parameter is decided: one new mask alive at a time
         if by_owner:
             self._share_fan_ins(backend)
         self._scores.clear()

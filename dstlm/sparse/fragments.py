@@ -29,6 +29,7 @@ from typing import Iterable
 import torch
 
 from dstlm.sparse.distributed import pack_mask, unpack_bits
+from dstlm.sparse.radix import blocks
 
 FILE_PATTERN = "dstlm_masks_rank_*.pt"
 MARKER = "dstlm_masks.json"
@@ -64,11 +65,15 @@ def partial_counts(rows: int, cols: int, storage_index, fragment_mask: torch.Ten
                    first: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-row, per-column) counts of the active entries of one [rows, cols] matrix that this rank's fragment
     holds: `fragment_mask` covers the matrix's storage positions first .. first + len; `storage_index` maps
-    storage positions to [out, in] flat indices (SparseParam.storage_index). Only active entries are indexed."""
-    pos = fragment_mask.nonzero().squeeze(1) + first
-    idx = storage_index(pos)
-    return (torch.bincount(idx // cols, minlength=rows).to(torch.int64),
-            torch.bincount(idx % cols, minlength=cols).to(torch.int64))
+    storage positions to [out, in] flat indices (SparseParam.storage_index). Only active entries are indexed, a
+    block of the fragment at a time (no index tensor of the whole fragment)."""
+    row_n = torch.zeros(rows, dtype=torch.int64, device=fragment_mask.device)
+    col_n = torch.zeros(cols, dtype=torch.int64, device=fragment_mask.device)
+    for a, b in blocks([(0, fragment_mask.numel())], fragment_mask.device):
+        idx = storage_index(fragment_mask[a:b].nonzero().squeeze(1) + (first + a))
+        row_n += torch.bincount(idx // cols, minlength=rows)
+        col_n += torch.bincount(idx % cols, minlength=cols)
+    return row_n, col_n
 
 
 def fragment_state(fragments: dict[str, Fragment], rank: int, world: int,
