@@ -8,7 +8,8 @@
 # timeout_s 600. The steps:
 #   1. tests/test_gpu.py (pytest -m gpu): fused loss on CUDA in bf16, RigL bf16 with fused AdamW, clipping and
 #      compile, plain and under ZeRO-2;
-#   2. the 124M RigL and SRigL mask update on the GPU (goal: RigL <= 100 ms), fast path against the reference;
+#   2. the 124M RigL and SRigL mask update on the GPU (goal: RigL <= 100 ms), the one-process rules against the
+#      block-wise sharded rules that ZeRO-3's partitioned masks run (identical masks checked);
 #   3. ZeRO-2 RigL at delta_t = 100 against dense ZeRO-2: mean step time with the updates included (goal <= 1.03x);
 #   4. dense MFU and RigL throughput of GPT-2 124M (benchmarks/gpu_throughput.py).
 set -uo pipefail
@@ -37,7 +38,7 @@ lightning.__version__, 'deepspeed', deepspeed.__version__, 'transformers', trans
 } >"$out/machine.txt" 2>&1
 cat "$out/machine.txt"
 step gpu-tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
-step update-time 90 "$PY" benchmarks/update_scale.py --device cuda --methods rigl,srigl --paths fast,reference \
+step update-time 90 "$PY" benchmarks/update_scale.py --device cuda --methods rigl,srigl --paths fast,sharded \
     --repeats 3
 step dst-overhead 180 "$PY" benchmarks/dst_overhead.py --accelerator gpu --precision bf16-mixed \
     --strategy deepspeed_stage_2 --preset gpt2-124m --tokenizer gpt2 --block-size 1024 --batch-size 16 \
