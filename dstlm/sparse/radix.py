@@ -327,7 +327,7 @@ def radix_select(src: Source, entries: Entries, k: torch.Tensor, ties: Ties, all
                 break
             chosen = key >= thr[0]
             chosen = chosen if ok is None else chosen & ok
-            _emit(out, a, b, chosen, ok, assign)
+            emit_choice(out, a, b, chosen, ok, assign)
             continue
         s = None if seg is None else seg.clamp_min(0)
         live = (k[0] > 0) if seg is None else (k[s] > 0)
@@ -342,10 +342,10 @@ def radix_select(src: Source, entries: Entries, k: torch.Tensor, ties: Ties, all
                 hs = hash_key(ties, entries.index_at(pos + a))
                 low = hs < (h_thr[0] if seg is None else h_thr[s[pos]])
                 eq[pos[low]] = False
-        _emit(out, a, b, _and(_and(chosen, live), ok) | eq, ok, assign)
+        emit_choice(out, a, b, _and(_and(chosen, live), ok) | eq, ok, assign)
 
 
-def _emit(out, a: int, b: int, chosen: torch.Tensor, ok: Optional[torch.Tensor], assign: bool) -> None:
+def emit_choice(out, a: int, b: int, chosen: torch.Tensor, ok: Optional[torch.Tensor], assign: bool) -> None:
     """Write a block's choice: to a function, or into the bool buffer (or-ed in, or assigned where eligible)."""
     if callable(out):
         out(a, b, chosen)

@@ -26,8 +26,8 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from dstlm.sparse.radix import (ROW_DIGITS, Eligible, Entries, Source, block, blocks, inside, order_bits, outside,
-                                radix_select)
+from dstlm.sparse.radix import (ROW_DIGITS, Eligible, Entries, Source, block, blocks, emit_choice, inside, order_bits,
+                                outside, radix_select)
 from dstlm.sparse.rules import srigl_keep_is_salient, srigl_survivors
 from dstlm.sparse.selection import Ties, row_top_k
 
@@ -204,15 +204,6 @@ def select_rows(src: Source, entries: Entries, k: torch.Tensor, n_rows: int, tie
                      assign=assign)
 
 
-def _write(out: torch.Tensor, a: int, b: int, chosen: torch.Tensor, ok: Optional[torch.Tensor], assign: bool) -> None:
-    if not assign:
-        out[a:b] |= chosen
-    elif ok is None:
-        out[a:b] = chosen
-    else:
-        out[a:b] = torch.where(ok, chosen, out[a:b])
-
-
 def _own_rows_of_run(src: Source, entries: Entries, k: torch.Tensor, cols: int, ties: Ties, out: torch.Tensor,
                      assign: bool, shared: torch.Tensor) -> list[tuple[int, int]]:
     """select_rows' rows held whole here, for a contiguous run: blocks of whole rows read in place (the first
@@ -247,7 +238,7 @@ def _own_rows_of_run(src: Source, entries: Entries, k: torch.Tensor, cols: int, 
         if assign:  # rows cut between ranks are assigned by the collective pass, not here
             in_shared = shared[r0:r1].repeat_interleave(cols)[pad:pad + b - a]
             ok = ~in_shared if ok is None else ok & ~in_shared
-        _write(out, a, b, sel, ok, assign)
+        emit_choice(out, a, b, sel, ok, assign)
     spans = []
     if bool(shared[first]):
         spans.append((0, min(n, (first + 1) * cols - start)))
