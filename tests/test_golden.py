@@ -1,6 +1,10 @@
 """Behaviour is unchanged by refactors: every DST method (dense GPT, MoE, every Sparse-IFT family) trains
 to the masks, weights and validation loss recorded in tests/golden/dst_runs.json by the code before the
-refactor of the model-building path (sha256 over every mask buffer / every weight, bit for bit).
+refactor (sha256 over every mask buffer / every weight, bit for bit).
+
+Float kernels round differently on different CPUs, so the file holds one record per machine (tests/helpers/golden.py).
+On a machine with its own record the run must equal that record; on another machine with the same torch build and
+CPU kernels it must equal one of the records made with them (each is the recorded code's exact result somewhere).
 
 A change that is *meant* to alter results re-records the file (`python tests/helpers/golden.py --write`)
 and says why in its commit message.
@@ -8,7 +12,6 @@ and says why in its commit message.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -17,28 +20,48 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
-from golden import CASES, GOLDEN, machine, run_cases  # noqa: E402
+from golden import CASES, machine, read_records, run_cases  # noqa: E402
 
-RECORDED = json.loads(GOLDEN.read_text())
+RECORDS = read_records()
+
+
+def candidates() -> list[dict]:
+    """The records this machine's run must match: its own record alone, else every record of the same kernels."""
+    here = machine()
+    own = [r for r in RECORDS if r["machine"] == here]
+    if own:
+        return own
+    return [r for r in RECORDS if r["machine"]["torch"] == here["torch"]
+            and r["machine"]["cpu_capability"] == here["cpu_capability"]]
 
 
 @pytest.fixture(scope="module")
 def current():
-    if RECORDED["machine"]["cpu_capability"] != machine()["cpu_capability"]:
-        pytest.skip(f"checksums were recorded with CPU kernels {RECORDED['machine']['cpu_capability']!r}, this "
-                    f"machine uses {machine()['cpu_capability']!r}: float results may differ in the last bit")
+    if not candidates():
+        kernels = sorted({(r["machine"]["torch"], r["machine"]["cpu_capability"]) for r in RECORDS})
+        pytest.skip(f"checksums were recorded with torch and CPU kernels {kernels}, this machine has "
+                    f"{(machine()['torch'], machine()['cpu_capability'])}: float results may differ in the last bit")
     torch.set_num_threads(2)
     return run_cases(list(CASES))
 
 
 def test_every_case_is_recorded():
-    assert set(RECORDED["cases"]) == set(CASES)
+    assert RECORDS and all(set(r["cases"]) == set(CASES) for r in RECORDS)
+
+
+def test_records_of_different_machines_agree_on_the_masks():
+    """Another CPU rounds the weights' last bits differently; the decisions recorded are the same everywhere."""
+    for case in CASES:
+        assert len({(r["cases"][case]["masks"], r["cases"][case]["n_updates"]) for r in RECORDS}) == 1, case
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_masks_weights_and_loss(current, case):
-    want, got = RECORDED["cases"][case], current[case]
-    assert got["n_updates"] == want["n_updates"] and got["n_masks"] == want["n_masks"]
-    assert got["masks"] == want["masks"], f"{case}: masks differ from the recorded run"
-    assert got["weights"] == want["weights"], f"{case}: weights differ from the recorded run"
-    assert got["val_loss"] == want["val_loss"] and got["density"] == want["density"]
+    got = current[case]
+    wants = [r["cases"][case] for r in candidates()]
+    for field in ("n_updates", "n_masks", "masks", "density"):
+        assert any(got[field] == w[field] for w in wants), f"{case}: {field} differs from the recorded run"
+    matched = [w for w in wants if w["masks"] == got["masks"] and w["weights"] == got["weights"]]
+    assert matched, (f"{case}: weights differ from the recorded run on every machine recorded with these kernels "
+                     f"({[r['machine']['cpu'] for r in candidates()]}; this one: {machine()['cpu']})")
+    assert got["val_loss"] == matched[0]["val_loss"] and got["density"] == matched[0]["density"]
