@@ -139,6 +139,7 @@ def start(root: Path, cpus: int | None = None, timeout: float = 60.0, nodes: int
     root = root.resolve()
     if _alive(_pid(root / "slurmctld.pid")):
         raise RuntimeError(f"a cluster is already running from {root}; stop it first")
+    _wait_for_free_ports((6817, 6818), timeout)
     names = node_names(nodes)
     for d in ("state", "spool"):
         shutil.rmtree(root / d, ignore_errors=True)
@@ -173,6 +174,24 @@ def start(root: Path, cpus: int | None = None, timeout: float = 60.0, nodes: int
     stop(root)
     raise TimeoutError(f"the SLURM nodes did not become idle in {timeout:.0f} s (states {state!r}); see "
                        f"{root}/slurmctld.log and {root}/slurmd-*.log")
+
+
+def _wait_for_free_ports(ports: tuple[int, ...], timeout: float) -> None:
+    """Wait until slurmctld and slurmd can listen on their ports: the daemons of a cluster stopped a moment ago
+    (or its job steps) may hold them for a few seconds more, and slurmctld exits at once on a busy port."""
+    deadline = time.time() + timeout
+    for port in ports:
+        while True:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("0.0.0.0", port))
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"port {port} is still in use after {timeout:.0f} s: another SLURM "
+                                           f"(or another program) listens there; stop it first") from None
+            time.sleep(0.5)
 
 
 def stop(root: Path) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -18,15 +22,55 @@ from dstlm.training.config import DataConfig, OptimConfig, RunConfig, TrainerCon
 REPO = Path(__file__).resolve().parents[1]
 
 
+_SHARED_ENV = "DSTLM_TEST_SHARED_DIR"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_dir(tmp_path_factory) -> Path:
+    """A folder of this test session for results that tests share (`shared_result`). Under pytest-xdist every
+    worker has its own base temp folder inside the run's; the shared folder sits beside them, so workers share
+    it, and a later test session never sees it."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    os.environ[_SHARED_ENV] = str(root)
+    return root
+
+
+def shared_result(key: str, make: Callable[[Path], None]) -> Path:
+    """The folder in which `make(folder)` wrote the result named by `key`, made once per test session.
+
+    Expensive, deterministic work (a reference training run) is keyed by everything that determines it; the first
+    test that asks makes it, every later one (in any worker; a worker asking meanwhile waits on a file lock) reads
+    the same folder. A `make` that raises leaves nothing behind, so the next test that asks tries again. Tests
+    read shared folders and never change them."""
+    root = Path(os.environ[_SHARED_ENV])
+    name = hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            try:
+                make(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            done.write_text(key)
+    return folder
+
+
 @pytest.fixture(scope="session")
-def small_corpus(tmp_path_factory) -> list[str]:
-    """Two documents: 100 kB of Shakespeare and 50 kB of Austen."""
-    d = tmp_path_factory.mktemp("corpus")
-    a = d / "shakespeare.txt"
-    a.write_text((CORPUS_DIR / "tinyshakespeare.txt").read_text()[:100_000])
-    b = d / "austen.txt"
-    b.write_text((CORPUS_DIR / "austen-persuasion.txt").read_text()[:50_000])
-    return [str(a), str(b)]
+def small_corpus(_shared_dir) -> list[str]:
+    """Two documents: 100 kB of Shakespeare and 50 kB of Austen (one copy for every worker: the paths are part of
+    the shared runs' keys)."""
+    def make(d: Path) -> None:
+        (d / "shakespeare.txt").write_text((CORPUS_DIR / "tinyshakespeare.txt").read_text()[:100_000])
+        (d / "austen.txt").write_text((CORPUS_DIR / "austen-persuasion.txt").read_text()[:50_000])
+
+    d = shared_result("small_corpus", make)
+    return [str(d / "shakespeare.txt"), str(d / "austen.txt")]
 
 
 def tiny_run(out_dir, files, **over) -> RunConfig:
@@ -66,14 +110,21 @@ def error_line(stderr: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def hf_dirs(tmp_path_factory, small_corpus) -> dict:
-    """Tiny GPT-2, Llama and Mixtral checkpoints saved as Hugging Face folders (BPE tokenizer of the corpus)."""
+def hf_dirs(small_corpus) -> dict:
+    """Tiny GPT-2, Llama and Mixtral checkpoints saved as Hugging Face folders (BPE tokenizer of the corpus), one
+    copy for every worker."""
     from dstlm.data.tokenizer import load_tokenizer
     from helpers.hf_models import save_tiny
 
-    tok = load_tokenizer("bpe", small_corpus, 512)
-    root = tmp_path_factory.mktemp("hf")
-    return {k: save_tiny(k, root / k, tok) for k in ("gpt2", "llama", "mixtral")}
+    kinds = ("gpt2", "llama", "mixtral")
+
+    def make(root: Path) -> None:
+        tok = load_tokenizer("bpe", small_corpus, 512)
+        for k in kinds:
+            save_tiny(k, root / k, tok)
+
+    root = shared_result(f"hf_dirs {small_corpus}", make)
+    return {k: root / k for k in kinds}
 
 
 @pytest.fixture(autouse=True)
@@ -88,3 +139,18 @@ def _no_leaked_rendezvous_env():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs 2 workers), hand out the long tests first: the SLURM group, then the
+    multi-process runs, then the rest, each in collection order. A long test handed out last keeps one worker busy
+    while the other has nothing left to do."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+
+    def rank(item) -> int:
+        if item.get_closest_marker("xdist_group"):
+            return 0
+        return 1 if item.get_closest_marker("dist") else 2
+
+    items.sort(key=rank)  # stable: collection order within each rank

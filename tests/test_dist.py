@@ -3,11 +3,12 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, shared_result
 
 
 def _recipe(tmp_path, files, name, batch_size) -> str:
@@ -29,32 +30,42 @@ def _weights(run_dir):
     return ckpt["state_dict"], ckpt
 
 
+_ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
+        "HF_DATASETS_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+
+
+@pytest.fixture
+def single_process_run(small_corpus) -> Path:
+    """`dstlm fit` of the test recipe in 1 process with batch 8: what 2 ranks with batch 4 must end at (run once)."""
+    def make(tmp: Path) -> None:
+        r = subprocess.run([sys.executable, "-m", "dstlm.cli", "fit", "--config",
+                            _recipe(tmp, small_corpus, "single", 8)],
+                           cwd=REPO, capture_output=True, text=True, timeout=600, env=_ENV)
+        assert r.returncode == 0, r.stderr[-4000:]
+
+    return shared_result(f"single-process run {small_corpus}", make) / "runs" / "single"
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_1", marks=pytest.mark.slow),
                                       "deepspeed_stage_2", "deepspeed_stage_3"])
-def test_two_ranks_match_single_process(tmp_path, small_corpus, strategy):
+def test_two_ranks_match_single_process(tmp_path, small_corpus, strategy, single_process_run):
     """2 ranks x batch 4 (gloo, via launch/torchrun.sh) ends where 1 process x batch 8 ends: same global
     batches, gradients averaged across ranks (DDP) or reduce-scattered (ZeRO). Not bit-equal (the mean
     is summed in another order), so compare to a tight tolerance."""
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
     r = subprocess.run(["bash", "launch/torchrun.sh", "2", _recipe(tmp_path, small_corpus, "ddp", 4)], cwd=REPO,
                        capture_output=True, text=True, timeout=600,
-                       env={**env, "PYTHON": sys.executable, "STRATEGY": strategy})
+                       env={**_ENV, "PYTHON": sys.executable, "STRATEGY": strategy})
     assert r.returncode == 0, r.stderr[-4000:]
-    r1 = subprocess.run([sys.executable, "-m", "dstlm.cli", "fit", "--config",
-                         _recipe(tmp_path, small_corpus, "single", 8)], cwd=REPO, capture_output=True, text=True,
-                        timeout=600, env=env)
-    assert r1.returncode == 0, r1.stderr[-4000:]
     ddp, ddp_ckpt = _weights(tmp_path / "runs" / "ddp")
-    single, single_ckpt = _weights(tmp_path / "runs" / "single")
+    single, single_ckpt = _weights(single_process_run)
     assert ddp_ckpt["global_step"] == single_ckpt["global_step"] == 8
     assert ddp_ckpt["LMDataModule"]["global_batch"] == 8 and ddp_ckpt["LMDataModule"]["batches_consumed"] == 8
     assert {k for k in single if not k.endswith("lm_head.weight")} <= set(ddp)
     for k in ddp:
         torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5, msg=k)
     s_ddp = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
-    s_one = json.loads((tmp_path / "runs" / "single" / "summary.json").read_text())
+    s_one = json.loads((single_process_run / "summary.json").read_text())
     assert abs(s_ddp["val_loss"] - s_one["val_loss"]) < 1e-4  # val split across ranks, reduced to the same mean
 
 
@@ -68,23 +79,39 @@ def _torchrun(args, nproc, timeout=600, extra_env=None):
     return subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def _dst_job(out, method, batch, files, nproc, extra_env=None) -> list[dict]:
+class Dumps(list):
+    """The per-rank dumps of a tests/helpers/dst_run.py job, and `dir`: the folder the job wrote (its run and
+    checkpoints under dir/run/t). Tests read that folder and never change it (a test that would alters a copy)."""
+
+    def __init__(self, out: Path, nproc: int) -> None:
+        super().__init__(torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(nproc))
+        self.dir = out
+
+
+def _dst_job(method, batch, files, nproc, extra_env=None) -> Dumps:
     """Run tests/helpers/dst_run.py on nproc ranks; the per-rank dumps (masks after each update, weights).
     On more than one rank every mask update is also decided whole by the sort-based reference, and the run
-    stops if a sharded decision differs (DSTLM_CHECK_REFERENCE)."""
+    stops if a sharded decision differs (DSTLM_CHECK_REFERENCE).
+
+    A job is deterministic in its arguments and environment, so it runs once per test session: a job that
+    another test (in any pytest worker) already ran is read back from the folder that run wrote."""
     helper = str(REPO / "tests" / "helpers" / "dst_run.py")
     extra_env = {"DSTLM_CHECK_REFERENCE": "1", **(extra_env or {})}
-    r = _torchrun([helper, str(out), method, str(batch), *files], nproc=nproc, extra_env=extra_env)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(nproc)]
+    key = repr((method, int(batch), list(files), nproc, sorted(extra_env.items())))
+
+    def run(out: Path) -> None:
+        r = _torchrun([helper, str(out), method, str(batch), *files], nproc=nproc, extra_env=extra_env)
+        assert r.returncode == 0, r.stderr[-4000:]
+
+    return Dumps(shared_result(key, run), nproc)
 
 
 @pytest.mark.dist
 def test_ddp_condensed_training_equals_masked_training(tmp_path, small_corpus):
     """sparsity.condensed under DDP: the condensed layers' masked gradients are all-reduced like any other, so
     both ranks hold the same masks and weights, and they match the masked run's."""
-    cond = _dst_job(tmp_path / "cond", "srigl", 4, small_corpus, nproc=2, extra_env={"DSTLM_CONDENSED": "1"})
-    masked = _dst_job(tmp_path / "masked", "srigl", 4, small_corpus, nproc=2)
+    cond = _dst_job("srigl", 4, small_corpus, nproc=2, extra_env={"DSTLM_CONDENSED": "1"})
+    masked = _dst_job("srigl", 4, small_corpus, nproc=2)
     assert len(cond[0]["masks"]) == len(masked[0]["masks"]) == 3
     for a, b, c in zip(cond[0]["masks"], cond[1]["masks"], masked[0]["masks"]):
         for name in a:
@@ -97,8 +124,8 @@ def test_ddp_condensed_training_equals_masked_training(tmp_path, small_corpus):
 @pytest.mark.dist
 @pytest.mark.parametrize("method", ["rigl", "srigl"])
 def test_ddp_masks_identical_across_ranks_and_match_single_process(tmp_path, small_corpus, method):
-    rank0, rank1 = _dst_job(tmp_path / "ddp", method, 4, small_corpus, nproc=2)
-    (single,) = _dst_job(tmp_path / "one", method, 8, small_corpus, nproc=1)
+    rank0, rank1 = _dst_job(method, 4, small_corpus, nproc=2)
+    (single,) = _dst_job(method, 8, small_corpus, nproc=1)
     assert len(rank0["masks"]) == len(single["masks"]) == 3  # updates at steps 2, 4, 6
     for a, b in zip(rank0["masks"], rank1["masks"]):
         for name in a:
@@ -125,7 +152,7 @@ def test_sharded_decisions_equal_the_whole_tensor_reference(tmp_path, small_corp
     split), ranks joined by all-reduced counts; at every update the run also decides whole from gathered
     weights and scores with the sort-based selection and stops on any difference. ZeRO-3's and 4 ranks'
     partitions cut rows and N:M groups anywhere."""
-    dumps = _dst_job(tmp_path / "run", method, 2, small_corpus, nproc=nproc, extra_env={"DSTLM_STRATEGY": strategy})
+    dumps = _dst_job(method, 2, small_corpus, nproc=nproc, extra_env={"DSTLM_STRATEGY": strategy})
     n = len(dumps[0]["masks"])
     assert n >= 3 and all(d["sharded"] == [1.0] * n for d in dumps)
     for d in dumps[1:]:
@@ -214,16 +241,18 @@ def test_zero_buckets_sized_to_the_model_unless_the_json_sets_them(tmp_path, sma
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("method", ["rigl", "srigl"])
-@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), 2, 3])
+@pytest.mark.parametrize("stage,method", [
+    (2, "rigl"), (3, "srigl"),  # the fast tier: each stage and each rule once (the DDP runs are shared)
+    pytest.param(2, "srigl", marks=pytest.mark.slow), pytest.param(3, "rigl", marks=pytest.mark.slow),
+    pytest.param(1, "rigl", marks=pytest.mark.slow), pytest.param(1, "srigl", marks=pytest.mark.slow)])
 def test_zero_dst_masks_identical_and_equal_to_ddp(tmp_path, small_corpus, method, stage):
     """2 ranks under DeepSpeed ZeRO-1/2/3 on the CPU: after 3 mask updates the masks are identical on both
     ranks and equal to the DDP run with the same seed and data. The callback verifies at every update that
     pruned entries are exactly 0 in the module weights and in the fp32 master, and that AdamW's moments
     are 0 there (training stops otherwise)."""
-    z0, z1 = _dst_job(tmp_path / "zero", method, 4, small_corpus, nproc=2,
+    z0, z1 = _dst_job(method, 4, small_corpus, nproc=2,
                       extra_env={"DSTLM_STRATEGY": f"deepspeed_stage_{stage}"})
-    ddp, _ = _dst_job(tmp_path / "ddp", method, 4, small_corpus, nproc=2)
+    ddp, _ = _dst_job(method, 4, small_corpus, nproc=2)
     assert len(z0["masks"]) == len(ddp["masks"]) == 3
     for a, b, c in zip(z0["masks"], z1["masks"], ddp["masks"]):
         for name in a:
@@ -270,7 +299,7 @@ def test_zero_dst_resume_after_second_update_is_exact(tmp_path, small_corpus, me
 
 @pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_2", marks=pytest.mark.slow),
-                                      "deepspeed_stage_3"])
+                                      pytest.param("deepspeed_stage_3", marks=pytest.mark.slow)])
 def test_kill_one_rank_then_resume_loses_at_most_one_interval(tmp_path, small_corpus, strategy):
     """2-rank RigL run (DDP or ZeRO), checkpoints every 4 steps; SIGKILL one rank once last.ckpt links the
     step-8 checkpoint; resume from last.ckpt: the final masks and weights equal an uninterrupted run's."""
@@ -319,7 +348,8 @@ def test_kill_one_rank_then_resume_loses_at_most_one_interval(tmp_path, small_co
 
 @pytest.mark.dist
 @pytest.mark.parametrize("stage,saved_ranks,resume_ranks,zero_init",
-                         [(2, 2, 1, False), (3, 2, 1, False), pytest.param(2, 1, 2, False, marks=pytest.mark.slow),
+                         [(2, 2, 1, False), pytest.param(3, 2, 1, False, marks=pytest.mark.slow),
+                          pytest.param(2, 1, 2, False, marks=pytest.mark.slow),
                           pytest.param(3, 2, 1, True, marks=pytest.mark.slow)])
 def test_zero_resume_on_another_world_size(tmp_path, small_corpus, stage, saved_ranks, resume_ranks, zero_init):
     """A ZeRO checkpoint written by N ranks resumes on M ranks (same global batch) through DeepSpeed's
@@ -328,9 +358,9 @@ def test_zero_resume_on_another_world_size(tmp_path, small_corpus, stage, saved_
     model partitioned (trainer.zero_init)."""
     env = {"DSTLM_STRATEGY": f"deepspeed_stage_{stage}", "DSTLM_CKPT_EVERY": "4",
            **({"DSTLM_ZERO_INIT": "1"} if zero_init else {})}
-    ref = _dst_job(tmp_path / "ref", "rigl", 8 // saved_ranks, small_corpus, nproc=saved_ranks, extra_env=env)[0]
-    ckpt = tmp_path / "ref" / "run" / "t" / "checkpoints" / "step0000004.ckpt"
-    new = _dst_job(tmp_path / "new", "rigl", 8 // resume_ranks, small_corpus, nproc=resume_ranks,
+    refs = _dst_job("rigl", 8 // saved_ranks, small_corpus, nproc=saved_ranks, extra_env=env)
+    ref, ckpt = refs[0], refs.dir / "run" / "t" / "checkpoints" / "step0000004.ckpt"
+    new = _dst_job("rigl", 8 // resume_ranks, small_corpus, nproc=resume_ranks,
                    extra_env={**env, "DSTLM_RESUME": str(ckpt)})
     assert (ckpt.parent / "step0000004.ckpt-universal" / "latest_universal").is_file()
     _assert_resumed_like(ref, new, rtol=1e-4, atol=1e-5)
@@ -416,8 +446,8 @@ def test_sparse_ift_model_trains_under_ddp_with_identical_masks(tmp_path, small_
     """A Sparse-IFT model (s = 0.5) trained by RigL on 2 DDP ranks: after 3 mask updates the masks of the
     transformed weights are identical on both ranks and agree with one process on the same global batch."""
     env = {"DSTLM_IFT": family}
-    rank0, rank1 = _dst_job(tmp_path / "ddp", "rigl", 4, small_corpus, nproc=2, extra_env=env)
-    (single,) = _dst_job(tmp_path / "one", "rigl", 8, small_corpus, nproc=1, extra_env=env)
+    rank0, rank1 = _dst_job("rigl", 4, small_corpus, nproc=2, extra_env=env)
+    (single,) = _dst_job("rigl", 8, small_corpus, nproc=1, extra_env=env)
     assert len(rank0["masks"]) == 3 and rank0["masks"][0]
     for a, b in zip(rank0["masks"], rank1["masks"]):
         for name in a:
@@ -460,7 +490,7 @@ def test_moe_expert_masks_identical_across_ranks(tmp_path, small_corpus, strateg
     Unlike a dense model, 2 ranks are not the same computation as 1 process with the same global batch:
     expert capacity and the balancing loss are computed over each rank's own tokens."""
     env = {"DSTLM_MOE": "1", "DSTLM_STRATEGY": strategy}
-    rank0, rank1 = _dst_job(tmp_path / "two", "rigl", 4, small_corpus, nproc=2, extra_env=env)
+    rank0, rank1 = _dst_job("rigl", 4, small_corpus, nproc=2, extra_env=env)
     assert len(rank0["masks"]) == 3 and "blocks.1.mlp.w_out.3" in rank0["masks"][-1]
     for a, b in zip(rank0["masks"], rank1["masks"]):
         for name in a:
@@ -470,16 +500,16 @@ def test_moe_expert_masks_identical_across_ranks(tmp_path, small_corpus, strateg
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2", pytest.param("deepspeed_stage_3",
-                                                                               marks=pytest.mark.slow)])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_2", marks=pytest.mark.slow),
+                                      pytest.param("deepspeed_stage_3", marks=pytest.mark.slow)])
 def test_expert_parallel_matches_replicated_experts(tmp_path, small_corpus, strategy):
     """Expert parallelism 2 over 2 ranks (each rank computes 2 of the 4 experts for the tokens of both, via
     all-to-all) is the same computation as every rank computing every expert: losses, RigL expert masks
     after 3 updates and final weights agree with the expert_parallel_size=1 run, and both ranks hold
     identical masks and weights (the callback checked zero weights/moments off the masks at each update)."""
     base = {"DSTLM_MOE": "1", "DSTLM_STRATEGY": strategy}
-    ep0, ep1 = _dst_job(tmp_path / "ep", "rigl", 4, small_corpus, nproc=2, extra_env={**base, "DSTLM_EP": "2"})
-    rep0, _ = _dst_job(tmp_path / "rep", "rigl", 4, small_corpus, nproc=2, extra_env=base)
+    ep0, ep1 = _dst_job("rigl", 4, small_corpus, nproc=2, extra_env={**base, "DSTLM_EP": "2"})
+    rep0, _ = _dst_job("rigl", 4, small_corpus, nproc=2, extra_env=base)
     assert len(ep0["masks"]) == len(rep0["masks"]) == 3 and "blocks.1.mlp.w_in.3" in ep0["masks"][-1]
     for a, b in zip(ep0["masks"], ep1["masks"]):
         for name in a:
@@ -530,7 +560,7 @@ def test_expert_parallel_checkpoint_resumes_without_expert_parallelism(tmp_path,
     saved ones exactly and the run ends with the masks and (to float rounding) the weights of the
     uninterrupted expert-parallel run."""
     env = {"DSTLM_STRATEGY": "deepspeed_stage_2", "DSTLM_CKPT_EVERY": "4", "DSTLM_MOE": "1"}
-    ref = _dst_job(tmp_path / "ref", "rigl", 4, small_corpus, nproc=2, extra_env={**env, "DSTLM_EP": "2"})[0]
-    ckpt = tmp_path / "ref" / "run" / "t" / "checkpoints" / "step0000004.ckpt"
-    new = _dst_job(tmp_path / "new", "rigl", 4, small_corpus, nproc=2, extra_env={**env, "DSTLM_RESUME": str(ckpt)})
+    refs = _dst_job("rigl", 4, small_corpus, nproc=2, extra_env={**env, "DSTLM_EP": "2"})
+    ref, ckpt = refs[0], refs.dir / "run" / "t" / "checkpoints" / "step0000004.ckpt"
+    new = _dst_job("rigl", 4, small_corpus, nproc=2, extra_env={**env, "DSTLM_RESUME": str(ckpt)})
     _assert_resumed_like(ref, new, rtol=1e-3, atol=1e-4)

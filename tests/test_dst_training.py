@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import REPO, tiny_run
+from conftest import REPO, run_cli, tiny_run
 from dstlm.sparse import SparsityConfig, TorchBackend
 from dstlm.training.build import build
 from dstlm.training.run import fit
@@ -163,12 +163,13 @@ def test_cli_sparse_fit_then_report(tmp_path, small_corpus):
     (["--sparsity.include=[nothing.*]"], "matches no sparsifiable weight"),
 ])
 def test_cli_sparsity_bad_input_one_line(tmp_path, small_corpus, args, message):
-    from test_training import _cli, _recipe
+    """In this process, as tests/test_training.py's bad-input cases (one of which runs in a real process)."""
+    from test_training import _recipe
 
-    r = _cli("fit", "--config", _recipe(tmp_path, small_corpus), "--sparsity",
-             str(REPO / "configs/sparsity/rigl.yaml"), *args)
-    err = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(err) == 1 and message in err[0], r.stderr[-2000:]
+    code, stderr = run_cli(["fit", "--config", _recipe(tmp_path, small_corpus), "--sparsity",
+                            str(REPO / "configs/sparsity/rigl.yaml"), *args])
+    err = stderr.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], stderr[-2000:]
 
 
 @pytest.mark.parametrize("method", ["static", "rigl", "srigl", "nm"])

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_run
+from conftest import run_cli, tiny_run
 from dstlm.checkpoint import load_checkpoint
 from dstlm.eval.harness import SHIPPED_TASKS, evaluate, format_table, run_eval, scores
 from dstlm.training.run import fit
@@ -115,13 +115,12 @@ def test_generate_until_stops(trained):
     (["--tasks", "piqa", "--checkpoint", "/no/such.ckpt"], "checkpoint '/no/such.ckpt' does not exist"),
 ])
 def test_eval_cli_bad_input(trained, args, message):
-    from test_training import _cli
-
+    """`dstlm eval` in this process (tests/test_training.py shows a real process's stderr is the one line too)."""
     if "--checkpoint" not in args:
         args = ["--checkpoint", str(trained["rope"]), *args]
-    r = _cli("eval", *args)
-    err = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(err) == 1 and message in err[0], r.stderr[-2000:]
+    code, stderr = run_cli(["eval", *args])
+    err = stderr.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], stderr[-2000:]
 
 
 def test_checkpoint_mismatch_and_missing_tokenizer(trained, tmp_path):

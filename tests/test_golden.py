@@ -12,6 +12,7 @@ and says why in its commit message.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
+from conftest import shared_result  # noqa: E402
 from golden import CASES, machine, read_records, run_cases  # noqa: E402
 
 RECORDS = read_records()
@@ -41,8 +43,12 @@ def current():
         kernels = sorted({(r["machine"]["torch"], r["machine"]["cpu_capability"]) for r in RECORDS})
         pytest.skip(f"checksums were recorded with torch and CPU kernels {kernels}, this machine has "
                     f"{(machine()['torch'], machine()['cpu_capability'])}: float results may differ in the last bit")
-    torch.set_num_threads(2)
-    return run_cases(list(CASES))
+
+    def make(folder: Path) -> None:  # once per test session, whichever worker asks first
+        torch.set_num_threads(2)
+        (folder / "checksums.json").write_text(json.dumps(run_cases(list(CASES))))
+
+    return json.loads((shared_result("golden runs", make) / "checksums.json").read_text())
 
 
 def test_every_case_is_recorded():

@@ -268,7 +268,7 @@ def test_dst_on_two_ranks_equals_the_whole_tensor_reference(tmp_path, small_corp
     optimizer moment at a pruned entry. Masks agree on both ranks; the final weights are 0 off the mask."""
     from test_dist import _dst_job
 
-    dumps = _dst_job(tmp_path / "run", method, 2, small_corpus, nproc=2,
+    dumps = _dst_job(method, 2, small_corpus, nproc=2,
                      extra_env={"DSTLM_STRATEGY": strategy, "DSTLM_HF": str(hf_dirs[kind])})
     n = len(dumps[0]["masks"])
     assert n >= 3 and all(d["sharded"] == [1.0] * n for d in dumps)
@@ -282,7 +282,7 @@ def test_dst_on_two_ranks_equals_the_whole_tensor_reference(tmp_path, small_corp
         if name.endswith("_mask"):
             assert (weights[name.removesuffix("_mask")][~w] == 0).all(), name
     # FLOPs per token counted at the start on rank 0, from partitioned weights under ZeRO-3 too
-    flops = json.loads(next((tmp_path / "run").rglob("flops.json")).read_text())
+    flops = json.loads(next(dumps.dir.rglob("flops.json")).read_text())
     density = 0.5 if method == "nm" else 0.2  # SRigL's whole fan-in per row rounds down at these widths
     assert density - 0.03 <= flops["block_projection_ratio"] <= density + (0.05 if kind == "mixtral" else 0.0)
 

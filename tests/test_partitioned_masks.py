@@ -4,6 +4,9 @@ that read checkpoints, and the refusals. Every rule at 1-4 ranks (threads) is in
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -108,8 +111,10 @@ def test_resume_with_another_partition_setting_is_refused():
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("method,nproc", [("rigl", 2), ("srigl", 4), pytest.param("nm", 2, marks=pytest.mark.slow),
-                                          pytest.param("set", 4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method,nproc", [
+    ("rigl", 2),  # 4 ranks cutting SRigL's rows anywhere, checked against the whole reference: test_dist.py
+    pytest.param("srigl", 4, marks=pytest.mark.slow), pytest.param("nm", 2, marks=pytest.mark.slow),
+    pytest.param("set", 4, marks=pytest.mark.slow)])
 def test_zero3_partitioned_masks_equal_whole_masks(tmp_path, small_corpus, method, nproc):
     """ZeRO-3 on 2 and 4 gloo ranks: with partitioned masks every update is also decided whole from gathered
     weights and scores by the sort-based reference (the run stops on any difference), and the run has the
@@ -127,8 +132,8 @@ def test_zero3_partitioned_masks_on_a_hugging_face_model(tmp_path, small_corpus,
 
 def _assert_same_runs(tmp_path, method: str, nproc: int, corpus, env: dict) -> None:
     batch = 8 // nproc
-    part = _dst_job(tmp_path / "part", method, batch, corpus, nproc=nproc, extra_env={**PARTITIONED, **env})
-    whole = _dst_job(tmp_path / "whole", method, batch, corpus, nproc=nproc, extra_env={**Z3, **env})
+    part = _dst_job(method, batch, corpus, nproc=nproc, extra_env={**PARTITIONED, **env})
+    whole = _dst_job(method, batch, corpus, nproc=nproc, extra_env={**Z3, **env})
     assert len(part[0]["masks"]) >= 3
     for p, w in zip(part, whole):
         assert p["sharded"] == [1.0] * len(w["masks"]) and p["losses"] == w["losses"]
@@ -151,10 +156,10 @@ def test_partitioned_checkpoint_resumes_at_any_world_size(tmp_path, small_corpus
     from dstlm.checkpoint import checkpoint_problem, read_checkpoint
 
     env = {**PARTITIONED, "DSTLM_CKPT_EVERY": "4"}
-    ref = _dst_job(tmp_path / "ref", "rigl", 8 // saved_ranks, small_corpus, nproc=saved_ranks, extra_env=env)
-    ckpt = tmp_path / "ref" / "run" / "t" / "checkpoints" / "step0000004.ckpt"
+    ref = _dst_job("rigl", 8 // saved_ranks, small_corpus, nproc=saved_ranks, extra_env=env)
+    ckpt = ref.dir / "run" / "t" / "checkpoints" / "step0000004.ckpt"
     assert len(list((ckpt / "checkpoint").glob("dstlm_masks_rank_*.pt"))) == saved_ranks
-    new = _dst_job(tmp_path / "new", "rigl", 8 // resume_ranks, small_corpus, nproc=resume_ranks,
+    new = _dst_job("rigl", 8 // resume_ranks, small_corpus, nproc=resume_ranks,
                    extra_env={**env, "DSTLM_RESUME": str(ckpt)})
     if saved_ranks == resume_ranks:
         # the other setting is refused in one line before anything is loaded (the masks are elsewhere)
@@ -168,11 +173,12 @@ def test_partitioned_checkpoint_resumes_at_any_world_size(tmp_path, small_corpus
             assert all(torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
     else:
         _assert_resumed_like(ref[0], new, rtol=1e-4, atol=1e-5)
-    last = tmp_path / "ref" / "run" / "t" / "checkpoints" / "last.ckpt"
+    last = ref.dir / "run" / "t" / "checkpoints" / "last.ckpt"
     state = read_checkpoint(last)["state_dict"]
     for name, mask in ref[0]["final_masks"].items():
         assert torch.equal(state[f"model.{name}_mask"], mask), name
         assert (state[f"model.{name}"][~mask] == 0).all(), name
+    last = Path(shutil.copytree(last.resolve(), tmp_path / "broken.ckpt"))  # the reference run is shared: break a copy
     next((last / "checkpoint").glob("dstlm_masks_rank_*.pt")).unlink()
     assert "mask fragments of rank(s) [0]" in (checkpoint_problem(last) or "")  # at any world size (marker file)
 
@@ -188,14 +194,14 @@ def test_checkpoint_inside_a_score_window_keeps_scores_per_rank(tmp_path, small_
     from dstlm.safe_load import load_states
 
     env = {**PARTITIONED, "DSTLM_CKPT_EVERY": "3", "DSTLM_SCORE_STEPS": "2"}
-    ref = _dst_job(tmp_path / "ref", "rigl", 4, small_corpus, nproc=2, extra_env=env)
-    ckpt = tmp_path / "ref" / "run" / "t" / "checkpoints" / "step0000003.ckpt"
+    ref = _dst_job("rigl", 4, small_corpus, nproc=2, extra_env=env)
+    ckpt = ref.dir / "run" / "t" / "checkpoints" / "step0000003.ckpt"
     assert checkpoint_problem(ckpt) is None
     files = sorted((ckpt / "checkpoint").glob("dstlm_masks_rank_*.pt"))
     assert len(files) == 2 and all("score" in p for f in files for p in load_states(f)["params"].values())
     dst = next(v for k, v in read_checkpoint(ckpt)["callbacks"].items() if "DSTCallback" in k)
     assert dst["scores_in_fragments"] and not dst["scores"] and dst["score_steps"] == 1
-    new = _dst_job(tmp_path / "new", "rigl", 8 // resume_ranks, small_corpus, nproc=resume_ranks,
+    new = _dst_job("rigl", 8 // resume_ranks, small_corpus, nproc=resume_ranks,
                    extra_env={**env, "DSTLM_RESUME": str(ckpt)})
     assert len(ref[0]["masks"]) == 3  # updates at 2, 4, 6
     # the resumed dump starts counting at the restored n_updates: its first and last snapshots are steps 4 and 6

@@ -13,10 +13,12 @@ from dstlm.sparse.radix import order_bits
 from dstlm.sparse.sharded import float_order_bits, sharded_top_k, torch_all_reduce
 
 
-@pytest.fixture(autouse=True, params=[1 << 20, 64, 7], ids=["block-1M", "block-64", "block-7"])
+@pytest.fixture(autouse=True, params=[1 << 20, pytest.param(64, marks=pytest.mark.slow), 7],
+                ids=["block-1M", "block-64", "block-7"])
 def block(request):
     """Every test at three block sizes: one block (the rounds keep few entries after the first), and blocks
-    small enough that passes cross block edges and rounds keep streaming over many blocks."""
+    small enough that passes cross block edges and rounds keep streaming over many blocks. Blocks of 7 cross
+    every edge that blocks of 64 cross (rows split, rounds streaming), so 64 runs in the slow tier only."""
     from dstlm.sparse.radix import block_size
 
     with block_size(request.param):

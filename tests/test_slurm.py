@@ -23,7 +23,7 @@ from test_preemption import ENV, recipe, weights
 sys.path.insert(0, str(REPO / "slurm"))
 import local_cluster  # noqa: E402
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.xdist_group("slurm")]  # one SLURM at a time: fixed ports
 
 
 def running_cluster(tmp_path_factory, nodes: int, cpus: int):
@@ -43,6 +43,25 @@ def running_cluster(tmp_path_factory, nodes: int, cpus: int):
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     yield from running_cluster(tmp_path_factory, nodes=1, cpus=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, small_corpus):
+    """strategy -> the final weights and masks of the test recipe run without interruption on 2 ranks (each made
+    once: the preempted and the killed jobs must both end there)."""
+    made: dict[str, dict] = {}
+
+    def weights_of(strategy: str) -> dict:
+        if strategy not in made:
+            tmp = tmp_path_factory.mktemp(f"ref-{strategy}")
+            r = subprocess.run(["bash", "launch/torchrun.sh", "2", recipe(tmp, small_corpus, "ref", strategy=strategy)],
+                               cwd=REPO, capture_output=True, text=True, timeout=600,
+                               env={**ENV, "PYTHON": sys.executable, "STRATEGY": strategy})
+            assert r.returncode == 0, r.stderr[-3000:]
+            made[strategy] = weights(tmp / "runs" / "ref")
+        return made[strategy]
+
+    return weights_of
 
 
 def sh(args, env, check=True) -> str:
@@ -98,13 +117,8 @@ def submit(env, path: str, *extra) -> str:
 
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_2", marks=pytest.mark.slow)])
 @pytest.mark.faults
-def test_preempted_job_requeues_and_resumes_bit_exactly(tmp_path, small_corpus, cluster, strategy):
+def test_preempted_job_requeues_and_resumes_bit_exactly(tmp_path, small_corpus, cluster, strategy, uninterrupted):
     env, _ = cluster
-    ref = subprocess.run(["bash", "launch/torchrun.sh", "2", recipe(tmp_path, small_corpus, "ref", strategy=strategy)],
-                         cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**ENV, "PYTHON": sys.executable, "STRATEGY": strategy})
-    assert ref.returncode == 0, ref.stderr[-3000:]
-
     path = recipe(tmp_path, small_corpus, "pre", strategy=strategy)
     run = tmp_path / "runs" / "pre"
     job = submit(env, path)
@@ -122,21 +136,17 @@ def test_preempted_job_requeues_and_resumes_bit_exactly(tmp_path, small_corpus, 
     # resumed at the very step it stopped at: no work repeated
     assert f"resuming from {run}/checkpoints/last.ckpt -> {run}/checkpoints/step{step:07d}.ckpt" in log
     assert "dstlm-slurm: finished" in log and json.loads((run / "FINISHED").read_text())["steps"] == 40
-    a, b = weights(tmp_path / "runs" / "ref"), weights(run)
+    a, b = uninterrupted(strategy), weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # masks included
 
 
 @pytest.mark.faults
-def test_task_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path, small_corpus, cluster):
+def test_task_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path, small_corpus, cluster, uninterrupted):
     """Rank 1 SIGKILLs itself after writing its part of the step-20 checkpoint, before the swap (fault
     injection, once): srun ends the step, the job requeues as a crash, the half-done step-20 checkpoint is set
     aside and named, the run resumes from step 10 (one interval of work repeated) and ends bit-equal to an
     uninterrupted run."""
     env, _ = cluster
-    ref = subprocess.run(["bash", "launch/torchrun.sh", "2", recipe(tmp_path, small_corpus, "ref", strategy="ddp")],
-                         cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**ENV, "PYTHON": sys.executable, "STRATEGY": "ddp"})
-    assert ref.returncode == 0, ref.stderr[-3000:]
     path = recipe(tmp_path, small_corpus, "kill", strategy="ddp")
     run = tmp_path / "runs" / "kill"
     job = submit(env, path, "--export", "DSTLM_FAULT=kill:rank=1:point=save:step=20")
@@ -153,7 +163,7 @@ def test_task_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path, sma
     from datetime import datetime
 
     assert len(starts) == 2 and datetime.fromisoformat(starts[1]).timestamp() - fired < 120
-    a, b = weights(tmp_path / "runs" / "ref"), weights(run)
+    a, b = uninterrupted("ddp"), weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import REPO, tiny_run
+from conftest import REPO, run_cli, tiny_run
 from dstlm.training.build import build
 from dstlm.training.run import fit
 
@@ -151,11 +151,22 @@ def test_cli_fit_3_steps_and_validate(tmp_path, small_corpus):
     (["--data.batch_size", "-2"], "data.batch_size=-2 must be a positive integer"),
 ])
 @pytest.mark.faults
-def test_cli_bad_input_one_line(tmp_path, small_corpus, args, message):
-    r = _cli("fit", "--config", _recipe(tmp_path, small_corpus), *args)
+def test_cli_bad_input_one_line(tmp_path, small_corpus, args, message, monkeypatch):
+    """`dstlm fit` in this process (a fresh interpreter costs seconds of imports per case; the next test shows a
+    real process's whole stderr is the one line too)."""
+    monkeypatch.chdir(REPO)
+    code, stderr = run_cli(["fit", "--config", _recipe(tmp_path, small_corpus), *args])
+    err = stderr.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("dstlm: error:") and message in err[0], stderr[-2000:]
+
+
+@pytest.mark.faults
+def test_cli_bad_input_is_one_line_on_a_real_process_stderr(tmp_path, small_corpus):
+    r = _cli("fit", "--config", _recipe(tmp_path, small_corpus), "--model.n_head", "3")
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("dstlm: error:") and message in err[0], r.stderr[-2000:]
+    assert len(err) == 1 and err[0].startswith("dstlm: error: model.n_embd=32 is not divisible by model.n_head=3"), \
+        r.stderr
 
 
 def test_cli_unknown_command():

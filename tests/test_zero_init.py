@@ -20,6 +20,7 @@ from dstlm.models.presets import load_preset
 from dstlm.sparse import SparseEngine, SparsityConfig
 from dstlm.training.partitioned_build import PartitionedBuild, partition_range
 from dstlm.transforms.ift import SparseIFTConfig
+from test_dist import _dst_job as dist_job
 
 
 def _whole_and_partitioned(cfg, world, ift=None, sparsity=None, seed=5):
@@ -218,17 +219,12 @@ def test_hf_partitioned_build_refuses_weights_stored_under_other_names(hf_dirs):
             load_hf_model(HFModelConfig(hf=str(hf_dirs["mixtral"])), partitioned=build)
 
 
-def _dst_job(out, files, method, zero_init, extra_env=None):
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
-           "DSTLM_STRATEGY": "deepspeed_stage_3", "DSTLM_CHECK_REFERENCE": "1", **(extra_env or {})}
+def _dst_job(files, method, zero_init, extra_env=None):
+    """2 ranks, ZeRO-3, batch 2 per rank (tests/test_dist.py's job: a run another test already made is reused)."""
+    env = {"DSTLM_STRATEGY": "deepspeed_stage_3", **(extra_env or {})}
     if zero_init:
         env["DSTLM_ZERO_INIT"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "helpers" / "dst_run.py"), str(out), method, "2", *files]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    return dist_job(method, 2, files, nproc=2, extra_env=env)
 
 
 def _assert_same_training(whole: list[dict], part: list[dict]) -> None:
@@ -252,11 +248,11 @@ def _assert_same_training(whole: list[dict], part: list[dict]) -> None:
 def test_zero3_run_built_partitioned_equals_the_whole_build(tmp_path, small_corpus, method, extra):
     """2 ranks, ZeRO-3, 8 steps with 3 mask updates (sharded decisions checked against the whole-tensor reference):
     the zero_init run's initial masks, masks after every update, losses and final weights equal the whole build's."""
-    whole = _dst_job(tmp_path / "whole", small_corpus, method, False, extra)
-    part = _dst_job(tmp_path / "part", small_corpus, method, True, extra)
+    whole = _dst_job(small_corpus, method, False, extra)
+    part = _dst_job(small_corpus, method, True, extra)
     _assert_same_training(whole, part)
     # the FLOP report at fit start reads the engine's counts: no whole mask is left on a partitioned build
-    flops = [json.loads((tmp_path / how / "run" / "t" / "flops.json").read_text()) for how in ("whole", "part")]
+    flops = [json.loads((job.dir / "run" / "t" / "flops.json").read_text()) for job in (whole, part)]
     assert flops[0] == flops[1]
     if "DSTLM_IFT" in extra:  # Sparse-IFT widens the layers so the sparse model costs the dense FLOPs
         assert flops[0]["block_projection_ratio"] == pytest.approx(1.0, abs=0.05)
@@ -287,8 +283,8 @@ def test_zero3_hf_run_built_partitioned_equals_the_whole_build(tmp_path, small_c
     weights): built partitioned (weights read slice by slice, masks decided on the slices) it trains exactly as
     built whole: first masks, masks after every update, losses and final weights."""
     env = {"DSTLM_HF": str(hf_dirs[kind])}
-    whole = _dst_job(tmp_path / "whole", small_corpus, method, False, env)
-    part = _dst_job(tmp_path / "part", small_corpus, method, True, env)
+    whole = _dst_job(small_corpus, method, False, env)
+    part = _dst_job(small_corpus, method, True, env)
     _assert_same_training(whole, part)
 
 
