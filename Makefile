@@ -4,6 +4,8 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 RECIPE  ?= recipes/default.yaml
 ARGS    ?=
+# the tests on 2 pytest-xdist workers (docs/testing.md: what that buys on 2 cores); XDIST= runs them in one process
+XDIST   ?= -n 2 --dist loadgroup
 # keep DeepSpeed/torch extension builds inside the ignored project cache
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE := 1
@@ -29,10 +31,10 @@ lint: $(STAMP)
 	.venv/bin/ruff check dstlm tests benchmarks slurm
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -m "not slow" $(XDIST) --durations=20 $(ARGS)
 
 test-all: $(STAMP) lint
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(XDIST) --durations=20 $(ARGS)
 
 # every fault-injection test, slow ones included (make test runs the non-slow ones): docs/faults.md
 faults: $(STAMP)

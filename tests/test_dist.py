@@ -48,7 +48,7 @@ def single_process_run(small_corpus) -> Path:
 
 @pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_1", marks=pytest.mark.slow),
-                                      "deepspeed_stage_2", "deepspeed_stage_3"])
+                                      pytest.param("deepspeed_stage_2", marks=pytest.mark.slow), "deepspeed_stage_3"])
 def test_two_ranks_match_single_process(tmp_path, small_corpus, strategy, single_process_run):
     """2 ranks x batch 4 (gloo, via launch/torchrun.sh) ends where 1 process x batch 8 ends: same global
     batches, gradients averaged across ranks (DDP) or reduce-scattered (ZeRO). Not bit-equal (the mean

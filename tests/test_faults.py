@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, shared_result
 from test_preemption import ENV, recipe, weights
 
 pytestmark = pytest.mark.faults  # `make faults` runs every fault test (docs/faults.md)
@@ -24,13 +24,15 @@ def torchrun(path: str, *args: str, **env: str) -> subprocess.CompletedProcess:
                           timeout=600, env={**ENV, "PYTHON": sys.executable, "STRATEGY": "ddp", **env})
 
 
-@pytest.fixture(scope="module")
-def ddp_reference(tmp_path_factory, small_corpus):
-    """The final weights of an undisturbed 2-rank DDP run of 20 steps (what every faulted run, resumed, must end at)."""
-    tmp = tmp_path_factory.mktemp("ref")
-    ref = torchrun(recipe(tmp, small_corpus, "ref", steps=20))
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    return weights(tmp / "runs" / "ref")
+@pytest.fixture
+def ddp_reference(small_corpus):
+    """The final weights of an undisturbed 2-rank DDP run of 20 steps (what every faulted run, resumed, must end at),
+    run once per test session."""
+    def make(tmp) -> None:
+        ref = torchrun(recipe(tmp, small_corpus, "ref", steps=20))
+        assert ref.returncode == 0, ref.stderr[-3000:]
+
+    return weights(shared_result(f"faults: 2-rank DDP reference {small_corpus}", make) / "runs" / "ref")
 
 
 def resumes_to(reference: dict, path: str, run, *args: str) -> None:

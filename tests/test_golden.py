@@ -45,8 +45,12 @@ def current():
                     f"{(machine()['torch'], machine()['cpu_capability'])}: float results may differ in the last bit")
 
     def make(folder: Path) -> None:  # once per test session, whichever worker asks first
-        torch.set_num_threads(2)
-        (folder / "checksums.json").write_text(json.dumps(run_cases(list(CASES))))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)  # as recorded
+        try:
+            (folder / "checksums.json").write_text(json.dumps(run_cases(list(CASES))))
+        finally:
+            torch.set_num_threads(threads)
 
     return json.loads((shared_result("golden runs", make) / "checksums.json").read_text())
 

@@ -123,6 +123,7 @@ def test_zero3_partitioned_masks_equal_whole_masks(tmp_path, small_corpus, metho
     _assert_same_runs(tmp_path, method, nproc, small_corpus, {})
 
 
+@pytest.mark.slow  # fast tier: test_hf.py checks the same partitioned GPT-2 run against the whole-tensor reference
 @pytest.mark.dist
 def test_zero3_partitioned_masks_on_a_hugging_face_model(tmp_path, small_corpus, hf_dirs):
     """GPT-2 from a Hugging Face folder stores its projections transposed ([in, out] Conv1D): the fragments cut

@@ -23,7 +23,7 @@ from test_preemption import ENV, recipe, weights
 sys.path.insert(0, str(REPO / "slurm"))
 import local_cluster  # noqa: E402
 
-pytestmark = [pytest.mark.dist, pytest.mark.xdist_group("slurm")]  # one SLURM at a time: fixed ports
+pytestmark = pytest.mark.dist  # one SLURM at a time (fixed ports): tests/conftest.py keeps this file on one worker
 
 
 def running_cluster(tmp_path_factory, nodes: int, cpus: int):

@@ -16,7 +16,7 @@ from conftest import REPO
 from test_preemption import ENV, recipe, weights
 from test_slurm import job_field, running_cluster, sh, wait_for
 
-pytestmark = [pytest.mark.dist, pytest.mark.xdist_group("slurm")]  # one SLURM at a time: fixed ports
+pytestmark = pytest.mark.dist  # one SLURM at a time (fixed ports): tests/conftest.py keeps this file on one worker
 
 
 @pytest.fixture(scope="module")
