@@ -166,17 +166,20 @@ def test_auto_path_follows_the_measured_crossover():
 
 # -- a trained SRigL model: condensed export, evaluation, val loss -------------------------------------------
 @pytest.fixture(scope="module")
-def srigl_run(tmp_path_factory, small_corpus):
+def srigl_run(small_corpus):
     from conftest import tiny_run
     from dstlm.sparse import SparsityConfig
     from dstlm.training.run import fit
 
-    d = tmp_path_factory.mktemp("srigl")
-    cfg = tiny_run(d, small_corpus, name="srigl", model=dict(block_size=256, bias=True), data=dict(block_size=64),
-                   trainer=dict(max_steps=12, val_every_n_steps=12), optim=dict(lr=1e-2))
-    cfg.sparsity = SparsityConfig(method="srigl", sparsity=0.9, delta_t=3, t_end=1.0, gamma_sal=0.9)
-    fit(cfg)
-    return d / "srigl" / "checkpoints" / "last.ckpt"
+    from conftest import shared_result
+
+    def make(d) -> None:  # once per test session, whichever pytest worker asks first
+        cfg = tiny_run(d, small_corpus, name="srigl", model=dict(block_size=256, bias=True), data=dict(block_size=64),
+                       trainer=dict(max_steps=12, val_every_n_steps=12), optim=dict(lr=1e-2))
+        cfg.sparsity = SparsityConfig(method="srigl", sparsity=0.9, delta_t=3, t_end=1.0, gamma_sal=0.9)
+        fit(cfg)
+
+    return shared_result(f"condensed: SRigL run {small_corpus}", make) / "srigl" / "checkpoints" / "last.ckpt"
 
 
 def val_loss(model, tokenizer, text: str, block: int = 64) -> float:

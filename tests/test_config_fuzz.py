@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from conftest import error_line, run_cli  # noqa: E402
@@ -32,7 +32,9 @@ from dstlm.transforms.ift_spec import SparseIFTConfig  # noqa: E402
 
 pytestmark = pytest.mark.faults  # `make faults` runs every fault test (docs/faults.md)
 
-EXAMPLES = int(os.environ.get("DSTLM_FUZZ_EXAMPLES", 500))  # >= 500 in CI
+# examples drawn by `make test` (the fast tier) and by `make test-all`, which draws 500 more in the slow tier
+EXAMPLES = int(os.environ.get("DSTLM_FUZZ_EXAMPLES", 200))
+MORE_EXAMPLES = int(os.environ.get("DSTLM_FUZZ_MORE_EXAMPLES", 500))
 
 BASE = dict(name="f", seed=3,
             model=dict(vocab_size=512, block_size=32, n_layer=1, n_head=2, n_embd=16),
@@ -185,6 +187,21 @@ def data_files(tmp_path_factory, small_corpus):
           suppress_health_check=list(HealthCheck))
 @given(example=recipes())
 def test_generated_configs_train_or_fail_in_one_line_naming_a_changed_field(example, data_files):
+    train_or_fail_in_one_line(example, data_files)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+@settings(max_examples=MORE_EXAMPLES, derandomize=False, database=None, deadline=None, print_blob=True,
+          suppress_health_check=list(HealthCheck))
+@seed(20261207)  # other draws than the fast tier's, the same every run
+@given(example=recipes())
+def test_more_generated_configs_train_or_fail_in_one_line(example, data_files):
+    train_or_fail_in_one_line(example, data_files)
+
+
+def train_or_fail_in_one_line(example, data_files) -> None:
+    """The property: the recipe trains (exit 0) or fails with exit 2 and one line naming a field it changed."""
     cfg, changed = example
     cfg = copy.deepcopy(cfg)
     work = Path(tempfile.mkdtemp(prefix="fuzz-"))

@@ -13,15 +13,19 @@ from dstlm.training.run import fit
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, small_corpus):
+def trained(small_corpus):
     """Two tiny trained checkpoints: RoPE (exports to GPT-NeoX) and learned positions (exports to GPT-2)."""
+    from conftest import shared_result
+
     out = {}
     for pos in ("rope", "learned"):
-        d = tmp_path_factory.mktemp(pos)
-        cfg = tiny_run(d, small_corpus, name=pos, model=dict(pos_emb=pos, block_size=256), data=dict(block_size=64),
-                       trainer=dict(max_steps=30, val_every_n_steps=30), optim=dict(lr=1e-2))
-        fit(cfg)
-        out[pos] = d / pos / "checkpoints" / "last.ckpt"
+        def make(d, pos=pos) -> None:  # once per test session, whichever pytest worker asks first
+            cfg = tiny_run(d, small_corpus, name=pos, model=dict(pos_emb=pos, block_size=256),
+                           data=dict(block_size=64), trainer=dict(max_steps=30, val_every_n_steps=30),
+                           optim=dict(lr=1e-2))
+            fit(cfg)
+
+        out[pos] = shared_result(f"eval: {pos} run {small_corpus}", make) / pos / "checkpoints" / "last.ckpt"
     return out
 
 
