@@ -91,9 +91,11 @@ def test_signal_stops_at_a_checkpoint_and_auto_resume_is_bit_exact(tmp_path, sma
 
 
 def test_preempt_signal_value_is_checked(tmp_path, small_corpus):
-    r = fit(recipe(tmp_path, small_corpus, "bad", preempt_signal="USR9"))
-    assert r.returncode != 0 and "trainer.preempt_signal='USR9' is not a signal name" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    from conftest import run_cli  # in this process: tests/test_training.py runs a bad input in a real one
+
+    code, stderr = run_cli(["fit", "--config", recipe(tmp_path, small_corpus, "bad", preempt_signal="USR9")])
+    assert code != 0 and "trainer.preempt_signal='USR9' is not a signal name" in stderr
+    assert len(stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.dist
