@@ -10,7 +10,7 @@ Variants alternate over `--rounds`.
         [--preset tiny] [--methods rigl,srigl] [--strategy auto] [--accelerator cpu] [--precision 32-true]
         [--tokenizer bpe] [--block-size 256] [--batch-size 16]
 
-The GPU goal (issue 15): ZeRO-2 RigL at ΔT = 100 with a mean step time, updates included, <= 1.03x the dense
+The GPU goal: ZeRO-2 RigL at ΔT = 100 with a mean step time, updates included, <= 1.03x the dense
 run's under the same strategy:
 
     python benchmarks/dst_overhead.py --accelerator gpu --precision bf16-mixed --strategy deepspeed_stage_2 \
