@@ -38,6 +38,7 @@ def install() -> None:
 NETNS = "dstlm-n2"  # the second "host" of a two-node cluster
 VETH = ("veth-dstlm0", "veth-dstlm1")
 ADDRS = ("10.77.0.1", "10.77.0.2")
+CTLD_PORT, SLURMD_PORT = 6817, 6818  # fixed: one cluster on a machine at a time
 
 
 def config(root: Path, cpus: int, nodes: int = 1) -> str:
@@ -66,8 +67,8 @@ ReturnToService=2
 JobRequeue=1
 MinJobAge=3600
 KillWait=30
-SlurmctldPort=6817
-SlurmdPort=6818
+SlurmctldPort={CTLD_PORT}
+SlurmdPort={SLURMD_PORT}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
@@ -139,7 +140,7 @@ def start(root: Path, cpus: int | None = None, timeout: float = 60.0, nodes: int
     root = root.resolve()
     if _alive(_pid(root / "slurmctld.pid")):
         raise RuntimeError(f"a cluster is already running from {root}; stop it first")
-    _wait_for_free_ports((6817, 6818), timeout)
+    _wait_for_free_ports((CTLD_PORT, SLURMD_PORT), timeout)
     names = node_names(nodes)
     for d in ("state", "spool"):
         shutil.rmtree(root / d, ignore_errors=True)

@@ -70,9 +70,7 @@ def test_two_ranks_match_single_process(tmp_path, small_corpus, strategy, single
 
 
 def _torchrun(args, nproc, timeout=600, extra_env=None):
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
-           **(extra_env or {})}
+    env = {**_ENV, **(extra_env or {})}
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, shared_result
 from test_preemption import ENV, recipe, weights
 
 sys.path.insert(0, str(REPO / "slurm"))
@@ -45,21 +45,18 @@ def cluster(tmp_path_factory):
     yield from running_cluster(tmp_path_factory, nodes=1, cpus=2)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, small_corpus):
-    """strategy -> the final weights and masks of the test recipe run without interruption on 2 ranks (each made
-    once: the preempted and the killed jobs must both end there)."""
-    made: dict[str, dict] = {}
-
+@pytest.fixture
+def uninterrupted(small_corpus):
+    """strategy -> the final weights and masks of the test recipe run without interruption on 2 ranks (made once:
+    the preempted and the killed jobs must both end there)."""
     def weights_of(strategy: str) -> dict:
-        if strategy not in made:
-            tmp = tmp_path_factory.mktemp(f"ref-{strategy}")
+        def make(tmp: Path) -> None:
             r = subprocess.run(["bash", "launch/torchrun.sh", "2", recipe(tmp, small_corpus, "ref", strategy=strategy)],
                                cwd=REPO, capture_output=True, text=True, timeout=600,
                                env={**ENV, "PYTHON": sys.executable, "STRATEGY": strategy})
             assert r.returncode == 0, r.stderr[-3000:]
-            made[strategy] = weights(tmp / "runs" / "ref")
-        return made[strategy]
+
+        return weights(shared_result(f"slurm: uninterrupted {strategy} run {small_corpus}", make) / "runs" / "ref")
 
     return weights_of
 
