@@ -149,7 +149,7 @@ def test_nm_sparsity_and_distribution_come_from_the_method():
 
 def test_sparse_init_defaults_per_method_and_can_be_turned_off():
     assert SparsityConfig(method="srigl").sparse_init == "rescale"
-    assert SparsityConfig(method="rigl").sparse_init == "rescale"  # every method since issue 14's study
+    assert SparsityConfig(method="rigl").sparse_init == "rescale"  # every method (the learning-quality study)
     assert SparsityConfig(method="set", sparse_init="none").sparse_init == "none"
     assert SparsityConfig(method="srigl", sparse_init="none").sparse_init == "none"
     dense = TwoLayers().a.weight.detach().clone()

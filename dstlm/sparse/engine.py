@@ -794,7 +794,7 @@ class SparseEngine:
                              "wrote it, or start a new run")
         self.tie_seed = int(state["tie_seed"])
         device = {sp.name: self._device for sp in self.params}
-        # bit-packed since session 8; a checkpoint from before holds bool masks
+        # bit-packed since 2026-12-01 (2ae1b62); a checkpoint from before holds bool masks
         self.ever_active = {k: (pack_mask(v) if v.dtype == torch.bool else v).to(device.get(k, v.device), copy=True)
                             for k, v in state["ever_active"].items()}
         self._scores = {k: v.to(device.get(k, v.device), copy=True) for k, v in state["scores"].items()}

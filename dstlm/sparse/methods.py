@@ -64,8 +64,8 @@ class DSTMethod:
     uses_dense_grad: ClassVar[bool] = False
     """Updates need |dL/dW| over every entry (pruned ones included), captured before the update."""
     default_sparse_init: ClassVar[str] = "rescale"
-    """sparsity.sparse_init when the config leaves it unset: the sparse-aware rescale for every method (issue 14's
-    study: without it val loss rose by 0.10-0.17 for SET, RigL and SRigL at 90 %; docs/results.md)."""
+    """sparsity.sparse_init when the config leaves it unset: the sparse-aware rescale for every method (the
+    learning-quality study: without it val loss rose by 0.10-0.17 for SET, RigL and SRigL at 90 %; docs/results.md)."""
     fixed_sparsity: ClassVar[bool] = False
     """The method's structure fixes the sparsity (see `implied_sparsity`)."""
     can_reclaim: ClassVar[bool] = True
