@@ -164,6 +164,34 @@ def test_a_dead_rank_ends_the_other_within_the_collective_timeout(tmp_path, smal
     assert lines[0].endswith("restart the job (--ckpt_path auto resumes)"), lines[0]
 
 
+def test_zero_groups_get_the_collective_timeout(tmp_path):
+    """DeepSpeed runs ZeRO's reductions on process groups it makes itself without a timeout, which torch gives
+    its 30-minute default: the strategy hands them trainer.collective_timeout_s, so a peer that hangs inside a
+    ZeRO reduction ends the run as quickly as one that hangs in the world group (a real strategy, set up at world
+    size 1 in a fresh process: the process group is process-wide)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (
+        "from datetime import timedelta\n"
+        "import lightning as L, torch\n"
+        "from deepspeed.utils import groups\n"
+        "from dstlm.training.strategies import DeepSpeedZeRO\n"
+        "s = DeepSpeedZeRO(stage=2, cpu=True, timeout=timedelta(seconds=9))\n"
+        "L.Trainer(accelerator='cpu', devices=1, strategy=s, logger=False).strategy.setup_environment()\n"
+        "for g in (torch.distributed.group.WORLD, groups._get_data_parallel_group()):\n"
+        "    print('timeout', g._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n")
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "1", "RANK": "0",
+           "LOCAL_RANK": "0", "NODE_RANK": "0"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    timeouts = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("timeout ")]
+    assert timeouts == ["9.0", "9.0"], out.stdout[-2000:] + out.stderr[-2000:]
+
+
 def test_auto_resume_takes_a_complete_save_whose_link_was_not_swapped(tmp_path):
     """A job killed between putting step 20 in place and relinking last.ckpt resumes from step 20, not 10;
     a half-written save (*.tmp) is never taken; a dangling link is refused with the fix."""

@@ -9,6 +9,7 @@ those three on the CPU (DeepSpeed's CPU accelerator, gloo collectives) and chang
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Generator, Optional
@@ -187,18 +188,34 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
 
     def setup_distributed(self) -> None:
         if not self._cpu:
-            return super().setup_distributed()
-        from lightning.fabric.utilities.seed import reset_seed
+            super().setup_distributed()
+        else:
+            from lightning.fabric.utilities.seed import reset_seed
 
-        reset_seed()
-        self.set_world_ranks()
-        self._init_deepspeed_distributed()
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+        bound_new_groups(self._timeout)
 
     @property
     def root_device(self) -> torch.device:
         device = super().root_device
         # deepspeed.initialize is given root_device.index as device_rank; on the CPU that must be an int
         return torch.device("cpu", 0) if device.type == "cpu" else device
+
+
+def bound_new_groups(timeout: Optional[timedelta]) -> None:
+    """Give every process group made from now on `timeout` (trainer.collective_timeout_s) where its maker passes
+    none. DeepSpeed runs ZeRO's reductions on groups of its own (`dist.new_group(ranks)`, no timeout), which torch
+    then gives its backend default (30 min for gloo and for NCCL), not the world group's: a rank waiting there for
+    a dead peer would outlive the configured timeout by half an hour."""
+    if timeout is None:
+        return
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), timedelta):
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def reset_peak_rss() -> Optional[int]:
