@@ -165,8 +165,7 @@ def _rank(rank: int, world: int, rdzv: str, args: argparse.Namespace, out: torch
             for sp in engine.params:
                 sp.weight.grad = torch.randn(sp.weight.shape, generator=gen)
             engine.before_optimizer_step(100, backend)
-            score_bytes = sum(v.numel() * v.element_size() for v in (*engine._scores.values(),
-                                                                     *engine._shard_scores.values()))
+            score_bytes = engine.scores.nbytes
             if world > 1:
                 dist.barrier()
             with PeakRSS() as mem:

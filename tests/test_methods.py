@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dstlm.sparse import SparseEngine, SparsityConfig, rules
+from dstlm.sparse import SparseEngine, SparsityConfig
 from dstlm.sparse.flops import FlopCount, training_flops
 from dstlm.sparse.methods import METHODS, DSTMethod, method_class, register
-from dstlm.sparse.selection import top_k
 
 
 class TwoLayers(nn.Module):
@@ -56,6 +55,7 @@ class FakeBackend:
         self.state[param].mul_(keep)
 
     world_size = 1  # whole decisions
+    shards = whole_fragments = capture_dense = False
 
     def violations(self, param, mask):
         self.calls.append(("violations", id(param)))
@@ -179,9 +179,10 @@ def test_a_new_method_is_one_registered_class():
         summary = "drop at random, grow by |gradient|"
         uses_dense_grad = True
 
-        def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
-            kept = top_k(torch.zeros(mask.shape), int(mask.sum()) - n_swap, ties.sub("drop"), eligible=mask)
-            return rules.grow_top(kept, score, n_swap, ties)
+        def update(self, layer, shard, n_swap, t, schedule, ties):
+            s = shard.select
+            kept = s.top(None, s.count(shard.mask) - n_swap, ties.sub("drop"), inside=shard.mask)
+            return s.top(shard.score, n_swap, ties.sub("grow"), outside=kept, into=kept)
 
     try:
         model, engine, backend = engine_for("test-random-drop")

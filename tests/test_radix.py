@@ -1,6 +1,6 @@
-"""dstlm/sparse/radix.py: the entries' indices made on demand equal the storage mapping, and the sharded rules
-read a fragment a block at a time: besides the new mask they make no tensor anywhere near the fragment's size
-(checked on every op the rules run, not by sampling memory)."""
+"""dstlm/sparse/radix.py: the entries' indices made on demand equal the storage mapping, and the rules, through
+the collective selector, read a fragment a block at a time: besides the new mask they make no tensor anywhere
+near the fragment's size (checked on every op the rules run, not by sampling memory)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dstlm.sparse import rules, sharded
+from dstlm.sparse import rules
 from dstlm.sparse.masks import SparseParam
 from dstlm.sparse.radix import Entries, block_size
 from dstlm.sparse.selection import Ties
+from dstlm.sparse.selectors import CollectiveSelector, LocalSelector
 
 
 class LargeOutputs(TorchDispatchMode):
@@ -44,29 +45,30 @@ def _case(seed: int = 0):
 
 
 RULES = {
-    "rigl": lambda w, g, m, e: sharded.drop_and_grow_shard(w, m, g, 3000, e, Ties(1), sharded.single_process,
-                                                           numel=m.numel()),
-    "set": lambda w, g, m, e: sharded.drop_and_grow_shard(w, m, None, 3000, e, Ties(1), sharded.single_process,
-                                                          numel=m.numel()),
-    "gmp": lambda w, g, m, e: sharded.gmp_prune_shard(w, m, 12000, e, Ties(1), sharded.single_process),
-    "srigl": lambda w, g, m, e: sharded.srigl_update_shard(w, m, g, 3000, ROWS * 200, 0.3, True, e, (ROWS, COLS),
-                                                           Ties(1), sharded.single_process)[0],
-    "nm": lambda w, g, m, e: sharded.nm_update_shard(w, m, g, 3000, 2, 4, e,
-                                                     m.numel(), Ties(1), sharded.single_process),
+    "rigl": lambda s, w, g, m: rules.drop_and_grow(s, w, m, g, 3000, Ties(1)),
+    "set": lambda s, w, g, m: rules.drop_and_grow(s, w, m, None, 3000, Ties(1)),
+    "gmp": lambda s, w, g, m: rules.gmp_prune(s, w, m, 12000, Ties(1)),
+    "srigl": lambda s, w, g, m: rules.srigl_update(s, w, m, g, 3000, ROWS * 200, 0.3, True, Ties(1))[0],
+    "nm": lambda s, w, g, m: rules.nm_update(s, w, m, g, 3000, 2, 4, Ties(1)),
 }
+
+
+def fragment(n: int) -> CollectiveSelector:
+    """One process holding all n entries as one run: the collective selector, reading blocks."""
+    return CollectiveSelector(Entries(n, COLS, torch.device("cpu"), start=0), (ROWS, COLS))
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_rules_make_no_fragment_sized_tensor_but_the_new_mask(rule):
     w, g, mask = _case()
     if rule == "nm":
-        mask = rules.nm_mask(w.reshape(ROWS, COLS) + 3.0, 2, 4, Ties(0)).reshape(-1)
+        mask = rules.nm_mask(LocalSelector((ROWS, COLS)), w.reshape(ROWS, COLS) + 3.0, 2, 4, Ties(0)).reshape(-1)
         w = w * mask
-    entries = Entries(mask.numel(), COLS, torch.device("cpu"), start=0)
+    select = fragment(mask.numel())
     with block_size(2048):
-        expected = RULES[rule](w, g, mask, entries)  # outside the mode: the reference run
+        expected = RULES[rule](select, w, g, mask)  # outside the mode: the reference run
         with LargeOutputs(limit=mask.numel() // 4) as seen:  # above a block's work and the 65,536-bin histogram
-            got = RULES[rule](w, g, mask, entries)
+            got = RULES[rule](select, w, g, mask)
     assert torch.equal(got, expected)
     assert seen.seen, "the check sees the new mask: it can fail"
     big = [s for s in seen.seen if s[1] != torch.bool]
@@ -79,16 +81,15 @@ def test_rules_make_no_fragment_sized_tensor_but_the_new_mask(rule):
 def test_rules_read_in_blocks_equal_the_whole_layer_rules():
     w, g, mask = _case(3)
     ties = Ties(1)
-    entries = Entries(mask.numel(), COLS, torch.device("cpu"), start=0)
-    whole = rules.rigl_update(w.reshape(ROWS, COLS), mask.reshape(ROWS, COLS), g.reshape(ROWS, COLS), 3000, ties)
+    local, select = LocalSelector((ROWS, COLS)), fragment(mask.numel())
+    W, G, M = w.reshape(ROWS, COLS), g.reshape(ROWS, COLS), mask.reshape(ROWS, COLS)
+    whole = rules.drop_and_grow(local, W, M, G, 3000, ties)
     with block_size(1000):  # blocks that cut rows
-        got = sharded.drop_and_grow_shard(w, mask, g, 3000, entries, ties, sharded.single_process, numel=mask.numel())
+        got = rules.drop_and_grow(select, w, mask, g, 3000, ties)
     assert torch.equal(got, whole.reshape(-1))
-    whole, k = rules.srigl_update(w.reshape(ROWS, COLS), mask.reshape(ROWS, COLS), g.reshape(ROWS, COLS), 3000,
-                                  ROWS * 200, 0.3, True, ties)
+    whole, k = rules.srigl_update(local, W, M, G, 3000, ROWS * 200, 0.3, True, ties)
     with block_size(1000):
-        got, k_got = sharded.srigl_update_shard(w, mask, g, 3000, ROWS * 200, 0.3, True, entries, (ROWS, COLS), ties,
-                                                sharded.single_process)
+        got, k_got = rules.srigl_update(select, w, mask, g, 3000, ROWS * 200, 0.3, True, ties)
     assert k_got == k and torch.equal(got, whole.reshape(-1))
 
 

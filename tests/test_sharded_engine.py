@@ -15,7 +15,8 @@ import torch.nn as nn
 from dstlm.sparse import SparsityConfig, TorchBackend
 from dstlm.sparse.engine import MaskMismatchError, SparseEngine
 from dstlm.sparse.methods import RigL
-from test_sharded import ThreadRanks
+from dstlm.sparse.selectors import CollectiveSelector
+from test_selectors import ThreadRanks
 
 
 class Toy(nn.Module):
@@ -115,6 +116,24 @@ def test_masks_decided_on_shards_equal_the_whole_decision(method, kw, world, sha
     assert changed  # the masks did move
 
 
+def test_a_method_of_one_class_decides_alike_whole_on_shards_and_partitioned():
+    """A user's method (tests/helpers/custom_method.py: one registered class of 12 lines, no code about where
+    the entries live) gives the same masks after every update in one process, on 2 replicas deciding by owner
+    (DDP's default) and by entries, and on 2 ranks holding partitioned masks (ZeRO-3's default); the real
+    multi-process runs are in tests/test_dist.py."""
+    from helpers import custom_method  # noqa: F401  (registers test-saliency)
+
+    whole, _ = run("test-saliency", 1, 0, None)
+    assert len(whole) >= 3 and any(not torch.equal(whole[0][n], whole[-1][n]) for n in whole[0])
+    for kw in (dict(shard_by="owner"), dict(shard_by="entries"), dict(partition=True)):
+        got = ThreadRanks(2).run(lambda r, reduce, kw=kw: run("test-saliency", 2, r, reduce, **kw))
+        for rank, (masks, flags) in enumerate(got):
+            assert flags == [1.0] * len(whole), kw
+            for i, (a, b) in enumerate(zip(masks, whole)):
+                for name in b:
+                    assert torch.equal(a[name], b[name]), (kw, rank, i, name)
+
+
 @pytest.mark.parametrize("method,kw", CASES, ids=IDS)
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_partitioned_masks_equal_the_whole_decision(method, kw, world):
@@ -181,10 +200,12 @@ def test_reclaim_case_has_dead_units_to_act_on():
 
 
 class BrokenRigL(RigL):
-    def update_shard(self, layer, shard, n_swap, t, schedule, ties):
-        new = super().update_shard(layer, shard, n_swap, t, schedule, ties)
-        if shard.entries.n:
-            new[0] = ~new[0]  # one entry wrong on each rank
+    """RigL that gets one entry wrong on each rank when it decides on shards."""
+
+    def update(self, layer, shard, n_swap, t, schedule, ties):
+        new = super().update(layer, shard, n_swap, t, schedule, ties)
+        if isinstance(shard.select, CollectiveSelector) and new.numel():
+            new[0] = ~new[0]
         return new
 
 

@@ -10,6 +10,7 @@ from dstlm.sparse.config import SparsityConfig
 from dstlm.sparse.density import active_counts, erk_densities
 from dstlm.sparse.schedule import UpdateSchedule, gmp_sparsity
 from dstlm.sparse.selection import Ties
+from dstlm.sparse.selectors import LocalSelector
 
 
 def gen(seed=0):
@@ -18,6 +19,11 @@ def gen(seed=0):
 
 def ties(seed=0):
     return Ties(seed, "test")
+
+
+def whole(t: torch.Tensor) -> LocalSelector:
+    """The selector of a matrix held whole in this process."""
+    return LocalSelector(tuple(t.shape))
 
 
 def rand_layer(rows=16, cols=24, density=0.3, seed=0):
@@ -75,7 +81,7 @@ def test_rigl_grows_top_gradient_hand_example():
     w = torch.tensor([[0.5, 0.0, -0.1, 0.0], [0.0, 2.0, 0.0, 0.3]])
     mask = w != 0
     grad = torch.tensor([[0.0, 0.9, 0.0, 0.1], [0.7, 0.0, 0.2, 0.0]])
-    new = rules.rigl_update(w, mask, grad, 2, ties())
+    new = rules.drop_and_grow(whole(w), w, mask, grad, 2, ties())
     # dropped: the 2 smallest |W| active (-0.1 and 0.3); grown: the 2 largest |grad| inactive (0.9, 0.7)
     expected = torch.tensor([[True, True, False, False], [True, True, False, False]])
     assert torch.equal(new, expected)
@@ -85,23 +91,24 @@ def test_rigl_may_regrow_a_dropped_position():
     w = torch.tensor([[1.0, 0.01, 0.0, 0.0]])
     mask = w != 0
     grad = torch.tensor([[0.0, 5.0, 0.1, 0.2]])  # the dropped 0.01 entry has the largest gradient
-    new = rules.rigl_update(w, mask, grad, 1, ties())
+    new = rules.drop_and_grow(whole(w), w, mask, grad, 1, ties())
     assert torch.equal(new, mask)
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_rigl_set_keep_exact_budget(seed):
     w, mask, grad = rand_layer(seed=seed)
-    for new in (rules.rigl_update(w, mask, grad, 17, ties(seed)), rules.set_update(w, mask, 17, ties(seed))):
+    rigl = rules.drop_and_grow(whole(w), w, mask, grad, 17, ties(seed))
+    for new in (rigl, rules.drop_and_grow(whole(w), w, mask, None, 17, ties(seed))):
         assert int(new.sum()) == int(mask.sum())
         assert int((new & ~mask).sum()) <= 17
 
 
 def test_set_random_but_identical_for_identical_seeds():
     w, mask, _ = rand_layer()
-    a = rules.set_update(w, mask, 20, ties(5))
-    b = rules.set_update(w, mask, 20, ties(5))
-    c = rules.set_update(w, mask, 20, ties(6))
+    a = rules.drop_and_grow(whole(w), w, mask, None, 20, ties(5))
+    b = rules.drop_and_grow(whole(w), w, mask, None, 20, ties(5))
+    c = rules.drop_and_grow(whole(w), w, mask, None, 20, ties(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -110,26 +117,27 @@ def test_ties_broken_identically_by_seed():
     mask = torch.ones(8, 8, dtype=torch.bool)
     mask[:, :4] = False
     grad = torch.ones(8, 8)
-    assert torch.equal(rules.rigl_update(w, mask, grad, 10, ties(1)), rules.rigl_update(w, mask, grad, 10, ties(1)))
+    first = rules.drop_and_grow(whole(w), w, mask, grad, 10, ties(1))
+    assert torch.equal(first, rules.drop_and_grow(whole(w), w, mask, grad, 10, ties(1)))
 
 
 def test_gmp_prune_keeps_largest():
     w = torch.tensor([[3.0, -1.0, 0.5, 2.0]])
-    new = rules.gmp_prune(w, torch.ones(1, 4, dtype=torch.bool), 2, ties())
+    new = rules.gmp_prune(whole(w), w, torch.ones(1, 4, dtype=torch.bool), 2, ties())
     assert torch.equal(new, torch.tensor([[True, False, False, True]]))
 
 
 def test_nm_static_and_dynamic_group_invariant():
     g = gen(3)
     w = torch.randn(8, 16, generator=g)
-    m = rules.nm_mask(w, 2, 4, ties(3))
+    m = rules.nm_mask(whole(w), w, 2, 4, ties(3))
     assert (m.view(8, 4, 4).sum(-1) == 2).all()
     grad = torch.randn(8, 16, generator=g)
-    new = rules.nm_update(w * m, m, grad, 6, 2, 4, ties(4))
+    new = rules.nm_update(whole(w * m), w * m, m, grad, 6, 2, 4, ties(4))
     assert (new.view(8, 4, 4).sum(-1) == 2).all()
     assert not torch.equal(new, m)
     with pytest.raises(ValueError, match="in_features divisible by m=4"):
-        rules.nm_mask(torch.randn(2, 6), 2, 4, ties())
+        rules.nm_mask(whole(torch.randn(2, 6)), torch.randn(2, 6), 2, 4, ties())
 
 
 def test_srigl_constant_fan_in_and_ablation():
@@ -143,7 +151,7 @@ def test_srigl_constant_fan_in_and_ablation():
     grad[:8] = 0.0
     budget = k0 * rows
     # n_swap = 48: the top 144 magnitudes are exactly the 24 normal rows' weights
-    new, k = rules.srigl_update(w, mask, grad, 48, budget, 0.3, True, ties(1))
+    new, k = rules.srigl_update(whole(w), w, mask, grad, 48, budget, 0.3, True, ties(1))
     counts = new.sum(1)
     assert (counts[:8] == 0).all()  # ablated
     assert ((counts == 0) | (counts == k)).all()  # every surviving row has exactly k
@@ -157,7 +165,7 @@ def test_srigl_without_ablation_keeps_every_row():
     mask = rules.constant_fan_in_mask((16, 24), 5, ties(1))
     w = w * mask
     w[:3] = 0.0
-    new, k = rules.srigl_update(w, mask, grad * 0, 20, 80, 0.9, False, ties(2))
+    new, k = rules.srigl_update(whole(w), w, mask, grad * 0, 20, 80, 0.9, False, ties(2))
     assert k == 5 and (new.sum(1) == 5).all()
 
 

@@ -162,7 +162,7 @@ def test_hf_partitioned_build_reads_slices_and_decides_magnitude_masks_on_them(t
     without the `transformer.` prefix (the base model's names), which from_pretrained maps back."""
     from types import SimpleNamespace
 
-    from test_sharded import ThreadRanks
+    from test_selectors import ThreadRanks
     from transformers import AutoModelForCausalLM
 
     from dstlm.hf.model import load_hf_model

@@ -1,9 +1,46 @@
-"""Per-layer densities: uniform, ER and ERK (with the dense-layer re-solve), plus fixed overrides."""
+"""Per-layer densities and budgets: uniform, ER and ERK (with the dense-layer re-solve), plus fixed overrides;
+`plan_layers` turns a sparsity config into what the engine and the methods know of each sparse matrix."""
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Layer:
+    """What the engine knows of one sparse matrix; methods read it and may update budget and fan_in."""
+
+    name: str
+    shape: tuple[int, int]
+    density: float
+    """Target (final) density from the distribution and overrides."""
+    budget: int
+    """Active weights the layer holds between updates."""
+    protected: bool = False
+    """Never ablate whole rows (SRigL): the last sparse layer and `no_ablate` patterns."""
+    fan_in: Optional[int] = None
+    """Active inputs per active row, for constant fan-in methods."""
+    dead_rows: Optional[torch.Tensor] = None
+    """Set by the engine for one update when sparsity.reclaim_dead_units is on: bool [rows], the rows whose
+    unit no consumer reads (dstlm/sparse/connectivity.py). Their weights get no gradient: reclaim them."""
+
+
+def plan_layers(shapes: Mapping[str, tuple[int, int]], cfg: Any) -> dict[str, Layer]:
+    """Every sparse matrix's `Layer`, in the order of `shapes`, from a SparsityConfig (`cfg`): densities by the
+    distribution with the overrides fixed, integer budgets summing to the global target, and the matrices never
+    ablated (the last one, and `no_ablate` patterns)."""
+    fixed = {n: 1.0 - s for pat, s in cfg.overrides.items() for n in shapes if fnmatch.fnmatchcase(n, pat)}
+    density = 1.0 - cfg.sparsity
+    densities = erk_densities(shapes, density, cfg.erk_power, fixed, cfg.distribution)
+    budgets = active_counts(shapes, densities, density)
+    names = list(shapes)
+    protected = set(names[-1:]) | {n for n in names for pat in cfg.no_ablate if fnmatch.fnmatchcase(n, pat)}
+    return {n: Layer(n, tuple(shapes[n]), densities[n], budgets[n], n in protected) for n in names}
 
 
 def raw_score(shape: Sequence[int], power: float = 1.0) -> float:

@@ -6,7 +6,7 @@ state at given positions, and how to compare values across data-parallel ranks. 
 DDP (whose gradients are already all-reduced after backward); sharded strategies implement the same
 methods over their fragments.
 
-On more than one rank the engine decides masks on shards (dstlm/sparse/sharded.py): each rank takes the
+On more than one rank the engine decides masks on shards (dstlm/sparse/selectors.py): each rank takes the
 entries of a contiguous fragment of each parameter's flat index (`fragment`), reads its weights and reduced
 gradient there (`local_weight`, `local_grad`), and the new masks are joined by one byte all-reduce
 (`assemble`). ZeRO's fragments are the rank's own partitions; DDP's replicas split each parameter evenly, so
@@ -22,6 +22,11 @@ import torch.distributed as dist
 
 
 class SparseBackend(Protocol):
+    """What the engine needs of a distributed strategy (every member below; `TorchBackend` and
+    training/zero_backend.py's `ZeROBackend` implement them all)."""
+
+    rank: int
+    world_size: int
     def full_grad(self, param: torch.nn.Parameter) -> Optional[torch.Tensor]: ...
     def mask_grad_(self, param: torch.nn.Parameter, mask: torch.Tensor) -> None: ...
     def full_weight(self, param: torch.nn.Parameter) -> torch.Tensor: ...
@@ -30,11 +35,19 @@ class SparseBackend(Protocol):
     def all_equal(self, values: torch.Tensor) -> bool: ...
     def all_gather(self, values: torch.Tensor) -> list[torch.Tensor]: ...
     def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def assemble(self, numel: int, start: int, local: torch.Tensor) -> torch.Tensor: ...
     # decisions on shards (world > 1)
     shards: bool
+    """Masks may be decided on each rank's fragments."""
+    whole_fragments: bool
+    """Every fragment is a whole parameter or nothing: its owner decides it alone, then the masks are joined."""
+    capture_dense: bool
+    """Set by the training layer on steps whose dense gradient feeds a score (a backend masking gradients in a
+    hook lets them through)."""
+    def plan(self, params: list[torch.nn.Parameter]) -> None: ...
+    def remove_hooks(self) -> None: ...
     def fragment(self, param: torch.nn.Parameter) -> tuple[int, int]: ...
-    # optional: `plan(params)` (called once with every sparse parameter) and `whole_fragments` (every
-    # fragment is a whole parameter or nothing: the owner decides it with the one-process rules)
     def local_weight(self, param: torch.nn.Parameter) -> torch.Tensor: ...
     def local_grad(self, param: torch.nn.Parameter) -> Optional[torch.Tensor]: ...
     def violations(self, param: torch.nn.Parameter, mask: torch.Tensor) -> torch.Tensor: ...
@@ -237,6 +250,10 @@ class TorchBackend(Collectives):
     # decides it with the one-process rules and no collective inside, and the masks are joined;
     # shard_by="entries" splits every parameter evenly and decides with the sharded rules, as under ZeRO.
     shards = True
+    capture_dense = False  # gradients are masked after backward, never in a hook
+
+    def remove_hooks(self) -> None:
+        """No hooks to remove."""
 
     @property
     def whole_fragments(self) -> bool:

@@ -13,7 +13,6 @@ update steps, the update itself, invariants) is asked of the method object (dstl
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import time
 from typing import Optional
@@ -23,14 +22,17 @@ import torch.nn as nn
 
 from dstlm.sparse.config import SparsityConfig
 from dstlm.sparse.connectivity import MaskCounts, UnitLink, links_between, spread, unit_census
-from dstlm.sparse.density import active_counts, erk_densities
+from dstlm.sparse.density import Layer, plan_layers
 from dstlm.sparse.distributed import SparseBackend, TorchBackend, count_packed, pack_mask, unpack_bits
 from dstlm.sparse.fragments import Fragment, fragment_state, partial_counts, read_fragments
-from dstlm.sparse.masks import SparseParam, attach_mask, check_patterns_match, mask_checksum, select_params
-from dstlm.sparse.methods import DSTMethod, Layer
+from dstlm.sparse.masks import (SparseParam, attach_mask, check_patterns_match, flat_storage, mask_checksum, param_name,
+                                release_whole_mask, select_params)
+from dstlm.sparse.methods import DSTMethod, Shard
+from dstlm.sparse.radix import Entries
 from dstlm.sparse.schedule import UpdateSchedule
+from dstlm.sparse.scores import Scores
 from dstlm.sparse.selection import Ties, count, reference_selection
-from dstlm.sparse.sharded import Shard
+from dstlm.sparse.selectors import CollectiveSelector, LocalSelector
 
 
 class MaskMismatchError(ValueError):
@@ -73,14 +75,8 @@ class SparseEngine:
         self._by_name = {sp.name: sp for sp in self.params}
         t_end = cfg.resolve_t_end(max_steps)
         self.schedule = UpdateSchedule(cfg.delta_t, cfg.t_start, t_end, cfg.drop_fraction, cfg.drop_schedule)
-        fixed = {n: 1.0 - s for pat, s in cfg.overrides.items() for n in shapes if fnmatch.fnmatchcase(n, pat)}
         self.final_density = 1.0 - cfg.sparsity
-        densities = erk_densities(shapes, self.final_density, cfg.erk_power, fixed, cfg.distribution)
-        budgets = active_counts(shapes, densities, self.final_density)
-        protected = {self.params[-1].name} | {
-            sp.name for sp in self.params for pat in cfg.no_ablate if fnmatch.fnmatchcase(sp.name, pat)}
-        self.layers: dict[str, Layer] = {n: Layer(n, shapes[n], densities[n], budgets[n], n in protected)
-                                         for n in shapes}
+        self.layers: dict[str, Layer] = plan_layers(shapes, cfg)
         # producer rows / consumer columns the model pairs (`unit_links()`: matrix names), for the census
         pairs = model.unit_links() if hasattr(model, "unit_links") else []
         self.links: list[UnitLink] = links_between(pairs, shapes)
@@ -88,15 +84,12 @@ class SparseEngine:
         # step and the layer (dstlm/sparse/selection.py): nothing to carry in checkpoints, same on every rank
         self.tie_seed = int(cfg.seed if cfg.seed is not None else seed)
         self.ever_active: dict[str, torch.Tensor] = {}  # per matrix, bit-packed (1/8 byte per sparse weight)
-        self._scores: dict[str, torch.Tensor] = {}  # whole decisions: per matrix, [out, in]
-        self._shard_scores: dict[str, torch.Tensor] = {}  # sharded decisions: the rank's fragment per parameter
-        self._scores_in_fragments = False  # a restored checkpoint's pending scores are in its fragment files
+        self.scores = Scores()
         self._backend: Optional[SparseBackend] = None
         self._planned: Optional[SparseBackend] = None
         self.check_reference = False
         """Tests and debugging: with sharded decisions, also decide every mask whole from gathered weights and
         scores with the sort-based reference selection, and stop if any differs (costs the gathers)."""
-        self._score_steps = 0
         self.last_stats: dict[str, float] = {}
         self.n_updates = 0
         self.fragments: Optional[dict[str, Fragment]] = None
@@ -130,8 +123,6 @@ class SparseEngine:
         # a partitioned build (trainer.zero_init) with partitioned masks keeps only this rank's fragment of each
         # mask from the start: decided whole one parameter at a time (as the whole build does), then cut
         cut = self._partitioned is not None and bool(self.cfg.partition_masks)
-        if cut:
-            self._check_shardable()
         fragments: dict[str, Fragment] = {}
         counts: dict[str, MaskCounts] = {}
         for group in self.groups:
@@ -165,17 +156,17 @@ class SparseEngine:
         mask: no collective), then free the whole mask."""
         found = self._partitioned.local_values(group[0].weight)
         if found is None:
-            raise RuntimeError(f"{_param_name(group)} is not a placeholder of the partitioned build "
+            raise RuntimeError(f"{param_name(group)} is not a placeholder of the partitioned build "
                                f"(trainer.zero_init)")
         start, values = found
         full = group[0].full_mask
         for sp in group:
             counts[sp.name] = MaskCounts.of(sp.mask)
         part = full.reshape(-1)[start:start + values.numel()].clone()
-        fragments[_param_name(group)] = Fragment(start, part, pack_mask(part), tuple(full.shape))
+        fragments[param_name(group)] = Fragment(start, part, pack_mask(part), tuple(full.shape))
         for sp in group:
             self.ever_active.pop(sp.name, None)
-        _release_whole_mask(group, full.device)
+        release_whole_mask(group, full.device)
 
     def _init_mask(self, sp: SparseParam, device: torch.device) -> tuple[torch.Tensor, bool]:
         """The first [out, in] mask of one sparse matrix, and whether it came with the model (kept)."""
@@ -207,7 +198,8 @@ class SparseEngine:
         self.wanda_unseen += int(self.mask_init == "wanda" and norms is None)
         if norms is not None:
             score = score * norms.to(score.device, torch.float32)[None, :]
-        return self.method.init_mask_scored(layer, score, ties, per_row=norms is not None), False
+        return self.method.init_mask_scored(layer, score, LocalSelector(layer.shape, score.device), ties,
+                                            per_row=norms is not None), False
 
     def _matrix_run(self, sp: SparseParam, start: int, length: int) -> tuple[int, int, int]:
         """(base, a, b): matrix `sp` occupies base..base+rows*cols of its parameter's flat index (a batched
@@ -228,7 +220,8 @@ class SparseEngine:
         base, a, b = self._matrix_run(sp, start, values.numel())
         index = sp.storage_index(torch.arange(a - base, b - base, device=device))
         score = values[a - start:b - start].detach().abs().float().to(device)
-        local = self.method.init_mask_scored_shard(layer, score, index, ties, self._partitioned.all_reduce)
+        select = CollectiveSelector(Entries.of(index, layer.shape[1]), layer.shape, self._partitioned.all_reduce)
+        local = self.method.init_mask_scored(layer, score, select, ties, per_row=False)
         whole = torch.zeros(numel, dtype=torch.uint8, device=device)
         whole[index] = local.to(torch.uint8)
         return self._partitioned.all_reduce(whole).bool().reshape(layer.shape)
@@ -245,56 +238,41 @@ class SparseEngine:
         (dstlm/sparse/fragments.py) to restore them from, at any world size; else the whole masks held now
         (the first masks) are cut, unless the partitioned build cut them already (trainer.zero_init: then the
         cuts are checked against the backend's). Every rank calls it, before the first step."""
-        self._check_shardable()
         self._backend = backend
-        runs = {_param_name(g): backend.fragment(g[0].weight) for g in self.groups}
+        runs = {param_name(g): backend.fragment(g[0].weight) for g in self.groups}
         if self.partitioned and files is None:  # cut at build (trainer.zero_init), or a second fit of the module
             self._adopt_fragments(runs)
             return
-        saved = read_fragments(files, runs, scores=self._scores_in_fragments) if files is not None else None
+        saved = read_fragments(files, runs, scores=self.scores.in_files) if files is not None else None
         fragments = {}
         for group in self.groups:
-            key, full = _param_name(group), group[0].full_mask
+            key, full = param_name(group), group[0].full_mask
             start, n = runs[key]
             shape = self.fragments[key].shape if self.partitioned else tuple(full.shape)
             if saved is not None:
                 mask, ever, score = saved[key]
                 mask, ever = mask.to(full.device), pack_mask(ever.to(full.device))
                 if score is not None:
-                    self._restore_score(group, score.to(full.device), shape, backend.world_size)
+                    self.scores.restore_fragment(group, score.to(full.device), shape, backend.world_size)
             else:
                 mask = full.reshape(-1)[start:start + n].clone()
                 shapes = [self.layers[sp.name].shape for sp in group]
-                ever = _flat_storage(group, [unpack_bits(self.ever_active[sp.name], math.prod(shape)).reshape(shape)
+                ever = flat_storage(group, [unpack_bits(self.ever_active[sp.name], math.prod(shape)).reshape(shape)
                                              for sp, shape in zip(group, shapes)])
                 ever = pack_mask(ever[start:start + n].to(full.device))
             fragments[key] = Fragment(start, mask, ever, shape)
-            _release_whole_mask(group, full.device)
+            release_whole_mask(group, full.device)
         self.fragments = fragments
         self.ever_active = {}
-        self._scores_in_fragments = False
+        self.scores.in_files = False
         self._counts = None
         self.counts()  # on every rank now (a collective), so that later reads on one rank find them cached
-
-    def _restore_score(self, group: list[SparseParam], score: torch.Tensor, shape: tuple[int, ...],
-                       world: int) -> None:
-        """A pending score read back from the fragment files: the rank's fragment (sharded decisions), or on one
-        rank, whose fragment is the whole parameter, per matrix as the one-process rules read it."""
-        if world > 1:
-            self._shard_scores[_param_name(group)] = score
-            return
-        self._scores.update(_per_matrix(group, score, shape))
-
-    def _check_shardable(self) -> None:
-        if not self.method.shardable:
-            raise ValueError(f"sparsity.partition_masks=true needs a rule that decides on shards; "
-                             f"sparsity.method={self.cfg.method!r} has none; drop partition_masks")
 
     def _adopt_fragments(self, runs: dict[str, tuple[int, int]]) -> None:
         """Fragments cut before the backend existed: they must be the runs the backend gives (the rank's ZeRO-3
         partitions), and move to where the module's (placeholder) masks now live (the training device)."""
         for group in self.groups:
-            key = _param_name(group)
+            key = param_name(group)
             f = self.fragments[key]
             if (f.start, f.length) != tuple(runs[key]):
                 raise RuntimeError(f"{key}: the mask fragment cut at build covers ({f.start}, {f.length}) but this "
@@ -325,7 +303,7 @@ class SparseEngine:
         if self._counts is None:
             parts = []
             for group in self.groups:
-                f = self.fragments[_param_name(group)]
+                f = self.fragments[param_name(group)]
                 for sp in group:
                     rows, cols = self.layers[sp.name].shape
                     base, a, b = self._matrix_run(sp, f.start, f.length)
@@ -346,7 +324,7 @@ class SparseEngine:
             return {sp.name: sp.mask for sp in self.params}
         out = {}
         for group in self.groups:
-            f = self.fragments[_param_name(group)]
+            f = self.fragments[param_name(group)]
             whole = self._backend.assemble(f.numel, f.start, f.mask).reshape(f.shape)
             out.update({sp.name: sp.view(whole) for sp in group})
         return out
@@ -354,11 +332,12 @@ class SparseEngine:
     def _local_mask(self, group: list[SparseParam]) -> torch.Tensor:
         """The mask the backend masks gradients, weights and state with: this rank's fragment when
         partitioned, else the whole parameter's."""
-        return self.fragments[_param_name(group)].mask if self.partitioned else group[0].full_mask
+        return self.fragments[param_name(group)].mask if self.partitioned else group[0].full_mask
 
     def fragment_state(self) -> dict:
         """This rank's fragments, bit-packed with their ranges (what it saves in a checkpoint)."""
-        return fragment_state(self.fragments or {}, self._backend.rank, self._backend.world_size, self._shard_scores)
+        return fragment_state(self.fragments or {}, self._backend.rank, self._backend.world_size,
+                              self.scores.fragments)
 
     # -- per step -------------------------------------------------------------------------------------
     def is_update_step(self, t: int) -> bool:
@@ -371,14 +350,14 @@ class SparseEngine:
         return any(self.is_update_step(t + j) for j in range(self.cfg.grad_accumulation))
 
     def sharded(self, backend: SparseBackend) -> bool:
-        """Whether masks are decided on shards (dstlm/sparse/sharded.py): on more than one rank, for methods
-        that have a sharded rule, with a backend that exposes fragments; else every rank decides whole.
-        Partitioned masks always take the sharded rules (on one rank too: they read the fragment a block at a
-        time, where the one-process rules make several whole-matrix temporaries)."""
+        """Whether masks are decided on shards (a `CollectiveSelector` per matrix): on more than one rank, with a
+        backend that exposes fragments; else every rank decides whole. Partitioned masks are always decided on
+        their fragments (on one rank too: the fragment is read a block at a time, where deciding the whole
+        matrix makes several whole-matrix temporaries)."""
         if self.partitioned:
-            return backend.world_size > 1 or self.method.shardable
-        sharded = backend.world_size > 1 and self.method.shardable and getattr(backend, "shards", False)
-        if sharded and hasattr(backend, "plan") and self._planned is not backend:
+            return True
+        sharded = backend.world_size > 1 and backend.shards
+        if sharded and self._planned is not backend:
             backend.plan([group[0].weight for group in self.groups])  # who owns which parameter
             self._planned = backend
         return sharded
@@ -388,29 +367,7 @@ class SparseEngine:
         """Called with the accumulated gradients of the step that will become optimizer step t."""
         self._backend = backend
         if self.needs_scores(t):
-            if self.sharded(backend):
-                self._localize_scores(backend)
-                for group in self.groups:  # the rank's fragment of the reduced gradient, nothing gathered
-                    g = backend.local_grad(group[0].weight)
-                    if g is None:
-                        continue
-                    key = _param_name(group)
-                    if key in self._shard_scores:
-                        self._shard_scores[key].add_(g.abs())
-                    else:
-                        self._shard_scores[key] = g.abs().float()
-            else:
-                for group in self.groups:
-                    full = backend.full_grad(group[0].weight)  # one (collective) read per parameter
-                    if full is None:
-                        continue
-                    for sp in group:
-                        g = sp.view(full).detach().reshape(self.layers[sp.name].shape).contiguous()
-                        if sp.name in self._scores:  # accumulated in place, in fp32, where the gradient lives
-                            self._scores[sp.name].add_(g.abs())
-                        else:
-                            self._scores[sp.name] = g.abs().float()
-            self._score_steps += 1
+            self.scores.capture(self.groups, backend, self.sharded(backend), lambda name: self.layers[name].shape)
         for group in self.groups:
             backend.mask_grad_(group[0].weight, self._local_mask(group))
 
@@ -435,8 +392,8 @@ class SparseEngine:
         reclaimed_rows = sum(count(d & (before[name].rows > 0)) for name, d in dead.items())
         sharded = self.sharded(backend)
         if sharded:
-            self._localize_scores(backend)
-        by_owner = sharded and not partitioned and getattr(backend, "whole_fragments", False)
+            self.scores.localize(self.groups, backend)
+        by_owner = sharded and not partitioned and backend.whole_fragments
         owned = None
         if by_owner:
             # every owner decides all its parameters first (no collective), then the masks are joined: joining
@@ -445,7 +402,7 @@ class SparseEngine:
         kept = {}  # per matrix: entries active before and after the update (this rank's part when partitioned)
         for gi, group in enumerate(self.groups):
             if partitioned:
-                f = self.fragments[_param_name(group)]
+                f = self.fragments[param_name(group)]
                 reference = self._reference(group, backend, t, drop_fraction, dead, backend.assemble(
                     f.numel, f.start, f.mask).reshape(f.shape)) if sharded and self.check_reference else None
                 new = self._decide_shards(group, backend, t, drop_fraction, dead, before) if sharded else \
@@ -473,9 +430,7 @@ class SparseEngine:
             del new, keep  # freed before the next parameter is decided: one new mask alive at a time
         if by_owner:
             self._share_fan_ins(backend)
-        self._scores.clear()
-        self._shard_scores.clear()
-        self._score_steps = 0
+        self.scores.clear()
         self.n_updates += 1
         self._counts = None
         after = self.counts()
@@ -526,14 +481,14 @@ class SparseEngine:
     def _check_reference(group: list[SparseParam], t: int, reference: torch.Tensor, new: torch.Tensor) -> None:
         reference = reference.reshape(new.shape)
         if not torch.equal(reference, new):
-            raise MaskMismatchError(f"{_param_name(group)}: the sharded decision at step {t} differs from the "
+            raise MaskMismatchError(f"{param_name(group)}: the sharded decision at step {t} differs from the "
                                     f"whole-tensor reference in {count(reference != new)} entries")
 
     def _decide_whole(self, group: list[SparseParam], backend: SparseBackend, t: int, drop_fraction: float,
                       dead: dict[str, torch.Tensor], old_full: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The group's new masks from its whole weight (one collective read where it is sharded)."""
         full = backend.full_weight(group[0].weight).detach()
-        return self._decide_matrices(group, full, lambda sp: self._scores.get(sp.name), t, drop_fraction, dead,
+        return self._decide_matrices(group, full, lambda sp: self.scores.whole.get(sp.name), t, drop_fraction, dead,
                                      old_full)
 
     def _decide_matrices(self, group: list[SparseParam], full: torch.Tensor, score_of, t: int,
@@ -550,7 +505,8 @@ class SparseEngine:
                 score = score.to(w.device).reshape(layer.shape).contiguous()
             n_swap = int(round(drop_fraction * count(old)))
             layer.dead_rows = dead.get(sp.name)  # the rows to reclaim at this update (None: none)
-            new = self.method.update_layer(layer, w, old.to(w.device).contiguous(), score, n_swap, t, self.schedule,
+            shard = Shard(w, old.to(w.device).contiguous(), score, LocalSelector(layer.shape, w.device))
+            new = self.method.update_layer(layer, shard, n_swap, t, self.schedule,
                                            Ties(self.tie_seed, "update", t, sp.name))
             news.append(sp.to_storage(new.to(old.device)))
             layer.dead_rows = None
@@ -562,7 +518,7 @@ class SparseEngine:
         """With whole-parameter fragments (replicas): the owner's new masks of the group, flat, decided with the
         one-process rules and no collective; an empty tensor on the other ranks."""
         param, full_mask = group[0].weight, group[0].full_mask
-        score = self._shard_scores.get(_param_name(group)) if self.method.uses_dense_grad else None
+        score = self.scores.fragment(group) if self.method.uses_dense_grad else None
         if self.method.uses_dense_grad and score is None:
             self._need(None, group[0])  # on every rank alike (no rank may wait in a join the others skip)
         if backend.fragment(param)[1] != full_mask.numel():
@@ -580,15 +536,15 @@ class SparseEngine:
         param = group[0].weight
         f_start, f_len = backend.fragment(param)
         if self.partitioned:
-            f = self.fragments[_param_name(group)]
+            f = self.fragments[param_name(group)]
             if (f.start, f.length) != (f_start, f_len):
-                raise RuntimeError(f"{_param_name(group)}: this rank's mask fragment covers {f.start}+{f.length} "
+                raise RuntimeError(f"{param_name(group)}: this rank's mask fragment covers {f.start}+{f.length} "
                                    f"but its weight partition {f_start}+{f_len}")
             old = f.mask
         else:
             old = group[0].full_mask.reshape(-1)[f_start:f_start + f_len]
         weight = backend.local_weight(param).detach().reshape(-1)
-        score = self._shard_scores.get(_param_name(group)) if self.method.uses_dense_grad else None
+        score = self.scores.fragment(group) if self.method.uses_dense_grad else None
         if self.method.uses_dense_grad and score is None:
             self._need(None, group[0])
         new_local = None  # a parameter with one matrix takes the rule's new mask itself (no second buffer)
@@ -596,13 +552,13 @@ class SparseEngine:
             layer = self.layers[sp.name]
             base, a, b = self._matrix_run(sp, f_start, f_len)
             lo, hi = a - f_start, b - f_start
+            select = CollectiveSelector(sp.entries(a - base, b - a, old.device), layer.shape, backend.all_reduce_sum_)
             shard = Shard(weight[lo:hi].to(old.device), old[lo:hi],
-                          None if score is None else score[lo:hi].to(old.device),
-                          sp.entries(a - base, b - a, old.device), backend.all_reduce_sum_)
+                          None if score is None else score[lo:hi].to(old.device), select)
             layer.dead_rows = dead.get(sp.name)
             n_swap = int(round(drop_fraction * before[sp.name].active))
-            decided = self.method.update_layer_shard(layer, shard, n_swap, t, self.schedule,
-                                                     Ties(self.tie_seed, "update", t, sp.name)).reshape(-1)
+            decided = self.method.update_layer(layer, shard, n_swap, t, self.schedule,
+                                               Ties(self.tie_seed, "update", t, sp.name)).reshape(-1)
             layer.dead_rows = None
             if (lo, hi) == (0, f_len) and new_local is None:
                 new_local = decided
@@ -632,44 +588,21 @@ class SparseEngine:
                    dead: dict[str, torch.Tensor], old_full: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The whole-tensor decision with the sort-based reference selection, from gathered weights and
         scores (for check_reference)."""
-        saved = dict(self._scores)
+        saved = dict(self.scores.whole)
         fan_in = {sp.name: self.layers[sp.name].fan_in for sp in group}
         try:
-            self._scores = self._whole_scores(backend, [group])
+            self.scores.whole = self.scores.joined([group], backend, self._param_size)
             with reference_selection():
                 return self._decide_whole(group, backend, t, drop_fraction, dead, old_full)
         finally:
-            self._scores = saved
+            self.scores.whole = saved
             for sp in group:  # the sharded rule sets it again
                 self.layers[sp.name].fan_in = fan_in[sp.name]
-
-    def _localize_scores(self, backend: SparseBackend) -> None:
-        """Scores restored from a checkpoint (whole, per matrix) become this rank's fragments."""
-        if not self._scores:
-            return
-        for group in self.groups:
-            if group[0].name not in self._scores:
-                continue
-            whole = _flat_storage(group, [self._scores.pop(sp.name) for sp in group])
-            f_start, f_len = backend.fragment(group[0].weight)
-            self._shard_scores[_param_name(group)] = whole[f_start:f_start + f_len].clone()
-
-    def _whole_scores(self, backend: SparseBackend, groups: Optional[list] = None) -> dict[str, torch.Tensor]:
-        """Sharded scores joined whole, per matrix (collective; for checkpoints taken inside a score window)."""
-        out = {}
-        for group in self.groups if groups is None else groups:
-            local = self._shard_scores.get(_param_name(group))
-            if local is None:
-                continue
-            f_start, _ = backend.fragment(group[0].weight)
-            numel, shape = self._param_size(group)
-            out.update(_per_matrix(group, backend.assemble(numel, f_start, local), shape))
-        return out
 
     def _param_size(self, group: list[SparseParam]) -> tuple[int, tuple[int, ...]]:
         """The group's parameter's number of entries and (storage) shape, whole masks or partitioned."""
         if self.partitioned:
-            f = self.fragments[_param_name(group)]
+            f = self.fragments[param_name(group)]
             return f.numel, f.shape
         return group[0].full_mask.numel(), tuple(group[0].full_mask.shape)
 
@@ -718,7 +651,7 @@ class SparseEngine:
             counts = backend.all_reduce_sum_(counts.to(self._device)).cpu()
         what = ("non-zero weights", "non-zero module weights", "non-zero optimizer state")
         for group, row in zip(self.groups, counts.tolist()):
-            problems += [f"{_param_name(group)}: {what[i]} at pruned entries ({n})" for i, n in enumerate(row) if n]
+            problems += [f"{param_name(group)}: {what[i]} at pruned entries ({n})" for i, n in enumerate(row) if n]
         masks = self.counts()
         for sp in self.params:
             problems += self.method.check_invariants(self.layers[sp.name], masks[sp.name])
@@ -769,12 +702,12 @@ class SparseEngine:
     def state_dict(self) -> dict:
         """Called on every rank. Inside a score window sharded scores are pending: with partitioned masks each rank
         saves its own in its fragment file (`fragment_state`); else they are joined whole here (a collective)."""
-        scores = dict(self._scores)
-        if self._shard_scores and not self.partitioned:
-            scores.update(self._whole_scores(self._backend))
+        scores = dict(self.scores.whole)
+        if self.scores.fragments and not self.partitioned:
+            scores.update(self.scores.joined(self.groups, self._backend, self._param_size))
         return {"tie_seed": self.tie_seed, "ever_active": dict(self.ever_active),
-                "scores": scores, "scores_in_fragments": self.partitioned and bool(self._shard_scores),
-                "score_steps": self._score_steps, "n_updates": self.n_updates,
+                "scores": scores, "scores_in_fragments": self.partitioned and bool(self.scores.fragments),
+                "score_steps": self.scores.steps, "n_updates": self.n_updates,
                 "fan_in": dict(self.fan_in), "method": self.cfg.method, "sparsity": self.cfg.sparsity,
                 "last_stats": dict(self.last_stats), "partitioned": bool(self.cfg.partition_masks)}
 
@@ -797,10 +730,10 @@ class SparseEngine:
         # bit-packed since 2026-12-01 (2ae1b62); a checkpoint from before holds bool masks
         self.ever_active = {k: (pack_mask(v) if v.dtype == torch.bool else v).to(device.get(k, v.device), copy=True)
                             for k, v in state["ever_active"].items()}
-        self._scores = {k: v.to(device.get(k, v.device), copy=True) for k, v in state["scores"].items()}
-        self._shard_scores = {}
-        self._scores_in_fragments = bool(state.get("scores_in_fragments"))  # read by `partition` from the files
-        self._score_steps = state["score_steps"]
+        self.scores = Scores()
+        self.scores.whole = {k: v.to(device.get(k, v.device), copy=True) for k, v in state["scores"].items()}
+        self.scores.in_files = bool(state.get("scores_in_fragments"))  # read by `partition` from the files
+        self.scores.steps = state["score_steps"]
         self.n_updates = state["n_updates"]
         for name, k in state["fan_in"].items():
             self.layers[name].fan_in = k
@@ -818,30 +751,6 @@ def sparse_params_of(model: nn.Module, cfg: SparsityConfig) -> list[SparseParam]
     include = include_of(model, cfg)
     choose = getattr(model, "sparse_params", None)
     return choose(include, cfg.exclude) if choose is not None else select_params(model, include, cfg.exclude)
-
-
-def _flat_storage(group: list[SparseParam], matrices: list[torch.Tensor]) -> torch.Tensor:
-    """The group's per-matrix [out, in] tensors laid out as its parameter's flat storage (matrices in index order)."""
-    return torch.cat([sp.to_storage(m).reshape(-1) for sp, m in zip(group, matrices)])
-
-
-def _per_matrix(group: list[SparseParam], flat: torch.Tensor, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """The inverse of `_flat_storage`: a parameter's flat storage-order tensor as each matrix's own [out, in] copy."""
-    whole = flat.reshape(shape)
-    return {sp.name: sp.view(whole).clone(memory_format=torch.contiguous_format) for sp in group}
-
-
-def _release_whole_mask(group: list[SparseParam], device: torch.device) -> None:
-    """Free the group's whole mask buffer once its fragment is kept: an empty placeholder keeps the buffer's name,
-    never saved (also a mask that came with the model: the fragments are saved instead)."""
-    module, name = group[0].module, f"{group[0].attr}_mask"
-    module._buffers[name] = torch.zeros(0, dtype=torch.bool, device=device)
-    module._non_persistent_buffers_set.add(name)
-
-
-def _param_name(group: list[SparseParam]) -> str:
-    """The parameter's name (a batched parameter's matrices are named <parameter>.<index>)."""
-    return group[0].name.rsplit(".", 1)[0] if group[0].index is not None else group[0].name
 
 
 __all__ = ["MaskMismatchError", "SparseEngine", "TorchBackend", "include_of", "sparse_params_of"]

@@ -151,3 +151,39 @@ def mask_checksum(masks: Iterable[torch.Tensor]) -> torch.Tensor:
         h = (((idx + 1) * 2654435761) % 2147483647).sum() if idx.numel() else torch.zeros((), dtype=torch.int64)
         rows.append(torch.stack([idx.new_tensor(idx.numel()), h.to(torch.int64)]))
     return torch.stack(rows).cpu() if rows else torch.zeros(0, 2, dtype=torch.int64)
+
+
+# -- a parameter's matrices (a group: one SparseParam, or a batched parameter's several, in index order) ------
+
+
+def flat_storage(group: list[SparseParam], matrices: list[torch.Tensor]) -> torch.Tensor:
+    """The group's per-matrix [out, in] tensors laid out as its parameter's flat storage (matrices in index order)."""
+    return torch.cat([sp.to_storage(m).reshape(-1) for sp, m in zip(group, matrices)])
+
+
+def per_matrix(group: list[SparseParam], flat: torch.Tensor, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The inverse of `flat_storage`: a parameter's flat storage-order tensor as each matrix's own [out, in] copy."""
+    whole = flat.reshape(shape)
+    return {sp.name: sp.view(whole).clone(memory_format=torch.contiguous_format) for sp in group}
+
+
+def release_whole_mask(group: list[SparseParam], device: torch.device) -> None:
+    """Free the group's whole mask buffer once its fragment is kept: an empty placeholder keeps the buffer's name,
+    never saved (also a mask that came with the model: the fragments are saved instead)."""
+    module, name = group[0].module, f"{group[0].attr}_mask"
+    module._buffers[name] = torch.zeros(0, dtype=torch.bool, device=device)
+    module._non_persistent_buffers_set.add(name)
+
+
+def param_name(group: list[SparseParam]) -> str:
+    """The parameter's name (a batched parameter's matrices are named <parameter>.<index>)."""
+    return group[0].name.rsplit(".", 1)[0] if group[0].index is not None else group[0].name
+
+
+def matrix_run(sp: SparseParam, shape: tuple[int, int], start: int, length: int) -> tuple[int, int, int]:
+    """(base, a, b): matrix `sp` ([out, in] `shape`) occupies base .. base + out * in of its parameter's flat
+    index (a batched parameter holds several), and a .. b is its part inside the flat range start .. start + length."""
+    numel = shape[0] * shape[1]
+    base = 0 if sp.index is None else sp.index * numel
+    a = min(max(start, base), base + numel)
+    return base, a, max(a, min(start + length, base + numel))

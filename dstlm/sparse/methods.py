@@ -24,11 +24,12 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from dstlm.sparse import rules, selection, sharded
+from dstlm.sparse import rules
 from dstlm.sparse.connectivity import MaskCounts
-from dstlm.sparse.selection import Ties, count
-from dstlm.sparse.sharded import Shard
+from dstlm.sparse.density import Layer
 from dstlm.sparse.schedule import UpdateSchedule, gmp_sparsity
+from dstlm.sparse.selection import Ties, count, row_counts
+from dstlm.sparse.selectors import LocalSelector, Selector
 
 # `cfg` below is a dstlm.sparse.config.SparsityConfig; config imports this registry, so this module does not
 # import config (not even for annotations): the dependency runs one way
@@ -36,22 +37,17 @@ SparsityConfig = Any
 
 
 @dataclass
-class Layer:
-    """What the engine knows of one sparse matrix; methods read it and may update budget and fan_in."""
+class Shard:
+    """What a rule sees of one sparse [out, in] matrix: this process's entries of it (the whole matrix, or a
+    rank's fragment: 1-D) and the selector that chooses among all of them (dstlm/sparse/selectors.py)."""
 
-    name: str
-    shape: tuple[int, int]
-    density: float
-    """Target (final) density from the distribution and overrides."""
-    budget: int
-    """Active weights the layer holds between updates."""
-    protected: bool = False
-    """Never ablate whole rows (SRigL): the last sparse layer and `no_ablate` patterns."""
-    fan_in: Optional[int] = None
-    """Active inputs per active row, for constant fan-in methods."""
-    dead_rows: Optional[torch.Tensor] = None
-    """Set by the engine for one update when sparsity.reclaim_dead_units is on: bool [rows], the rows whose
-    unit no consumer reads (dstlm/sparse/connectivity.py). Their weights get no gradient: reclaim them."""
+    weight: torch.Tensor
+    """Weight values (fp32 master where one exists)."""
+    mask: torch.Tensor
+    """bool: the current mask at these entries."""
+    score: Optional[torch.Tensor]
+    """|dense gradient| accumulated over the score window (None for methods that read no gradient)."""
+    select: Selector
 
 
 class DSTMethod:
@@ -99,73 +95,42 @@ class DSTMethod:
         """A mask that came with the model (kept, not re-pruned) fixes the layer's budget as it is."""
         layer.budget = count(mask)
 
-    def init_mask_scored(self, layer: Layer, score: torch.Tensor, ties: Ties, per_row: bool) -> torch.Tensor:
-        """The first mask of a pretrained weight from an importance score >= 0 ([out, in]; |W| for magnitude,
-        |W| * ||X_j|| for Wanda): the layer's budget of highest scores, per layer, or, with `per_row`, the same
-        share in every output row (Wanda's comparison group). Methods with a row structure override it."""
+    def init_mask_scored(self, layer: Layer, score: torch.Tensor, select: Selector, ties: Ties,
+                         per_row: bool) -> torch.Tensor:
+        """The first mask of a pretrained weight from an importance score >= 0 (this process's entries of it;
+        |W| for magnitude, |W| * ||X_j|| for Wanda): the layer's budget of highest scores, per layer, or, with
+        `per_row`, the same share in every output row (Wanda's comparison group). Methods with a row structure
+        override it."""
         rows, cols = layer.shape
         if per_row:
             k = max(1, min(cols, int(round(layer.budget / rows))))
             layer.budget = rows * k
-            return selection.row_top_k(score, k, ties.sub("init-scored"))
-        return selection.top_k(score, layer.budget, ties.sub("init-scored"))
-
-    def init_mask_scored_shard(self, layer: Layer, score: torch.Tensor, index: torch.Tensor, ties: Ties,
-                               all_reduce: sharded.AllReduce) -> torch.Tensor:
-        """`init_mask_scored` (per layer, not per row) when the layer is split across ranks: bool per local entry
-        (`score` >= 0 at the entries whose flat [out, in] indices are `index`); over the ranks the union is the
-        whole-layer mask, decided with the same order and ties."""
-        return sharded.sharded_top_k(score, index, layer.budget, ties.sub("init-scored"), all_reduce,
-                                     total=math.prod(layer.shape), nonnegative=True)
+            return select.row_top(score, k, ties.sub("init-scored"))
+        return select.top(score, layer.budget, ties.sub("init-scored"), total=select.numel)
 
     def is_update_step(self, t: int, schedule: UpdateSchedule) -> bool:
         return self.dynamic and schedule.is_update_step(t)
 
-    def update(self, layer: Layer, weight: torch.Tensor, mask: torch.Tensor, score: Optional[torch.Tensor],
-               n_swap: int, t: int, schedule: UpdateSchedule, ties: Ties) -> torch.Tensor:
-        """The new bool mask ([out, in], like `mask`). `n_swap`: entries to drop (and regrow) at this step."""
+    def update(self, layer: Layer, shard: Shard, n_swap: int, t: int, schedule: UpdateSchedule,
+               ties: Ties) -> torch.Tensor:
+        """The new bool mask at the shard's entries (like `shard.mask`), decided with `shard.select`: the same
+        mask wherever the entries live. `n_swap`: entries to drop (and regrow) at this step."""
         raise NotImplementedError(f"{self.name} does not update masks")
 
-    def update_layer(self, layer: Layer, weight: torch.Tensor, mask: torch.Tensor, score: Optional[torch.Tensor],
-                     n_swap: int, t: int, schedule: UpdateSchedule, ties: Ties) -> torch.Tensor:
+    def update_layer(self, layer: Layer, shard: Shard, n_swap: int, t: int, schedule: UpdateSchedule,
+                     ties: Ties) -> torch.Tensor:
         """What the engine calls: `update`, and, when the engine marked `layer.dead_rows`, the dead rows' active
         weights dropped first and the same number regrown outside them (by |score| when the method reads
         the dense gradient, else at random). Methods that reclaim in their own way override this."""
         dead = layer.dead_rows
         if dead is None or count(dead) == 0:
-            return self.update(layer, weight, mask, score, n_swap, t, schedule, ties)
-        live = mask & ~dead[:, None]
-        new = self.update(layer, weight, live, score, n_swap, t, schedule, ties)
-        new = new & ~dead[:, None]  # what the rule itself grew in dead rows moves too
-        reclaimed = count(mask) - count(new)
-        rank = score.abs().float() if score is not None else torch.zeros(mask.shape, device=mask.device)
-        rank = torch.where(dead[:, None], torch.full_like(rank, -1.0), rank)  # dead rows only if nothing else is left
-        return rules.grow_top(new, rank, reclaimed, ties.sub("reclaim"))
-
-    # -- the same decisions on one rank's part of the matrix (dstlm/sparse/sharded.py) ---------------------
-    def update_shard(self, layer: Layer, shard: Shard, n_swap: int, t: int, schedule: UpdateSchedule,
-                     ties: Ties) -> torch.Tensor:
-        """`update` decided on one rank's entries (bool over them): every rank calls it for every layer, and
-        the union over the ranks must equal `update` on the whole matrix. A method without it is decided
-        whole, from gathered weights (correct, but each rank then holds each whole weight in turn)."""
-        raise NotImplementedError(f"{self.name} has no sharded update")
-
-    @property
-    def shardable(self) -> bool:
-        return type(self).update_shard is not DSTMethod.update_shard
-
-    def update_layer_shard(self, layer: Layer, shard: Shard, n_swap: int, t: int, schedule: UpdateSchedule,
-                           ties: Ties) -> torch.Tensor:
-        """`update_layer` on shards: the same dead-row reclaiming, with counts and the regrowth over all ranks."""
-        dead = layer.dead_rows
-        if dead is None or count(dead) == 0:
-            return self.update_shard(layer, shard, n_swap, t, schedule, ties)
-        in_dead = sharded.rows_in(dead, shard.entries)
-        live = Shard(shard.weight, shard.mask & ~in_dead, shard.score, shard.entries, shard.all_reduce)
-        new = self.update_shard(layer, live, n_swap, t, schedule, ties) & ~in_dead
-        reclaimed = shard.count(shard.mask) - shard.count(new)
-        return sharded.reclaim_shard(new, shard.score, in_dead, reclaimed, shard.entries, ties.sub("reclaim"),
-                                     shard.all_reduce)
+            return self.update(layer, shard, n_swap, t, schedule, ties)
+        s = shard.select
+        in_dead = s.in_rows(dead)
+        live = Shard(shard.weight, shard.mask & ~in_dead, shard.score, s)
+        new = self.update(layer, live, n_swap, t, schedule, ties) & ~in_dead  # what the rule grew there moves too
+        reclaimed = s.count(shard.mask) - s.count(new)
+        return rules.reclaim(s, new, shard.score, dead, reclaimed, ties.sub("reclaim"))
 
     def check_invariants(self, layer: Layer, counts: MaskCounts) -> list[str]:
         nnz = counts.active
@@ -213,12 +178,8 @@ class SET(DSTMethod):
     name = "set"
     summary = "drop the smallest |W|, regrow at random (Mocanu et al. 2018)"
 
-    def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
-        return rules.set_update(weight, mask, n_swap, ties)
-
-    def update_shard(self, layer, shard, n_swap, t, schedule, ties):
-        return sharded.drop_and_grow_shard(shard.weight, shard.mask, None, n_swap, shard.entries, ties,
-                                           shard.all_reduce, numel=math.prod(layer.shape))
+    def update(self, layer, shard, n_swap, t, schedule, ties):
+        return rules.drop_and_grow(shard.select, shard.weight, shard.mask, None, n_swap, ties)
 
 
 @register
@@ -227,12 +188,8 @@ class RigL(DSTMethod):
     summary = "drop the smallest |W|, regrow the largest |dense gradient| (Evci et al. 2020)"
     uses_dense_grad = True
 
-    def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
-        return rules.rigl_update(weight, mask, score, n_swap, ties)
-
-    def update_shard(self, layer, shard, n_swap, t, schedule, ties):
-        return sharded.drop_and_grow_shard(shard.weight, shard.mask, shard.score, n_swap, shard.entries, ties,
-                                           shard.all_reduce, numel=math.prod(layer.shape))
+    def update(self, layer, shard, n_swap, t, schedule, ties):
+        return rules.drop_and_grow(shard.select, shard.weight, shard.mask, shard.score, n_swap, ties)
 
 
 @register
@@ -245,44 +202,27 @@ class SRigL(DSTMethod):
     def init_mask(self, layer, weight, ties):
         layer.fan_in = max(1, layer.budget // layer.shape[0])
         mask = rules.constant_fan_in_mask(layer.shape, layer.fan_in, ties, device=weight.device)
-        layer.budget = int(mask.sum())  # rows x fan-in: the exact count constant fan-in allows
+        layer.budget = count(mask)  # rows x fan-in: the exact count constant fan-in allows
         return mask
 
     def adopt_mask(self, layer, mask):
         layer.budget = count(mask)
-        layer.fan_in = int(selection.row_counts(mask).max()) if mask.numel() else 0
+        layer.fan_in = int(row_counts(mask).max()) if mask.numel() else 0
 
-    def init_mask_scored(self, layer, score, ties, per_row):  # constant fan-in: the fan-in highest of every row
+    def init_mask_scored(self, layer, score, select, ties, per_row):  # the fan-in highest of every row
         layer.fan_in = max(1, layer.budget // layer.shape[0])
         layer.budget = layer.shape[0] * layer.fan_in
-        return selection.row_top_k(score, layer.fan_in, ties.sub("init-scored"))
+        return select.row_top(score, layer.fan_in, ties.sub("init-scored"))
 
-    def init_mask_scored_shard(self, layer, score, index, ties, all_reduce):
-        rows, cols = layer.shape
-        layer.fan_in = max(1, layer.budget // rows)
-        layer.budget = rows * layer.fan_in
-        k = torch.full((rows,), layer.fan_in, dtype=torch.int64, device=score.device)
-        return sharded.sharded_row_top_k(score, index, k, rows, cols, ties.sub("init-scored"), all_reduce)
-
-    def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
+    def update(self, layer, shard, n_swap, t, schedule, ties):
         allow = self.cfg.ablation and not layer.protected
-        new, layer.fan_in = rules.srigl_update(weight, mask, score, n_swap, layer.budget, self.cfg.gamma_sal,
-                                               allow, ties, force_ablate=layer.dead_rows)
+        new, layer.fan_in = rules.srigl_update(shard.select, shard.weight, shard.mask, shard.score, n_swap,
+                                               layer.budget, self.cfg.gamma_sal, allow, ties,
+                                               force_ablate=layer.dead_rows)
         return new
 
-    def update_shard(self, layer, shard, n_swap, t, schedule, ties):
-        allow = self.cfg.ablation and not layer.protected
-        new, layer.fan_in = sharded.srigl_update_shard(
-            shard.weight, shard.mask, shard.score, n_swap, layer.budget, self.cfg.gamma_sal, allow,
-            shard.entries, layer.shape, ties, shard.all_reduce,
-            force_ablate=layer.dead_rows)
-        return new
-
-    def update_layer(self, layer, weight, mask, score, n_swap, t, schedule, ties):
-        return self.update(layer, weight, mask, score, n_swap, t, schedule, ties)  # dead rows: ablated
-
-    def update_layer_shard(self, layer, shard, n_swap, t, schedule, ties):
-        return self.update_shard(layer, shard, n_swap, t, schedule, ties)
+    def update_layer(self, layer, shard, n_swap, t, schedule, ties):
+        return self.update(layer, shard, n_swap, t, schedule, ties)  # dead rows: ablated
 
     def check_invariants(self, layer, counts):
         problems, rows, nnz = [], counts.rows, counts.active
@@ -302,11 +242,8 @@ class GMP(DSTMethod):
     def init_mask(self, layer, weight, ties):
         return torch.ones(layer.shape, dtype=torch.bool, device=weight.device)  # dense start, pruned by the schedule
 
-    def init_mask_scored(self, layer, score, ties, per_row):
-        return self.init_mask(layer, score, ties)  # gradual: the schedule prunes (by magnitude) to the target
-
-    def init_mask_scored_shard(self, layer, score, index, ties, all_reduce):
-        return torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    def init_mask_scored(self, layer, score, select, ties, per_row):
+        return ~select.zeros()  # gradual: the schedule prunes (by magnitude) to the target
 
     def is_update_step(self, t, schedule):  # prunes at t_end itself too (the ramp ends there)
         return t >= 1 and schedule.t_start <= t <= schedule.t_end and t % schedule.delta_t == 0
@@ -317,12 +254,8 @@ class GMP(DSTMethod):
         density = 1.0 - (1.0 - layer.density) * (s_t / cfg.sparsity if cfg.sparsity else 0)
         return int(round(density * math.prod(layer.shape)))
 
-    def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
-        return rules.gmp_prune(weight, mask, self._n_keep(layer, t, schedule), ties)
-
-    def update_shard(self, layer, shard, n_swap, t, schedule, ties):
-        return sharded.gmp_prune_shard(shard.weight, shard.mask, self._n_keep(layer, t, schedule), shard.entries,
-                                       ties, shard.all_reduce)
+    def update(self, layer, shard, n_swap, t, schedule, ties):
+        return rules.gmp_prune(shard.select, shard.weight, shard.mask, self._n_keep(layer, t, schedule), ties)
 
     def check_invariants(self, layer, counts):
         return []  # the count follows the ramp
@@ -349,20 +282,17 @@ class NM(DSTMethod):
             raise ValueError(f"sparsity.n={cfg.n}, sparsity.m={cfg.m}: need integers 0 < n < m (e.g. 2:4)")
 
     def init_mask(self, layer, weight, ties):
+        return self.init_mask_scored(layer, weight.detach(), LocalSelector(layer.shape, weight.device), ties, False)
+
+    def init_mask_scored(self, layer, score, select, ties, per_row):  # the n highest scores of every group
         cols, m = layer.shape[1], self.cfg.m
         if cols % m:
             raise ValueError(f"{layer.name}: N:M needs its input dimension ({cols}) divisible by m={m}; keep it dense "
                              f"(sparsity.exclude: ['{layer.name}']) or choose an m that divides {cols}")
-        mask = rules.nm_mask(weight.detach(), self.cfg.n, self.cfg.m, ties)
-        layer.budget = int(mask.sum())
+        mask = rules.nm_mask(select, score, self.cfg.n, m, ties)
+        layer.budget = select.count(mask)
         return mask
 
-    def init_mask_scored(self, layer, score, ties, per_row):  # the n highest scores of every group
-        return self.init_mask(layer, score, ties)
-
-    def update(self, layer, weight, mask, score, n_swap, t, schedule, ties):
-        return rules.nm_update(weight, mask, score, n_swap, self.cfg.n, self.cfg.m, ties)
-
-    def update_shard(self, layer, shard, n_swap, t, schedule, ties):
-        return sharded.nm_update_shard(shard.weight, shard.mask, shard.score, n_swap, self.cfg.n, self.cfg.m,
-                                       shard.entries, math.prod(layer.shape), ties, shard.all_reduce)
+    def update(self, layer, shard, n_swap, t, schedule, ties):
+        return rules.nm_update(shard.select, shard.weight, shard.mask, shard.score, n_swap, self.cfg.n, self.cfg.m,
+                               ties)

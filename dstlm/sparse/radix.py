@@ -1,5 +1,5 @@
 """Exact selection over a layer split across ranks, one block of entries at a time: the engine under the
-sharded rules (dstlm/sparse/sharded.py).
+collective selector (dstlm/sparse/selectors.py).
 
 A selection picks, in every segment s (the whole layer, or a row, or an N:M group), the k[s] eligible entries
 that come first in (value desc, hash of the entry's flat index in the layer desc) order, where the entries are

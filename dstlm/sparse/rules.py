@@ -1,10 +1,14 @@
-"""Mask rules: pure functions of (weight, mask, score, counts, tie-breaks) -> new mask.
+"""Mask rules, each written once: pure functions of (weight, mask, score, counts, tie-breaks) -> new mask.
 
-All tensors are one layer's [out, in] view, on whatever device holds them. Every choice is an exact top-k in
-the total order of `dstlm.sparse.selection` (by value, ties by a seeded hash of the entry's index in the
-layer, `Ties`), so every rank, device and (later) shard that sees the same values takes the same decision.
-Each selection inside a rule draws its ties from its own sub-scope. Rules only choose masks; zeroing weights
-and optimizer state is the engine's job.
+A rule receives this process's entries of one [R, C] matrix (the whole matrix, or a rank's fragment of it) and
+the `Selector` that knows where the rest are (dstlm/sparse/selectors.py). It combines tensors entry by entry
+and leaves every choice that spans entries to the selector: an exact top-k in one total order (|value| desc,
+ties by a seeded hash of the entry's flat index in the matrix, `Ties`), so every rank, device and shard that
+sees the same values takes the same decision. Each selection inside a rule draws its ties from its own
+sub-scope. Rules only choose masks; zeroing weights and optimizer state is the engine's job.
+
+The first masks that depend on the shape alone (`random_mask`, `constant_fan_in_mask`) are decided whole:
+every rank draws the same one and keeps its part.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ from typing import Optional
 
 import torch
 
-from dstlm.sparse.selection import Ties, count, row_counts, row_top_k, top_k
+from dstlm.sparse.selection import Ties, row_top_k
+from dstlm.sparse.selectors import LocalSelector, Selector
 
 
 def random_mask(shape: tuple[int, ...], n_active: int, ties: Ties, device=None) -> torch.Tensor:
     """Exactly n_active True entries at positions chosen by the hash alone (uniformly random to a user)."""
-    return top_k(torch.zeros(shape, device=device), n_active, ties.sub("random"))
+    flat = (shape[0], int(torch.Size(shape[1:]).numel())) if len(shape) > 1 else (1, shape[0])
+    return LocalSelector(flat, device).top(None, n_active, ties.sub("random")).reshape(shape)
 
 
 _INIT_BLOCK = 1 << 20  # entries per block of a first constant-fan-in mask
@@ -33,8 +39,6 @@ def constant_fan_in_mask(shape: tuple[int, int], fan_in: int, ties: Ties, device
     # blocks of rows, each tie-broken by the entries' indices in the whole layer (row_ids): the same mask as one
     # call, with the selection's temporaries (~130 bytes per entry) bounded by a block instead of the layer
     step = max(1, _INIT_BLOCK // max(1, cols))
-    if step >= rows:
-        return row_top_k(torch.zeros(shape, device=device), fan_in, ties)
     out = torch.empty(shape, dtype=torch.bool, device=device)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
@@ -43,68 +47,56 @@ def constant_fan_in_mask(shape: tuple[int, int], fan_in: int, ties: Ties, device
     return out
 
 
-def nm_mask(weight: torch.Tensor, n: int, m: int, ties: Ties) -> torch.Tensor:
+def nm_mask(s: Selector, weight: torch.Tensor, n: int, m: int, ties: Ties) -> torch.Tensor:
     """N:M by magnitude: in every group of m consecutive inputs of a row keep the n largest |W|."""
-    rows, cols = weight.shape
-    if cols % m:
-        raise ValueError(f"N:M needs in_features divisible by m={m}; got a layer with in_features={cols}")
-    groups = weight.abs().reshape(rows * cols // m, m)
-    return row_top_k(groups, n, ties.sub("nm")).reshape(rows, cols)
+    return s.grouped(m).row_top(weight, n, ties.sub("nm"))
 
 
-def keep_largest(weight: torch.Tensor, mask: torch.Tensor, n_keep: int, ties: Ties,
+def keep_largest(s: Selector, weight: torch.Tensor, mask: torch.Tensor, n_keep: int, ties: Ties,
                  nnz: Optional[int] = None) -> torch.Tensor:
     """The n_keep largest |W| among the active entries of `mask` (the rest of them dropped); `nnz`:
-    count(mask) when known."""
-    return top_k(weight.abs(), max(0, n_keep), ties.sub("keep"), eligible=mask, n_eligible=nnz)
+    s.count(mask) when known."""
+    return s.top(weight, max(0, n_keep), ties.sub("keep"), inside=mask, total=nnz)
 
 
-def grow_top(mask: torch.Tensor, score: torch.Tensor, k: int, ties: Ties, nnz: Optional[int] = None) -> torch.Tensor:
-    """`mask` plus the k highest-scoring entries outside it (a new tensor); `nnz`: count(mask) when known."""
-    outside = None if nnz is None else mask.numel() - nnz
-    return mask | top_k(score, k, ties.sub("grow"), eligible=~mask, n_eligible=outside)
+def drop_and_grow(s: Selector, weight: torch.Tensor, mask: torch.Tensor, score: Optional[torch.Tensor],
+                  n_swap: int, ties: Ties) -> torch.Tensor:
+    """RigL (`score` = |dL/dW|) and SET (`score` None: uniformly random growth): drop the n_swap smallest |W|
+    among active, grow as many of the highest scores among the entries inactive after the drop (a
+    just-dropped position may come back). The growth is written into the kept entries' buffer."""
+    nnz = s.count(mask)
+    n_keep = nnz - min(n_swap, nnz)
+    kept = keep_largest(s, weight, mask, n_keep, ties, nnz)
+    return s.top(score, nnz - n_keep, ties.sub("grow"), outside=kept, total=s.numel - n_keep, into=kept)
 
 
-def set_update(weight: torch.Tensor, mask: torch.Tensor, n_swap: int, ties: Ties) -> torch.Tensor:
-    """SET: drop the n_swap smallest |W| among active, grow as many at uniformly random inactive positions
-    (a just-dropped position may come back)."""
-    nnz = count(mask)
-    n_drop = min(n_swap, nnz)
-    kept = keep_largest(weight, mask, nnz - n_drop, ties, nnz)
-    return grow_top(kept, torch.zeros_like(weight, dtype=torch.float32), n_drop, ties, nnz - n_drop)
-
-
-def rigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int,
-                ties: Ties) -> torch.Tensor:
-    """RigL: drop the n_swap smallest |W| among active, grow the n_swap largest |dL/dW| among the
-    positions inactive after the drop."""
-    nnz = count(mask)
-    n_drop = min(n_swap, nnz)
-    kept = keep_largest(weight, mask, nnz - n_drop, ties, nnz)  # exactly nnz - n_drop entries
-    return grow_top(kept, grad.abs(), n_drop, ties, nnz - n_drop)
-
-
-def gmp_prune(weight: torch.Tensor, mask: torch.Tensor, n_keep: int, ties: Ties) -> torch.Tensor:
+def gmp_prune(s: Selector, weight: torch.Tensor, mask: torch.Tensor, n_keep: int, ties: Ties) -> torch.Tensor:
     """GMP: keep the n_keep largest |W| among active entries (prune-only)."""
-    nnz = count(mask)
-    return keep_largest(weight, mask, min(n_keep, nnz), ties, nnz)
+    nnz = s.count(mask)
+    return keep_largest(s, weight, mask, min(n_keep, nnz), ties, nnz)
 
 
-def nm_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int, n: int, m: int,
-              ties: Ties) -> torch.Tensor:
+def nm_update(s: Selector, weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int, n: int,
+              m: int, ties: Ties) -> torch.Tensor:
     """Dynamic N:M: drop the n_swap smallest |W| among active, then refill every group to exactly n
     active with the largest |grad| of its inactive entries."""
-    rows, cols = mask.shape
-    nnz = count(mask)
-    kept = keep_largest(weight, mask, nnz - min(n_swap, nnz), ties, nnz).view(rows * cols // m, m)
-    deficit = n - row_counts(kept)
-    grow = row_top_k(grad.abs().reshape(kept.shape), deficit, ties.sub("nm-grow"), eligible=~kept)
-    return (kept | grow).reshape(rows, cols)
+    nnz = s.count(mask)
+    kept = keep_largest(s, weight, mask, nnz - min(n_swap, nnz), ties, nnz)
+    groups = s.grouped(m)
+    deficit = n - groups.row_counts(inside=kept)
+    return groups.row_top(grad, deficit, ties.sub("nm-grow"), outside=kept, into=kept)
 
 
-def srigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int, budget: int,
-                 gamma_sal: float, allow_ablation: bool, ties: Ties,
-                 force_ablate: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def reclaim(s: Selector, new: torch.Tensor, score: Optional[torch.Tensor], dead_rows: torch.Tensor, k: int,
+            ties: Ties) -> torch.Tensor:
+    """`new` plus the k entries outside it with the highest |score| (equal when None), entries of `dead_rows`
+    (bool [R]) only after every other: where the weights dropped from dead units go."""
+    return s.top(score, k, ties.sub("grow"), outside=new, last_rows=dead_rows, into=new)
+
+
+def srigl_update(s: Selector, weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n_swap: int,
+                 budget: int, gamma_sal: float, allow_ablation: bool, ties: Ties,
+                 force_ablate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
     """SRigL (Lasby et al. 2024): RigL with a constant fan-in k per active row and neuron ablation.
 
     1. Salient weights: the top n_keep = nnz − n_swap active by |W| and the top n_swap inactive by |grad|.
@@ -115,56 +107,36 @@ def srigl_update(weight: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor, n
     3. k = budget // surviving rows (capped at in_features): ablation hands the freed budget to survivors.
     4. Keep the layer-wide top (k·rows − n_swap) active |W| in surviving rows, trimmed to ≤ k per row;
        refill each row to exactly k with its largest-|grad| inactive entries.
-    Returns (new mask, k).
+    Returns (new mask, k). The kept and grown entries go into one new buffer.
     """
-    rows, cols = mask.shape
-    mask_rows = row_counts(mask)
-    active_rows = mask_rows > 0
-    n_rows = int(active_rows.sum())
-    nnz = int(mask_rows.sum())
+    row_nnz = s.row_counts(inside=mask)
+    active_rows = row_nnz > 0
+    nnz = int(row_nnz.sum())
     n_swap = min(n_swap, nnz)
-    w_abs, g_abs = weight.abs(), grad.abs()
-
-    # 1-2: saliency and ablation
-    counts = salient_w = None
-    if allow_ablation and n_rows > 0:
+    kept = counts = None
+    if allow_ablation and bool(active_rows.any()):
         # the salient weights are step 4's keep when no row is ablated: one selection (and tie scope) for both
-        salient_w = top_k(w_abs, nnz - n_swap, ties.sub("keep"), eligible=mask, n_eligible=nnz)
-        salient = salient_w | top_k(g_abs, n_swap, ties.sub("salient-g"), eligible=~mask, n_eligible=mask.numel() - nnz)
-        counts = row_counts(salient)
-    survivors, k = srigl_survivors(active_rows, counts, budget, cols, gamma_sal, force_ablate)
-    n_surv = int(survivors.sum())
-
-    # 4: drop (layer-wide magnitude, then trim rows to k), grow per row by gradient
-    keep_total = max(0, k * n_surv - n_swap)
-    if salient_w is not None and srigl_keep_is_salient(keep_total, nnz, n_swap, survivors, active_rows):
-        kept = salient_w
-    else:
-        kept = top_k(w_abs, keep_total, ties.sub("keep"), eligible=mask & survivors[:, None],
-                     n_eligible=int(mask_rows[survivors].sum()))
-    kept_rows = row_counts(kept)
+        kept = s.top(weight, nnz - n_swap, ties.sub("keep"), inside=mask, total=nnz)
+        salient_g = s.top_row_counts(grad, n_swap, ties.sub("salient-g"), outside=mask, total=s.numel - nnz)
+        counts = s.row_counts(inside=kept) + salient_g  # disjoint: inside and outside the mask
+    survivors, k = srigl_survivors(active_rows, counts, budget, s.shape[1], gamma_sal, force_ablate)
+    keep_total = max(0, k * int(survivors.sum()) - n_swap)
+    if counts is None or keep_total != nnz - n_swap or not torch.equal(survivors, active_rows):
+        kept = s.top(weight, keep_total, ties.sub("keep"), inside=mask, rows=survivors,
+                     total=int(row_nnz[survivors].sum()))
+    kept_rows = s.row_counts(inside=kept)
     over = kept_rows > k  # rows holding more than k after the layer-wide keep: trim them to k
-    if bool(over.any()):
-        rows_over = over.nonzero().squeeze(1)
-        kept[rows_over] = row_top_k(w_abs[rows_over], k, ties.sub("trim"), eligible=kept[rows_over], row_ids=rows_over)
-        kept_rows[rows_over] = k
+    if bool(over.any()):  # alike on every rank (counts over all of them): the trim runs on all or none
+        s.row_top(weight, torch.where(over, k, 0), ties.sub("trim"), inside=kept, rows=over, into=kept, assign=True)
+        kept_rows = torch.where(over, k, kept_rows)
     deficit = (k - kept_rows) * survivors
-    grow = row_top_k(g_abs, deficit, ties.sub("grow"), eligible=~kept)
-    return kept | grow, k
+    return s.row_top(grad, deficit, ties.sub("grow"), outside=kept, into=kept), k
 
 
-def srigl_keep_is_salient(keep_total: int, nnz: int, n_swap: int, survivors: torch.Tensor,
-                          active_rows: torch.Tensor) -> bool:
-    """Whether SRigL's step-4 keep is the step-1 selection of salient weights by |W| (no row ablated and the
-    same count): both then select the same values among the same entries in the same tie scope ("keep"), so
-    the whole-layer and the sharded rule reuse it instead of selecting again."""
-    return keep_total == nnz - n_swap and torch.equal(survivors, active_rows)
-
-
-def srigl_survivors(active_rows: torch.Tensor, salient_counts: torch.Tensor | None, budget: int, cols: int,
-                    gamma_sal: float, force_ablate: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """SRigL steps 2-3 on row-level counts (shared by the whole-layer and the sharded rule): the rows that
-    survive ablation (salient_counts None: no ablation) and the fan-in k they then get."""
+def srigl_survivors(active_rows: torch.Tensor, salient_counts: Optional[torch.Tensor], budget: int, cols: int,
+                    gamma_sal: float, force_ablate: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int]:
+    """SRigL steps 2-3 on row-level counts: the rows that survive ablation (salient_counts None: no ablation)
+    and the fan-in k they then get."""
     n_rows = int(active_rows.sum())
     survivors = active_rows.clone()
     if salient_counts is not None and n_rows > 0:
@@ -177,7 +149,7 @@ def srigl_survivors(active_rows: torch.Tensor, salient_counts: torch.Tensor | No
         if int(candidate.sum()) >= min_rows:
             survivors = candidate
     if force_ablate is not None and n_rows > 0:
-        candidate = survivors & ~force_ablate
+        candidate = survivors & ~force_ablate.to(survivors.device)
         if int(candidate.sum()) >= min(int(survivors.sum()), max(1, budget // cols)):
             survivors = candidate
     return survivors, min(cols, budget // max(1, int(survivors.sum())))

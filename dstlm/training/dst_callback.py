@@ -52,7 +52,7 @@ class DSTCallback(L.Callback):
             if partition and stage != 3:
                 raise ValueError(f"sparsity.partition_masks=true needs ZeRO-3, this run has ZeRO-{stage}; "
                                  f"use deepspeed_stage_3 or drop partition_masks")
-            self.backend = ZeROBackend(self.engine, stage, mask_before_reduce=not partition)
+            self.backend = ZeROBackend(self.engine.groups, stage, mask_before_reduce=not partition)
         else:
             if partition:
                 raise ValueError(f"sparsity.partition_masks=true needs ZeRO-3, this run has "
@@ -76,15 +76,12 @@ class DSTCallback(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         scores = self.engine.needs_scores(trainer.global_step + 1)
-        if hasattr(self.backend, "capture_dense"):
-            # let the dense gradient through the masking hook on steps that feed a mask update
-            self.backend.capture_dense = scores
+        self.backend.capture_dense = scores  # the dense gradient passes the masking hook on score steps
         for layer in self._condensed:  # condensed layers compute the dense weight gradient only then
             layer.dense_grad = scores
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if hasattr(self.backend, "remove_hooks"):
-            self.backend.remove_hooks()
+        self.backend.remove_hooks()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         # DeepSpeed owns gradient accumulation: Lightning then calls this after every micro-batch, but the

@@ -72,7 +72,7 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         import deepspeed
         import torch.distributed as dist
 
-        from dstlm.sparse.sharded import torch_all_reduce
+        from dstlm.sparse.selectors import torch_all_reduce
         from dstlm.training.partitioned_build import PartitionedBuild
         from dstlm.training.zero_backend import z3_fragment
 

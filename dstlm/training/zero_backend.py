@@ -41,15 +41,18 @@ def z3_fragment(param) -> tuple[int, int]:
 
 
 class ZeROBackend(Collectives):
-    def __init__(self, engine, stage: int, mask_before_reduce: bool = True) -> None:
+    whole_fragments = False  # fragments are ZeRO's partitions: decided on shards
+
+    def __init__(self, groups: list, stage: int, mask_before_reduce: bool = True) -> None:
+        """`groups`: the engine's sparse parameters (`SparseEngine.groups`), whose gradients are masked by a
+        hook before ZeRO reduces them (with `mask_before_reduce`)."""
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"ZeRO stage={stage} must be 0, 1, 2 or 3")
-        self.sparse = engine
         self.stage = stage
         self.capture_dense = False  # set for the micro-steps whose gradients feed a mask update
         self.mask_before_reduce = mask_before_reduce
         # one hook per parameter (a batched expert weight holds several sparse matrices)
-        self._handles = [group[0].weight.register_hook(self._hook_for(group[0])) for group in engine.groups] \
+        self._handles = [group[0].weight.register_hook(self._hook_for(group[0])) for group in groups] \
             if mask_before_reduce else []
 
     def _hook_for(self, sp):
@@ -59,6 +62,9 @@ class ZeROBackend(Collectives):
             return torch.where(sp.full_mask.to(grad.device), grad, grad.new_zeros(()))
 
         return hook
+
+    def plan(self, params) -> None:
+        """Nothing to plan: each rank's fragments are its ZeRO partitions."""
 
     def remove_hooks(self) -> None:
         for h in self._handles:

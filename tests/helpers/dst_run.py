@@ -10,7 +10,8 @@ DSTLM_MOE (a MoE model), DSTLM_HF (a Hugging Face model folder as the model sour
 DSTLM_EP (its expert_parallel_size), DSTLM_ZERO_INIT (build partitioned: trainer.zero_init),
 DSTLM_RESUME (a checkpoint to resume from, through dstlm.training.run.fit), DSTLM_CONDENSED (sparsity.condensed),
 DSTLM_PARTITION_MASKS (1/0: sparsity.partition_masks true/false; unset: the default, true under ZeRO-3; masks
-are joined whole for the dumps), DSTLM_SCORE_STEPS (sparsity.grad_accumulation: steps whose gradients feed a score).
+are joined whole for the dumps), DSTLM_SCORE_STEPS (sparsity.grad_accumulation: steps whose gradients feed a score),
+DSTLM_METHOD_MODULE (a module to import first, e.g. helpers.custom_method: it registers the METHOD).
 Each rank saves masks after every update, the masks at train start (after a restore), the final masks and the
 final (gathered) weights.
 """
@@ -73,6 +74,10 @@ class MaskDump(L.Callback):
 
 def main() -> None:
     out, method, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    if os.environ.get("DSTLM_METHOD_MODULE"):  # a method of the user's own, registered on import
+        import importlib
+
+        importlib.import_module(os.environ["DSTLM_METHOD_MODULE"])
     files = sys.argv[4:]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     strategy = os.environ.get("DSTLM_STRATEGY", "ddp" if world > 1 else "auto")

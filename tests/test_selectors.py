@@ -1,5 +1,6 @@
-"""dstlm/sparse/sharded.py: a top-k decided on shards equals the whole-layer decision of selection.top_k, for
-any split of the layer over 1-4 ranks (simulated with threads), ties included; and over real gloo ranks."""
+"""dstlm/sparse/selectors.py: the collective selector's choices on shards equal the local selector's on the whole
+layer, for any split of the layer over 1-4 ranks (simulated with threads), ties included, and over real gloo
+ranks; and every rule of dstlm/sparse/rules.py, run through either selector, decides the same mask."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import threading
 import pytest
 import torch
 
+from dstlm.sparse import rules
 from dstlm.sparse import selection as S
-from dstlm.sparse.radix import order_bits
-from dstlm.sparse.sharded import float_order_bits, sharded_top_k, torch_all_reduce
+from dstlm.sparse.radix import Entries, order_bits
+from dstlm.sparse.selectors import CollectiveSelector, LocalSelector, torch_all_reduce
 
 
 @pytest.fixture(autouse=True, params=[1 << 20, pytest.param(64, marks=pytest.mark.slow), 7],
@@ -63,6 +65,15 @@ class ThreadRanks:
         return results
 
 
+def on_shard(index: torch.Tensor, shape, reduce) -> CollectiveSelector:
+    """The selector of one rank holding the entries of the [R, C] matrix `shape` at flat indices `index`."""
+    return CollectiveSelector(Entries.of(index, shape[1]), shape, reduce)
+
+
+def float_order_bits(values: torch.Tensor) -> torch.Tensor:
+    return order_bits(values, magnitude=False)
+
+
 def split(n: int, world: int, gen: torch.Generator, contiguous: bool) -> list[torch.Tensor]:
     """Index sets of each rank: contiguous cuts at random points (ZeRO's flat partitions) or a scatter."""
     if contiguous:
@@ -87,8 +98,8 @@ def test_union_of_shards_equals_the_whole_layer_decision(world, contiguous):
         whole = S.top_k(score, k, ties).reshape(-1)
         parts = split(n, world, gen, contiguous)
         flat = score.reshape(-1)
-        def rank(r, reduce, flat=flat, parts=parts, k=k, ties=ties):
-            return sharded_top_k(flat[parts[r]], parts[r], k, ties, reduce)
+        def rank(r, reduce, flat=flat, parts=parts, k=k, ties=ties, rows=rows, cols=cols):
+            return on_shard(parts[r], (rows, cols), reduce).top(flat[parts[r]], k, ties)
 
         got = ThreadRanks(world).run(rank)
         union = torch.zeros(n, dtype=torch.bool)
@@ -109,7 +120,7 @@ def test_eligible_entries_alone_on_each_rank():
 
     def rank(r, reduce):
         idx = parts[r][elig[parts[r]]]
-        return idx, sharded_top_k(flat[idx], idx, 333, ties, reduce)
+        return idx, on_shard(idx, (40, 50), reduce).top(flat[idx], 333, ties)
 
     union = torch.zeros(2000, dtype=torch.bool)
     for idx, sel in ThreadRanks(3).run(rank):
@@ -135,7 +146,7 @@ def _gloo_worker(rank, world, path, score, k, out):
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     n = score.numel()
     idx = torch.arange(rank * n // world, (rank + 1) * n // world)
-    sel = sharded_top_k(score.reshape(-1)[idx], idx, k, S.Ties(11, "gloo"), torch_all_reduce())
+    sel = on_shard(idx, tuple(score.shape), torch_all_reduce()).top(score.reshape(-1)[idx], k, S.Ties(11, "gloo"))
     out[idx] = sel.to(torch.uint8)
     dist.destroy_process_group()
 
@@ -149,45 +160,41 @@ def test_real_gloo_ranks_agree_with_the_whole_layer(tmp_path):
     assert torch.equal(out.bool(), S.top_k(score, 700, S.Ties(11, "gloo")).reshape(-1))
 
 
+def union_of_ranks(world: int, parts: list[torch.Tensor], decide, n: int) -> torch.Tensor:
+    """Each rank decides its entries (`decide(select, index)` -> bool over them); their union, flat."""
+    union = torch.zeros(n, dtype=torch.bool)
+    for i, sel in zip(parts, ThreadRanks(world).run(lambda r, reduce: decide(reduce, parts[r]))):
+        union[i] = sel
+    return union
+
+
 @pytest.mark.parametrize("rule", ["rigl", "set", "gmp"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_rules_on_shards_equal_the_whole_layer_rules(rule, world):
-    from dstlm.sparse import rules
-    from dstlm.sparse.sharded import drop_and_grow_shard, gmp_prune_shard
-
     gen = torch.Generator().manual_seed(world)
+    rows, cols = 24, 40
     for case in range(6):
-        rows, cols = 24, 40
         mask = rules.random_mask((rows, cols), 300, S.Ties(case, "init"))
         w = torch.randn(rows, cols, generator=gen).round(decimals=1) * mask  # rounded: ties in |W|
         g = torch.randn(rows, cols, generator=gen).round(decimals=1)
         ties = S.Ties(case, "update", 100, "layer")
-        if rule == "rigl":
-            whole = rules.rigl_update(w, mask, g, 90, ties)
-        elif rule == "set":
-            whole = rules.set_update(w, mask, 90, ties)
-        else:
-            whole = rules.gmp_prune(w, mask, 200, ties)
-        whole = whole.reshape(-1)
-        parts = split(rows * cols, world, gen, contiguous=case % 2 == 0)
-        fw, fm, fg = w.reshape(-1), mask.reshape(-1), g.reshape(-1)
 
-        def rank(r, reduce, fw=fw, fm=fm, fg=fg, parts=parts, ties=ties):
-            i = parts[r]
+        def decide(select, w, mask, g, ties=ties):
             if rule == "gmp":
-                return gmp_prune_shard(fw[i], fm[i], 200, i, ties, reduce)
-            return drop_and_grow_shard(fw[i], fm[i], fg[i] if rule == "rigl" else None, 90, i, ties, reduce)
+                return rules.gmp_prune(select, w, mask, 200, ties)
+            return rules.drop_and_grow(select, w, mask, g if rule == "rigl" else None, 90, ties)
 
-        union = torch.zeros(rows * cols, dtype=torch.bool)
-        for i, sel in zip(parts, ThreadRanks(world).run(rank)):
-            union[i] = sel
+        whole = decide(LocalSelector((rows, cols)), w, mask, g).reshape(-1)
+        fw, fm, fg = w.reshape(-1), mask.reshape(-1), g.reshape(-1)
+        union = union_of_ranks(world, split(rows * cols, world, gen, contiguous=case % 2 == 0),
+                               lambda reduce, i, fw=fw, fm=fm, fg=fg: decide(on_shard(i, (rows, cols), reduce),
+                                                                             fw[i], fm[i], fg[i]),
+                               rows * cols)
         assert torch.equal(union, whole), (rule, world, case)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_row_top_k_on_shards_cutting_rows_equals_the_whole_layer(world):
-    from dstlm.sparse.sharded import sharded_row_top_k
-
     gen = torch.Generator().manual_seed(40 + world)
     for case in range(10):
         rows, cols = (int(v) for v in torch.randint(1, 20, (2,), generator=gen))
@@ -195,25 +202,17 @@ def test_row_top_k_on_shards_cutting_rows_equals_the_whole_layer(world):
         k = torch.randint(0, cols + 2, (rows,), generator=gen)
         ties = S.Ties(case, "rows")
         whole = S.row_top_k(score, k, ties).reshape(-1)
+        assert torch.equal(LocalSelector((rows, cols)).row_top(score, k, ties).reshape(-1), whole)
         parts = split(rows * cols, world, gen, contiguous=case % 2 == 0)
         flat = score.reshape(-1)
-
-        def rank(r, reduce, flat=flat, parts=parts, k=k, ties=ties, rows=rows, cols=cols):
-            i = parts[r]
-            return sharded_row_top_k(flat[i], i, k, rows, cols, ties, reduce)
-
-        union = torch.zeros(rows * cols, dtype=torch.bool)
-        for i, sel in zip(parts, ThreadRanks(world).run(rank)):
-            union[i[sel]] = True
+        union = union_of_ranks(world, parts, lambda reduce, i, shape=(rows, cols), flat=flat, k=k, ties=ties: on_shard(
+            i, shape, reduce).row_top(flat[i], k, ties), rows * cols)
         assert torch.equal(union, whole), (world, case)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("ablation", [True, False])
 def test_srigl_on_shards_equals_the_whole_layer_rule(world, ablation):
-    from dstlm.sparse import rules
-    from dstlm.sparse.sharded import srigl_update_shard
-
     gen = torch.Generator().manual_seed(world + 10 * ablation)
     rows, cols, k0 = 32, 40, 6
     for case in range(6):  # cases 4-5: an uneven mask (e.g. adopted from a checkpoint): rows get trimmed to k
@@ -225,48 +224,63 @@ def test_srigl_on_shards_equals_the_whole_layer_rule(world, ablation):
         g[:8] = 0.0
         ties = S.Ties(case, "update", 50, "layer")
         budget = int(mask.sum())
-        whole, k_whole = rules.srigl_update(w, mask, g, 48, budget, 0.3, ablation, ties)
-        parts = split(rows * cols, world, gen, contiguous=case % 2 == 0)
+        whole, k_whole = rules.srigl_update(LocalSelector((rows, cols)), w, mask, g, 48, budget, 0.3, ablation, ties)
         fw, fm, fg = w.reshape(-1), mask.reshape(-1), g.reshape(-1)
+        fan_ins = []
 
-        def rank(r, reduce, fw=fw, fm=fm, fg=fg, parts=parts, ties=ties, budget=budget):
-            i = parts[r]
-            return srigl_update_shard(fw[i], fm[i], fg[i], 48, budget, 0.3, ablation, i, (rows, cols),
-                                      ties, reduce)
+        def decide(reduce, i, fw=fw, fm=fm, fg=fg, ties=ties, budget=budget, fan_ins=fan_ins):
+            new, k = rules.srigl_update(on_shard(i, (rows, cols), reduce), fw[i], fm[i], fg[i], 48, budget, 0.3,
+                                        ablation, ties)
+            fan_ins.append(k)
+            return new
 
-        union = torch.zeros(rows * cols, dtype=torch.bool)
-        for i, (sel, k) in zip(parts, ThreadRanks(world).run(rank)):
-            union[i] = sel
-            assert k == k_whole
+        union = union_of_ranks(world, split(rows * cols, world, gen, contiguous=case % 2 == 0), decide, rows * cols)
+        assert fan_ins == [k_whole] * world
         assert torch.equal(union, whole.reshape(-1)), (world, ablation, case)
         if ablation and case < 4:
             assert int((whole.sum(1) == 0).sum()) > 0  # the case does ablate rows
 
 
 def test_nm_on_shards_cutting_groups_equals_the_whole_layer_rule():
-    from dstlm.sparse import rules
-    from dstlm.sparse.sharded import nm_update_shard
-
     gen = torch.Generator().manual_seed(2)
     rows, cols = 12, 16
     w = torch.randn(rows, cols, generator=gen).round(decimals=1)
-    mask = rules.nm_mask(w, 2, 4, S.Ties(0))
+    mask = rules.nm_mask(LocalSelector((rows, cols)), w, 2, 4, S.Ties(0))
     w = w * mask
     g = torch.randn(rows, cols, generator=gen).round(decimals=1)
     ties = S.Ties(1, "update", 7, "nm")
-    whole = rules.nm_update(w, mask, g, 20, 2, 4, ties).reshape(-1)
+    whole = rules.nm_update(LocalSelector((rows, cols)), w, mask, g, 20, 2, 4, ties).reshape(-1)
+    fw, fm, fg = w.reshape(-1), mask.reshape(-1), g.reshape(-1)
     for world, contiguous in ((2, True), (3, True), (3, False)):
         parts = split(rows * cols, world, gen, contiguous)  # random cuts land inside groups of 4
-
-        def rank(r, reduce, parts=parts):
-            i = parts[r]
-            return nm_update_shard(w.reshape(-1)[i], mask.reshape(-1)[i], g.reshape(-1)[i], 20, 2, 4, i,
-                                   rows * cols, ties, reduce)
-
-        union = torch.zeros(rows * cols, dtype=torch.bool)
-        for i, sel in zip(parts, ThreadRanks(world).run(rank)):
-            union[i] = sel
+        union = union_of_ranks(world, parts, lambda reduce, i: rules.nm_update(
+            on_shard(i, (rows, cols), reduce), fw[i], fm[i], fg[i], 20, 2, 4, ties), rows * cols)
         assert torch.equal(union, whole), (world, contiguous)
+        first = union_of_ranks(world, parts, lambda reduce, i: rules.nm_mask(
+            on_shard(i, (rows, cols), reduce), fw[i], 2, 4, S.Ties(0)), rows * cols)
+        assert torch.equal(first, mask.reshape(-1)), (world, contiguous)
+
+
+def test_reclaim_ranks_dead_rows_last_on_shards_and_whole():
+    gen = torch.Generator().manual_seed(9)
+    rows, cols = 10, 12
+    new = torch.rand(rows, cols, generator=gen) < 0.3
+    score = torch.randint(0, 3, (rows, cols), generator=gen).float()
+    dead = torch.zeros(rows, dtype=torch.bool)
+    dead[[1, 4]] = True
+    ties = S.Ties(3, "reclaim")
+    free = int((~new & ~dead[:, None]).sum())
+    for k in (5, free + 4):  # all from live rows; then more than they have: dead rows take the rest
+        whole = rules.reclaim(LocalSelector((rows, cols)), new.clone(), score, dead, k, ties)
+        assert int(whole.sum()) == int(new.sum()) + k
+        grown_dead = int((whole & ~new & dead[:, None]).sum())
+        assert grown_dead == max(0, k - free), (k, grown_dead)
+        for world in (2, 3):
+            parts = split(rows * cols, world, gen, contiguous=True)
+            union = union_of_ranks(world, parts, lambda reduce, i, k=k: rules.reclaim(
+                on_shard(i, (rows, cols), reduce), new.reshape(-1)[i].clone(), score.reshape(-1)[i], dead, k, ties),
+                rows * cols)
+            assert torch.equal(union, whole.reshape(-1)), (k, world)
 
 
 @pytest.mark.parametrize("n", [8, 64, 1000, 3 * 2**20 + 8])

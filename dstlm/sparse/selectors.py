@@ -1,0 +1,373 @@
+"""The selector seam: how a rule chooses entries of one sparse [R, C] matrix, wherever those entries live.
+
+A rule (dstlm/sparse/rules.py) never looks at where the matrix is. It holds this process's entries of the
+weight, the mask and the score as tensors of one shape (the whole [R, C] matrix, or a 1-D run of it: a rank's
+fragment), combines them entry by entry, and asks its `Selector` for everything that spans entries:
+
+- `count(x)`, `row_counts(...)`: how many entries a bool tensor (or an eligibility) selects, in all, or per
+  segment (a row; an N:M group with `grouped(m)`), over every process that holds part of the matrix;
+- `top(values, k, ...)`: the k first eligible entries of the matrix in one total order: |value| descending,
+  then a keyed hash of the entry's flat [R, C] index (`selection.Ties`) descending;
+- `row_top(values, k, ...)`: the same order inside every segment, k[segment] of them;
+- `in_rows(rows)`: which of this process's entries lie in the marked segments.
+
+Eligibility is given as `inside` (entries True there), `outside` (entries False there) and `rows` (entries of
+marked segments), all optional and and-ed, so a selector that streams its fragment never builds the set.
+`values` None ranks every entry equal (the hash alone decides: a uniformly random choice to a user).
+
+Two selectors implement it. `LocalSelector`: the whole matrix in this process (`selection.top_k` and
+`selection.row_top_k`: exact sample-select and per-row top-k). `CollectiveSelector`: a run of the matrix's
+entries on each rank, read a block at a time, with exact radix selection over all-reduced histograms
+(dstlm/sparse/radix.py); every rank calls it in the same order with the same k (collectives inside). Both
+choose the same entries, so a rule decides the same mask on one process or on shards at any world size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol, Union
+
+import torch
+
+from dstlm.sparse.radix import ROW_DIGITS, Entries, Source, block, blocks, emit_choice, radix_select
+from dstlm.sparse.selection import Ties, count, row_counts, row_top_k, top_k
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+Counts = Union[int, torch.Tensor]
+
+
+def single_process(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def torch_all_reduce(group=None) -> AllReduce:
+    """An in-place SUM all-reduce over `group` (the default process group when None)."""
+    import torch.distributed as dist
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+
+    return reduce
+
+
+class Selector(Protocol):
+    """Choices over one matrix's entries (see the module docstring); `shape` is the whole matrix's [R, C],
+    `numel` its entries, `n_rows` its segments (rows, or N:M groups after `grouped`)."""
+
+    shape: tuple[int, int]
+    numel: int
+    n_rows: int
+
+    def count(self, x: torch.Tensor) -> int: ...
+    def row_counts(self, inside=None, outside=None, rows=None) -> torch.Tensor: ...
+    def in_rows(self, rows: torch.Tensor) -> torch.Tensor: ...
+    def zeros(self) -> torch.Tensor: ...
+    def grouped(self, m: int) -> "Selector": ...
+    def top(self, values: Optional[torch.Tensor], k: int, ties: Ties, *, inside=None, outside=None, rows=None,
+            last_rows=None, total: Optional[int] = None, into: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+    def top_row_counts(self, values: Optional[torch.Tensor], k: int, ties: Ties, *, outside=None,
+                       total: Optional[int] = None) -> torch.Tensor: ...
+    def row_top(self, values: Optional[torch.Tensor], k: Counts, ties: Ties, *, inside=None, outside=None,
+                rows=None, into: Optional[torch.Tensor] = None, assign: bool = False) -> torch.Tensor: ...
+
+
+def _and(x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if x is None:
+        return y
+    return x if y is None else x & y
+
+
+class LocalSelector:
+    """The whole [R, C] matrix in this process: tensors are [R, C] (or [R * C / m, m] views after `grouped`)."""
+
+    def __init__(self, shape: tuple[int, int], device=None, seg_len: Optional[int] = None) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.numel = self.shape[0] * self.shape[1]
+        self.device = device
+        self.seg_len = self.shape[1] if seg_len is None else int(seg_len)
+        self.n_rows = self.numel // self.seg_len
+
+    def grouped(self, m: int) -> "LocalSelector":
+        if self.shape[1] % m:
+            raise ValueError(f"N:M needs in_features divisible by m={m}; got a layer with in_features={self.shape[1]}")
+        return LocalSelector(self.shape, self.device, m)
+
+    def _seg(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.n_rows, self.seg_len)
+
+    def count(self, x: torch.Tensor) -> int:
+        return count(x)
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=torch.bool, device=self.device)
+
+    def in_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.to(torch.bool)[:, None].expand(self.n_rows, self.seg_len).reshape(self.shape)
+
+    def _eligible(self, inside, outside, rows) -> Optional[torch.Tensor]:
+        e = None if inside is None else self._seg(inside)
+        e = _and(e, None if outside is None else ~self._seg(outside))
+        if rows is not None:
+            e = _and(e, rows.to(torch.bool)[:, None].expand(self.n_rows, self.seg_len))
+        return e
+
+    def _ranked(self, values: Optional[torch.Tensor], last_rows=None) -> torch.Tensor:
+        """The values the order reads: |values| (zeros when None); entries of `last_rows` at -1, below all."""
+        v = torch.zeros(self.shape, device=self.device) if values is None else values.abs().float()
+        if last_rows is not None:
+            v = torch.where(self.in_rows(last_rows), torch.full_like(v, -1.0), v)
+        return v
+
+    def row_counts(self, inside=None, outside=None, rows=None) -> torch.Tensor:
+        e = self._eligible(inside, outside, rows)
+        if e is None:
+            return torch.full((self.n_rows,), self.seg_len, dtype=torch.int64, device=self.device)
+        return row_counts(e)
+
+    def top(self, values, k, ties, *, inside=None, outside=None, rows=None, last_rows=None, total=None,
+            into=None):
+        e = self._eligible(inside, outside, rows)
+        chosen = top_k(self._ranked(values, last_rows), k, ties, eligible=None if e is None else e.reshape(
+            self.shape), n_eligible=total)
+        if into is None:
+            return chosen
+        return into.logical_or_(chosen)
+
+    def top_row_counts(self, values, k, ties, *, outside=None, total=None):
+        return row_counts(self._seg(self.top(values, k, ties, outside=outside, total=total)))
+
+    def row_top(self, values, k, ties, *, inside=None, outside=None, rows=None, into=None, assign=False):
+        v = self._seg(self._ranked(values))
+        e = self._eligible(inside, outside, None)
+        kk = torch.as_tensor(k, dtype=torch.int64, device=v.device).expand(self.n_rows)
+        out = self.zeros() if into is None else into
+        seg_out = self._seg(out)
+        if rows is None:
+            chosen = row_top_k(v, kk, ties, eligible=e)
+            if assign:
+                seg_out.copy_(chosen if e is None else torch.where(e, chosen, seg_out))
+            else:
+                seg_out |= chosen
+            return out
+        ids = rows.to(torch.bool).nonzero().squeeze(1)  # the marked rows alone, tie-broken by their layer index
+        e_sub = None if e is None else e[ids]
+        chosen = row_top_k(v[ids], kk[ids], ties, eligible=e_sub, row_ids=ids)
+        if assign:
+            seg_out[ids] = chosen if e_sub is None else torch.where(e_sub, chosen, seg_out[ids])
+        else:
+            seg_out[ids] |= chosen
+        return out
+
+
+class CollectiveSelector:
+    """A run of the matrix's entries on each rank (`Entries`: this rank's, with their flat [R, C] indices):
+    tensors are 1-D over those entries. Every selection is a collective over `all_reduce` (an in-place sum over
+    the ranks): call it on every rank, in the same order, with the same k."""
+
+    def __init__(self, entries: Entries, shape: tuple[int, int], all_reduce: AllReduce = single_process,
+                 seg_len: Optional[int] = None) -> None:
+        self.entries = entries if seg_len is None else entries.grouped(seg_len)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.numel = self.shape[0] * self.shape[1]
+        self.all_reduce = all_reduce
+        self.device = entries.device
+        self.n_rows = self.numel // self.entries.row_len
+
+    def grouped(self, m: int) -> "CollectiveSelector":
+        if self.shape[1] % m:
+            raise ValueError(f"N:M needs in_features divisible by m={m}; got a layer with in_features={self.shape[1]}")
+        return CollectiveSelector(self.entries, self.shape, self.all_reduce, m)
+
+    def count(self, x: torch.Tensor) -> int:
+        return int(self.all_reduce(torch.count_nonzero(x).reshape(1).to(torch.int64)).item())
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.entries.n, dtype=torch.bool, device=self.device)
+
+    def in_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        out = self.zeros()
+        rows = rows.to(self.device)
+        for a, b in blocks([(0, self.entries.n)], self.device):
+            out[a:b] = self.entries.per_row(rows, a, b)
+        return out
+
+    def _eligible(self, inside, outside, rows):
+        """Eligibility read a block at a time (never a tensor of the whole fragment)."""
+        parts = []
+        if inside is not None:
+            flat_in = inside.reshape(-1)
+            parts.append(lambda a, b: flat_in[a:b])
+        if outside is not None:
+            flat_out = outside.reshape(-1)
+            parts.append(lambda a, b: ~flat_out[a:b])
+        if rows is not None:
+            marked = rows.to(device=self.device, dtype=torch.bool)
+            parts.append(lambda a, b: self.entries.per_row(marked, a, b))
+        if not parts:
+            return None
+
+        def eligible(a: int, b: int) -> torch.Tensor:
+            e = parts[0](a, b)
+            for p in parts[1:]:
+                e = e & p(a, b)
+            return e
+
+        return eligible
+
+    def _source(self, values, eligible, last_rows=None) -> Source:
+        if last_rows is None:
+            return Source(values, True, eligible)
+        return _Ranked(values, self.in_rows(last_rows), eligible)
+
+    def _counts(self, eligible, local_only: bool = False) -> torch.Tensor:
+        counts = torch.zeros(self.n_rows, dtype=torch.int64, device=self.device)
+        for a, b in blocks([(0, self.entries.n)], self.device):
+            self.entries.add_row_counts(counts, None if eligible is None else eligible(a, b), a, b)
+        return counts if local_only else self.all_reduce(counts)
+
+    def row_counts(self, inside=None, outside=None, rows=None) -> torch.Tensor:
+        return self._counts(self._eligible(inside, outside, rows))
+
+    def top(self, values, k, ties, *, inside=None, outside=None, rows=None, last_rows=None, total=None,
+            into=None):
+        out = self.zeros() if into is None else into.reshape(-1)
+        self._select(self._source(values, self._eligible(inside, outside, rows), last_rows), k, ties, out, total)
+        return out if into is None else into
+
+    def top_row_counts(self, values, k, ties, *, outside=None, total=None):
+        counts = torch.zeros(self.n_rows, dtype=torch.int64, device=self.device)
+        self._select(self._source(values, self._eligible(None, outside, None)), k, ties,
+                     lambda a, b, chosen: self.entries.add_row_counts(counts, chosen, a, b), total)
+        return self.all_reduce(counts)
+
+    def _select(self, src: Source, k: int, ties: Ties, out, total: Optional[int]) -> None:
+        """out |= this rank's part of the k first eligible entries (`total`: the eligible entries over all
+        ranks, when known: k = 0 or all of them then need no pass)."""
+        if total is not None:
+            k = max(0, min(int(k), int(total)))
+            if k == 0:
+                return
+            if k == total:
+                for a, b in blocks([(0, self.entries.n)], self.device):
+                    ok = src.ok(a, b)
+                    emit_choice(out, a, b, torch.ones(b - a, dtype=torch.bool, device=self.device) if ok is None
+                                else ok, None, False)
+                return
+        radix_select(src, self.entries, torch.tensor([max(0, int(k))]), ties, self.all_reduce, out)
+
+    def row_top(self, values, k, ties, *, inside=None, outside=None, rows=None, into=None, assign=False):
+        """In every segment over all ranks, its k[segment] first eligible entries. Segments whose eligible
+        entries all lie on this rank are decided here alone (`selection.row_top_k`, whole segments a block at a
+        time); only the segments cut between ranks go through radix rounds."""
+        out = self.zeros() if into is None else into.reshape(-1)
+        src = Source(values, True, self._eligible(inside, outside, rows))
+        local = self._counts(src.ok, local_only=True)
+        per_row = self.all_reduce(local.clone())
+        kk = torch.minimum(torch.as_tensor(k, dtype=torch.int64, device=self.device).expand(self.n_rows), per_row)
+        shared = self.all_reduce(((local > 0) & (local < per_row)).to(torch.int64)) > 0  # alike on every rank
+        own_k = torch.where(shared, 0, kk)
+        if self.entries.run is not None:
+            spans = _own_rows_of_run(src, self.entries, own_k, ties, out, assign, shared)
+        else:
+            _own_rows_compacted(src, self.entries, own_k, shared, ties, out, assign)
+            spans = None
+        ids = shared.nonzero().squeeze(1)
+        if ids.numel():
+            slot = torch.full((self.n_rows,), -1, dtype=torch.int64, device=self.device)
+            slot[ids] = torch.arange(ids.numel(), device=self.device)
+            radix_select(src, self.entries, kk[ids], ties, self.all_reduce, out, spans=spans,
+                         segment=lambda a, b: self.entries.per_row(slot, a, b), n_seg=ids.numel(),
+                         digits=ROW_DIGITS, assign=assign)
+        return out if into is None else into
+
+
+class _Ranked(Source):
+    """|values| order with the entries of some rows ranked below every other (dead rows: regrown last)."""
+
+    def __init__(self, values: Optional[torch.Tensor], last: torch.Tensor, eligible) -> None:
+        super().__init__(values, True, eligible)
+        self.last, self.constant = last.reshape(-1), False
+
+    def keys(self, a: int, b: int) -> torch.Tensor:
+        base = torch.zeros(b - a, dtype=torch.int32, device=self.last.device) if self.values is None \
+            else super().keys(a, b)  # magnitude keys: >= 0
+        return torch.where(self.last[a:b], -1, base)
+
+
+def _own_rows_of_run(src: Source, entries: Entries, k: torch.Tensor, ties: Ties, out: torch.Tensor, assign: bool,
+                     shared: torch.Tensor) -> list[tuple[int, int]]:
+    """row_top's segments held whole here, for a contiguous run: blocks of whole segments read in place (the
+    first and the last padded when the run cuts them). Returns the local spans of the segments cut between
+    ranks."""
+    n, start, cols = entries.n, entries.run, entries.row_len
+    if n == 0:
+        return []
+    first, last = start // cols, (start + n - 1) // cols
+    per_block = max(1, block(out.device) // cols)
+    for r0 in range(first, last + 1, per_block):
+        r1 = min(last + 1, r0 + per_block)
+        a, b = max(0, r0 * cols - start), min(n, r1 * cols - start)
+        pad = a - (r0 * cols - start)
+        in_shared = shared[r0:r1].repeat_interleave(cols)[pad:pad + b - a]
+        if not bool((k[r0:r1] > 0).any()):  # nothing chosen in these rows: with `assign` their eligible entries clear
+            if assign:
+                ok = src.ok(a, b)
+                out[a:b] &= in_shared if ok is None else ~(ok & ~in_shared)
+            continue
+        sel, ok = _padded_row_top(src, a, b, pad, r0, r1, cols, k, ties, out.device)
+        if assign:  # rows cut between ranks are assigned by the collective pass, not here
+            ok = ~in_shared if ok is None else ok & ~in_shared
+        emit_choice(out, a, b, sel, ok, assign)
+    spans = []
+    if bool(shared[first]):
+        spans.append((0, min(n, (first + 1) * cols - start)))
+    if last > first and bool(shared[last]):
+        spans.append((last * cols - start, n))
+    return spans
+
+
+def _padded_row_top(src: Source, a: int, b: int, pad: int, r0: int, r1: int, cols: int, k: torch.Tensor,
+                    ties: Ties, dev) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The per-row choice of entries a .. b (rows r0 .. r1 of the layer, the first starting `pad` entries
+    before a), and their eligibility."""
+    values, ok = src.floats(a, b, dev), src.ok(a, b)
+    okp = ok
+    if pad or b - a != (r1 - r0) * cols:  # a row the run cuts: padded with ineligible entries
+        dense = torch.zeros((r1 - r0) * cols, device=dev)
+        dense[pad:pad + b - a] = values
+        okp = torch.zeros((r1 - r0) * cols, dtype=torch.bool, device=dev)
+        okp[pad:pad + b - a] = True if ok is None else ok
+        values = dense
+    sel = row_top_k(values.view(r1 - r0, cols), k[r0:r1], ties,
+                    eligible=None if okp is None else okp.view(r1 - r0, cols),
+                    row_ids=torch.arange(r0, r1, device=dev)).reshape(-1)[pad:pad + b - a]
+    return sel, ok
+
+
+def _own_rows_compacted(src: Source, entries: Entries, k: torch.Tensor, shared: torch.Tensor, ties: Ties,
+                        out: torch.Tensor, assign: bool) -> None:
+    """row_top's segments held whole here, for entries that are not a contiguous run (explicit indices, a
+    transposed storage): the rank's eligible entries of those rows compacted into a dense table (O(entries))."""
+    n, dev, cols = entries.n, out.device, entries.row_len
+    if n == 0 or (not assign and not bool(((k > 0) & ~shared).any())):
+        return
+    ok = src.ok(0, n)
+    index = entries.all()
+    rows = index // cols
+    own = ~shared[rows] if assign else (k[rows] > 0) & ~shared[rows]
+    idx = (own if ok is None else own & ok).nonzero().squeeze(1)
+    if not idx.numel():
+        return
+    r, c = rows[idx], index[idx] % cols
+    r0 = int(r.min())
+    dense = torch.zeros(int(r.max()) + 1 - r0, cols, device=dev)
+    okd = torch.zeros(dense.shape, dtype=torch.bool, device=dev)
+    dense[r - r0, c] = src.floats(0, n, dev)[idx]
+    okd[r - r0, c] = True
+    sel = row_top_k(dense, k[r0:r0 + dense.shape[0]], ties, eligible=okd,
+                    row_ids=torch.arange(r0, r0 + dense.shape[0], device=dev))
+    if assign:
+        out[idx] = sel[r - r0, c]
+    else:
+        out[idx] |= sel[r - r0, c]
