@@ -137,7 +137,7 @@ class _Two(nn.Module):
 def test_wanda_init_equals_a_hand_computation():
     """score_ij = |W_ij| * ||X_j||_2 over the calibration tokens; each output row keeps its top half."""
     from dstlm.sparse.calibration import input_norms
-    from dstlm.sparse.engine import sparse_params_of
+    from dstlm.sparse.masks import sparse_params_of
 
     torch.manual_seed(0)
     model = _Two()
@@ -377,7 +377,7 @@ def test_wanda_norms_of_fused_experts_equal_each_experts_routed_inputs(hf_dirs):
     tokens routed to that expert only, equal to a hand computation from the experts module's own inputs
     (gate_up_proj[e]: the routed hidden states; down_proj[e]: act(gate) * up of them); the kernel is restored."""
     from dstlm.sparse.calibration import input_norms
-    from dstlm.sparse.engine import sparse_params_of
+    from dstlm.sparse.masks import sparse_params_of
 
     model = load_hf_model(HFModelConfig(hf=str(hf_dirs["mixtral"])))
     assert model.hf.config._experts_implementation == "grouped_mm"

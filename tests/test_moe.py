@@ -206,7 +206,7 @@ def test_wanda_norms_reach_every_expert_matrix():
     inputs (mask_init=wanda no longer falls back to magnitude for experts)."""
     from dstlm.sparse import SparsityConfig
     from dstlm.sparse.calibration import input_norms
-    from dstlm.sparse.engine import sparse_params_of
+    from dstlm.sparse.masks import sparse_params_of
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32,

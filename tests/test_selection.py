@@ -1,4 +1,5 @@
-"""dstlm/sparse/selection.py: the fast top-k paths equal the sort-based references exactly, ties included."""
+"""dstlm/sparse/selection.py: the fast top-k paths equal the sort-based references exactly, ties included
+(tests/helpers/reference_selection.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from dstlm.sparse import selection as S
+from helpers import reference_selection as R
 
 
 def cases(n_cases=150, seed=0):
@@ -22,7 +24,7 @@ def test_top_k_equals_reference_with_ties_and_eligibility():
     for i, g, score, eligible in cases():
         k = int(torch.randint(0, score.numel() + 2, (1,), generator=g))
         fast = S.top_k(score, k, S.Ties(i, "t"), eligible)
-        assert torch.equal(fast, S.reference_top_k(score, k, S.Ties(i, "t"), eligible)), i
+        assert torch.equal(fast, R.reference_top_k(score, k, S.Ties(i, "t"), eligible)), i
         n_e = score.numel() if eligible is None else int(eligible.sum())
         assert int(fast.sum()) == min(k, n_e)
         if eligible is not None:
@@ -33,7 +35,7 @@ def test_row_top_k_equals_reference_per_row_counts():
     for i, g, score, eligible in cases(seed=1):
         k = torch.randint(0, score.shape[1] + 2, (score.shape[0],), generator=g)
         fast = S.row_top_k(score, k, S.Ties(i), eligible)
-        assert torch.equal(fast, S.reference_row_top_k(score, k, S.Ties(i), eligible)), i
+        assert torch.equal(fast, R.reference_row_top_k(score, k, S.Ties(i), eligible)), i
         cap = torch.full_like(k, score.shape[1]) if eligible is None else eligible.sum(1)
         assert torch.equal(fast.sum(1), torch.minimum(k, cap))
 
@@ -45,7 +47,7 @@ def test_a_selection_of_rows_hashes_its_layer_indices():
     rows = torch.tensor([3, 7])
     part = S.row_top_k(score[rows], 2, S.Ties(9), row_ids=rows)
     assert torch.equal(part, whole[rows])
-    assert torch.equal(part, S.reference_row_top_k(score[rows], 2, S.Ties(9), row_ids=rows))
+    assert torch.equal(part, R.reference_row_top_k(score[rows], 2, S.Ties(9), row_ids=rows))
 
 
 @pytest.mark.parametrize("k", [1, 17, 30_000, 1_500_000, 2_999_997])
@@ -54,7 +56,7 @@ def test_sample_select_path_is_exact_on_large_layers(k):
     score = torch.randint(0, 1000, (3_000_000,), generator=g).float()  # ~3000 ties per value
     ties = S.Ties(7, k)
     fast = S.top_k(score, k, ties)
-    assert int(fast.sum()) == k and torch.equal(fast, S.reference_top_k(score, k, ties))
+    assert int(fast.sum()) == k and torch.equal(fast, R.reference_top_k(score, k, ties))
 
 
 @pytest.mark.parametrize("share", [0.1, 0.8])
@@ -66,7 +68,7 @@ def test_large_layers_with_eligible_entries(share):
     for k in (5, 40_000, int(0.5 * share * 2_000_000)):
         ties = S.Ties(2, k)
         fast = S.top_k(score, k, ties, eligible)
-        assert S.count(fast) == k and torch.equal(fast, S.reference_top_k(score, k, ties, eligible))
+        assert S.count(fast) == k and torch.equal(fast, R.reference_top_k(score, k, ties, eligible))
 
 
 def test_a_misleading_sample_still_gives_the_exact_answer():
@@ -75,7 +77,7 @@ def test_a_misleading_sample_still_gives_the_exact_answer():
     score = torch.zeros(n)
     score[1::183] = torch.arange(1, len(range(1, n, 183)) + 1, dtype=torch.float32)
     k = 5000
-    assert torch.equal(S.top_k(score, k, S.Ties(0)), S.reference_top_k(score, k, S.Ties(0)))
+    assert torch.equal(S.top_k(score, k, S.Ties(0)), R.reference_top_k(score, k, S.Ties(0)))
 
 
 def test_hash_is_a_seeded_bijection_of_32_bit_indices():
@@ -119,11 +121,11 @@ def test_row_top_k_candidate_path_is_exact_on_large_layers(shape, levels, monkey
     assert S.rows_choose_few(k, cols, eligible)
     monkeypatch.setattr(S, "_row_top_k_dense", None)  # the candidate path answers alone
     fast = S.row_top_k(score, k, ties, eligible)
-    assert torch.equal(fast, S.reference_row_top_k(score, k, ties, eligible))
+    assert torch.equal(fast, R.reference_row_top_k(score, k, ties, eligible))
     assert torch.equal(S.row_counts(fast), torch.minimum(k, S.row_counts(eligible)))
     ids = torch.arange(rows - 1, -1, -1)[: 2 * rows // 3]  # a selection of the layer's rows, hashed as such
     part = S.row_top_k(score[ids], k[ids], ties, eligible[ids], row_ids=ids)
-    assert torch.equal(part, S.reference_row_top_k(score[ids], k[ids], ties, eligible[ids], row_ids=ids))
+    assert torch.equal(part, R.reference_row_top_k(score[ids], k[ids], ties, eligible[ids], row_ids=ids))
 
 
 @pytest.mark.parametrize("misled", [30, 300])
@@ -143,5 +145,5 @@ def test_row_top_k_candidates_survive_a_misleading_sample(misled, monkeypatch):
     dense = S._row_top_k_dense
     monkeypatch.setattr(S, "_row_top_k_dense", lambda *a: dense_calls.append(1) or dense(*a))
     ties = S.Ties(1)
-    assert torch.equal(S.row_top_k(score, k, ties), S.reference_row_top_k(score, k, ties))
+    assert torch.equal(S.row_top_k(score, k, ties), R.reference_row_top_k(score, k, ties))
     assert len(dense_calls) == (1 if misled == 300 else 0)

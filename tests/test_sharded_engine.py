@@ -16,6 +16,7 @@ from dstlm.sparse import SparsityConfig, TorchBackend
 from dstlm.sparse.engine import MaskMismatchError, SparseEngine
 from dstlm.sparse.methods import RigL
 from dstlm.sparse.selectors import CollectiveSelector
+from helpers.reference_selection import check_decisions
 from test_selectors import ThreadRanks
 
 
@@ -73,8 +74,9 @@ def run(method: str, world: int, rank: int, reduce, steps: int = 8, method_class
                          drop_fraction=0.4, partition_masks=partition, **{**extra, **kw})
     engine = SparseEngine(model, cfg, seed=3, max_steps=steps)
     if method_class is not None:
-        engine.method = method_class(cfg)
-    engine.check_reference = check
+        engine.method = engine.decider.method = method_class(cfg)
+    if check:
+        check_decisions(engine)
     backend = ThreadBackend(world, rank, reduce, shard_by)
     if partition:
         engine.partition(backend)
@@ -121,17 +123,22 @@ def test_a_method_of_one_class_decides_alike_whole_on_shards_and_partitioned():
     the entries live) gives the same masks after every update in one process, on 2 replicas deciding by owner
     (DDP's default) and by entries, and on 2 ranks holding partitioned masks (ZeRO-3's default); the real
     multi-process runs are in tests/test_dist.py."""
-    from helpers import custom_method  # noqa: F401  (registers test-saliency)
+    from helpers.custom_method import SaliencyRigL
+    from dstlm.sparse.methods import METHODS, register
 
-    whole, _ = run("test-saliency", 1, 0, None)
-    assert len(whole) >= 3 and any(not torch.equal(whole[0][n], whole[-1][n]) for n in whole[0])
-    for kw in (dict(shard_by="owner"), dict(shard_by="entries"), dict(partition=True)):
-        got = ThreadRanks(2).run(lambda r, reduce, kw=kw: run("test-saliency", 2, r, reduce, **kw))
-        for rank, (masks, flags) in enumerate(got):
-            assert flags == [1.0] * len(whole), kw
-            for i, (a, b) in enumerate(zip(masks, whole)):
-                for name in b:
-                    assert torch.equal(a[name], b[name]), (kw, rank, i, name)
+    register(SaliencyRigL)  # (again, if this worker imported it before: the registry is left as it was found)
+    try:
+        whole, _ = run("test-saliency", 1, 0, None)
+        assert len(whole) >= 3 and any(not torch.equal(whole[0][n], whole[-1][n]) for n in whole[0])
+        for kw in (dict(shard_by="owner"), dict(shard_by="entries"), dict(partition=True)):
+            got = ThreadRanks(2).run(lambda r, reduce, kw=kw: run("test-saliency", 2, r, reduce, **kw))
+            for rank, (masks, flags) in enumerate(got):
+                assert flags == [1.0] * len(whole), kw
+                for i, (a, b) in enumerate(zip(masks, whole)):
+                    for name in b:
+                        assert torch.equal(a[name], b[name]), (kw, rank, i, name)
+    finally:
+        METHODS.pop("test-saliency", None)
 
 
 @pytest.mark.parametrize("method,kw", CASES, ids=IDS)

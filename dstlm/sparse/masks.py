@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -187,3 +187,32 @@ def matrix_run(sp: SparseParam, shape: tuple[int, int], start: int, length: int)
     base = 0 if sp.index is None else sp.index * numel
     a = min(max(start, base), base + numel)
     return base, a, max(a, min(start + length, base + numel))
+
+
+# -- which weights are sparse, under a sparsity config ---------------------------------------------------
+
+
+def matrix_shapes(model: nn.Module, cfg: Any, params: list[SparseParam]) -> dict[str, tuple[int, int]]:
+    """Every sparse matrix's [out, in] shape, after checking the config's patterns match some of them."""
+    matrices = [sp.name for sp in params]
+    check_patterns_match(model, cfg.overrides.keys(), "sparsity.overrides", matrices)
+    check_patterns_match(model, cfg.no_ablate, "sparsity.no_ablate", matrices)
+    shapes = {sp.name: tuple(sp.view(sp.weight).shape) for sp in params}
+    for sp in params:
+        if len(shapes[sp.name]) != 2:
+            raise ValueError(f"{sp.name} has shape {tuple(sp.weight.shape)}; sparsify [out, in] weights only "
+                             f"(use an adapter that presents an [out, in] view)")
+    return shapes
+
+
+def include_of(model: nn.Module, cfg: Any) -> list[str]:
+    """The include patterns in force: the config's, or the model's default when unset."""
+    return cfg.include if cfg.include is not None else getattr(model, "default_sparse_include", ["blocks.*"])
+
+
+def sparse_params_of(model: nn.Module, cfg: Any) -> list[SparseParam]:
+    """The sparse matrices of `model` under the config's include / exclude patterns (unset include: the
+    model's default); a model may choose them itself (`sparse_params`, e.g. the Hugging Face adapter)."""
+    include = include_of(model, cfg)
+    choose = getattr(model, "sparse_params", None)
+    return choose(include, cfg.exclude) if choose is not None else select_params(model, include, cfg.exclude)

@@ -8,34 +8,19 @@ the whole-tensor one (the sharded update builds on that), and no rank needs a pe
 
 The fast paths do O(n) work: the k-th largest value by sample-select (a strided sample gives a pivot, one
 comparison pass keeps the candidates at or above it, an exact kthvalue among them), hashes only for the
-entries tied at the threshold, and per-row top-k by `torch.topk` along rows. `reference_top_k` and
-`reference_row_top_k` compute the same sets by sorting composite (score, hash) keys: the tests hold the
-fast paths to them.
+entries tied at the threshold, and per-row top-k by `torch.topk` along rows. The tests hold both to
+sort-based references of the same order (tests/helpers/reference_selection.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import torch
 
 M32 = 0xFFFFFFFF
-INT64_MIN = -(2**63)
 _EXACT_BELOW = 1 << 18  # plain kthvalue below this many entries
-_USE_REFERENCE = False
-
-
-@contextlib.contextmanager
-def reference_selection() -> Iterator[None]:
-    """Route top_k and row_top_k to the sort-based references (benchmarks and tests compare the two)."""
-    global _USE_REFERENCE
-    before, _USE_REFERENCE = _USE_REFERENCE, True
-    try:
-        yield
-    finally:
-        _USE_REFERENCE = before
 
 
 def _round(x: torch.Tensor) -> torch.Tensor:
@@ -188,8 +173,6 @@ def top_k(score: torch.Tensor, k: int, ties: Ties, eligible: Optional[torch.Tens
           n_eligible: Optional[int] = None) -> torch.Tensor:
     """bool mask (score's shape) of the k first entries in (score desc, hash desc) order among `eligible`
     (all when None); fewer when fewer are eligible. `n_eligible`: count(eligible), when the caller knows it."""
-    if _USE_REFERENCE:
-        return reference_top_k(score, k, ties, eligible)
     flat = score.reshape(-1).float()
     n = flat.numel()
     _check_size(n)
@@ -214,8 +197,6 @@ def row_top_k(score: torch.Tensor, k: Union[int, torch.Tensor], ties: Ties,
     """bool [R, C]: in every row i, the k[i] first entries in (score desc, hash of the flat index desc) order
     among its eligible ones (fewer when fewer are eligible). `row_ids`: the layer rows these R rows are (when
     they are a selection of its rows), so ties hash the entries' indices in the whole layer."""
-    if _USE_REFERENCE:
-        return reference_row_top_k(score, k, ties, eligible, row_ids)
     rows, cols = score.shape
     _check_size(rows * cols)
     kk = torch.as_tensor(k, device=score.device, dtype=torch.int64).expand(rows).clamp(0, cols)
@@ -322,41 +303,3 @@ def _row_top_k_candidates(s: torch.Tensor, kk: torch.Tensor, kmax: int, n_e: Opt
     out = torch.zeros(rows * cols, dtype=torch.bool, device=s.device)
     out[(r * cols + c)[chosen]] = True  # a flat scatter: ~2x cheaper than a 2-d one on the CPU
     return out.view(rows, cols)
-
-
-# -- reference implementations (whole-tensor sorts of composite keys): what the tests compare against --
-
-
-def order_keys(score: torch.Tensor, ties: Ties, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """int64 keys whose order is (score desc, hash desc): the float's order-preserving bits above the hash of
-    each entry's index (`index`, same shape; default: its flat position)."""
-    b = score.reshape(-1).float().contiguous().view(torch.int32).to(torch.int64)
-    b = torch.where(b < 0, b ^ 0x7FFFFFFF, b)
-    index = torch.arange(b.numel(), device=score.device) if index is None else index.reshape(-1)
-    return ((b << 32) | ties.hash(index)).view(score.shape)
-
-
-def reference_top_k(score: torch.Tensor, k: int, ties: Ties, eligible: Optional[torch.Tensor] = None) -> torch.Tensor:
-    keys = order_keys(score, ties).reshape(-1)
-    if eligible is not None:
-        keys = keys.masked_fill(~eligible.reshape(-1), INT64_MIN)
-        k = min(k, int(eligible.sum()))
-    out = torch.zeros(keys.numel(), dtype=torch.bool, device=score.device)
-    out[torch.argsort(keys, descending=True)[: max(0, k)]] = True
-    return out.view(score.shape)
-
-
-def reference_row_top_k(score: torch.Tensor, k: Union[int, torch.Tensor], ties: Ties,
-                        eligible: Optional[torch.Tensor] = None,
-                        row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    rows, cols = score.shape
-    index = None
-    if row_ids is not None:
-        index = row_ids[:, None] * cols + torch.arange(cols, device=score.device)
-    keys = order_keys(score, ties, index)
-    kk = torch.as_tensor(k, dtype=torch.int64, device=score.device).expand(rows).clamp(0, cols)
-    if eligible is not None:
-        keys = keys.masked_fill(~eligible, INT64_MIN)
-        kk = torch.minimum(kk, eligible.sum(dim=1))
-    ranks = torch.argsort(torch.argsort(keys, dim=1, descending=True), dim=1)
-    return ranks < kk[:, None]

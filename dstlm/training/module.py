@@ -141,7 +141,7 @@ class LMModule(L.LightningModule):
             raise ValueError("sparsity.mask_init=wanda needs calibration batches from the training data; train "
                              "through `dstlm fit` (or set LMModule.calibration)")
         from dstlm.sparse.calibration import input_norms
-        from dstlm.sparse.engine import sparse_params_of
+        from dstlm.sparse.masks import sparse_params_of
 
         return input_norms(self.model, sparse_params_of(self.model, sparsity), self.calibration(sparsity.wanda_batches))
 

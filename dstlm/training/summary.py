@@ -49,7 +49,7 @@ class RunRecord(L.Callback):
         if not hasattr(model, "manifest") or engine is None:
             return
         from dstlm.hf.model import format_manifest
-        from dstlm.sparse.engine import include_of
+        from dstlm.sparse.masks import include_of
 
         text = format_manifest(model.manifest(include_of(model, sp_cfg), sp_cfg.exclude), engine.densities)
         kept = f"kept from the model for {engine.kept_masks} of {len(engine.params)} matrices, else " \

@@ -48,7 +48,10 @@ class MaskDump(L.Callback):
     def on_train_start(self, trainer, pl_module):  # after a checkpoint was restored
         self.start = {k: m.clone() for k, m in pl_module.sparse_engine.whole_masks().items()}
         # sharded decisions also decided whole by the sort-based reference; any difference stops the run
-        pl_module.sparse_engine.check_reference = bool(os.environ.get("DSTLM_CHECK_REFERENCE"))
+        if os.environ.get("DSTLM_CHECK_REFERENCE"):
+            from helpers.reference_selection import check_decisions
+
+            check_decisions(pl_module.sparse_engine)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses[trainer.global_step] = float(outputs["loss"])
