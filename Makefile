@@ -29,6 +29,9 @@ train: $(STAMP)
 
 lint: $(STAMP)
 	.venv/bin/ruff check dstlm tests benchmarks slurm
+	# the sparse core keeps every function simple: cyclomatic complexity at most 12 (and at most 40 lines:
+	# tests/test_architecture.py)
+	.venv/bin/ruff check --select C901 --config 'lint.mccabe.max-complexity=12' dstlm/sparse
 
 test: $(STAMP) lint
 	$(PY) -m pytest -q -m "not slow" $(XDIST) --durations=20 $(ARGS)

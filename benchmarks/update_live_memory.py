@@ -3,8 +3,8 @@ exactly op by op rather than sampled from the process's resident memory.
 
     .venv/bin/python benchmarks/update_live_memory.py [--preset gpt-1b] [--n-layer 2] [--methods rigl,srigl,set]
 
-One process on the CPU, partitioned masks at world 1 (each fragment is a whole parameter, decided by the
-sharded rules of dstlm/sparse/sharded.py, which read it a block at a time). Every tensor an op makes during the
+One process on the CPU, partitioned masks at world 1 (each fragment is a whole parameter, decided through the
+collective selector of dstlm/sparse/selectors.py, which reads it a block at a time). Every tensor an op makes during the
 update (views and in-place results excepted) is counted from its creation until it is freed; reported: the
 peak of their sum, per sparse weight, and the largest tensors alive at that peak. The model: one byte per entry
 of the parameter being decided (its new mask, L bytes for the largest) plus a block's working set of fixed

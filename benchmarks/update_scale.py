@@ -17,9 +17,8 @@ ratio. The old tree's masks follow its own rules (other tie-breaks), so they are
 
 --worlds 1,2,4: the fast path at each world size, ranks as gloo processes on this machine (each with
 cores / world threads, or --threads) holding replicas, as under DDP: on more than one rank every rank
-decides the masks of its 1/world of each weight with the sharded rules and the masks are joined by a byte
-all-reduce
-(dstlm/sparse/sharded.py). Reported per world: mean update seconds (slowest rank), the most any rank's
+decides the masks of its 1/world of each weight through the collective selector and the masks are joined by a
+byte all-reduce (dstlm/sparse/selectors.py). Reported per world: mean update seconds (slowest rank), the most any rank's
 update added to its resident memory, the fp32 score bytes each rank held, the mask bytes each rank held
 (mask and ever-active record), and whether the masks equal the one-process run's.
 
@@ -30,9 +29,9 @@ evenly as ZeRO-3 partitions it; each rank holds and decides only its fragment of
 weights live (the GPU goal: the 124M RigL update in <= 100 ms). Times are taken after a device synchronise;
 "peak added" is then the growth of torch's peak allocated GPU memory during the update.
 
---paths fast,sharded (one process, any device): the one-process rules against the sharded rules on the same
-update, with masks partitioned (sparsity.partition_masks) at world 1: the rules ZeRO-3 runs on every rank,
-which read each fragment a block at a time (dstlm/sparse/radix.py); the masks must be identical.
+--paths fast,sharded (one process, any device): the rules through the local selector against the same rules
+through the collective selector, with masks partitioned (sparsity.partition_masks) at world 1: what ZeRO-3 runs
+on every rank, reading each fragment a block at a time (dstlm/sparse/radix.py); the masks must be identical.
 """
 
 from __future__ import annotations

@@ -32,25 +32,8 @@ def input_norms(model: nn.Module, params: list[SparseParam], batches: Iterable) 
     (x, _) in eval mode and restores the training mode."""
     sums: dict[int, torch.Tensor] = {}
     names: dict[int, list[str]] = {}
-    hooks = []
+    hooks = _input_hooks([sp for sp in params if sp.index is None], sums, names)
     experts = _ExpertInputs([sp for sp in params if sp.index is not None])
-    for sp in params:
-        if sp.index is not None:
-            continue
-        cols = sp.shape[1]
-        key = id(sp.module)
-        names.setdefault(key, []).append(sp.name)
-        if len(names[key]) > 1:
-            continue
-
-        def hook(module, args, output, key=key, cols=cols):
-            x = args[0] if args else None
-            if not torch.is_tensor(x) or x.shape[-1] != cols:
-                return
-            s = x.detach().reshape(-1, cols).float().pow(2).sum(0)
-            sums[key] = s if key not in sums else sums[key] + s
-
-        hooks.append(sp.module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
     context = getattr(model, "calibration_context", nullcontext)
@@ -69,6 +52,27 @@ def input_norms(model: nn.Module, params: list[SparseParam], batches: Iterable) 
     norms = {name: sums[key].sqrt() for key, ns in names.items() if key in sums for name in ns}
     norms.update({name: s.sqrt() for name, s in experts.sums.items()})
     return norms
+
+
+def _input_hooks(params: list[SparseParam], sums: dict, names: dict) -> list:
+    """A forward hook on each module holding sparse matrices, summing x^2 of its input per column into
+    sums[id(module)]; names[id(module)]: the matrices that input feeds."""
+    hooks = []
+    for sp in params:
+        cols, key = sp.shape[1], id(sp.module)
+        names.setdefault(key, []).append(sp.name)
+        if len(names[key]) > 1:
+            continue
+
+        def hook(module, args, output, key=key, cols=cols):
+            x = args[0] if args else None
+            if not torch.is_tensor(x) or x.shape[-1] != cols:
+                return
+            s = x.detach().reshape(-1, cols).float().pow(2).sum(0)
+            sums[key] = s if key not in sums else sums[key] + s
+
+        hooks.append(sp.module.register_forward_hook(hook))
+    return hooks
 
 
 class _ExpertInputs(TorchFunctionMode):

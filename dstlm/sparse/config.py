@@ -90,7 +90,12 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "sparsity")
-        # unset fields take the method's values; a set field that contradicts the method is refused
+        self._take_method_values()
+        self._check_ranges()
+        self._check_schedule()
+
+    def _take_method_values(self) -> None:
+        """Unset fields take the method's values; a set field that contradicts the method is refused."""
         cls = method_class(self.method)
         cls.check_config(self)
         if self.condensed and not cls.constant_fan_in:
@@ -110,11 +115,25 @@ class SparsityConfig:
                              f"which gives every layer the same density; drop sparsity.distribution or set uniform")
         if self.sparse_init is None:
             self.sparse_init = cls.default_sparse_init
+
+    def _check_ranges(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity.sparsity={self.sparsity} must be in [0, 1)")
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"sparsity.distribution={self.distribution!r} is unknown; choose one of: "
                              f"{', '.join(DISTRIBUTIONS)}")
+        if not 0.0 < self.gamma_sal <= 1.0:
+            raise ValueError(f"sparsity.gamma_sal={self.gamma_sal} must be in (0, 1]")
+        if not 0.0 <= self.gmp_initial_sparsity <= self.sparsity:
+            raise ValueError(f"sparsity.gmp_initial_sparsity={self.gmp_initial_sparsity} must be in "
+                             f"[0, sparsity={self.sparsity}]")
+        for pattern, s in self.overrides.items():
+            if not 0.0 <= s < 1.0:
+                raise ValueError(f"sparsity.overrides[{pattern!r}]={s} must be in [0, 1)")
+        if self.wanda_batches < 1:
+            raise ValueError(f"sparsity.wanda_batches={self.wanda_batches} must be >= 1")
+
+    def _check_schedule(self) -> None:
         if self.drop_schedule not in SCHEDULES:
             raise ValueError(f"sparsity.drop_schedule={self.drop_schedule!r} is unknown; choose one of: "
                              f"{', '.join(SCHEDULES)}")
@@ -128,16 +147,6 @@ class SparsityConfig:
             raise ValueError(f"sparsity.t_end={self.t_end} is not after sparsity.t_start={self.t_start}")
         if not 0.0 < self.drop_fraction <= 1.0:
             raise ValueError(f"sparsity.drop_fraction={self.drop_fraction} must be in (0, 1]")
-        if not 0.0 < self.gamma_sal <= 1.0:
-            raise ValueError(f"sparsity.gamma_sal={self.gamma_sal} must be in (0, 1]")
-        if not 0.0 <= self.gmp_initial_sparsity <= self.sparsity:
-            raise ValueError(f"sparsity.gmp_initial_sparsity={self.gmp_initial_sparsity} must be in "
-                             f"[0, sparsity={self.sparsity}]")
-        for pattern, s in self.overrides.items():
-            if not 0.0 <= s < 1.0:
-                raise ValueError(f"sparsity.overrides[{pattern!r}]={s} must be in [0, 1)")
-        if self.wanda_batches < 1:
-            raise ValueError(f"sparsity.wanda_batches={self.wanda_batches} must be >= 1")
         if not 1 <= self.grad_accumulation <= self.delta_t:
             raise ValueError(f"sparsity.grad_accumulation={self.grad_accumulation} must be in [1, sparsity.delta_t="
                              f"{self.delta_t}] (the steps before each update whose gradients are averaged)")

@@ -201,20 +201,66 @@ class Source:
         return v.abs() if self.magnitude else v
 
 
-def inside(mask: torch.Tensor) -> Eligible:
-    flat = mask.reshape(-1)
-    return lambda a, b: flat[a:b]
-
-
-def outside(mask: torch.Tensor) -> Eligible:
-    flat = mask.reshape(-1)
-    return lambda a, b: ~flat[a:b]
-
-
 def _and(x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if x is None:
         return y
     return x if y is None else x & y
+
+
+class _Rounds:
+    """Radix rounds over int32 signed-order keys, per segment: the digits chosen so far (`prefix`, low bits 0),
+    the entries above them (`above`), and those at the last chosen digit (`at`), over every rank."""
+
+    def __init__(self, n_seg: int, device: torch.device) -> None:
+        self.n_seg, self.device = n_seg, device
+        self.prefix = torch.zeros(n_seg, dtype=torch.int32, device=device)
+        self.above = torch.zeros(n_seg, dtype=torch.int64, device=device)
+        self.at: Optional[torch.Tensor] = None
+        self.hi = 32
+
+    def matching(self, key, seg, ok):
+        """Eligible entries whose bits above `hi` are the prefix chosen so far."""
+        if self.hi >= 32:
+            return ok
+        pre = self.prefix[0] if seg is None else self.prefix[seg.clamp_min(0)]
+        return _and(ok, (key >> self.hi) == (pre >> self.hi))  # arithmetic shifts on both: the same top bits
+
+    def histogram(self, parts, first: bool, lo: int, nb: int) -> torch.Tensor:
+        """This rank's counts per (segment, digit) of the matching entries (the first digit read as signed)."""
+        hist = torch.zeros(self.n_seg * nb + 1, dtype=torch.int64, device=self.device)  # + one for the ineligible
+        for key, seg, *rest in parts:
+            ok = self.matching(key, seg, rest[0] if rest else None)
+            slot = (key >> lo) + (nb >> 1) if first else (key >> lo) & (nb - 1)
+            if seg is not None:
+                slot = slot + seg.clamp_min(0).to(torch.int32) * nb
+            if ok is not None:
+                slot = torch.where(ok, slot, self.n_seg * nb)
+            hist += torch.bincount(slot, minlength=self.n_seg * nb + 1)
+        return hist[:-1].contiguous()
+
+    def choose(self, h: torch.Tensor, k: torch.Tensor, first: bool, lo: int, nb: int) -> None:
+        """Take, per segment, the digit where the k-th largest key lies, from the all-reduced histogram `h`."""
+        from_top = torch.flip(h, [1]).cumsum(1)
+        j = torch.searchsorted(from_top, (k - self.above).clamp_min(1)[:, None]).squeeze(1).clamp_max(nb - 1)
+        self.above += torch.where(j > 0, from_top.gather(1, (j - 1).clamp_min(0)[:, None]).squeeze(1), 0)
+        d = nb - 1 - j
+        self.prefix |= ((d - (nb >> 1)) << lo if first else d << lo).to(torch.int32)
+        self.at = h.gather(1, d[:, None]).squeeze(1)
+        self.hi = lo
+
+    def collect(self, produce: Callable[[], Iterator]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The keys (and segments) of every matching entry, kept for the later rounds."""
+        keys, segs = [], []
+        for key, seg, *rest in produce():
+            keep = self.matching(key, seg, rest[0] if rest else None)
+            keep = keep.nonzero().squeeze(1) if keep is not None else slice(None)
+            keys.append(key[keep])
+            segs.append(None if seg is None else seg[keep])
+        key = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int32, device=self.device)
+        seg = None if (not segs or segs[0] is None) else torch.cat(segs)
+        if seg is None and self.n_seg > 1:
+            seg = torch.zeros(0, dtype=torch.int64, device=self.device)
+        return key, seg
 
 
 def _find(produce: Callable[[], Iterator], k: torch.Tensor, n_seg: int, digits: tuple[int, ...],
@@ -224,60 +270,22 @@ def _find(produce: Callable[[], Iterator], k: torch.Tensor, n_seg: int, digits: 
     it, and k clamped to the segment's eligible entries, all over every rank. The first digit is the key's
     top bits read as signed (offset to 0 .. 2^bits - 1), the others unsigned. Once a round leaves at most four
     blocks of entries over all ranks, those entries' keys are kept and later rounds read them, not the blocks."""
-    prefix = torch.zeros(n_seg, dtype=torch.int32, device=device)  # the chosen top bits, low bits 0
-    above = torch.zeros(n_seg, dtype=torch.int64, device=device)
-    at = total = None
+    rounds = _Rounds(n_seg, device)
     live: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
-    hi = 32
-
-    def matching(key, seg, ok, hi):  # eligible entries whose bits above `hi` are the prefix chosen so far
-        if hi >= 32:
-            return ok
-        pre = prefix[0] if seg is None else prefix[seg.clamp_min(0)]
-        return _and(ok, (key >> hi) == (pre >> hi))  # arithmetic shifts on both: the same top bits
-
     for r, bits in enumerate(digits):
-        lo, nb = hi - bits, 1 << bits
-        hist = torch.zeros(n_seg * nb + 1, dtype=torch.int64, device=device)  # + a bin for the ineligible
-        parts = [live] if live is not None else produce()
-        for key, seg, *rest in parts:
-            ok = matching(key, seg, rest[0] if rest else None, hi)
-            slot = (key >> lo) + (nb >> 1) if r == 0 else (key >> lo) & (nb - 1)
-            if seg is not None:
-                slot = slot + seg.clamp_min(0).to(torch.int32) * nb
-            if ok is not None:
-                slot = torch.where(ok, slot, n_seg * nb)
-            hist += torch.bincount(slot, minlength=n_seg * nb + 1)
-        h = all_reduce(hist[:-1].contiguous()).view(n_seg, nb)
-        if total is None:
-            total = h.sum(1)
-            k = torch.minimum(k, total)
-        from_top = torch.flip(h, [1]).cumsum(1)
-        j = torch.searchsorted(from_top, (k - above).clamp_min(1)[:, None]).squeeze(1).clamp_max(nb - 1)
-        above += torch.where(j > 0, from_top.gather(1, (j - 1).clamp_min(0)[:, None]).squeeze(1), 0)
-        d = nb - 1 - j
-        prefix |= ((d - (nb >> 1)) << lo if r == 0 else d << lo).to(torch.int32)
-        at = h.gather(1, d[:, None]).squeeze(1)
-        hi = lo
+        lo, nb = rounds.hi - bits, 1 << bits
+        h = all_reduce(rounds.histogram([live] if live is not None else produce(), r == 0, lo, nb)).view(n_seg, nb)
+        if r == 0:
+            k = torch.minimum(k, h.sum(1))
+        rounds.choose(h, k, r == 0, lo, nb)
         if r + 1 == len(digits):
             break
         if live is not None:
-            key, seg = live
-            keep = matching(key, seg, None, hi)
-            live = (key[keep], None if seg is None else seg[keep])
-        elif int(at[k > 0].sum()) <= _KEEP_BLOCKS * block(device):  # few left over all ranks (every rank alike)
-            keys, segs = [], []
-            for key, seg, *rest in produce():
-                keep = matching(key, seg, rest[0] if rest else None, hi)
-                keep = keep.nonzero().squeeze(1) if keep is not None else slice(None)
-                keys.append(key[keep])
-                segs.append(None if seg is None else seg[keep])
-            key = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int32, device=device)
-            seg = None if (not segs or segs[0] is None) else torch.cat(segs)
-            if seg is None and n_seg > 1:
-                seg = torch.zeros(0, dtype=torch.int64, device=device)
-            live = (key, seg)
-    return prefix, above, at, k
+            keep = rounds.matching(*live, None)
+            live = (live[0][keep], None if live[1] is None else live[1][keep])
+        elif int(rounds.at[k > 0].sum()) <= _KEEP_BLOCKS * block(device):  # few left over all ranks (alike)
+            live = rounds.collect(produce)
+    return rounds.prefix, rounds.above, rounds.at, k
 
 
 def radix_select(src: Source, entries: Entries, k: torch.Tensor, ties: Ties, all_reduce: AllReduce,
@@ -290,59 +298,72 @@ def radix_select(src: Source, entries: Entries, k: torch.Tensor, ties: Ties, all
     default); `segment(a, b)`: each entry's segment (-1: none) when n_seg > 1. Every rank calls it with the
     same k, n_seg and digits (collectives inside), whatever entries it holds. `out` may instead be a function,
     called with (a, b, chosen) for every block (e.g. to count the chosen entries without storing them)."""
-    spans = [(0, entries.n)] if spans is None else spans
-    device = entries.device
-    k = k.to(device=device, dtype=torch.int64).reshape(n_seg).clone()
+    sel = _Selection(src, entries, segment, [(0, entries.n)] if spans is None else spans)
+    k = k.to(device=entries.device, dtype=torch.int64).reshape(n_seg).clone()
+    thr, h_thr, k, tied = sel.thresholds(k, ties, n_seg, digits, all_reduce)
+    simple = segment is None and h_thr is None and not src.constant and not assign
+    for a, b in blocks(sel.spans, entries.device):
+        if simple and not bool(k[0] > 0):
+            break
+        chosen, ok = sel.block(a, b, thr, h_thr, k, tied, ties, simple)
+        emit_choice(out, a, b, chosen, ok, assign)
 
-    def load(a: int, b: int):
-        ok = src.ok(a, b)
-        seg = segment(a, b) if segment is not None else None
+
+class _Selection:
+    """One radix selection's blocks: keys, segments and eligibility of entries a .. b, and its thresholds."""
+
+    def __init__(self, src: Source, entries: Entries, segment: Optional[Segment], spans: list) -> None:
+        self.src, self.entries, self.segment, self.spans = src, entries, segment, spans
+
+    def load(self, a: int, b: int):
+        ok = self.src.ok(a, b)
+        seg = self.segment(a, b) if self.segment is not None else None
         if seg is not None:
             ok = _and(ok, seg >= 0)
-        return src.keys(a, b), seg, ok
+        return self.src.keys(a, b), seg, ok
 
-    if not src.constant:
-        thr, above, at, k = _find(lambda: (load(a, b) for a, b in blocks(spans, device)), k, n_seg, digits,
-                                  all_reduce, device)
-        need = k - above
-        tied = (k > 0) & (need < at)  # the threshold is tied and only some of the tied entries fit: hash rounds
-    else:  # all values equal: the hash alone orders the eligible entries
-        thr = torch.zeros(n_seg, dtype=torch.int32, device=device)
-        need, tied = k, k > 0
-    h_thr = None
-    if bool(tied.any()):
+    def thresholds(self, k, ties, n_seg, digits, all_reduce):
+        """(value threshold T, hash threshold H or None, k clamped, tied): per segment, entries above T are
+        chosen, and those at T with a hash at or above H (all of them where H is None or not tied)."""
+        device = self.entries.device
+        if not self.src.constant:
+            thr, above, at, k = _find(lambda: (self.load(a, b) for a, b in blocks(self.spans, device)), k, n_seg,
+                                      digits, all_reduce, device)
+            need = k - above
+            tied = (k > 0) & (need < at)  # the threshold is tied and only some of the tied entries fit
+        else:  # all values equal: the hash alone orders the eligible entries
+            thr = torch.zeros(n_seg, dtype=torch.int32, device=device)
+            need, tied = k, k > 0
+        if not bool(tied.any()):
+            return thr, None, k, tied
+
         def hashes():
-            for a, b in blocks(spans, device):
-                key, seg, ok = load(a, b)
-                sel = _at_threshold(key, seg, ok, thr, tied, b - a, device)
-                pos = sel.nonzero().squeeze(1)
-                yield hash_key(ties, entries.index_at(pos + a)), None if seg is None else seg[pos]
+            for a, b in blocks(self.spans, device):
+                key, seg, ok = self.load(a, b)
+                pos = _at_threshold(key, seg, ok, thr, tied, b - a, device).nonzero().squeeze(1)
+                yield hash_key(ties, self.entries.index_at(pos + a)), None if seg is None else seg[pos]
 
         h_thr, _, _, _ = _find(hashes, torch.where(tied, need, 0), n_seg, digits, all_reduce, device)
-    simple = segment is None and h_thr is None and not src.constant and not assign
-    for a, b in blocks(spans, device):
-        key, seg, ok = load(a, b)
+        return thr, h_thr, k, tied
+
+    def block(self, a, b, thr, h_thr, k, tied, ties, simple: bool):
+        """The choice among entries a .. b, and their eligibility."""
+        key, seg, ok = self.load(a, b)
         if simple:  # one segment, every entry at the threshold taken: value >= T
-            if not bool(k[0] > 0):
-                break
             chosen = key >= thr[0]
-            chosen = chosen if ok is None else chosen & ok
-            emit_choice(out, a, b, chosen, ok, assign)
-            continue
+            return (chosen if ok is None else chosen & ok), ok
+        device = self.entries.device
         s = None if seg is None else seg.clamp_min(0)
         live = (k[0] > 0) if seg is None else (k[s] > 0)
-        if key is None:
-            chosen = torch.zeros(b - a, dtype=torch.bool, device=device)
-        else:
-            chosen = key > (thr[0] if seg is None else thr[s])
+        chosen = torch.zeros(b - a, dtype=torch.bool, device=device) if key is None else \
+            key > (thr[0] if seg is None else thr[s])
         eq = _at_threshold(key, seg, ok, thr, k > 0, b - a, device)
         if h_thr is not None:
             pos = (eq & (tied[0] if seg is None else tied[s])).nonzero().squeeze(1)
             if pos.numel():
-                hs = hash_key(ties, entries.index_at(pos + a))
-                low = hs < (h_thr[0] if seg is None else h_thr[s[pos]])
-                eq[pos[low]] = False
-        emit_choice(out, a, b, _and(_and(chosen, live), ok) | eq, ok, assign)
+                hs = hash_key(ties, self.entries.index_at(pos + a))
+                eq[pos[hs < (h_thr[0] if seg is None else h_thr[s[pos]])]] = False
+        return _and(_and(chosen, live), ok) | eq, ok
 
 
 def emit_choice(out, a: int, b: int, chosen: torch.Tensor, ok: Optional[torch.Tensor], assign: bool) -> None:

@@ -253,42 +253,21 @@ def _row_top_k_dense(s: torch.Tensor, kk: torch.Tensor, kmax: int, ties: Ties, e
 
 def _row_top_k_candidates(s: torch.Tensor, kk: torch.Tensor, kmax: int, n_e: Optional[torch.Tensor], ties: Ties,
                           eligible: Optional[torch.Tensor], row_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """row_top_k when rows choose few of their entries (e.g. SRigL's regrowth): a per-row pivot from a strided
-    sample of columns, one comparison pass for the candidates at or above it, and the exact per-row threshold
-    among those alone (a topk over a [rows, max candidates] table). Rows the sample misled take all their
-    eligible entries as candidates; None (use the dense path) when that is more than a few rows."""
+    """row_top_k when rows choose few of their entries (e.g. SRigL's regrowth): the candidates at or above a
+    per-row pivot (`_row_candidates`), and the exact per-row threshold among those alone (a topk over a
+    [rows, max candidates] table). None (use the dense path) when the sample misled more than a few rows."""
     rows, cols = s.shape
-    neg_inf, pos_inf = float("-inf"), float("inf")
-    stride = max(2, cols // 384)
-    sample = s[:, ::stride]
-    n_all = torch.full((rows,), cols, dtype=torch.int64, device=s.device) if n_e is None else n_e
-    if eligible is None:
-        n_sample = torch.full((rows,), sample.shape[1], dtype=torch.int64, device=s.device)
-    else:
-        e_sample = eligible[:, ::stride].contiguous()
-        sample = torch.where(e_sample, sample, neg_inf)
-        n_sample = row_counts(e_sample)
-    want = kk.double() * n_sample / n_all.clamp_min(1)  # expected sample rank of each row's kk-th value
-    rank = (want + 3.0 * want.sqrt() + 4.0).ceil().to(torch.int64).clamp(1, sample.shape[1])
-    pivot = torch.topk(sample, int(rank.max()), dim=1).values.gather(1, (rank - 1)[:, None])
-    pivot.masked_fill_((kk == 0)[:, None], pos_inf)
-    hit = s >= pivot  # a -inf pivot (sample short of eligible entries) admits the whole row
-    if eligible is not None:
-        hit &= eligible
-    counts = row_counts(hit)
-    bad = counts < kk
-    if bool(bad.any()):
-        if 8 * count(bad) > rows:
-            return None
-        hit[bad] = True if eligible is None else eligible[bad]
-        counts[bad] = n_all[bad]
+    found = _row_candidates(s, kk, n_e, eligible)
+    if found is None:
+        return None
+    hit, counts = found
     r, c = hit.nonzero(as_tuple=True)  # row-major: each row's candidates are one run
     vals = s[r, c]
     pos = torch.arange(r.numel(), device=s.device) - (torch.cumsum(counts, 0) - counts)[r]
-    table = torch.full((rows, int(counts.max())), neg_inf, device=s.device)
+    table = torch.full((rows, int(counts.max())), float("-inf"), device=s.device)
     table[r, pos] = vals
     thr = torch.topk(table, kmax, dim=1).values.gather(1, (kk - 1).clamp_min(0)[:, None]).squeeze(1)
-    thr.masked_fill_(kk == 0, pos_inf)
+    thr.masked_fill_(kk == 0, float("inf"))
     t = thr[r]
     above, eq = vals > t, vals == t
     need = kk - torch.bincount(r[above], minlength=rows)
@@ -303,3 +282,35 @@ def _row_top_k_candidates(s: torch.Tensor, kk: torch.Tensor, kmax: int, n_e: Opt
     out = torch.zeros(rows * cols, dtype=torch.bool, device=s.device)
     out[(r * cols + c)[chosen]] = True  # a flat scatter: ~2x cheaper than a 2-d one on the CPU
     return out.view(rows, cols)
+
+
+def _row_candidates(s: torch.Tensor, kk: torch.Tensor, n_e: Optional[torch.Tensor],
+                    eligible: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(bool [rows, cols] of candidates surely holding each row's kk largest eligible, their count per row):
+    the entries at or above a pivot set a little beyond each row's expected kk-th value in a strided sample of
+    columns. Rows the sample misled take all their eligible entries; None when that is more than an eighth."""
+    rows, cols = s.shape
+    stride = max(2, cols // 384)
+    sample = s[:, ::stride]
+    n_all = torch.full((rows,), cols, dtype=torch.int64, device=s.device) if n_e is None else n_e
+    if eligible is None:
+        n_sample = torch.full((rows,), sample.shape[1], dtype=torch.int64, device=s.device)
+    else:
+        e_sample = eligible[:, ::stride].contiguous()
+        sample = torch.where(e_sample, sample, float("-inf"))
+        n_sample = row_counts(e_sample)
+    want = kk.double() * n_sample / n_all.clamp_min(1)  # expected sample rank of each row's kk-th value
+    rank = (want + 3.0 * want.sqrt() + 4.0).ceil().to(torch.int64).clamp(1, sample.shape[1])
+    pivot = torch.topk(sample, int(rank.max()), dim=1).values.gather(1, (rank - 1)[:, None])
+    pivot.masked_fill_((kk == 0)[:, None], float("inf"))
+    hit = s >= pivot  # a -inf pivot (sample short of eligible entries) admits the whole row
+    if eligible is not None:
+        hit &= eligible
+    counts = row_counts(hit)
+    bad = counts < kk
+    if bool(bad.any()):
+        if 8 * count(bad) > rows:
+            return None
+        hit[bad] = True if eligible is None else eligible[bad]
+        counts[bad] = n_all[bad]
+    return hit, counts
