@@ -326,6 +326,12 @@ def test_command_line_merges_every_model_field_of_either_source(hf_dirs, monkeyp
                                      "--data.block_size", "32"])
     assert (cfg.model.hf, cfg.model.from_config, cfg.model.block_size) == (d, True, 32)
     assert cfg.data.tokenizer == d  # the model's own tokenizer
+    cfg, _ = parse_run("dstlm fit", ["--model.hf", d, "--data.tokenizer", "bpe", "--data.block_size", "32"])
+    assert cfg.data.tokenizer == "bpe"  # a tokenizer named, even the default one, is used as given
+    cfg, _ = parse_run("dstlm fit", ["--config", "recipes/hf-rigl.yaml", "--model.hf", d, "--data.block_size", "32"])
+    assert cfg.data.tokenizer == d  # a recipe's data section that names no tokenizer: the model's
+    cfg, _ = parse_run("dstlm fit", ["--config", "recipes/tiny-rigl.yaml"])
+    assert cfg.data.tokenizer == "bpe"
     cfg, _ = parse_run("dstlm fit", ["--config", "recipes/tiny-rigl.yaml", "--model.n_layer", "3"])
     assert (cfg.model.n_layer, cfg.model.n_embd) == (3, 192)
     cfg, _ = parse_run("dstlm fit", ["--config", "recipes/hf-rigl.yaml", "--model.hf", d, "--model.block_size", "48",

@@ -66,8 +66,9 @@ class DataConfig:
     """Field of the completion in prompt/completion rows."""
     messages_field: str = "messages"
     """Field of the conversation (a list of {role, content}) in messages rows."""
-    tokenizer: str = "bpe"
-    """'bpe' (byte-level BPE trained on the corpus and cached), 'gpt2' (shipped GPT-2 BPE) or a path."""
+    tokenizer: Optional[str] = None
+    """'bpe' (byte-level BPE trained on the corpus and cached), 'gpt2' (shipped GPT-2 BPE) or a path. Unset: a
+    Hugging Face model folder's own tokenizer, else 'bpe'; a value that is set is used as given."""
     vocab_size: int = 4096
     """Vocabulary of the trained 'bpe' tokenizer (ignored for others)."""
     block_size: int = 256
@@ -302,9 +303,9 @@ class RunConfig:
             raise ValueError(f"name={self.name!r} must name one folder under out_dir (no '/', not empty); e.g. "
                              f"name: rigl-90")
         check_transformable(self.model, self.ift)
-        if isinstance(self.model, HFModelConfig):
-            if self.data.tokenizer == "bpe" and self.model.local is not None:
-                self.data.tokenizer = self.model.hf  # the model's own tokenizer, unless another is named
+        if self.data.tokenizer is None:  # the model's own tokenizer, unless another is named
+            own = isinstance(self.model, HFModelConfig) and self.model.local is not None
+            self.data.tokenizer = self.model.hf if own else "bpe"
         if self.optim.fused and self.trainer.precision.startswith("16"):
             raise ValueError(f"optim.fused=true with trainer.precision={self.trainer.precision!r}: a fused optimizer "
                              f"unscales fp16 gradients itself, so they cannot be clipped; use bf16-mixed or "

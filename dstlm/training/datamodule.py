@@ -40,7 +40,7 @@ class LMDataModule(L.LightningDataModule):
             files = [] if self.cfg.hf_dataset else self.files
             for f in files:
                 corpus_file(f)  # missing, or a directory: named before anything reads the files
-            self._tokenizer = load_tokenizer(self.cfg.tokenizer, files, self.cfg.vocab_size)
+            self._tokenizer = load_tokenizer(self.cfg.tokenizer or "bpe", files, self.cfg.vocab_size)
         return self._tokenizer
 
     @property
