@@ -99,11 +99,17 @@ def wait_for(cond, timeout, what, env, job):
         # but not before the old attempt's steps are gone (slurmd refuses a job whose credential it just revoked)
         if state == "PENDING" and job_field(job, "Reason", env) == "BeginTime":
             held_since = held_since or time.time()
-            if time.time() - held_since > 10:
+            if time.time() - held_since > 4 and not steps_of(job, env):
                 sh(["scontrol", "update", f"JobId={job}", "StartTime=now"], env, check=False)
         else:
             held_since = None
         time.sleep(0.5)
+
+
+def steps_of(job: str, env) -> str:
+    """The job's steps slurmctld still lists (empty once the previous attempt's steps are gone)."""
+    return subprocess.run(["squeue", "--steps", "--jobs", job, "--noheader"], env=env, capture_output=True,
+                          text=True).stdout.strip()
 
 
 def submit(env, path: str, *extra) -> str:
