@@ -31,16 +31,21 @@ def check_ranks_agree(params: list[SparseParam], layers: dict[str, Layer], backe
     else:
         values = mask_checksum(sp.mask for sp in params)
     gathered = backend.all_gather(values.to(device))
-    differ = {sp.name: [r for r, g in enumerate(gathered) if not torch.equal(g[i], gathered[0][i])]
-              for i, sp in enumerate(params)}
-    differ = {name: ranks for name, ranks in differ.items() if ranks}
+    differ = {}
+    for i, sp in enumerate(params):
+        ranks = [r for r, g in enumerate(gathered) if not torch.equal(g[i], gathered[0][i])]
+        if ranks:
+            differ[sp.name] = ranks
     if differ:
-        first, ranks = next(iter(differ.items()))
-        more = f" and {len(differ) - 1} more layer(s)" if len(differ) > 1 else ""
-        moment = f"entering the mask update of step {t}" if when == "before" else f"after the mask update of step {t}"
-        raise MaskMismatchError(f"the mask of {first}{more} differs across data-parallel ranks {moment} "
-                                f"(rank(s) {ranks} disagree with rank 0); training stopped (every rank must "
-                                f"hold the same masks: same scores, seeds and code)")
+        raise MaskMismatchError(_disagreement(differ, t, when))
+
+
+def _disagreement(differ: dict[str, list[int]], t: int, when: str) -> str:
+    first, ranks = next(iter(differ.items()))
+    more = f" and {len(differ) - 1} more layer(s)" if len(differ) > 1 else ""
+    moment = f"entering the mask update of step {t}" if when == "before" else f"after the mask update of step {t}"
+    return (f"the mask of {first}{more} differs across data-parallel ranks {moment} (rank(s) {ranks} disagree with "
+            f"rank 0); training stopped (every rank must hold the same masks: same scores, seeds and code)")
 
 
 @torch.no_grad()

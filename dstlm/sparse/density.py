@@ -58,27 +58,30 @@ def erk_densities(shapes: Mapping[str, Sequence[int]], density: float, power: fl
     """
     fixed = dict(fixed or {})
     numel = {n: math.prod(s) for n, s in shapes.items()}
-    total = sum(numel.values())
     score = {n: (1.0 if method == "uniform" else raw_score(s, power)) for n, s in shapes.items()}
+    eps, dense = _solve(numel, score, fixed, density)
+    return {n: fixed[n] if n in fixed else 1.0 if n in dense else eps * score[n] for n in shapes}
+
+
+def _solve(numel: Mapping[str, int], score: Mapping[str, float], fixed: Mapping[str, float],
+           density: float) -> tuple[float, set[str]]:
+    """(eps, the layers made dense): the free layers' densities eps * score meet the global budget."""
+    total = sum(numel.values())
+    taken = sum(fixed[n] * numel[n] for n in fixed)  # the overrides' share of the budget
     dense: set[str] = set()
+    eps = 0.0
     while True:
-        free = [n for n in shapes if n not in fixed and n not in dense]
-        budget = density * total - sum(fixed[n] * numel[n] for n in fixed) - sum(numel[n] for n in dense)
-        denom = sum(score[n] * numel[n] for n in free)
+        free = [n for n in numel if n not in fixed.keys() | dense]
         if not free:
-            break
-        eps = budget / denom
+            return eps, dense
+        eps = (density * total - taken - sum(numel[n] for n in dense)) / sum(score[n] * numel[n] for n in free)
         if eps < 0:
             raise ValueError(f"the overrides already use more than the global density {density:.4f}; "
                              f"lower sparsity.overrides or raise sparsity.sparsity")
         over = [n for n in free if eps * score[n] > 1.0]
         if not over:
-            break
+            return eps, dense
         dense.update(over)
-    out = {}
-    for n in shapes:
-        out[n] = fixed[n] if n in fixed else 1.0 if n in dense else eps * score[n]
-    return out
 
 
 def active_counts(shapes: Mapping[str, Sequence[int]], densities: Mapping[str, float],

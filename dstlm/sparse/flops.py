@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 import torch.nn as nn
 
 from dstlm.sparse.methods import method_class
@@ -61,31 +62,36 @@ def count_flops(model: nn.Module, layer_names: list[str], seq_len: int, active: 
     out = FlopCount(n_embd=model.config.n_embd)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     for layer in layer_names:
-        parts = [m for n, m in linears.items() if n == layer or n.startswith(layer + ".")]
-        nnz = numel = 0
-        for m in parts:
-            size = getattr(m.weight, "ds_numel", None) or m.weight.numel()  # ZeRO-3 partitions the weight
-            numel += size
-            nnz += active_entries(m, "weight", size, active)
+        parts = [(m, "weight") for n, m in linears.items() if n == layer or n.startswith(layer + ".")]
+        nnz, numel = _entries(parts, active)
         out.layers[layer], out.layers_dense[layer] = 2 * nnz, 2 * numel
         out.density[layer] = nnz / max(1, numel)
     for name, m in model.named_modules():  # MoE MLPs: router + the top_k experts a token visits (mean nnz)
         if hasattr(m, "batched_params"):
             E, k = m.cfg.num_experts, m.cfg.top_k
-            nnz = numel = 0
-            for attr in m.batched_params:
-                w = getattr(m, attr)
-                size = getattr(w, "ds_numel", None) or w.numel()
-                numel += size
-                nnz += active_entries(m, attr, size, active)
+            nnz, numel = _entries([(m, attr) for attr in m.batched_params], active)
             router = m.router.weight.numel()
             out.layers[name] = 2 * (k * nnz // E + router)
             out.layers_dense[name] = 2 * (k * numel // E + router)
             out.density[name] = nnz / max(1, numel)
     head = linears.get("lm_head")
-    out.lm_head = 2 * (getattr(head.weight, "ds_numel", None) or head.weight.numel()) if head is not None else 0
+    out.lm_head = 2 * _size(head.weight) if head is not None else 0
     out.attention = 2 * 2 * seq_len * model.config.n_embd * model.config.n_layer
     return out
+
+
+def _size(w: torch.Tensor) -> int:
+    return getattr(w, "ds_numel", None) or w.numel()  # ZeRO-3 partitions the weight
+
+
+def _entries(parts: list[tuple[nn.Module, str]], active: Optional[dict]) -> tuple[int, int]:
+    """(non-zero, all) entries of the (module, attribute) weights."""
+    nnz = numel = 0
+    for m, attr in parts:
+        size = _size(getattr(m, attr))
+        numel += size
+        nnz += active_entries(m, attr, size, active)
+    return nnz, numel
 
 
 def dense_count(cfg, shapes: dict[str, tuple[int, int]], seq_len: int) -> FlopCount:

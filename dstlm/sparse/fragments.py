@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -137,30 +137,42 @@ def read_fragments(files: Iterable[Path], wanted: dict[str, tuple[int, int]], de
     covered = dict.fromkeys(wanted, 0)
     for path in files:
         params = _load(path)["params"]
-        for key, (start, length) in wanted.items():
-            saved = params.get(key)
-            if saved is None:
+        for key, run in wanted.items():
+            if key not in params:
                 raise KeyError(f"{path} holds no mask for {key}: the checkpoint is of another model")
-            s0, n0 = saved["start"], saved["length"]
-            lo, hi = max(start, s0), min(start + length, s0 + n0)
-            if hi <= lo:
-                continue
-            a, b = (lo - s0) // 8, -(-(hi - s0) // 8)  # the packed bytes that hold lo .. hi
-            for dst, packed in zip(out[key], (saved["mask"], saved["ever"])):
-                bits = unpack_bits(packed[a:b], (b - a) * 8)[lo - s0 - 8 * a:hi - s0 - 8 * a]
-                dst[lo - start:hi - start] = bits.to(dst.device)
-            if scores and "score" in saved:
-                score[key][lo - start:hi - start] = saved["score"][lo - s0:hi - s0].to(score[key].device)
-                scored[key] += hi - lo
-            covered[key] += hi - lo
+            n, with_score = _copy_overlap(params[key], run, out[key], score.get(key))
+            covered[key] += n
+            scored[key] += n if with_score else 0
     for key, (_, length) in wanted.items():
-        if covered[key] != length:
-            raise ValueError(f"the saved mask fragments of {key} cover {covered[key]} of the {length} entries this "
-                             f"rank needs (a file is missing from the checkpoint)")
-        if scored[key] not in (0, length):
-            raise ValueError(f"the saved fragments hold gradient scores for {scored[key]} of the {length} entries of "
-                             f"{key} this rank needs (files of different checkpoints?)")
+        _check_covered(key, length, covered[key], scored[key])
     return {k: (m, e, score[k] if scored[k] else None) for k, (m, e) in out.items()}
+
+
+def _copy_overlap(saved: dict, run: tuple[int, int], dst: tuple[torch.Tensor, torch.Tensor],
+                  score: Optional[torch.Tensor]) -> tuple[int, bool]:
+    """Copy the part of one saved fragment that overlaps the wanted run (start, length) into the run's mask and
+    ever-active (and score, when asked and saved); (entries copied, whether a score was)."""
+    start, length = run
+    s0, n0 = saved["start"], saved["length"]
+    lo, hi = max(start, s0), min(start + length, s0 + n0)
+    if hi <= lo:
+        return 0, False
+    a, b = (lo - s0) // 8, -(-(hi - s0) // 8)  # the packed bytes that hold lo .. hi
+    for t, packed in zip(dst, (saved["mask"], saved["ever"])):
+        t[lo - start:hi - start] = unpack_bits(packed[a:b], (b - a) * 8)[lo - s0 - 8 * a:hi - s0 - 8 * a].to(t.device)
+    if score is None or "score" not in saved:
+        return hi - lo, False
+    score[lo - start:hi - start] = saved["score"][lo - s0:hi - s0].to(score.device)
+    return hi - lo, True
+
+
+def _check_covered(key: str, length: int, covered: int, scored: int) -> None:
+    if covered != length:
+        raise ValueError(f"the saved mask fragments of {key} cover {covered} of the {length} entries this "
+                         f"rank needs (a file is missing from the checkpoint)")
+    if scored not in (0, length):
+        raise ValueError(f"the saved fragments hold gradient scores for {scored} of the {length} entries of "
+                         f"{key} this rank needs (files of different checkpoints?)")
 
 
 def whole_masks_from(folder: str | Path) -> dict[str, torch.Tensor]:

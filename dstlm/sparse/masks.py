@@ -88,30 +88,43 @@ def select_params(model: nn.Module, include: Iterable[str], exclude: Iterable[st
     """Sparsifiable weights (>= 2-D parameters of modules other than embeddings/norms, not shared with an
     embedding) whose names match an include pattern and no exclude pattern, in model order."""
     include, exclude = list(include), list(exclude)
-    embedding_ids = {id(p) for m in model.modules() if isinstance(m, NEVER_SPARSE) for p in m.parameters(False)}
     chosen, seen = [], set()
-    for mod_name, module in model.named_modules():
-        if isinstance(module, NEVER_SPARSE) or getattr(module, "dstlm_dense", False):  # e.g. MoE routers
+    for name, module, attr, p in _sparsifiable_params(model):
+        if id(p) in seen or not _matches(name, include) or _matches(name, exclude):
             continue
-        for attr, p in module.named_parameters(recurse=False):
-            name = f"{mod_name}.{attr}" if mod_name else attr
-            if p.ndim < 2 or id(p) in embedding_ids or id(p) in seen or attr in getattr(module, "dense_params", ()):
-                continue
-            batched = attr in getattr(module, "batched_params", ())
-            if batched and attr not in getattr(module, "sparse_batched", module.batched_params):
-                continue  # e.g. the dense low-rank part of Sparse-IFT doped experts
-            if any(fnmatch.fnmatchcase(name, pat) for pat in include) and not any(
-                fnmatch.fnmatchcase(name, pat) for pat in exclude
-            ):
-                seen.add(id(p))
-                if p.ndim == 3 and batched:
-                    chosen += [SparseParam(f"{name}.{e}", module, attr, e) for e in range(p.shape[0])]
-                else:
-                    chosen.append(SparseParam(name, module, attr))
+        seen.add(id(p))
+        if p.ndim == 3 and attr in getattr(module, "batched_params", ()):
+            chosen += [SparseParam(f"{name}.{e}", module, attr, e) for e in range(p.shape[0])]
+        else:
+            chosen.append(SparseParam(name, module, attr))
     if not chosen:
         raise ValueError(f"sparsity.include={include} (exclude={exclude}) matches no sparsifiable weight; "
                          f"weights look like {_example_names(model)}")
     return chosen
+
+
+def _sparsifiable_params(model: nn.Module):
+    """(name, module, attribute, parameter) of every parameter that may be sparse, in model order."""
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, NEVER_SPARSE) for p in m.parameters(False)}
+    for mod_name, module in model.named_modules():
+        if isinstance(module, NEVER_SPARSE) or getattr(module, "dstlm_dense", False):  # e.g. MoE routers
+            continue
+        for attr, p in module.named_parameters(recurse=False):
+            if id(p) not in embedding_ids and _sparsifiable(module, attr, p):
+                yield (f"{mod_name}.{attr}" if mod_name else attr), module, attr, p
+
+
+def _sparsifiable(module: nn.Module, attr: str, p: torch.Tensor) -> bool:
+    """A >= 2-D parameter the module does not keep dense (`dense_params`; a batched parameter not listed in
+    `sparse_batched`, e.g. the dense low-rank part of Sparse-IFT doped experts)."""
+    if p.ndim < 2 or attr in getattr(module, "dense_params", ()):
+        return False
+    batched = getattr(module, "batched_params", ())
+    return attr not in batched or attr in getattr(module, "sparse_batched", batched)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
 
 
 def _example_names(model: nn.Module) -> str:
