@@ -23,6 +23,7 @@ import torch
 
 from dstlm.data.tokenizer import EOS, TextTokenizer
 from dstlm.hf.source import MASKS_FILE
+from dstlm.sparse.methods import METHODS, DSTMethod
 
 
 class ExportCheckError(RuntimeError):
@@ -53,12 +54,14 @@ def _masks(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _method(sparsity: Optional[dict]) -> type[DSTMethod]:
+    """The class of the run's method (the base class, whose answers are 'unstructured', for a dense run or a
+    method this process has not registered)."""
+    return METHODS.get((sparsity or {}).get("method", ""), DSTMethod)
+
+
 def _pattern(method: str, sparsity: dict) -> str:
-    if method == "nm":
-        return f"{sparsity['n']}:{sparsity['m']} along the input dimension"
-    if method == "srigl":
-        return "constant fan-in per output row (ablated rows all zero)"
-    return "unstructured"
+    return _method(sparsity).pattern(sparsity)
 
 
 def sparsity_block(loaded, masks: dict[str, torch.Tensor]) -> dict:
@@ -174,13 +177,14 @@ def verify_export(model, masks: dict[str, torch.Tensor], directory: Path, sparsi
 
     re = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
     got = dict(re.named_parameters())
-    matrices = model.sparse_params(["*"], []) if sparsity and sparsity.get("method") == "nm" else []
+    groups = _method(sparsity).groups(sparsity) if sparsity else None
+    matrices = model.sparse_params(["*"], []) if groups else []
     for name, mask in masks.items():
         w = got[name]
         if bool((w[~mask] != 0).any()):
             raise ExportCheckError(f"export check: {name} reloads with non-zero weights at pruned entries")
-        if sparsity and sparsity.get("method") == "nm":
-            _check_nm(name, w, sparsity["n"], sparsity["m"], matrices)
+        if groups:
+            _check_nm(name, w, *groups, matrices)
     ids = torch.arange(min(16, model.config.block_size or 16)).remainder(re.config.vocab_size)[None, :]
     was = model.hf.training
     model.hf.eval()

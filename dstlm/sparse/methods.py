@@ -136,6 +136,18 @@ class DSTMethod:
         nnz = counts.active
         return [] if nnz == layer.budget else [f"{layer.name}: {nnz} active != budget {layer.budget}"]
 
+    # -- what an exported model states ------------------------------------------------------------------
+    @classmethod
+    def pattern(cls, sparsity: dict) -> str:
+        """The masks' structure in words, for a model card (`sparsity`: the run's sparsity config as saved)."""
+        return "unstructured"
+
+    @classmethod
+    def groups(cls, sparsity: dict) -> Optional[tuple[int, int]]:
+        """(n, m) when every group of m consecutive inputs of a row holds at most n active weights (an export
+        checks it on the reloaded weights), else None."""
+        return None
+
     # -- cost -------------------------------------------------------------------------------------------
     def training_flops(self, f_sparse: float, f_dense: float, delta_t: int) -> float:
         """Training FLOPs per token (forward + backward) from the forward FLOPs with sparse weights
@@ -214,6 +226,10 @@ class SRigL(DSTMethod):
         layer.budget = layer.shape[0] * layer.fan_in
         return select.row_top(score, layer.fan_in, ties.sub("init-scored"))
 
+    @classmethod
+    def pattern(cls, sparsity):
+        return "constant fan-in per output row (ablated rows all zero)"
+
     def update(self, layer, shard, n_swap, t, schedule, ties):
         allow = self.cfg.ablation and not layer.protected
         new, layer.fan_in = rules.srigl_update(shard.select, shard.weight, shard.mask, shard.score, n_swap,
@@ -280,6 +296,14 @@ class NM(DSTMethod):
         super().check_config(cfg)
         if not (isinstance(cfg.n, int) and isinstance(cfg.m, int) and 0 < cfg.n < cfg.m):
             raise ValueError(f"sparsity.n={cfg.n}, sparsity.m={cfg.m}: need integers 0 < n < m (e.g. 2:4)")
+
+    @classmethod
+    def pattern(cls, sparsity):
+        return f"{sparsity['n']}:{sparsity['m']} along the input dimension"
+
+    @classmethod
+    def groups(cls, sparsity):
+        return sparsity["n"], sparsity["m"]
 
     def init_mask(self, layer, weight, ties):
         return self.init_mask_scored(layer, weight.detach(), LocalSelector(layer.shape, weight.device), ties, False)
