@@ -120,9 +120,10 @@ class SparseEngine:
     def active_entries(self) -> dict[tuple[int, str], int]:
         """Active entries of every sparse parameter, keyed (id(module), attr): what FLOP counts read."""
         out: dict[tuple[int, str], int] = {}
+        counts = self.counts()
         for sp in self.params:
             key = (id(sp.module), sp.attr)
-            out[key] = out.get(key, 0) + self.counts()[sp.name].active
+            out[key] = out.get(key, 0) + counts[sp.name].active
         return out
 
     @torch.no_grad()
