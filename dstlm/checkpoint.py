@@ -31,6 +31,8 @@ class LoadedModel:
     sparsity: Optional[dict]
     step: int
     path: str
+    peft: Optional[dict] = None
+    """The run's peft config (a LoRA run: `model.hf` is the peft model, its adapter not merged)."""
 
 
 SPARSITY_IDENTITY = ("method", "sparsity", "distribution", "include", "exclude", "n", "m")
@@ -204,6 +206,11 @@ def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> Loa
         if "hf_config" not in extra:
             raise ValueError(f"checkpoint {str(p)!r} of the Hugging Face model {cfg.hf!r} carries no architecture; "
                              f"re-save it with this dstlm version")
+        if hp.get("peft"):  # the adapter only: the frozen base comes from its folder
+            from dstlm.hf.lora import load_adapter
+
+            model = load_adapter(cfg, hp["peft"], extra, ckpt["state_dict"], str(p))
+            return _loaded(model, ckpt, cfg, hp, str(p))
         model = build_model(cfg, hf_config=extra["hf_config"], weights=False)
     else:
         known = {f.name for f in dataclasses.fields(GPTConfig)}
@@ -212,12 +219,6 @@ def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> Loa
             check_resume_compatible({"model": dataclasses.asdict(cfg)}, expect, check_sparsity=False)
         ift = SparseIFTConfig(**hp["ift"]) if hp.get("ift") else None
         model = build_model(cfg, model_transforms(cfg, ift))  # the same (Sparse-IFT) structure as in training
-    tok_json = extra.get("tokenizer")
-    if not tok_json:
-        raise ValueError(f"checkpoint {str(p)!r} carries no tokenizer; re-save it with this dstlm version")
-    tokenizer = tokenizer_from_json(tok_json, name=str(p), eos=extra.get("eos") or EOS,
-                                    chat_template=extra.get("chat_template"),
-                                    special_tokens=extra.get("special_tokens"))
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     if extra.get("condensed"):  # written by `dstlm export --condensed`: those layers are stored condensed
         rebuild_condensed(model, extra["condensed"], state)
@@ -231,8 +232,21 @@ def load_checkpoint(path: str | Path, expect: Optional[GPTConfig] = None) -> Loa
     for name, mask in masks.items():  # keep masks visible on the loaded model (for reports / exports)
         module_name, attr = name.rsplit(".", 1)
         model.get_submodule(module_name).register_buffer(attr, mask.clone(), persistent=False)
+    return _loaded(model, ckpt, cfg, hp, str(p))
+
+
+def _loaded(model: nn.Module, ckpt: dict, cfg, hp: dict, path: str) -> LoadedModel:
+    """The LoadedModel of a checkpoint whose model is built and loaded: its tokenizer read, eval mode."""
+    extra = ckpt.get("dstlm") or {}
+    tok_json = extra.get("tokenizer")
+    if not tok_json:
+        raise ValueError(f"checkpoint {path!r} carries no tokenizer; re-save it with this dstlm version")
+    tokenizer = tokenizer_from_json(tok_json, name=path, eos=extra.get("eos") or EOS,
+                                    chat_template=extra.get("chat_template"),
+                                    special_tokens=extra.get("special_tokens"))
     model.eval()
-    return LoadedModel(model, tokenizer, cfg, hp.get("sparsity"), int(ckpt.get("global_step", 0)), str(p))
+    return LoadedModel(model, tokenizer, cfg, hp.get("sparsity"), int(ckpt.get("global_step", 0)), path,
+                       hp.get("peft"))
 
 
 def export_condensed(path: str | Path, out_dir: str | Path) -> tuple[Path, dict[str, str]]:

@@ -77,9 +77,12 @@ def sparsity_block(loaded, masks: dict[str, torch.Tensor]) -> dict:
                      "pattern": _pattern(method, sp)}
         total, zeros = total + n, zeros + z
     dense = sorted(n for n, p in params.items() if n not in masks)
-    return {"format": "dstlm-masked-dense/1", "method": method, "target_sparsity": sp.get("sparsity"),
-            "achieved_sparsity": round(zeros / max(1, total), 6), "sparse_weights": per, "ignored": dense,
-            "masks_file": MASKS_FILE, "step": loaded.step}
+    block = {"format": "dstlm-masked-dense/1", "method": method, "target_sparsity": sp.get("sparsity"),
+             "achieved_sparsity": round(zeros / max(1, total), 6), "sparse_weights": per, "ignored": dense,
+             "masks_file": MASKS_FILE, "step": loaded.step}
+    if loaded.peft:  # a LoRA run: how its adapter was trained and what the export did with it
+        block["adapter"] = {k: loaded.peft[k] for k in ("method", "r", "alpha", "merge", "target_modules")}
+    return block
 
 
 def write_masks(masks: dict[str, torch.Tensor], path: Path) -> None:
@@ -99,6 +102,16 @@ def model_card(loaded, block: dict, recipe: Optional[str], scores: Optional[dict
              "`AutoModelForCausalLM.from_pretrained` loads it as is. `sparsity_masks.safetensors` holds the masks "
              "(bit-packed), so dstlm resumes sparse training from this folder with `model: {hf: <this folder>}`.", "",
              "| weight | shape | sparsity | pattern |", "|---|---|---:|---|"]
+    if "adapter" in block:
+        a = block["adapter"]
+        lines[2:2] = [f"Fine-tuned with a {a['method'].upper()} adapter (rank {a['r']}, alpha {a['alpha']:g}, on "
+                      f"{a['target_modules'] or 'peft defaults'}) on the frozen sparse base, merge **{a['merge']}**: "
+                      + {"masked": "trained through the base's masks and merged into exactly its zeros.",
+                         "post_mask": "trained plainly, its update masked when merged (zeros kept; the masking "
+                                      "changes the model the adapter was trained as).",
+                         "none": "not merged; `adapter/` is a peft adapter folder to load onto this model "
+                                 "(`peft.PeftModel.from_pretrained(model, '<this folder>/adapter')`)."}[a["merge"]],
+                      ""]
     for name, e in block["sparse_weights"].items():
         lines.append(f"| {name} | {'x'.join(map(str, e['shape']))} | {e['sparsity']:.4f} | {e['pattern']} |")
     lines += ["", f"Dense (not sparsified): {len(block['ignored'])} weights — embeddings, LM head, norms, biases, "
@@ -129,8 +142,9 @@ def _run_files(checkpoint: Optional[str]) -> tuple[Optional[str], Optional[dict]
     return None, None
 
 
-def export_hf_source(loaded, checkpoint: Optional[str], out: Path) -> Path:
-    """Write and verify the export of a checkpoint whose model source is a Hugging Face model."""
+def export_hf_source(loaded, checkpoint: Optional[str], out: Path, also=None) -> Path:
+    """Write and verify the export of a checkpoint whose model source is a Hugging Face model. `also(folder)`:
+    writes and verifies more of the export (a LoRA adapter) before the folder replaces `out`."""
     model = loaded.model
     masks = _masks(model)
     with torch.no_grad():
@@ -158,6 +172,8 @@ def export_hf_source(loaded, checkpoint: Optional[str], out: Path) -> Path:
         recipe, scores = _run_files(checkpoint)
         (tmp / "README.md").write_text(model_card(loaded, block, recipe, scores))
     verify_export(model, masks, tmp, loaded.sparsity)
+    if also is not None:
+        also(tmp)
     if out.exists():  # replaced only once the new export is complete and verified
         old = out.with_name(out.name + ".old")
         if old.exists():

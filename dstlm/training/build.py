@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 
+from dstlm.training.adapter import AdapterReport
 from dstlm.training.callbacks import LossPlot, RNGState, StepCheckpoint, ThroughputMeter
 from dstlm.hf.source import HFModelConfig
 from dstlm.training.config import RunConfig
@@ -74,7 +75,9 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
     # before DSTCallback, which asks it whether a step is skipped
     callbacks.append(NonFiniteGuard(cfg.trainer.on_nonfinite, cfg.trainer.max_skipped_steps))
     callbacks.append(RankLiveness(cfg.trainer.collective_timeout_s))
-    if cfg.sparsity is not None:
+    if cfg.peft is not None:  # the base is frozen: its masks (the sparsity section's first ones) stay fixed
+        callbacks.append(AdapterReport(out))
+    elif cfg.sparsity is not None:
         callbacks.append(DSTCallback())
     callbacks.append(FlopsLog(cfg, out))  # dense runs too: the baseline every FLOPs comparison divides by
     data = LMDataModule(cfg.data, cfg.seed)
@@ -93,7 +96,7 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
         strategy = DeepSpeedZeRO(stage=t.zero_stage, cpu=cpu, offload_optimizer=t.offload_optimizer,
                                  offload_parameters=t.offload_params, config=t.deepspeed_config,
-                                 zero_init=t.zero_init, **timeout)
+                                 zero_init=t.zero_init, exclude_frozen_parameters=cfg.peft is not None, **timeout)
     elif strategy in ("ddp", "ddp_spawn") or (strategy == "auto" and t.devices * t.num_nodes > 1):
         # What Lightning's "ddp" is, but without broadcasting the module buffers from rank 0 before every forward:
         # the masks are buffers, identical on every rank by construction and compared across ranks at each mask
@@ -113,7 +116,8 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         default_root_dir=str(out),
     )
     module = LMModule(cfg.model, cfg.optim, t.max_steps, sparsity=cfg.sparsity, seed=cfg.seed, ift=cfg.ift,
-                      seq_len=cfg.data.block_size, compile_model=t.compile, loss_chunk_tokens=t.loss_chunk_tokens)
+                      seq_len=cfg.data.block_size, compile_model=t.compile, loss_chunk_tokens=t.loss_chunk_tokens,
+                      peft=cfg.peft)
     check_vocab(cfg, data)
     # the tokenizer travels inside every checkpoint, so eval/export need nothing but the .ckpt file
     module.tokenizer_json = data.tokenizer.tokenizer.to_str()

@@ -13,6 +13,7 @@ from typing import Literal, Optional, Union
 from dstlm.build import check_transformable
 from dstlm.config_types import check_field_types
 from dstlm.data.examples import FORMATS as DATA_FORMATS
+from dstlm.hf.peft_config import PeftConfig
 from dstlm.hf.source import HFModelConfig
 from dstlm.models.gpt import GPTConfig
 from dstlm.models.lm_loss import CHUNK_TOKENS
@@ -292,6 +293,9 @@ class RunConfig:
     """lm-eval tasks scored during/after training (configs/eval/*.yaml); None = none."""
     ift: Optional[SparseIFTConfig] = None
     """Sparse-IFT transformation (configs/ift/*.yaml); needs a sparsity method to train its sparse weights."""
+    peft: Optional[PeftConfig] = None
+    """LoRA adapters on a frozen Hugging Face model (configs/peft/*.yaml; docs/hf-lora.md); with a sparsity
+    section, that section is the one-shot pruning step and its first masks stay fixed."""
 
     def __post_init__(self) -> None:
         if self.model is None:
@@ -319,11 +323,27 @@ class RunConfig:
             raise ValueError(f"sparsity.partition_masks=true partitions masks like ZeRO-3 partitions the weights, but "
                              f"trainer.strategy={self.trainer.strategy!r}; use deepspeed_stage_3 or drop "
                              f"partition_masks (other strategies hold every weight whole, and its mask with it)")
+        if self.peft is not None:
+            self._check_peft()
         if self.model.block_size is not None and self.data.block_size > self.model.block_size:
             raise ValueError(
                 f"data.block_size={self.data.block_size} exceeds model.block_size={self.model.block_size}; "
                 f"lower data.block_size or raise model.block_size"
             )
+
+    def _check_peft(self) -> None:
+        """What adapters on a frozen base cannot do."""
+        if not isinstance(self.model, HFModelConfig):
+            raise ValueError("peft adapters train on a Hugging Face model source; set model.hf to a model folder "
+                             "(dstlm's own models train all their weights: drop peft)")
+        if self.trainer.zero_stage == 3 or self.trainer.zero_init:
+            raise ValueError(f"peft with trainer.strategy={self.trainer.strategy!r}: ZeRO-3 partitions the frozen "
+                             f"base weights, which the adapters' masked merge reads whole; use ddp or "
+                             f"deepspeed_stage_2")
+        sp = self.sparsity
+        if sp is not None and (sp.partition_masks or sp.condensed or sp.reclaim_dead_units):
+            raise ValueError("peft with sparsity.partition_masks, condensed or reclaim_dead_units: with adapters the "
+                             "sparsity section is a one-shot pruning step of the frozen base; drop those options")
 
     def _check_zero_init(self) -> None:
         """What a partitioned build cannot do: read whole weights while the model is built."""

@@ -22,6 +22,8 @@ from dstlm.models.lm_loss import CHUNK_TOKENS, IGNORE_INDEX, share_of_step
 from dstlm.models.moe import ExpertParallel, set_expert_parallel
 from dstlm.sparse import SparseEngine, SparsityConfig
 from dstlm.sparse.condensed_train import enable_condensed_compute
+from dstlm.hf.peft_config import PeftConfig
+from dstlm.training.adapter import AdapterRun
 from dstlm.training.config import OptimConfig
 from dstlm.training.faults import fault_grad, fault_value
 from dstlm.training.nonfinite import NonFiniteError  # noqa: F401 (re-exported)
@@ -56,7 +58,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         seen.add(id(p))
         ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partitioned parameter's own shape is (0,)
         (no_decay if (ndim < 2 or id(p) in no_decay_ids) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # an empty group is left out (adapters are all matrices): DeepSpeed drops it, and the LR scheduler would
+    # then count one group more than the optimizer has
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -74,18 +79,20 @@ class LMModule(L.LightningModule):
     def __init__(self, model: ModelSource, optim: OptimConfig, max_steps: int,
                  sparsity: SparsityConfig | None = None, seed: int = 0, ift: SparseIFTConfig | None = None,
                  seq_len: int | None = None, compile_model: bool = False,
-                 loss_chunk_tokens: int = CHUNK_TOKENS) -> None:
+                 loss_chunk_tokens: int = CHUNK_TOKENS, peft: PeftConfig | None = None) -> None:
         super().__init__()
         self.model_config = model
         self.optim_config = optim
         self.sparsity_config = sparsity
         self.ift_config = ift
+        self.peft_config = peft
         self.seq_len = seq_len or model.block_size  # context the FLOPs are matched at (ift.match=total)
         self.seed = seed
         self.max_steps = max_steps
         self.save_hyperparameters({"model": asdict(model), "optim": asdict(optim), "max_steps": max_steps,
                                    "sparsity": asdict(sparsity) if sparsity else None, "seed": seed,
-                                   "ift": asdict(ift) if ift else None})
+                                   "ift": asdict(ift) if ift else None,
+                                   **({"peft": asdict(peft)} if peft else {})})
         self.model: GPT | None = None
         self.sparse_engine: SparseEngine | None = None
         self.effective_sparsity: SparsityConfig | None = None  # what the engine runs (Sparse-IFT rewrites it)
@@ -93,6 +100,9 @@ class LMModule(L.LightningModule):
         self.tokenizer_eos: str = EOS
         self.tokenizer_chat: dict = {}  # its chat template and named special tokens (Hugging Face folders)
         self.calibration = None  # set by the run builder: () -> training micro-batches (mask_init=wanda)
+        self.adapter = None  # peft runs: the frozen base's masks and fingerprint (AdapterRun)
+        # peft runs save the adapter only: the base is rebuilt from its folder, so its weights are not loaded
+        self.strict_loading = peft is None
         # how the model runs, not what it is: not hyper-parameters, free to change on resume
         self.compile_model = compile_model
         self.loss_chunk_tokens = loss_chunk_tokens
@@ -129,6 +139,10 @@ class LMModule(L.LightningModule):
                                                   partitioned=partitioned)
                 if sparsity.condensed:  # the same parameters and masks, condensed matmuls
                     enable_condensed_compute(self.sparse_engine.params, sparsity.method)
+            if self.peft_config is not None:
+                # the first masks (if any) are the one-shot step: the base is frozen from here, its masks fixed
+                self.sparse_engine = None
+                self.adapter = AdapterRun(self.model, self.peft_config)
             self._setup_expert_parallel()
             if isinstance(self.model, GPT):
                 self.model.lm_head.chunk_tokens = self.loss_chunk_tokens
@@ -162,12 +176,21 @@ class LMModule(L.LightningModule):
         hf = getattr(self.model, "hf", None)
         if hf is not None:  # the architecture, so a checkpoint loads without the source directory
             checkpoint["dstlm"]["hf_config"] = hf.config.to_dict()
+        if self.adapter is not None:  # the adapter only; the frozen base by reference
+            self.adapter.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model shape or sparsity setup with a one-line reason."""
         check_resume_compatible(checkpoint.get("hyper_parameters", {}), self.model_config,
                                 asdict(self.sparsity_config) if self.sparsity_config else None,
                                 asdict(self.ift_config) if self.ift_config else None)
+        saved = checkpoint.get("hyper_parameters", {}).get("peft")
+        if saved != (asdict(self.peft_config) if self.peft_config else None):
+            raise ValueError(f"checkpoint has peft={saved!r} but this run has peft="
+                             f"{asdict(self.peft_config) if self.peft_config else None!r}; resume with the same peft "
+                             f"config")
+        if self.adapter is not None:
+            self.adapter.check(checkpoint, "checkpoint")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

@@ -167,6 +167,10 @@ def format_summary(summary: dict) -> str:
         if summary.get(key) is not None:
             value = summary[key]
             lines.append(f"   {label:<28} {value:,.3f}" if isinstance(value, float) else f"   {label:<28} {value:,}")
+    peft = summary.get("peft")
+    if peft:
+        lines.append(f"   {'LoRA adapter':<28} r {peft['r']}, merge {peft['merge']}: {peft['trainable_params']:,} "
+                     f"trainable of {peft['total_params']:,}; base sparsity {peft['base_sparsity']:.4f}")
     census = summary.get("unit_census")
     if census:
         lines.append(f"   {'dead hidden units':<28} {census['dead']:,} of {census['units']:,}")
