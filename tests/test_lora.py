@@ -178,7 +178,7 @@ def test_bad_input_one_line_each(tmp_path, small_corpus, hf_dirs):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_2", marks=pytest.mark.slow)])
 def test_two_ranks_train_the_adapter_of_one_process(tmp_path, small_corpus, hf_dirs, strategy):
     """2 ranks x batch 4 (launch/torchrun.sh, gloo) end with the adapter of 1 process x batch 8, the base frozen
     and its zeros kept; the ZeRO-2 checkpoint holds no base weight either."""
@@ -205,3 +205,18 @@ def test_two_ranks_train_the_adapter_of_one_process(tmp_path, small_corpus, hf_d
     assert adapter and {k for k in b if not k.endswith("_mask")} == set(adapter)  # no base weight saved
     for k in adapter:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_the_adapter_optimizer_has_no_empty_group(hf_dirs):
+    """Adapters are all matrices, so the no-decay group is empty and left out: DeepSpeed (ZeRO-2, the slow case of
+    the test above) drops empty groups, after which the LR scheduler counted one group more than the optimizer."""
+    from dstlm.hf.lora import add_adapters
+    from dstlm.hf.model import load_hf_model
+    from dstlm.training.config import OptimConfig
+    from dstlm.training.module import build_optimizer
+
+    model = load_hf_model(HFModelConfig(str(hf_dirs["gpt2"])))
+    add_adapters(model, PeftConfig(r=2), masked=False)
+    groups = build_optimizer(model, OptimConfig()).param_groups
+    assert len(groups) == 1 and all(".lora_" in n for n, p in model.named_parameters()
+                                    if any(p is q for q in groups[0]["params"]))

@@ -141,6 +141,13 @@ def test_preempted_job_requeues_and_resumes_bit_exactly(tmp_path, small_corpus, 
     assert "dstlm-slurm: finished" in log and json.loads((run / "FINISHED").read_text())["steps"] == 40
     a, b = uninterrupted(strategy), weights(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # masks included
+    # the same job submitted again finds the run finished and trains nothing
+    again = submit(env, path)
+    wait_for(lambda: job_field(again, "JobState", env) == "COMPLETED", 600, "job completed", env, again)
+    log = (run / "slurm" / f"dstlm-pre-{again}.out").read_text()
+    assert job_field(again, "Restarts", env) == "0" and "nothing to do" in log and "resuming" not in log, log[-3000:]
+    c = weights(run)
+    assert "dstlm-slurm: finished" in log and all(torch.equal(b[k], c[k]) for k in b)
 
 
 @pytest.mark.faults
@@ -183,19 +190,6 @@ def test_crashing_job_stops_after_its_retry_bound(tmp_path, small_corpus, cluste
     assert re.search(r"crashed \(exit code \d+; 2 crash\(es\) in a row\): more than --max-retries 1; not "
                      r"requeueing", log)
     assert "corpus file" in log  # the run's own one-line reason is in the job's log
-
-
-@pytest.mark.faults
-def test_finished_job_does_not_train_again(tmp_path, small_corpus, cluster):
-    env, _ = cluster
-    path = recipe(tmp_path, small_corpus, "done", steps=4, strategy="ddp")
-    run = tmp_path / "runs" / "done"
-    for _ in range(2):
-        job = submit(env, path)
-        wait_for(lambda j=job: job_field(j, "JobState", env) == "COMPLETED", 600, "job completed", env, job)
-        assert job_field(job, "Restarts", env) == "0"
-    log = (run / "slurm" / f"dstlm-done-{job}.out").read_text()
-    assert "nothing to do" in log and "dstlm-slurm: finished" in log and "resuming" not in log
 
 
 def test_render_refuses_inconsistent_devices_and_another_recipes_run_dir(tmp_path, small_corpus):

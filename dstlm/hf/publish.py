@@ -67,14 +67,16 @@ def _pattern(method: str, sparsity: dict) -> str:
 def sparsity_block(loaded, masks: dict[str, torch.Tensor]) -> dict:
     """The `sparsity` entry of config.json."""
     sp = loaded.sparsity or {}
-    method = sp.get("method", "dense")
+    # masks the run kept from its source (a LoRA run on a pruned folder): the source's own block names them
+    kept = {} if sp else ((loaded.config.raw_config() or {}).get("sparsity") or {})
+    method = sp.get("method") or kept.get("method", "dense")
     params = dict(loaded.model.hf.named_parameters())
     per = {}
     total = zeros = 0
     for name, mask in masks.items():
         n, z = mask.numel(), int((~mask).sum())
-        per[name] = {"shape": list(params[name].shape), "sparsity": round(z / n, 6),
-                     "pattern": _pattern(method, sp)}
+        pattern = kept.get("sparse_weights", {}).get(name, {}).get("pattern") or _pattern(method, sp)
+        per[name] = {"shape": list(params[name].shape), "sparsity": round(z / n, 6), "pattern": pattern}
         total, zeros = total + n, zeros + z
     dense = sorted(n for n, p in params.items() if n not in masks)
     block = {"format": "dstlm-masked-dense/1", "method": method, "target_sparsity": sp.get("sparsity"),
