@@ -207,21 +207,33 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         check_field_types(self, "trainer")
+        self._check_counts()
+        self._check_choices()
+        self._check_deepspeed()
+
+    def _check_counts(self) -> None:
+        """Step counts, sizes and limits: positive or non-negative integers."""
         for name in ("max_steps", "devices", "num_nodes", "accumulate_grad_batches", "val_every_n_steps",
                      "log_every_n_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"trainer.{name}={value!r} must be a positive integer")
-        if self.on_nonfinite == "skip" and self.zero_stage is not None:
-            raise ValueError(f"trainer.on_nonfinite=skip with trainer.strategy={self.strategy!r}: DeepSpeed keeps the "
-                             f"gradients in its own buffers, where a step cannot be dropped; use on_nonfinite=stop "
-                             f"(or a ddp/auto strategy)")
         for name in ("ckpt_every_n_steps", "keep_last_k", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 0")
         if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
             raise ValueError(f"trainer.gradient_clip_val={self.gradient_clip_val} must be positive (or null: no "
                              f"clipping)")
+        if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
+            raise ValueError(f"trainer.loss_chunk_tokens={self.loss_chunk_tokens!r} must be an integer >= 0 "
+                             f"(tokens per chunk of the fused loss; 0 turns fusing off)")
+        if self.collective_timeout_s is not None and (not isinstance(self.collective_timeout_s, int)
+                                                      or self.collective_timeout_s <= 0):
+            raise ValueError(f"trainer.collective_timeout_s={self.collective_timeout_s!r} must be a positive number "
+                             f"of seconds (or null for torch's default)")
+
+    def _check_choices(self) -> None:
+        """Named choices: accelerator, precision, strategy, the preemption signal."""
         if self.accelerator not in ACCELERATORS:
             raise ValueError(f"trainer.accelerator={self.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
         if self.precision not in PRECISIONS:
@@ -229,29 +241,26 @@ class TrainerConfig:
         if self.strategy not in ("auto", "ddp", "ddp_spawn", "deepspeed") and not self.strategy.startswith("deepspeed"):
             raise ValueError(f"trainer.strategy={self.strategy!r} is not one of auto, ddp, ddp_spawn, "
                              f"deepspeed_stage_0|1|2|3 (docs/distributed.md)")
-        if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
-            raise ValueError(f"trainer.loss_chunk_tokens={self.loss_chunk_tokens!r} must be an integer >= 0 "
-                             f"(tokens per chunk of the fused loss; 0 turns fusing off)")
         from dstlm.training.preemption import signal_number
 
         signal_number(self.preempt_signal)
-        if self.collective_timeout_s is not None and (not isinstance(self.collective_timeout_s, int)
-                                                      or self.collective_timeout_s <= 0):
-            raise ValueError(f"trainer.collective_timeout_s={self.collective_timeout_s!r} must be a positive number "
-                             f"of seconds (or null for torch's default)")
+
+    def _check_deepspeed(self) -> None:
+        """Options that need DeepSpeed, or a given ZeRO stage."""
         stage = self.zero_stage
+        if self.on_nonfinite == "skip" and stage is not None:
+            raise ValueError(f"trainer.on_nonfinite=skip with trainer.strategy={self.strategy!r}: DeepSpeed keeps the "
+                             f"gradients in its own buffers, where a step cannot be dropped; use on_nonfinite=stop "
+                             f"(or a ddp/auto strategy)")
         if self.strategy.startswith("deepspeed") and stage not in (0, 1, 2, 3):
             raise ValueError(f"trainer.strategy={self.strategy!r}: the ZeRO stage must be 0, 1, 2 or 3 "
                              f"(deepspeed_stage_0 ... deepspeed_stage_3)")
-        if self.offload_params and stage != 3:
-            raise ValueError(f"trainer.offload_params=true needs ZeRO-3 but trainer.strategy={self.strategy!r}; "
-                             f"use strategy deepspeed_stage_3 or drop offload_params")
-        if self.zero_init and stage != 3:
-            raise ValueError(f"trainer.zero_init=true needs ZeRO-3 but trainer.strategy={self.strategy!r}; "
-                             f"use strategy deepspeed_stage_3 or drop zero_init")
-        if self.offload_optimizer and stage not in (1, 2, 3):
-            raise ValueError(f"trainer.offload_optimizer=true needs ZeRO stage 1, 2 or 3 but trainer.strategy="
-                             f"{self.strategy!r}; use deepspeed_stage_1|2|3 or drop offload_optimizer")
+        for option, stages, what in (("offload_params", (3,), "ZeRO-3"), ("zero_init", (3,), "ZeRO-3"),
+                                     ("offload_optimizer", (1, 2, 3), "ZeRO stage 1, 2 or 3")):
+            if getattr(self, option) and stage not in stages:
+                use = "deepspeed_stage_3" if stages == (3,) else "deepspeed_stage_1|2|3"
+                raise ValueError(f"trainer.{option}=true needs {what} but trainer.strategy={self.strategy!r}; use "
+                                 f"strategy {use} or drop {option}")
         if self.deepspeed_config is not None:
             if stage is None:
                 raise ValueError(f"trainer.deepspeed_config is set but trainer.strategy={self.strategy!r}; "
