@@ -162,7 +162,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise ValueError(f"checkpoint {p} is unreadable: {problem}")
     if p.is_file():
         return torch.load(p, map_location="cpu", weights_only=True)
-    from dstlm.training.strategies import prepare_deepspeed_env
+    from dstlm.paths import prepare_deepspeed_env
 
     prepare_deepspeed_env(cpu=not torch.cuda.is_available())
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

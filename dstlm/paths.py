@@ -31,5 +31,13 @@ def extensions_dir() -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR", REPO_DIR / ".cache" / "torch_extensions"))
 
 
+def prepare_deepspeed_env(cpu: bool) -> None:
+    """Must run before deepspeed is imported (by training, or by checkpoint reading a ZeRO checkpoint): the CPU
+    accelerator, op builds cached in the project."""
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+
+
 def default_corpus_files() -> list[str]:
     return sorted(str(p) for p in CORPUS_DIR.glob("*.txt"))

@@ -86,6 +86,75 @@ def test_find_cycle_finds_one():  # the checker itself can fail
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
+DOC = PKG.parent / "docs" / "architecture.md"
+
+
+def layer_table(text: str) -> list[list[str]]:
+    """The layers of docs/architecture.md's table, bottom first: each a list of module names."""
+    import re
+
+    block = text.split("<!-- layers:", 1)[1].split("```", 2)[1]
+    layers: list[list[str]] = []
+    for line in block.splitlines()[1:]:
+        names = [w for w in line.split() if re.fullmatch(r"dstlm(\.\w+)*", w)]
+        if re.match(r"\d+\s", line):
+            layers.append(names)
+        elif names and layers:
+            layers[-1] += names
+    return layers[::-1]
+
+
+LAYERS = layer_table(DOC.read_text())
+
+
+def home(module: str, layers: list[list[str]]) -> tuple[int, str]:
+    """(layer, the table's name that places `module`): the longest name matching it."""
+    found = [(len(n), i, n) for i, names in enumerate(layers) for n in names
+             if module == n or module.startswith(n + ".")]
+    if not found:
+        raise AssertionError(f"{module} is on no layer of docs/architecture.md's table; add it there")
+    _, i, name = max(found)
+    return i, name
+
+
+def package(name: str) -> str:
+    """A module's package for the same-layer rule: dstlm.hf for dstlm.hf.*, the module itself at the top."""
+    parts = name.split(".")
+    return ".".join(parts[:2])
+
+
+def violations(graph: dict[str, set[str]], layers: list[list[str]]) -> list[str]:
+    """Imports that go up a layer, or across packages on one layer."""
+    bad = []
+    for m, deps in sorted(graph.items()):
+        lm, nm = home(m, layers)
+        for d in sorted(deps):
+            ld, nd = home(d, layers)
+            if ld > lm or (ld == lm and package(nm) != package(nd)):
+                bad.append(f"{m} (layer {lm}) imports {d} (layer {ld})")
+    return bad
+
+
+def test_every_import_follows_the_layer_table():
+    assert len(LAYERS) >= 8 and LAYERS[0][0] == "dstlm"
+    bad = violations(GRAPH, LAYERS)
+    assert not bad, bad
+
+
+def test_the_layer_check_catches_a_planted_upward_import_on_every_layer():
+    """One module of each layer made to import one of the layer above: each plant is reported. And one
+    cross-package import on one layer (the sparse core importing the models)."""
+    placed = {i: sorted(m for m in MODULES if home(m, LAYERS)[0] == i) for i in range(len(LAYERS))}
+    for i in range(len(LAYERS) - 1):
+        low, high = placed[i][0], placed[i + 1][0]
+        planted = {m: set(d) for m, d in GRAPH.items()}
+        planted[low].add(high)
+        assert violations(planted, LAYERS) == [f"{low} (layer {i}) imports {high} (layer {i + 1})"]
+    planted = {m: set(d) for m, d in GRAPH.items()}
+    planted["dstlm.sparse.engine"].add("dstlm.models.gpt")
+    assert violations(planted, LAYERS) == ["dstlm.sparse.engine (layer 1) imports dstlm.models.gpt (layer 1)"]
+
+
 @pytest.mark.parametrize("layer, forbidden", [
     ("dstlm.sparse", HEAVY + ("dstlm.training", "dstlm.eval", "dstlm.hf", "dstlm.models", "dstlm.transforms")),
     ("dstlm.models", HEAVY + ("dstlm.sparse", "dstlm.transforms", "dstlm.training", "dstlm.eval", "dstlm.hf",

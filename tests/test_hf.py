@@ -179,7 +179,7 @@ def test_fit_export_reload_and_resume_from_the_export(tmp_path, small_corpus, hf
 
     from dstlm.checkpoint import load_checkpoint, read_checkpoint
     from dstlm.hf.export import export
-    from dstlm.sparse.distributed import unpack_bits
+    from dstlm.sparse.bits import unpack_bits
 
     cfg = _hf_run(tmp_path, small_corpus, hf_dirs["gpt2"], "nm", SparsityConfig(method="nm", delta_t=2))
     summary = _fit(cfg)

@@ -197,7 +197,7 @@ def test_a_new_method_is_one_registered_class():
 
 
 def test_ever_active_is_a_bit_packed_union_of_every_mask_and_old_checkpoints_load():
-    from dstlm.sparse.distributed import pack_mask, unpack_bits
+    from dstlm.sparse.bits import pack_mask, unpack_bits
 
     model, engine, backend = engine_for("rigl")
     union = {sp.name: sp.mask.clone() for sp in engine.params}

@@ -12,7 +12,8 @@ import torch
 
 from conftest import REPO, tiny_run
 from dstlm.sparse.fragments import Fragment, fragment_file, fragment_state, read_fragments, whole_masks_from
-from dstlm.sparse.distributed import even_fragment, pack_mask
+from dstlm.sparse.bits import pack_mask
+from dstlm.sparse.distributed import even_fragment
 from test_dist import _assert_resumed_like, _dst_job, _torchrun
 
 Z3 = {"DSTLM_STRATEGY": "deepspeed_stage_3", "DSTLM_PARTITION_MASKS": "0"}  # whole masks, the reference

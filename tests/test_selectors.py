@@ -285,7 +285,7 @@ def test_reclaim_ranks_dead_rows_last_on_shards_and_whole():
 
 @pytest.mark.parametrize("n", [8, 64, 1000, 3 * 2**20 + 8])
 def test_bit_packing_round_trips_and_puts_bit_i_of_byte_j_at_entry_8j_plus_i(n):
-    from dstlm.sparse.distributed import pack_bits, unpack_bits
+    from dstlm.sparse.bits import pack_bits, unpack_bits
 
     g = torch.Generator().manual_seed(n)
     m = -(-n // 8)

@@ -117,7 +117,7 @@ def export(checkpoint: str, out_dir: str) -> Path:
 
     loaded = load_checkpoint(checkpoint)
     if isinstance(loaded.config, HFModelConfig) and loaded.peft:  # merged by its policy, or beside the base
-        from dstlm.hf.lora import export_adapter_run
+        from dstlm.hf.lora_export import export_adapter_run
 
         return export_adapter_run(loaded, checkpoint, Path(out_dir))
     if isinstance(loaded.config, HFModelConfig):  # back to the model's own architecture, masks and card

@@ -16,8 +16,6 @@ the backward (the memory of one dense gradient of that weight), where plain LoRA
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -107,7 +105,7 @@ def _kept(model: HFCausalLM) -> bool:
 def base_record(masks: dict[str, torch.Tensor], prints: dict[str, list[float]]) -> dict:
     """What a checkpoint keeps of the frozen base: its masks bit-packed, and the fingerprint of every base weight
     (`fingerprint`), which a resume or an export compares with the base it rebuilds."""
-    from dstlm.sparse.distributed import pack_mask
+    from dstlm.sparse.bits import pack_mask
 
     return {"masks": {n: pack_mask(m) for n, m in masks.items()}, "fingerprint": prints}
 
@@ -141,7 +139,7 @@ def check_base(now: dict[str, list[float]], record: dict, source: str, where: st
 
 def restore_masks(model: HFCausalLM, record: dict) -> None:
     """The recorded masks on the (not yet adapted) model's modules, its weights zeroed off them."""
-    from dstlm.sparse.distributed import unpack_bits
+    from dstlm.sparse.bits import unpack_bits
 
     params = dict(model.hf.named_parameters())
     with torch.no_grad():
@@ -294,60 +292,3 @@ def load_adapter(source, peft: dict, extra: dict, state: dict, path: str) -> HFC
         raise ValueError(f"checkpoint {path!r}: its adapter does not fit peft={peft!r} (missing "
                          f"{sorted(trainable - set(adapter))[:2]}, unexpected {unexpected[:2]})")
     return model
-
-
-# -- export --------------------------------------------------------------------------------------------------
-MERGE_TOLERANCE = 1e-4
-"""Largest |logit difference| allowed between a masked merge and the adapter model it folds (float rounding)."""
-
-
-@torch.no_grad()
-def export_adapter_run(loaded, checkpoint: Optional[str], out: Path) -> Path:
-    """Export a peft run's checkpoint by its merge policy: `masked` / `post_mask` fold M * (s B A) into the base
-    (the same zeros; `masked` must then give the adapter model's logits), `none` writes the sparse base plus
-    `adapter/`, a peft adapter folder that must give the adapter model's logits once loaded onto the export."""
-    from dstlm.hf.publish import ExportCheckError, export_hf_source
-
-    model, policy = loaded.model, loaded.peft["merge"]
-    ids = torch.arange(min(16, model.config.block_size or 16))[None, :]
-    adapted = _probe(model.hf, ids)
-    if policy == "none":
-        staged = out.with_name(out.name + ".adapter.partial")  # peft saves it from the adapted model, before unload
-        if staged.exists():
-            shutil.rmtree(staged)
-        model.hf.save_pretrained(str(staged))
-        unload(model)
-        return export_hf_source(loaded, checkpoint, out, also=lambda d: _place_adapter(staged, d, ids, adapted))
-    merge(model, masked=True)
-    diff = float((_probe(model.hf, ids) - adapted).abs().max())
-    if policy == "masked" and diff > MERGE_TOLERANCE:
-        raise ExportCheckError(f"export check: the masked merge changed the logits by {diff:.3g} (more than "
-                               f"{MERGE_TOLERANCE}); the adapter was not trained through these masks")
-    if policy == "post_mask":
-        print(f"dstlm export: peft.merge=post_mask: masking the update at the merge moved the logits by up to "
-              f"{diff:.3g} (the val loss of both: docs/hf-lora.md)")
-    return export_hf_source(loaded, checkpoint, out)
-
-
-def _probe(hf, ids: torch.Tensor) -> torch.Tensor:
-    was = hf.training
-    hf.eval()
-    logits = hf(input_ids=ids, use_cache=False).logits
-    hf.train(was)
-    return logits
-
-
-def _place_adapter(staged: Path, folder: Path, ids: torch.Tensor, adapted: torch.Tensor) -> None:
-    """`folder/adapter`: peft's own adapter folder; loaded onto the exported base it must give `adapted`."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from dstlm.hf.publish import ExportCheckError
-
-    staged.rename(folder / "adapter")
-    base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    again = PeftModel.from_pretrained(base, str(folder / "adapter"))
-    diff = float((_probe(again, ids) - adapted).abs().max())
-    if diff > MERGE_TOLERANCE:
-        raise ExportCheckError(f"export check: the adapter loaded onto the exported base through peft changes the "
-                               f"logits by {diff:.3g}")

@@ -336,7 +336,7 @@ def attach_saved_masks(model: HFCausalLM, path: Path, partitioned=None) -> None:
     partitioned build (`partitioned`) the weights are checked on this rank's slice."""
     from safetensors.torch import load_file
 
-    from dstlm.sparse.distributed import unpack_bits
+    from dstlm.sparse.bits import unpack_bits
 
     packed = load_file(str(path))
     params = dict(model.hf.named_parameters())

@@ -90,7 +90,7 @@ def sparsity_block(loaded, masks: dict[str, torch.Tensor]) -> dict:
 def write_masks(masks: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    from dstlm.sparse.distributed import pack_mask
+    from dstlm.sparse.bits import pack_mask
 
     save_file({f"{n}.packed": pack_mask(m.contiguous()).contiguous() for n, m in masks.items()}, str(path))
 

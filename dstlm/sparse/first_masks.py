@@ -19,7 +19,7 @@ import torch
 
 from dstlm.sparse.connectivity import MaskCounts
 from dstlm.sparse.density import Layer
-from dstlm.sparse.distributed import pack_mask
+from dstlm.sparse.bits import pack_mask
 from dstlm.sparse.fragments import Fragment
 from dstlm.sparse.masks import SparseParam, attach_mask, matrix_run, param_name, release_whole_mask
 from dstlm.sparse.methods import DSTMethod

@@ -28,7 +28,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from dstlm.sparse.distributed import pack_mask, unpack_bits
+from dstlm.sparse.bits import pack_mask, unpack_bits
 from dstlm.sparse.radix import blocks
 
 FILE_PATTERN = "dstlm_masks_rank_*.pt"

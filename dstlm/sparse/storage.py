@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from dstlm.sparse.connectivity import MaskCounts
-from dstlm.sparse.distributed import count_packed, pack_mask, unpack_bits
+from dstlm.sparse.bits import count_packed, pack_mask, unpack_bits
 from dstlm.sparse.fragments import Fragment, fragment_state, partial_counts, read_fragments
 from dstlm.sparse.masks import SparseParam, flat_storage, matrix_run, param_name, release_whole_mask
 from dstlm.sparse.selection import count

@@ -36,7 +36,7 @@ class AdapterRun:
 
     def check(self, checkpoint: dict, where: str) -> None:
         """The checkpoint's adapter fits this run's and its base is this run's base (weights and masks)."""
-        from dstlm.sparse.distributed import pack_mask
+        from dstlm.sparse.bits import pack_mask
 
         record = (checkpoint.get("dstlm") or {}).get("peft")
         if record is None:

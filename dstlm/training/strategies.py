@@ -18,14 +18,7 @@ import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from dstlm.paths import extensions_dir
-
-
-def prepare_deepspeed_env(cpu: bool) -> None:
-    """Must run before deepspeed is imported: CPU accelerator, op builds cached in the project."""
-    if cpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+from dstlm.paths import prepare_deepspeed_env
 
 
 class DeepSpeedZeRO(DeepSpeedStrategy):
