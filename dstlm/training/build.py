@@ -53,61 +53,15 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
     torch.set_float32_matmul_precision("high")
     out = run_dir(cfg)
     check_machine(cfg, out)
-    log_dir = out / "logs"
-    loggers = []
-    if logger:
-        # version numbers agree on all ranks because rank 0 creates the folder only after all have looked
-        version = _next_version(log_dir)
-        loggers = [CSVLogger(out, name="logs", version=version),
-                   TensorBoardLogger(out, name="logs", version=version, default_hp_metric=False)]
-    callbacks = [
-        StepCheckpoint(out / "checkpoints", cfg.trainer.ckpt_every_n_steps, cfg.trainer.keep_last_k),
-        LossPlot(log_dir, out / "loss.png"),
-        RNGState(),
-        ThroughputMeter(),
-        RunRecord(cfg, out),
-        Preemption(signal_number(cfg.trainer.preempt_signal), out / PREEMPTED),
-    ]
-    if loggers:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    if cfg.trainer.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=1))
-    # before DSTCallback, which asks it whether a step is skipped
-    callbacks.append(NonFiniteGuard(cfg.trainer.on_nonfinite, cfg.trainer.max_skipped_steps))
-    callbacks.append(RankLiveness(cfg.trainer.collective_timeout_s))
-    if cfg.peft is not None:  # the base is frozen: its masks (the sparsity section's first ones) stay fixed
-        callbacks.append(AdapterReport(out))
-    elif cfg.sparsity is not None:
-        callbacks.append(DSTCallback())
-    callbacks.append(FlopsLog(cfg, out))  # dense runs too: the baseline every FLOPs comparison divides by
+    loggers = _loggers(out) if logger else []
     data = LMDataModule(cfg.data, cfg.seed)
-    if cfg.eval is not None:
-        callbacks.append(EvalCallback(cfg.eval, lambda: data.tokenizer))
-    callbacks += extra_callbacks or []
+    callbacks = run_callbacks(cfg, out, data, bool(loggers)) + (extra_callbacks or [])
     t = cfg.trainer
-    strategy = t.strategy
-    from dstlm.training.strategies import pin_gloo_interface
-
-    pin_gloo_interface(t.num_nodes)
-    timeout = {"timeout": timedelta(seconds=t.collective_timeout_s)} if t.collective_timeout_s else {}
-    if strategy.startswith("deepspeed"):
-        from dstlm.training.strategies import DeepSpeedZeRO
-
-        cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
-        strategy = DeepSpeedZeRO(stage=t.zero_stage, cpu=cpu, offload_optimizer=t.offload_optimizer,
-                                 offload_parameters=t.offload_params, config=t.deepspeed_config,
-                                 zero_init=t.zero_init, exclude_frozen_parameters=cfg.peft is not None, **timeout)
-    elif strategy in ("ddp", "ddp_spawn") or (strategy == "auto" and t.devices * t.num_nodes > 1):
-        # What Lightning's "ddp" is, but without broadcasting the module buffers from rank 0 before every forward:
-        # the masks are buffers, identical on every rank by construction and compared across ranks at each mask
-        # update (a broadcast would hide a rank whose masks drifted, and moves every mask every step)
-        strategy = DDPStrategy(start_method="spawn" if strategy == "ddp_spawn" else "popen", broadcast_buffers=False,
-                               **timeout)
     # Under SLURM: ranks from SLURM's variables, but not Lightning's own requeue (it saves inside the signal
     # handler, on SIGUSR1, which NCCL also catches): dstlm.training.preemption stops at a step boundary instead
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
     trainer = L.Trainer(
-        plugins=plugins, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
+        plugins=plugins, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(cfg),
         precision=t.precision, max_steps=t.max_steps, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val, val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches,
         check_val_every_n_epoch=None, log_every_n_steps=t.log_every_n_steps, logger=loggers or False,
@@ -115,17 +69,82 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
         deterministic=t.deterministic, use_distributed_sampler=False, num_sanity_val_steps=0,
         default_root_dir=str(out),
     )
+    return trainer, _module(cfg, data), data
+
+
+def _loggers(out: Path) -> list:
+    """CSV and TensorBoard under <run>/logs/version_N. Version numbers agree on all ranks because rank 0 creates
+    the folder only after all have looked."""
+    version = _next_version(out / "logs")
+    return [CSVLogger(out, name="logs", version=version),
+            TensorBoardLogger(out, name="logs", version=version, default_hp_metric=False)]
+
+
+def run_callbacks(cfg: RunConfig, out: Path, data: LMDataModule, logging: bool) -> list:
+    """The callbacks every run has, in the order they run."""
+    t = cfg.trainer
+    callbacks = [
+        StepCheckpoint(out / "checkpoints", t.ckpt_every_n_steps, t.keep_last_k),
+        LossPlot(out / "logs", out / "loss.png"),
+        RNGState(),
+        ThroughputMeter(),
+        RunRecord(cfg, out),
+        Preemption(signal_number(t.preempt_signal), out / PREEMPTED),
+    ]
+    if logging:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if t.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    # before DSTCallback, which asks it whether a step is skipped
+    callbacks.append(NonFiniteGuard(t.on_nonfinite, t.max_skipped_steps))
+    callbacks.append(RankLiveness(t.collective_timeout_s))
+    if cfg.peft is not None:  # the base is frozen: its masks (the sparsity section's first ones) stay fixed
+        callbacks.append(AdapterReport(out))
+    elif cfg.sparsity is not None:
+        callbacks.append(DSTCallback())
+    callbacks.append(FlopsLog(cfg, out))  # dense runs too: the baseline every FLOPs comparison divides by
+    if cfg.eval is not None:
+        callbacks.append(EvalCallback(cfg.eval, lambda: data.tokenizer))
+    return callbacks
+
+
+def _strategy(cfg: RunConfig):
+    """Lightning's strategy object for trainer.strategy (a name Lightning resolves, or dstlm's own)."""
+    from dstlm.training.strategies import pin_gloo_interface
+
+    t = cfg.trainer
+    pin_gloo_interface(t.num_nodes)
+    timeout = {"timeout": timedelta(seconds=t.collective_timeout_s)} if t.collective_timeout_s else {}
+    if t.strategy.startswith("deepspeed"):
+        from dstlm.training.strategies import DeepSpeedZeRO
+
+        cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+        return DeepSpeedZeRO(stage=t.zero_stage, cpu=cpu, offload_optimizer=t.offload_optimizer,
+                             offload_parameters=t.offload_params, config=t.deepspeed_config, zero_init=t.zero_init,
+                             exclude_frozen_parameters=cfg.peft is not None, **timeout)
+    if t.strategy in ("ddp", "ddp_spawn") or (t.strategy == "auto" and t.devices * t.num_nodes > 1):
+        # What Lightning's "ddp" is, but without broadcasting the module buffers from rank 0 before every forward:
+        # the masks are buffers, identical on every rank by construction and compared across ranks at each mask
+        # update (a broadcast would hide a rank whose masks drifted, and moves every mask every step)
+        return DDPStrategy(start_method="spawn" if t.strategy == "ddp_spawn" else "popen", broadcast_buffers=False,
+                           **timeout)
+    return t.strategy
+
+
+def _module(cfg: RunConfig, data: LMDataModule) -> LMModule:
+    """The LightningModule, with what it takes from the data: the tokenizer travels inside every checkpoint (eval
+    and export need nothing but the checkpoint), and Wanda's calibration batches."""
+    t = cfg.trainer
     module = LMModule(cfg.model, cfg.optim, t.max_steps, sparsity=cfg.sparsity, seed=cfg.seed, ift=cfg.ift,
                       seq_len=cfg.data.block_size, compile_model=t.compile, loss_chunk_tokens=t.loss_chunk_tokens,
                       peft=cfg.peft)
     check_vocab(cfg, data)
-    # the tokenizer travels inside every checkpoint, so eval/export need nothing but the .ckpt file
     module.tokenizer_json = data.tokenizer.tokenizer.to_str()
     module.tokenizer_eos = data.tokenizer.eos
     module.tokenizer_chat = {"chat_template": data.tokenizer.chat_template,
                              "special_tokens": data.tokenizer.special_tokens}
     module.calibration = data.calibration_batches
-    return trainer, module, data
+    return module
 
 
 def check_machine(cfg: RunConfig, out: Path) -> None:
