@@ -2,10 +2,9 @@
 # The GPU checks docs/results.md lists as pending, in one run of about 10 minutes on one H100/H200, each
 # step under its own time limit so one slow step cannot take the others with it. Prepare here first:
 #     bash benchmarks/gpu_wheels.sh
-# then on the device (the `run` tool; carry .gpu-wheels; its python3 holds a CUDA torch):
-#     bash benchmarks/gpu_checks.sh "$OUT"
-# Logs land in the folder given ($OUT comes back to this machine). The step limits sum to 570 s: give the run
-# timeout_s 600. The steps:
+# then copy the checkout with .gpu-wheels/ to the GPU machine (whose python3 holds a CUDA torch) and run there:
+#     bash benchmarks/gpu_checks.sh OUT
+# Logs land in the folder OUT. The step limits sum to 570 s, so a 10-minute slot holds the whole run. The steps:
 #   1. tests/test_gpu.py (pytest -m gpu): fused loss on CUDA in bf16, RigL bf16 with fused AdamW, clipping and
 #      compile, plain and under ZeRO-2;
 #   2. the 124M RigL and SRigL mask update on the GPU (goal: RigL <= 100 ms), the one-process rules against the

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Wheels a GPU machine of the device tool lacks, built here for its Python (3.12, x86-64) into .gpu-wheels/
-# (git-ignored), to be carried there: that machine reaches no package index, and its image already holds torch,
-# lightning, transformers, tokenizers and the rest dstlm imports (see /work/.library/device/KINDS.md), but not
-# DeepSpeed, its hjson and pydantic, or jsonargparse (dstlm's command line). The versions are the ones the
-# project's tests run with (pyproject.toml). Then on the device: benchmarks/gpu_checks.sh.
+# Wheels for a GPU machine without a package index, built on a machine with one for the GPU machine's Python
+# (3.12, x86-64 by default) into .gpu-wheels/ (git-ignored), to be copied there with the checkout. A typical GPU
+# image already holds a CUDA torch, lightning, transformers, tokenizers and the rest dstlm imports, but not
+# DeepSpeed, its hjson and pydantic, or jsonargparse (dstlm's command line): those are the wheels built here, at
+# the versions the project's tests run with (pyproject.toml). Then on the GPU machine: benchmarks/gpu_checks.sh.
 #
 #     bash benchmarks/gpu_wheels.sh        # ~6 MB
 set -euo pipefail

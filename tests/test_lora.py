@@ -220,3 +220,26 @@ def test_the_adapter_optimizer_has_no_empty_group(hf_dirs):
     groups = build_optimizer(model, OptimConfig()).param_groups
     assert len(groups) == 1 and all(".lora_" in n for n, p in model.named_parameters()
                                     if any(p is q for q in groups[0]["params"]))
+
+
+def test_a_folder_pruned_elsewhere_gives_its_zeros_as_the_base_mask(tmp_path, small_corpus, hf_dirs):
+    """A sparse folder without dstlm's masks file (pruned by another tool): its own zeros are the base mask; the
+    masked export has exactly those zeros, and the sparsity block says where the mask came from."""
+    from transformers import AutoModelForCausalLM
+
+    from dstlm.hf.export import export
+    from dstlm.hf.oneshot import one_shot
+    from dstlm.hf.source import MASKS_FILE
+
+    base = one_shot(_run(tmp_path, small_corpus, hf_dirs["llama"], "prune", None, ONE_SHOT), str(tmp_path / "other"))
+    (base / MASKS_FILE).unlink()  # no masks file: only zeros in the weights
+    zeros = {n: w == 0 for n, w in AutoModelForCausalLM.from_pretrained(str(base)).named_parameters()}
+    summary = _fit(_run(tmp_path, small_corpus, base, "zeros", PeftConfig(r=4, target_modules="all-linear")))
+    assert summary["peft"]["base_masks"] == "the source's zeros"
+    assert summary["peft"]["base_sparsity"] == pytest.approx(0.5, abs=0.01)
+    out = export(str(tmp_path / "zeros"), str(tmp_path / "out"))
+    weights = dict(AutoModelForCausalLM.from_pretrained(str(out)).named_parameters())
+    block = json.loads((out / "config.json").read_text())["sparsity"]
+    assert len(block["sparse_weights"]) == 14
+    for name in block["sparse_weights"]:
+        assert torch.equal(weights[name] == 0, zeros[name]), name
