@@ -58,13 +58,14 @@ def test_masked_merge_keeps_every_zero_and_the_logits(tmp_path, small_corpus, hf
     from dstlm.checkpoint import load_checkpoint
     from dstlm.hf import lora
     from dstlm.hf.export import export
+    from dstlm.hf.model import mask_buffers
 
     cfg = _run(tmp_path, small_corpus, hf_dirs[kind], "masked", PeftConfig(r=4, target_modules=targets), ONE_SHOT)
     summary = _fit(cfg)
     assert summary["peft"]["merge"] == "masked" and summary["peft"]["base_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert 0 < summary["peft"]["trainable_params"] < summary["peft"]["total_params"] / 5
     loaded = load_checkpoint(str(tmp_path / "masked"))
-    masks = {lora.base_name(n): m for n, m in lora._mask_buffers(loaded.model).items()}
+    masks = {lora.base_name(n): m for n, m in mask_buffers(loaded.model).items()}
     adapted = _logits(loaded.model.hf)
     out = export(str(tmp_path / "masked"), str(tmp_path / "exported"))
     merged = AutoModelForCausalLM.from_pretrained(str(out))

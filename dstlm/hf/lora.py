@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.utils import transpose
 
-from dstlm.hf.model import HFCausalLM
+from dstlm.hf.model import HFCausalLM, mask_buffers, register_packed_mask
 from dstlm.hf.peft_config import PeftConfig
 
 ADAPTER = "default"
@@ -76,7 +76,7 @@ def base_masks(model: HFCausalLM) -> tuple[dict[str, torch.Tensor], str]:
     """{weight name: bool mask} of every sparse weight of the (not yet adapted) model, and where they came from.
     Masks already on the modules (a sparsity section's first masks, an export's masks file) are used as they are;
     otherwise every sparsifiable weight with zeros gets the mask of its non-zeros."""
-    found = _mask_buffers(model)
+    found = mask_buffers(model)
     if found:
         return found, "kept from the model" if _kept(model) else "the sparsity section's first masks"
     for row, _ in model._classify():
@@ -86,16 +86,7 @@ def base_masks(model: HFCausalLM) -> tuple[dict[str, torch.Tensor], str]:
             weight = getattr(module, attr)
             if bool((weight == 0).any()):
                 module.register_buffer(f"{attr}_mask", weight.detach() != 0, persistent=True)
-    return _mask_buffers(model), "the source's zeros"
-
-
-def _mask_buffers(model: HFCausalLM) -> dict[str, torch.Tensor]:
-    out = {}
-    for mod_name, module in model.hf.named_modules():
-        for buf_name, buf in module.named_buffers(recurse=False):
-            if buf_name.endswith("_mask") and buf.dtype == torch.bool:
-                out[f"{mod_name}.{buf_name[:-len('_mask')]}" if mod_name else buf_name[:-len("_mask")]] = buf
-    return out
+    return mask_buffers(model), "the source's zeros"
 
 
 def _kept(model: HFCausalLM) -> bool:
@@ -139,16 +130,10 @@ def check_base(now: dict[str, list[float]], record: dict, source: str, where: st
 
 def restore_masks(model: HFCausalLM, record: dict) -> None:
     """The recorded masks on the (not yet adapted) model's modules, its weights zeroed off them."""
-    from dstlm.sparse.bits import unpack_bits
-
-    params = dict(model.hf.named_parameters())
     with torch.no_grad():
         for name, packed in record["masks"].items():
-            p = params[name]
-            mask = unpack_bits(packed, p.numel()).reshape(p.shape).clone()
-            module_name, attr = name.rsplit(".", 1)
-            model.hf.get_submodule(module_name).register_buffer(f"{attr}_mask", mask, persistent=True)
-            p.mul_(mask)
+            module, mask = register_packed_mask(model, name, packed)
+            getattr(module, name.rsplit(".", 1)[1]).mul_(mask)
 
 
 # -- adapters ----------------------------------------------------------------------------------------------
@@ -227,15 +212,6 @@ def _linear_examples(model: HFCausalLM) -> str:
 
 def lora_layers(model: HFCausalLM) -> list[tuple[str, LoraLayer]]:
     return [(n, m) for n, m in model.hf.named_modules() if isinstance(m, LoraLayer)]
-
-
-def adapter_names(model: HFCausalLM) -> set[str]:
-    """The trainable (adapter) parameters' names in the model's state dict."""
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def trainable_parameters(model: HFCausalLM) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def prepare(model: HFCausalLM, cfg: PeftConfig) -> tuple[dict[str, torch.Tensor], str]:

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from dstlm.hf.lora import merge, unload
-from dstlm.hf.publish import ExportCheckError, export_hf_source
+from dstlm.hf.publish import ExportCheckError, export_hf_source, logits_of
 
 MERGE_TOLERANCE = 1e-4
 """Largest |logit difference| allowed between a masked merge and the adapter model it folds (float rounding)."""
@@ -23,7 +23,7 @@ def export_adapter_run(loaded, checkpoint: Optional[str], out: Path) -> Path:
     `adapter/`, a peft adapter folder that must give the adapter model's logits once loaded onto the export."""
     model, policy = loaded.model, loaded.peft["merge"]
     ids = torch.arange(min(16, model.config.block_size or 16))[None, :]
-    adapted = _probe(model.hf, ids)
+    adapted = logits_of(model.hf, ids)
     if policy == "none":
         staged = out.with_name(out.name + ".adapter.partial")  # peft saves it from the adapted model, before unload
         if staged.exists():
@@ -32,7 +32,7 @@ def export_adapter_run(loaded, checkpoint: Optional[str], out: Path) -> Path:
         unload(model)
         return export_hf_source(loaded, checkpoint, out, also=lambda d: _place_adapter(staged, d, ids, adapted))
     merge(model, masked=True)
-    diff = float((_probe(model.hf, ids) - adapted).abs().max())
+    diff = float((logits_of(model.hf, ids) - adapted).abs().max())
     if policy == "masked" and diff > MERGE_TOLERANCE:
         raise ExportCheckError(f"export check: the masked merge changed the logits by {diff:.3g} (more than "
                                f"{MERGE_TOLERANCE}); the adapter was not trained through these masks")
@@ -40,14 +40,6 @@ def export_adapter_run(loaded, checkpoint: Optional[str], out: Path) -> Path:
         print(f"dstlm export: peft.merge=post_mask: masking the update at the merge moved the logits by up to "
               f"{diff:.3g} (the val loss of both: docs/hf-lora.md)")
     return export_hf_source(loaded, checkpoint, out)
-
-
-def _probe(hf, ids: torch.Tensor) -> torch.Tensor:
-    was = hf.training
-    hf.eval()
-    logits = hf(input_ids=ids, use_cache=False).logits
-    hf.train(was)
-    return logits
 
 
 def _place_adapter(staged: Path, folder: Path, ids: torch.Tensor, adapted: torch.Tensor) -> None:
@@ -58,7 +50,7 @@ def _place_adapter(staged: Path, folder: Path, ids: torch.Tensor, adapted: torch
     staged.rename(folder / "adapter")
     base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     again = PeftModel.from_pretrained(base, str(folder / "adapter"))
-    diff = float((_probe(again, ids) - adapted).abs().max())
+    diff = float((logits_of(again, ids) - adapted).abs().max())
     if diff > MERGE_TOLERANCE:
         raise ExportCheckError(f"export check: the adapter loaded onto the exported base through peft changes the "
                                f"logits by {diff:.3g}")

@@ -331,12 +331,35 @@ class StoredWeights:
         return rows[start - first * cols: start - first * cols + length]
 
 
+def mask_buffers(model: HFCausalLM) -> dict[str, torch.Tensor]:
+    """{parameter name: bool mask in the weight's storage shape} of every mask buffer (`<attr>_mask`) on the
+    model's modules."""
+    out = {}
+    for mod_name, module in model.hf.named_modules():
+        for buf_name, buf in module.named_buffers(recurse=False):
+            if buf_name.endswith("_mask") and buf.dtype == torch.bool:
+                attr = buf_name[: -len("_mask")]
+                out[f"{mod_name}.{attr}" if mod_name else attr] = buf
+    return out
+
+
+def register_packed_mask(model: HFCausalLM, name: str, packed: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """Parameter `name`'s bit-packed mask unpacked to its storage shape and registered as `<attr>_mask` on its
+    module; returns (module, mask)."""
+    from dstlm.sparse.bits import unpack_bits
+
+    module_name, attr = name.rsplit(".", 1)
+    module = model.hf.get_submodule(module_name)
+    p = getattr(module, attr)
+    mask = unpack_bits(packed, p.numel()).reshape(p.shape).clone()
+    module.register_buffer(f"{attr}_mask", mask, persistent=True)
+    return module, mask
+
+
 def attach_saved_masks(model: HFCausalLM, path: Path, partitioned=None) -> None:
     """Masks of a dstlm export, registered on their modules and marked to be kept as the initial masks. Under a
     partitioned build (`partitioned`) the weights are checked on this rank's slice."""
     from safetensors.torch import load_file
-
-    from dstlm.sparse.bits import unpack_bits
 
     packed = load_file(str(path))
     params = dict(model.hf.named_parameters())
@@ -346,10 +369,7 @@ def attach_saved_masks(model: HFCausalLM, path: Path, partitioned=None) -> None:
             raise ValueError(f"{path} has a mask for {name!r}, which {model.config.hf!r} does not have; the mask "
                              f"file belongs to another model")
         p = params[name]
-        mask = unpack_bits(bits, p.numel()).reshape(p.shape).clone()
-        module_name, attr = name.rsplit(".", 1)
-        module = model.hf.get_submodule(module_name)
-        module.register_buffer(f"{attr}_mask", mask, persistent=True)
+        module, mask = register_packed_mask(model, name, bits)
         module.dstlm_keep_mask = True
         held = partitioned.local_values(p) if partitioned is not None else None
         if held is not None:

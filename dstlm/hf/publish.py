@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from dstlm.data.tokenizer import EOS, TextTokenizer
+from dstlm.hf.model import mask_buffers
 from dstlm.hf.source import MASKS_FILE
 from dstlm.sparse.methods import METHODS, DSTMethod
 
@@ -43,15 +44,13 @@ def save_tokenizer(tokenizer: TextTokenizer, out: Path, max_length: int) -> None
     fast.save_pretrained(str(out))
 
 
-def _masks(model) -> dict[str, torch.Tensor]:
-    """{parameter name (HF's own): bool mask in the weight's storage shape} of the loaded model."""
-    out = {}
-    for mod_name, module in model.hf.named_modules():
-        for buf_name, buf in module.named_buffers(recurse=False):
-            if buf_name.endswith("_mask") and buf.dtype == torch.bool:
-                attr = buf_name[: -len("_mask")]
-                out[f"{mod_name}.{attr}" if mod_name else attr] = buf
-    return out
+def logits_of(hf, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits for `ids` in eval mode (no dropout), its training mode restored after."""
+    was = hf.training
+    hf.eval()
+    logits = hf(input_ids=ids, use_cache=False).logits
+    hf.train(was)
+    return logits
 
 
 def _method(sparsity: Optional[dict]) -> type[DSTMethod]:
@@ -148,7 +147,7 @@ def export_hf_source(loaded, checkpoint: Optional[str], out: Path, also=None) ->
     """Write and verify the export of a checkpoint whose model source is a Hugging Face model. `also(folder)`:
     writes and verifies more of the export (a LoRA adapter) before the folder replaces `out`."""
     model = loaded.model
-    masks = _masks(model)
+    masks = mask_buffers(model)
     with torch.no_grad():
         params = dict(model.hf.named_parameters())
         for name, mask in masks.items():
@@ -204,10 +203,7 @@ def verify_export(model, masks: dict[str, torch.Tensor], directory: Path, sparsi
         if groups:
             _check_nm(name, w, *groups, matrices)
     ids = torch.arange(min(16, model.config.block_size or 16)).remainder(re.config.vocab_size)[None, :]
-    was = model.hf.training
-    model.hf.eval()
-    a = model.hf(input_ids=ids, use_cache=False).logits
-    model.hf.train(was)
+    a = logits_of(model.hf, ids)
     b = re(input_ids=ids, use_cache=False).logits
     if not torch.equal(a, b):
         raise ExportCheckError(f"export check: reloaded logits differ from the trained model's "
