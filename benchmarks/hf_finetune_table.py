@@ -139,17 +139,21 @@ def measure(name: str, folder: Path, out: Path, limit: int, checkpoint: Path | N
     return row
 
 
-def run_arch(arch: str, out: Path, a) -> dict[str, dict]:
-    logs = out / "logs"
+def pretrained(arch: str, out: Path, a) -> Path:
+    """The architecture pretrained on the shipped corpus and exported: out/pre-<arch> (made when missing)."""
+    logs, runs, pre = out / "logs", out / "runs", out / f"pre-{arch}"
     logs.mkdir(parents=True, exist_ok=True)
-    base = base_folder(arch, out)
-    pre = out / f"pre-{arch}"
-    runs = out / "runs"
     if not (pre / "config.json").is_file():
-        sh(["fit", *COMMON, "--model.hf", str(base), "--model.from_config", "true", "--name", f"pre-{arch}",
-            "--out_dir", str(runs), "--trainer.max_steps", str(a.pretrain_steps), "--trainer.val_every_n_steps",
-            str(a.pretrain_steps)], logs / f"pre-{arch}.log")
+        sh(["fit", *COMMON, "--model.hf", str(base_folder(arch, out)), "--model.from_config", "true", "--name",
+            f"pre-{arch}", "--out_dir", str(runs), "--trainer.max_steps", str(a.pretrain_steps),
+            "--trainer.val_every_n_steps", str(a.pretrain_steps)], logs / f"pre-{arch}.log")
         sh(["export", "--checkpoint", str(runs / f"pre-{arch}"), "--out", str(pre)], logs / f"pre-{arch}-export.log")
+    return pre
+
+
+def run_arch(arch: str, out: Path, a) -> dict[str, dict]:
+    logs, runs = out / "logs", out / "runs"
+    pre = pretrained(arch, out, a)
     rows = {"pretrained (dense)": measure(f"{arch}-pretrained", pre, out, a.limit)}
     for name, opts in ONE_SHOT.items():
         folder = out / f"{arch}-{name.replace(':', '')}"
@@ -192,16 +196,21 @@ def table(results: dict[str, dict[str, dict]], a) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pretrain-steps", type=int, default=400)
-    p.add_argument("--finetune-steps", type=int, default=150)
-    p.add_argument("--limit", type=int, default=200, help="lambada_openai documents")
+def arguments(description: str, pretrain: int, finetune: int, limit: int):
+    """The command line both closed-loop tables take: (arguments, the output folder)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--pretrain-steps", type=int, default=pretrain)
+    p.add_argument("--finetune-steps", type=int, default=finetune)
+    p.add_argument("--limit", type=int, default=limit, help="lambada_openai documents")
     p.add_argument("--archs", default="llama,gpt2")
     p.add_argument("--out", default="runs/hf-table")
     p.add_argument("--doc", default=None, help="write the table into this markdown file")
     a = p.parse_args()
-    out = (REPO / a.out) if not Path(a.out).is_absolute() else Path(a.out)
+    return a, (REPO / a.out) if not Path(a.out).is_absolute() else Path(a.out)
+
+
+def main() -> None:
+    a, out = arguments(__doc__.split("\n")[0], 400, 150, 200)
     results = {arch: run_arch(arch, out, a) for arch in a.archs.split(",")}
     text = table(results, a)
     print(text)

@@ -13,6 +13,7 @@ beside it).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -54,15 +55,8 @@ def model_folder(out: Path, hidden: int, layers: int) -> tuple[Path, int]:
     n = 0
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
-            n += sum(_numel(st.get_slice(k).get_shape()) for k in st.keys())
+            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
     return folder, n
-
-
-def _numel(shape) -> int:
-    out = 1
-    for d in shape:
-        out *= d
-    return out
 
 
 def main() -> None:

@@ -21,13 +21,12 @@ when its output exists (rerun to resume).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_finetune_table import COMMON, REPO, base_folder, measure, sh  # noqa: E402
+from hf_finetune_table import COMMON, arguments, measure, pretrained, sh  # noqa: E402
 
 SPARSITIES = {  # name: (one-shot options, full fine-tuning options)
     "50%": (["--sparsity.method", "static", "--sparsity.sparsity", "0.5", "--sparsity.distribution", "uniform",
@@ -39,18 +38,6 @@ SPARSITIES = {  # name: (one-shot options, full fine-tuning options)
 }
 LORA = ["--peft", "configs/peft/lora.yaml", "--peft.r", "8", "--optim.lr", "0.002"]
 TUNE = ["--optim.warmup_steps", "10", "--optim.weight_decay", "0.0"]
-
-
-def pretrained(arch: str, out: Path, a) -> Path:
-    runs, pre = out / "runs", out / f"pre-{arch}"
-    if not (pre / "config.json").is_file():
-        base = base_folder(arch, out)
-        sh(["fit", *COMMON, "--model.hf", str(base), "--model.from_config", "true", "--name", f"pre-{arch}",
-            "--out_dir", str(runs), "--trainer.max_steps", str(a.pretrain_steps), "--trainer.val_every_n_steps",
-            str(a.pretrain_steps)], out / "logs" / f"pre-{arch}.log")
-        sh(["export", "--checkpoint", str(runs / f"pre-{arch}"), "--out", str(pre)],
-           out / "logs" / f"pre-{arch}-export.log")
-    return pre
 
 
 def train(tag: str, pre: Path, out: Path, a, opts: list[str]) -> Path:
@@ -155,22 +142,25 @@ def table(results: dict[str, dict[str, dict]], a) -> str:
     return "\n".join(lines)
 
 
+def write_doc(path: Path, table_text: str) -> None:
+    """The table into `path` between its table markers, leaving the reading around them as it is (a new file
+    gets the markers and the table only)."""
+    start, end = "<!-- table: made by benchmarks/hf_lora_table.py -->", "<!-- /table -->"
+    old = path.read_text() if path.is_file() else f"{start}\n{end}\n"
+    if start not in old or end not in old:
+        raise SystemExit(f"{path} has no table markers ({start} ... {end}); add them where the table goes")
+    head, rest = old.split(start, 1)
+    path.write_text(f"{head}{start}\n{table_text}\n{end}{rest.split(end, 1)[1]}")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--finetune-steps", type=int, default=100)
-    p.add_argument("--limit", type=int, default=100, help="lambada_openai documents")
-    p.add_argument("--archs", default="llama,gpt2")
-    p.add_argument("--out", default="runs/hf-table")
-    p.add_argument("--doc", default=None, help="write the table into this markdown file")
-    a = p.parse_args()
-    out = (REPO / a.out) if not Path(a.out).is_absolute() else Path(a.out)
+    a, out = arguments(__doc__.split("\n")[0], 300, 100, 100)
     results = {arch: run_arch(arch, out, a) for arch in a.archs.split(",")}
     text = table(results, a)
     print(text)
     (out / "lora-table.md").write_text(text + "\n")
     if a.doc:
-        Path(a.doc).write_text(text + "\n")
+        write_doc(Path(a.doc), text)
 
 
 if __name__ == "__main__":
