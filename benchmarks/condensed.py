@@ -128,9 +128,9 @@ def model_section(args) -> None:
     from dstlm.checkpoint import export_condensed, load_checkpoint
     from dstlm.models import load_preset
     from dstlm.sparse import SparsityConfig
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
     from dstlm.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
-    from dstlm.training.run import fit
+    from dstlm.training.assembly.run import fit
 
     out_dir = tempfile.mkdtemp(prefix="dstlm-condensed-")
     model = load_preset(args.preset)

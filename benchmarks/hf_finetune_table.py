@@ -98,7 +98,7 @@ def val_loss(folder: Path) -> float:
     from transformers import AutoModelForCausalLM
 
     from dstlm.training.config import DataConfig
-    from dstlm.training.datamodule import LMDataModule
+    from dstlm.training.loop.datamodule import LMDataModule
 
     data = LMDataModule(DataConfig(tokenizer=str(folder), block_size=256, batch_size=16, val_batches=8), seed=1337)
     data.setup("validate")

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dstlm.models import GPT, load_preset  # noqa: E402
-from dstlm.training.module import param_groups  # noqa: E402
+from dstlm.training.loop.module import param_groups  # noqa: E402
 
 
 def step_times(model: GPT, batches: list[torch.Tensor], warmup: int) -> list[float]:

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dstlm.models import GPT, load_preset  # noqa: E402
 from dstlm.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig  # noqa: E402
-from dstlm.training.module import build_optimizer, lr_lambda  # noqa: E402
-from dstlm.training.build import build  # noqa: E402
+from dstlm.training.loop.module import build_optimizer, lr_lambda  # noqa: E402
+from dstlm.training.assembly.build import build  # noqa: E402
 
 
 class StepTimer(L.Callback):

@@ -114,9 +114,9 @@ def worker(args) -> None:
 
     from dstlm.models.presets import load_preset
     from dstlm.sparse import SparsityConfig
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
     from dstlm.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig
-    from dstlm.training.strategies import peak_rss, reset_peak_rss
+    from dstlm.training.zero.strategies import peak_rss, reset_peak_rss
 
     out = Path(args.worker)
     world = int(os.environ["WORLD_SIZE"])

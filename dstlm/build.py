@@ -41,7 +41,7 @@ def build_model(source: ModelSource, transforms: Sequence[ModelTransform] = (), 
     (construction of every module in model order, then one reset_parameters), so seeded runs are unchanged by
     where a transform lives. A Hugging Face source is loaded (its weights unless `weights` is False; from the
     config a checkpoint carries, `hf_config`, when given; slice by slice under a partitioned build,
-    `partitioned`: dstlm/training/partitioned_build.py)."""
+    `partitioned`: dstlm/training/zero/partitioned_build.py)."""
     if isinstance(source, HFModelConfig):
         from dstlm.hf.model import load_hf_model
 

@@ -110,10 +110,10 @@ def fit(argv: list[str]) -> int:
     """train (or resume with --ckpt_path) a recipe"""
     from lightning.pytorch.utilities import rank_zero_only
 
-    from dstlm.training.run import fit as run_fit
-    from dstlm.training.summary import format_summary
+    from dstlm.training.assembly.run import fit as run_fit
+    from dstlm.training.assembly.summary import format_summary
 
-    from dstlm.training.preemption import EXIT_PREEMPTED
+    from dstlm.training.resilience.preemption import EXIT_PREEMPTED
 
     cfg, ckpt = parse_run("dstlm fit", argv)
     summary = run_fit(cfg, ckpt_path=ckpt)
@@ -131,7 +131,7 @@ def fit(argv: list[str]) -> int:
 
 def validate(argv: list[str]) -> int:
     """validation loss/perplexity of a checkpoint"""
-    from dstlm.training.run import validate as run_validate
+    from dstlm.training.assembly.run import validate as run_validate
 
     cfg, ckpt = parse_run("dstlm validate", argv)
     for k, v in run_validate(cfg, ckpt).items():
@@ -141,7 +141,7 @@ def validate(argv: list[str]) -> int:
 
 def flops(argv: list[str]) -> int:
     """FLOPs per token of a recipe's (sparse / Sparse-IFT) model vs its dense baseline"""
-    from dstlm.training.summary import flops_report
+    from dstlm.training.assembly.summary import flops_report
 
     cfg, _ = parse_run("dstlm flops", argv)
     print(flops_report(cfg)[0])
@@ -278,13 +278,18 @@ def function_command(fn: Callable[..., int]) -> Callable[[list[str]], int]:
     """A subcommand from a typed function: jsonargparse reads its signature and docstring."""
 
     def run(argv: list[str]) -> int:
-        parser = ArgumentParser(prog=f"dstlm {name_of[fn]}", description=fn.__doc__.split("\n")[0],
-                                default_meta=False, exit_on_error=False, allow_abbrev=False)
-        parser.add_function_arguments(fn, fail_untyped=True)
-        ns = parser.parse_args(argv)
+        ns = function_parser(fn).parse_args(argv)
         return fn(**{k: ns[k] for k in ns.keys()})
 
     return run
+
+
+def function_parser(fn: Callable[..., int]) -> ArgumentParser:
+    """The parser of a typed-function subcommand: its parameters are the options."""
+    parser = ArgumentParser(prog=f"dstlm {name_of[fn]}", description=fn.__doc__.split("\n")[0],
+                            default_meta=False, exit_on_error=False, allow_abbrev=False)
+    parser.add_function_arguments(fn, fail_untyped=True)
+    return parser
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {

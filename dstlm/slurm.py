@@ -20,7 +20,7 @@ from typing import Optional
 import yaml
 
 from dstlm.paths import REPO_DIR
-from dstlm.training.callbacks import SAVE_TIMES
+from dstlm.training.loop.callbacks import SAVE_TIMES
 
 TEMPLATE = REPO_DIR / "slurm" / "train.sbatch"
 
@@ -98,7 +98,7 @@ def render(argv: list[str], parse_run) -> tuple[str, Path, argparse.Namespace, P
               f"gpu (or use the CPU profile: --tasks-per-node N)")
     if args.signal.upper().removeprefix("SIG") in ("USR1", "TERM", "KILL"):
         _fail(f"--signal={args.signal}: USR1 is also caught by NCCL, TERM and KILL are SLURM's own; use USR2")
-    from dstlm.training.build import run_dir
+    from dstlm.training.assembly.build import run_dir
 
     run = run_dir(cfg).resolve()
     check_run_dir(run, asdict(cfg))

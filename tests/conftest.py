@@ -20,6 +20,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from dstlm.models.gpt import GPTConfig  # noqa: E402
 from dstlm.paths import CORPUS_DIR  # noqa: E402
 from dstlm.training.config import DataConfig, OptimConfig, RunConfig, TrainerConfig  # noqa: E402
+import helpers.faults  # noqa: E402,F401 (the fault plug-in, for runs in this process; inert unless DSTLM_FAULT is set)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,9 +30,9 @@ _SHARED_ENV = "DSTLM_TEST_SHARED_DIR"
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_dir(tmp_path_factory) -> Path:
-    """A folder of this test session for results that tests share (`shared_result`). Under pytest-xdist every
+    """A folder of this pytest run for results that tests share (`shared_result`). Under pytest-xdist every
     worker has its own base temp folder inside the run's; the shared folder sits beside them, so workers share
-    it, and a later test session never sees it."""
+    it, and a later pytest run never sees it."""
     base = tmp_path_factory.getbasetemp()
     root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
     root.mkdir(exist_ok=True)
@@ -40,7 +41,7 @@ def _shared_dir(tmp_path_factory) -> Path:
 
 
 def shared_result(key: str, make: Callable[[Path], None]) -> Path:
-    """The folder in which `make(folder)` wrote the result named by `key`, made once per test session.
+    """The folder in which `make(folder)` wrote the result named by `key`, made once per pytest run.
 
     Expensive, deterministic work (a reference training run) is keyed by everything that determines it; the first
     test that asks makes it, every later one (in any worker; a worker asking meanwhile waits on a file lock) reads

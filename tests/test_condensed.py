@@ -169,11 +169,11 @@ def test_auto_path_follows_the_measured_crossover():
 def srigl_run(small_corpus):
     from conftest import tiny_run
     from dstlm.sparse import SparsityConfig
-    from dstlm.training.run import fit
+    from dstlm.training.assembly.run import fit
 
     from conftest import shared_result
 
-    def make(d) -> None:  # once per test session, whichever pytest worker asks first
+    def make(d) -> None:  # once per pytest run, whichever pytest worker asks first
         cfg = tiny_run(d, small_corpus, name="srigl", model=dict(block_size=256, bias=True), data=dict(block_size=64),
                        trainer=dict(max_steps=12, val_every_n_steps=12), optim=dict(lr=1e-2))
         cfg.sparsity = SparsityConfig(method="srigl", sparsity=0.9, delta_t=3, t_end=1.0, gamma_sal=0.9)
@@ -226,7 +226,7 @@ def test_condensed_eval_scores_equal(srigl_run):
 
 def test_condensed_export_of_a_dense_run_is_refused(tmp_path, small_corpus):
     from conftest import error_line, run_cli, tiny_run
-    from dstlm.training.run import fit
+    from dstlm.training.assembly.run import fit
 
     fit(tiny_run(tmp_path, small_corpus, name="dense", trainer=dict(max_steps=2, val_every_n_steps=2)))
     ckpt = tmp_path / "dense" / "checkpoints" / "last.ckpt"
@@ -242,7 +242,7 @@ def test_condensed_training_matches_masked_training(tmp_path, small_corpus):
     from conftest import tiny_run
     from dstlm.sparse import SparsityConfig
     from dstlm.sparse.condensed_train import CondensedComputeLinear
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
 
     runs = {}
     for condensed in (False, True):

@@ -91,7 +91,7 @@ def _dst_job(method, batch, files, nproc, extra_env=None) -> Dumps:
     On more than one rank every mask update is also decided whole by the sort-based reference, and the run
     stops if a sharded decision differs (DSTLM_CHECK_REFERENCE).
 
-    A job is deterministic in its arguments and environment, so it runs once per test session: a job that
+    A job is deterministic in its arguments and environment, so it runs once per pytest run: a job that
     another test (in any pytest worker) already ran is read back from the folder that run wrote."""
     helper = str(REPO / "tests" / "helpers" / "dst_run.py")
     extra_env = {"DSTLM_CHECK_REFERENCE": "1", **(extra_env or {})}
@@ -183,7 +183,7 @@ def test_sharded_decisions_equal_the_whole_tensor_reference(tmp_path, small_corp
 
 def test_deepspeed_bad_input_refused(tmp_path):
     from dstlm.training.config import TrainerConfig
-    from dstlm.training.strategies import DeepSpeedZeRO
+    from dstlm.training.zero.strategies import DeepSpeedZeRO
 
     with pytest.raises(ValueError, match="ZeRO stage=5 must be 0, 1, 2 or 3"):
         DeepSpeedZeRO(stage=5, cpu=True)
@@ -205,7 +205,7 @@ def test_deepspeed_bad_input_refused(tmp_path):
 
 def _rigl_run(out, files, **trainer):
     from dstlm.sparse import SparsityConfig
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
 
     from conftest import tiny_run
 
@@ -294,7 +294,7 @@ def test_zero_dst_resume_after_second_update_is_exact(tmp_path, small_corpus, me
 
     from test_dst_training import sparse_run
     from test_training import BatchRecorder, StopAt
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
 
     over = dict(trainer=dict(max_steps=10, ckpt_every_n_steps=4, strategy=f"deepspeed_stage_{stage}"))
     full_b = BatchRecorder()
@@ -484,7 +484,7 @@ def test_zero_dst_with_gradient_accumulation_matches_plain_accumulation(tmp_path
     the DST callback acts only at the boundary, so RigL with 2 micro-batches per step under ZeRO gives the
     masks and validation loss of plain torch accumulation."""
     from dstlm.sparse import SparsityConfig
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
 
     from conftest import tiny_run
 

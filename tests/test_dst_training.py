@@ -8,8 +8,8 @@ import torch
 
 from conftest import REPO, run_cli, tiny_run
 from dstlm.sparse import SparsityConfig, TorchBackend
-from dstlm.training.build import build
-from dstlm.training.run import fit
+from dstlm.training.assembly.build import build
+from dstlm.training.assembly.run import fit
 from test_training import StopAt
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli, tiny_run
 from dstlm.checkpoint import load_checkpoint
 from dstlm.eval.harness import SHIPPED_TASKS, evaluate, format_table, run_eval, scores
-from dstlm.training.run import fit
+from dstlm.training.assembly.run import fit
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def trained(small_corpus):
 
     out = {}
     for pos in ("rope", "learned"):
-        def make(d, pos=pos) -> None:  # once per test session, whichever pytest worker asks first
+        def make(d, pos=pos) -> None:  # once per pytest run, whichever pytest worker asks first
             cfg = tiny_run(d, small_corpus, name=pos, model=dict(pos_emb=pos, block_size=256),
                            data=dict(block_size=64), trainer=dict(max_steps=30, val_every_n_steps=30),
                            optim=dict(lr=1e-2))
@@ -142,7 +142,7 @@ def test_checkpoint_mismatch_and_missing_tokenizer(trained, tmp_path):
 
 
 def test_in_training_eval_in_summary(tmp_path, small_corpus):
-    from dstlm.training.eval_callback import EvalConfig
+    from dstlm.training.loop.eval_callback import EvalConfig
 
     cfg = tiny_run(tmp_path, small_corpus, model=dict(block_size=256), data=dict(block_size=64),
                    trainer=dict(max_steps=4, val_every_n_steps=4))

@@ -27,7 +27,7 @@ def torchrun(path: str, *args: str, **env: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def ddp_reference(small_corpus):
     """The final weights of an undisturbed 2-rank DDP run of 20 steps (what every faulted run, resumed, must end at),
-    run once per test session."""
+    run once per pytest run."""
     def make(tmp) -> None:
         ref = torchrun(recipe(tmp, small_corpus, "ref", steps=20))
         assert ref.returncode == 0, ref.stderr[-3000:]
@@ -77,8 +77,8 @@ def test_mask_divergence_on_one_rank_is_caught_at_the_next_update(tmp_path, smal
 def test_non_finite_gradient_names_the_parameter():
     from dstlm.models.gpt import GPTConfig
     from dstlm.training.config import OptimConfig
-    from dstlm.training.module import LMModule
-    from dstlm.training.nonfinite import check_gradients, last_good
+    from dstlm.training.loop.module import LMModule
+    from dstlm.training.resilience.nonfinite import check_gradients, last_good
 
     module = LMModule(GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, n_embd=8), OptimConfig(), 10)
     module.configure_model()
@@ -206,6 +206,42 @@ class _RunsCode:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def test_hook_points_run_what_plug_ins_register(tmp_path, monkeypatch):
+    """The fault tests fill hook points that production code exposes: handlers run in order and may replace
+    the value; a plug-in named in DSTLM_PLUGINS is imported once, when a point is first reached; a misnamed point
+    or plug-in is refused in one line; and dstlm's own code holds no fault injection of its own."""
+    from dstlm.training.resilience import hooks
+
+    with pytest.raises(ValueError, match="no point 'lose'; the points are loss, checkpoint_written, masks_updated"):
+        hooks.register("lose", print)
+    seen = []
+    undo = [hooks.register("loss", lambda value, **ctx: value + 1),
+            hooks.register("loss", lambda value, step, **ctx: seen.append((value, step)))]
+    (tmp_path / "drill.py").write_text(
+        "from dstlm.training.resilience import hooks\nCALLS = []\n"
+        "UNDO = hooks.register('masks_updated', lambda value, **ctx: CALLS.append(ctx))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(hooks.ENV, "drill")
+    try:
+        assert hooks.fire("loss", 1.0, rank=0, step=3, model=None) == 2.0 and seen == [(2.0, 3)]
+        hooks.fire("masks_updated", engine=None, rank=1, step=5)
+        hooks.fire("masks_updated", engine=None, rank=1, step=6)
+        import drill
+        assert [c["step"] for c in drill.CALLS] == [5, 6]  # imported once, registered once
+        monkeypatch.setenv(hooks.ENV, "drill, no_such_plugin")
+        with pytest.raises(RuntimeError, match="DSTLM_PLUGINS names 'no_such_plugin', which cannot be imported"):
+            hooks.fire("loss", 1.0, rank=0, step=0, model=None)
+    finally:
+        monkeypatch.delenv(hooks.ENV)
+        for u in undo:
+            u()
+        if "drill" in sys.modules:
+            sys.modules.pop("drill").UNDO()
+        hooks._imported.discard("drill")
+    assert hooks.fire("loss", 1.0, rank=0, step=3, model=None) == 1.0
+    assert not [p for p in (REPO / "dstlm").rglob("*.py") if "DSTLM_FAULT" in p.read_text()]
 
 
 def test_every_torch_load_in_dstlm_is_weights_only():

@@ -182,7 +182,7 @@ class GradProbe(L.Callback):
 
 
 def _fit(tmp_path, name, files, **over):
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
 
     cfg = tiny_run(tmp_path / "runs", files, name=name, **over)
     trainer, module, data = build(cfg, logger=False)
@@ -198,7 +198,7 @@ def test_accumulated_micro_batches_match_one_batch(tmp_path, tok, monkeypatch, s
     same gradient at every step, although micro-batches differ in how many targets count. Without the share of
     the step (each micro-batch's own mean, as a plain fine-tuning loop does) the gradients differ by percents."""
     if not share:
-        monkeypatch.setattr("dstlm.training.module.share_of_step", lambda y, n, k: torch.ones(()))
+        monkeypatch.setattr("dstlm.training.loop.module.share_of_step", lambda y, n, k: torch.ones(()))
     files = [write_jsonl(tmp_path / "d.jsonl", rows(200))]
     data = dict(tokenizer=str(tok.save(tmp_path / "tok")), files=files, block_size=96, val_fraction=0.1)
     over = dict(model=dict(dropout=0.0, block_size=96), trainer=dict(max_steps=4, val_every_n_steps=4))
@@ -226,7 +226,7 @@ def test_accumulated_micro_batches_match_one_batch(tmp_path, tok, monkeypatch, s
      r"all 28 train examples were dropped: .* raise data.block_size"),
 ])
 def test_bad_input_one_line(tmp_path, small_corpus, items, fmt, template, message):
-    from dstlm.training.datamodule import LMDataModule
+    from dstlm.training.loop.datamodule import LMDataModule
     from dstlm.training.config import DataConfig
 
     files = [small_corpus[0]] + [write_jsonl(tmp_path / "rows.jsonl", items or rows(3))]
@@ -309,7 +309,7 @@ def test_hf_chat_fine_tune_exports_the_template_and_special_tokens(tmp_path, tok
     from dstlm.hf.export import export
     from dstlm.hf.source import HFModelConfig
     from dstlm.sparse import SparsityConfig
-    from dstlm.training.run import fit
+    from dstlm.training.assembly.run import fit
 
     files = [write_jsonl(tmp_path / "chat.jsonl", chats(120, chars=40))]
     cfg = tiny_run(tmp_path, files, name="chat", model=dict(block_size=192),
@@ -334,7 +334,7 @@ def test_a_parquet_folder_gives_the_rows_of_the_jsonl_file(tmp_path, tok):
     import datasets
 
     from dstlm.training.config import DataConfig
-    from dstlm.training.datamodule import LMDataModule
+    from dstlm.training.loop.datamodule import LMDataModule
 
     items = rows(60)
     (tmp_path / "pq").mkdir()

@@ -44,7 +44,7 @@ def current():
         pytest.skip(f"checksums were recorded with torch and CPU kernels {kernels}, this machine has "
                     f"{(machine()['torch'], machine()['cpu_capability'])}: float results may differ in the last bit")
 
-    def make(folder: Path) -> None:  # once per test session, whichever worker asks first
+    def make(folder: Path) -> None:  # once per pytest run, whichever worker asks first
         threads = torch.get_num_threads()
         torch.set_num_threads(2)  # as recorded
         try:

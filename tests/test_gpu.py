@@ -36,7 +36,7 @@ def test_rigl_bf16_run_on_cuda_with_fused_optimizer_and_compile(tmp_path, small_
     """A short RigL run in bf16-mixed on the GPU with fused AdamW, clipping and torch.compile: the loss falls,
     the engine's invariant checks pass at every mask update (it raises otherwise), sparsity is kept."""
     from dstlm.sparse import SparsityConfig
-    from dstlm.training.run import fit
+    from dstlm.training.assembly.run import fit
 
     cfg = tiny_run(tmp_path, small_corpus, optim=dict(fused=True, lr=1e-2, warmup_steps=5),
                    trainer=dict(accelerator="gpu", precision="bf16-mixed", deterministic=False, compile=True,

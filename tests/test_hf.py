@@ -158,7 +158,7 @@ def test_wanda_init_equals_a_hand_computation():
 
 
 def _fit(cfg):
-    from dstlm.training.run import fit
+    from dstlm.training.assembly.run import fit
 
     return fit(cfg)
 
@@ -237,7 +237,7 @@ def test_bad_input_one_line_each(tmp_path, small_corpus, hf_dirs):
                   ift=SparseIFTConfig(family="wide", sparsity=0.5))
     cfg = RunConfig(model=HFModelConfig(str(hf_dirs["llama"])), out_dir=str(tmp_path),
                     data=DataConfig(files=small_corpus, tokenizer="gpt2", block_size=32))
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
 
     with pytest.raises(ValueError, match="has 50257 tokens but the model .* embeds only 512"):
         build(cfg, logger=False)

@@ -170,7 +170,7 @@ def test_each_family_trains_with_rigl_and_keeps_the_invariants(tmp_path, small_c
     exports to a standard HF model computing the same logits."""
     from conftest import tiny_run
     from dstlm.checkpoint import load_checkpoint
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
 
     cfg = tiny_run(tmp_path, small_corpus, trainer=dict(max_steps=5, val_every_n_steps=5),
                    ift=SparseIFTConfig(family=family, sparsity=0.5),
@@ -212,7 +212,7 @@ def test_sparse_wide_on_a_moe_model_widens_and_sparsifies_the_experts(tmp_path, 
     plus its router) keeps its dense FLOPs within 1 %; the model trains with RigL."""
     from conftest import tiny_run
     from dstlm.models.moe import MoEConfig
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
 
     moe = MoEConfig(num_experts=4, top_k=2, every=2)
     cfg = tiny_run(tmp_path, small_corpus, model=dict(moe=moe), trainer=dict(max_steps=5, val_every_n_steps=5),
@@ -269,7 +269,7 @@ def test_sparse_ift_experts_train_with_rigl_reload_and_fold(tmp_path, small_corp
     into plain [E, out, in] experts computing the same function."""
     from conftest import tiny_run
     from dstlm.checkpoint import load_checkpoint
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
 
     cfg = tiny_run(tmp_path, small_corpus, model=dict(moe=MOE_CFG.moe), trainer=dict(max_steps=5, val_every_n_steps=5),
                    ift=SparseIFTConfig(family=family, sparsity=0.5),

@@ -8,7 +8,7 @@ from conftest import tiny_run
 from dstlm.models.gpt import GPT, GPTConfig
 from dstlm.models.lm_loss import linear_cross_entropy
 from dstlm.training.config import OptimConfig, RunConfig, TrainerConfig
-from dstlm.training.build import build
+from dstlm.training.assembly.build import build
 
 
 def _inputs(n=301, c=24, vp=128, v=100, seed=0):

@@ -29,7 +29,7 @@ def _run(tmp_path, corpus, hf_dir, name, peft, sparsity=None, steps=6, **over):
 
 
 def _fit(cfg, ckpt_path=None):
-    from dstlm.training.run import fit
+    from dstlm.training.assembly.run import fit
 
     return fit(cfg, ckpt_path=ckpt_path)
 
@@ -189,7 +189,7 @@ def test_two_ranks_train_the_adapter_of_one_process(tmp_path, small_corpus, hf_d
     from conftest import REPO
 
     from dstlm.checkpoint import read_checkpoint
-    from dstlm.training.summary import config_yaml
+    from dstlm.training.assembly.summary import config_yaml
 
     peft = PeftConfig(r=4, target_modules=["c_attn", "c_fc"])
     two = _run(tmp_path, small_corpus, hf_dirs["gpt2"], "two", peft, ONE_SHOT, data=dict(batch_size=4))
@@ -214,7 +214,7 @@ def test_the_adapter_optimizer_has_no_empty_group(hf_dirs):
     from dstlm.hf.lora import add_adapters
     from dstlm.hf.model import load_hf_model
     from dstlm.training.config import OptimConfig
-    from dstlm.training.module import build_optimizer
+    from dstlm.training.loop.module import build_optimizer
 
     model = load_hf_model(HFModelConfig(str(hf_dirs["gpt2"])))
     add_adapters(model, PeftConfig(r=2), masked=False)

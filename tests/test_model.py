@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dstlm.models import GPT, GPTConfig, available_presets, load_preset
-from dstlm.training.module import lr_lambda, param_groups
+from dstlm.training.loop.module import lr_lambda, param_groups
 from dstlm.training.config import OptimConfig
 
 

@@ -112,7 +112,7 @@ def test_checkpoints_resume_at_another_expert_parallel_size():
     from dataclasses import asdict, replace
 
     from dstlm.training.config import OptimConfig
-    from dstlm.training.module import LMModule
+    from dstlm.training.loop.module import LMModule
 
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16,
                     moe=MoEConfig(num_experts=4, expert_parallel_size=2))
@@ -143,7 +143,7 @@ def test_tiny_moe_learns(tmp_path, small_corpus):
     """A 2-layer MoE GPT (4 experts, top-1 every 2nd block) on the shipped text: the validation loss falls
     clearly from its start, the load stays spread over the experts, and aux losses are logged."""
     from conftest import tiny_run
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
 
     cfg = tiny_run(tmp_path, small_corpus, model=dict(moe=MoEConfig(num_experts=4, top_k=1, every=2)),
                    trainer=dict(max_steps=40, val_every_n_steps=40))
@@ -167,7 +167,7 @@ def test_dst_on_batched_experts_keeps_per_expert_budgets(tmp_path, small_corpus,
     and AdamW moments off the mask, exact budgets); SRigL keeps a constant fan-in in every expert row."""
     from conftest import tiny_run
     from dstlm.sparse import SparsityConfig
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
 
     cfg = tiny_run(tmp_path, small_corpus, model=dict(moe=MoEConfig(num_experts=4, top_k=2, every=2)),
                    trainer=dict(max_steps=7, val_every_n_steps=7),

@@ -18,11 +18,13 @@ import torch
 import yaml
 
 from conftest import REPO
+from helpers.faults import PLUGIN_ENV
 
 pytestmark = pytest.mark.faults  # `make faults` runs every fault test (docs/faults.md)
 
 ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
-       "HF_DATASETS_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions")}
+       "HF_DATASETS_OFFLINE": "1", "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
+       **PLUGIN_ENV}  # the fault plug-in in every rank (inert unless DSTLM_FAULT is set)
 
 
 def recipe(tmp_path: Path, files, name: str, steps: int = 40, **trainer) -> str:
@@ -178,7 +180,7 @@ def test_zero_groups_get_the_collective_timeout(tmp_path):
         "from datetime import timedelta\n"
         "import lightning as L, torch\n"
         "from deepspeed.utils import groups\n"
-        "from dstlm.training.strategies import DeepSpeedZeRO\n"
+        "from dstlm.training.zero.strategies import DeepSpeedZeRO\n"
         "s = DeepSpeedZeRO(stage=2, cpu=True, timeout=timedelta(seconds=9))\n"
         "L.Trainer(accelerator='cpu', devices=1, strategy=s, logger=False).strategy.setup_environment()\n"
         "for g in (torch.distributed.group.WORLD, groups._get_data_parallel_group()):\n"
@@ -195,7 +197,7 @@ def test_zero_groups_get_the_collective_timeout(tmp_path):
 def test_auto_resume_takes_a_complete_save_whose_link_was_not_swapped(tmp_path):
     """A job killed between putting step 20 in place and relinking last.ckpt resumes from step 20, not 10;
     a half-written save (*.tmp) is never taken; a dangling link is refused with the fix."""
-    from dstlm.training.preemption import newest_complete
+    from dstlm.training.resilience.preemption import newest_complete
 
     ckpts = tmp_path / "checkpoints"
     assert newest_complete(ckpts) is None
@@ -222,7 +224,7 @@ def test_a_run_resumed_at_max_steps_is_finished(tmp_path, small_corpus):
 
     from conftest import tiny_run
     from dstlm.training.config import EvalConfig
-    from dstlm.training.run import fit as fit_run
+    from dstlm.training.assembly.run import fit as fit_run
 
     cfg = tiny_run(tmp_path, small_corpus, name="r", model=dict(block_size=256), data=dict(block_size=64),
                    trainer=dict(max_steps=4, val_every_n_steps=4, ckpt_every_n_steps=4))

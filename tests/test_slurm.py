@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import REPO, shared_result
+from helpers.faults import PLUGIN_ENV
 from test_preemption import ENV, recipe, weights
 
 sys.path.insert(0, str(REPO / "slurm"))
@@ -159,7 +160,8 @@ def test_task_killed_mid_save_resumes_from_the_previous_checkpoint(tmp_path, sma
     env, _ = cluster
     path = recipe(tmp_path, small_corpus, "kill", strategy="ddp")
     run = tmp_path / "runs" / "kill"
-    job = submit(env, path, "--export", "DSTLM_FAULT=kill:rank=1:point=save:step=20")
+    plugin = [a for k, v in PLUGIN_ENV.items() for a in ("--export", f"{k}={v}")]  # the fault plug-in
+    job = submit(env, path, "--export", "DSTLM_FAULT=kill:rank=1:point=save:step=20", *plugin)
     wait_for(lambda: job_field(job, "JobState", env) == "COMPLETED", 600, "job completed", env, job)
     log = (run / "slurm" / f"dstlm-kill-{job}.out").read_text()
     assert "rank 1 kills itself at save of step 20" in log and job_field(job, "Restarts", env) == "1"

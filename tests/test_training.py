@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli, tiny_run
-from dstlm.training.build import build
-from dstlm.training.run import fit
+from dstlm.training.assembly.build import build
+from dstlm.training.assembly.run import fit
 
 
 class StopAt(L.Callback):
@@ -220,7 +220,7 @@ def test_every_recipe_parses_without_duplicate_keys(recipe, monkeypatch):
     import yaml
 
     from dstlm.cli import parse_run
-    from dstlm.training.summary import config_yaml
+    from dstlm.training.assembly.summary import config_yaml
 
     class Strict(yaml.SafeLoader):
         pass

@@ -18,7 +18,7 @@ from conftest import REPO, tiny_run
 from dstlm.build import build_model, model_transforms
 from dstlm.models.presets import load_preset
 from dstlm.sparse import SparseEngine, SparsityConfig
-from dstlm.training.partitioned_build import PartitionedBuild, partition_range
+from dstlm.training.zero.partitioned_build import PartitionedBuild, partition_range
 from dstlm.transforms.ift import SparseIFTConfig
 from test_dist import _dst_job as dist_job
 

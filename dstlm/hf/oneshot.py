@@ -16,7 +16,7 @@ def one_shot(cfg, out: str) -> Path:
     weights and exported to `out`; returns the folder."""
     from dstlm.checkpoint import LoadedModel
     from dstlm.hf.publish import export_hf_source
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
 
     if not isinstance(cfg.model, HFModelConfig):
         raise ValueError("dstlm prune works on a Hugging Face model source; set model.hf to a model folder")

@@ -25,7 +25,7 @@ from dstlm.sparse.bits import pack_bits, unpack_bits
 
 class SparseBackend(Protocol):
     """What the engine needs of a distributed strategy (every member below; `TorchBackend` and
-    training/zero_backend.py's `ZeROBackend` implement them all)."""
+    training/zero/backend.py's `ZeROBackend` implement them all)."""
 
     rank: int
     world_size: int

@@ -18,7 +18,6 @@ from dstlm.hf.source import HFModelConfig
 from dstlm.models.gpt import GPTConfig
 from dstlm.models.lm_loss import CHUNK_TOKENS
 from dstlm.sparse.config import SparsityConfig
-from dstlm.training.eval_callback import EvalConfig
 from dstlm.transforms.ift_spec import SparseIFTConfig
 
 
@@ -241,7 +240,7 @@ class TrainerConfig:
         if self.strategy not in ("auto", "ddp", "ddp_spawn", "deepspeed") and not self.strategy.startswith("deepspeed"):
             raise ValueError(f"trainer.strategy={self.strategy!r} is not one of auto, ddp, ddp_spawn, "
                              f"deepspeed_stage_0|1|2|3 (docs/distributed.md)")
-        from dstlm.training.preemption import signal_number
+        from dstlm.training.resilience.preemption import signal_number
 
         signal_number(self.preempt_signal)
 
@@ -278,6 +277,37 @@ class TrainerConfig:
         if self.strategy == "deepspeed":
             return 2  # Lightning's default stage for plain "deepspeed"
         return int(tail) if tail.isdigit() and self.strategy.startswith("deepspeed_stage_") else -1
+
+
+@dataclass
+class EvalConfig:
+    """lm-eval tasks scored during training (rank 0, on the live model)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["lambada_openai", "hellaswag", "wikitext"])
+    """Task names (the shipped offline tasks, or any lm-eval task)."""
+    every_n_steps: int = 0
+    """Evaluate every N optimizer steps (0 = only at the end of fit)."""
+    limit: Optional[int] = 100
+    """Documents per task (None = all)."""
+    batch_size: int = 16
+    """Sequences per scoring batch."""
+    stderr_bootstrap: int = 0
+    """> 0: also report lm-eval's standard errors (closed-form for accuracies; perplexities bootstrapped with
+    this many resamples, about 1 s per 1000 on 2 CPU cores). 0: scores only."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "eval")
+        # names outside the shipped tasks are checked against lm-eval's registry when first run
+        if not self.tasks:
+            raise ValueError("eval.tasks is empty; name at least one task, e.g. [hellaswag]")
+        if self.every_n_steps < 0:
+            raise ValueError(f"eval.every_n_steps={self.every_n_steps} must be >= 0")
+        if self.limit is not None and self.limit <= 0:
+            raise ValueError(f"eval.limit={self.limit} must be positive (or null for all documents)")
+        if self.batch_size <= 0:
+            raise ValueError(f"eval.batch_size={self.batch_size} must be positive")
+        if self.stderr_bootstrap < 0:
+            raise ValueError(f"eval.stderr_bootstrap={self.stderr_bootstrap} must be >= 0 (0 = no standard errors)")
 
 
 @dataclass

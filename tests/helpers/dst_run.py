@@ -8,7 +8,8 @@ Environment: DSTLM_STRATEGY (default ddp / auto), DSTLM_STEPS (8), DSTLM_CKPT_EV
 DSTLM_STEP_SLEEP (seconds per step, to give a test time to kill a rank), DSTLM_IFT (a Sparse-IFT family),
 DSTLM_MOE (a MoE model), DSTLM_HF (a Hugging Face model folder as the model source),
 DSTLM_EP (its expert_parallel_size), DSTLM_ZERO_INIT (build partitioned: trainer.zero_init),
-DSTLM_RESUME (a checkpoint to resume from, through dstlm.training.run.fit), DSTLM_CONDENSED (sparsity.condensed),
+DSTLM_RESUME (a checkpoint to resume from, through dstlm.training.assembly.run.fit),
+DSTLM_CONDENSED (sparsity.condensed),
 DSTLM_PARTITION_MASKS (1/0: sparsity.partition_masks true/false; unset: the default, true under ZeRO-3; masks
 are joined whole for the dumps), DSTLM_SCORE_STEPS (sparsity.grad_accumulation: steps whose gradients feed a score),
 DSTLM_METHOD_MODULE (a module to import first, e.g. helpers.custom_method: it registers the METHOD).
@@ -27,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import tiny_run  # noqa: E402
 from dstlm.sparse import SparsityConfig  # noqa: E402
-from dstlm.training.build import build  # noqa: E402
-from dstlm.training.run import fit  # noqa: E402
+from dstlm.training.assembly.build import build  # noqa: E402
+from dstlm.training.assembly.run import fit  # noqa: E402
 
 
 class Sleep(L.Callback):

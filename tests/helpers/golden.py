@@ -71,7 +71,7 @@ def run_case(name: str, tmp: Path, files: list[str]) -> dict:
     from dstlm.models.moe import MoEConfig
     from dstlm.sparse.config import SparsityConfig
     from dstlm.transforms.ift import SparseIFTConfig
-    from dstlm.training.build import build
+    from dstlm.training.assembly.build import build
 
     method, kind, family = CASES[name]
     cfg = tiny_run(tmp / name, files, trainer=dict(max_steps=8, val_every_n_steps=8))

@@ -16,7 +16,7 @@ from datetime import timedelta
 import lightning as L
 import torch.distributed as dist
 
-from dstlm.training.nonfinite import last_checkpoint
+from dstlm.training.resilience.nonfinite import last_checkpoint
 
 KEY = "dstlm/finished_step/{rank}"
 FAILED = "dstlm/failed_at/{rank}"

@@ -14,8 +14,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dstlm.training.faults import fault_disk_full, fault_point
-from dstlm.training.preemption import STEP_NAME
+from dstlm.training.resilience import hooks
+from dstlm.training.resilience.preemption import STEP_NAME
 
 SAVE_TIMES = "save_seconds.txt"  # in the checkpoint folder: the seconds of the latest saves, all ranks together
 
@@ -58,10 +58,10 @@ class StepCheckpoint(ModelCheckpoint):
         t0 = time.perf_counter()
         try:
             trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank writes its shards (DeepSpeed)
-            fault_disk_full("save", trainer.global_rank, trainer.global_step, tmp)  # test-only injection
+            hooks.fire("checkpoint_written", path=tmp, folder=Path(self.dirpath), rank=trainer.global_rank,
+                       step=trainer.global_step)
         except OSError as e:
             raise self._save_failed(trainer, tmp, e) from None
-        fault_point("save", trainer.global_rank, trainer.global_step, Path(self.dirpath))
         trainer.strategy.barrier("dstlm-ckpt-written")
         if trainer.is_global_zero:
             atomic_replace(tmp, filepath)

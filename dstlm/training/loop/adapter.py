@@ -10,13 +10,14 @@ from typing import Optional
 import lightning as L
 import torch
 
-from dstlm.hf.lora import base_record, check_base, fingerprint, prepare
 from dstlm.hf.model import HFCausalLM
 from dstlm.hf.peft_config import PeftConfig
 
 
 class AdapterRun:
     def __init__(self, model, cfg: PeftConfig) -> None:
+        from dstlm.hf.lora import fingerprint, prepare  # peft is imported by adapter runs only
+
         if not isinstance(model, HFCausalLM):
             raise ValueError("peft adapters train on a Hugging Face model source; set model.hf to a model folder")
         self.cfg = cfg
@@ -29,6 +30,8 @@ class AdapterRun:
         self.total = sum(p.numel() for p in model.parameters())
 
     def save(self, checkpoint: dict) -> None:
+        from dstlm.hf.lora import base_record
+
         state = checkpoint.get("state_dict")
         if state is not None:
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in self.names}
@@ -36,6 +39,7 @@ class AdapterRun:
 
     def check(self, checkpoint: dict, where: str) -> None:
         """The checkpoint's adapter fits this run's and its base is this run's base (weights and masks)."""
+        from dstlm.hf.lora import check_base
         from dstlm.sparse.bits import pack_mask
 
         record = (checkpoint.get("dstlm") or {}).get("peft")

@@ -2,46 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
-
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from dstlm.config_types import check_field_types
 from dstlm.models.moe import experts_alone
-
-
-@dataclass
-class EvalConfig:
-    """lm-eval tasks scored during training (rank 0, on the live model)."""
-
-    tasks: list[str] = field(default_factory=lambda: ["lambada_openai", "hellaswag", "wikitext"])
-    """Task names (the shipped offline tasks, or any lm-eval task)."""
-    every_n_steps: int = 0
-    """Evaluate every N optimizer steps (0 = only at the end of fit)."""
-    limit: Optional[int] = 100
-    """Documents per task (None = all)."""
-    batch_size: int = 16
-    """Sequences per scoring batch."""
-    stderr_bootstrap: int = 0
-    """> 0: also report lm-eval's standard errors (closed-form for accuracies; perplexities bootstrapped with
-    this many resamples, about 1 s per 1000 on 2 CPU cores). 0: scores only."""
-
-    def __post_init__(self) -> None:
-        check_field_types(self, "eval")
-        # names outside the shipped tasks are checked against lm-eval's registry when first run
-        if not self.tasks:
-            raise ValueError("eval.tasks is empty; name at least one task, e.g. [hellaswag]")
-        if self.every_n_steps < 0:
-            raise ValueError(f"eval.every_n_steps={self.every_n_steps} must be >= 0")
-        if self.limit is not None and self.limit <= 0:
-            raise ValueError(f"eval.limit={self.limit} must be positive (or null for all documents)")
-        if self.batch_size <= 0:
-            raise ValueError(f"eval.batch_size={self.batch_size} must be positive")
-        if self.stderr_bootstrap < 0:
-            raise ValueError(f"eval.stderr_bootstrap={self.stderr_bootstrap} must be >= 0 (0 = no standard errors)")
+from dstlm.training.config import EvalConfig
 
 
 class EvalCallback(L.Callback):
@@ -109,7 +75,7 @@ class EvalCallback(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._run(trainer, pl_module)
 
-    finish_training = on_train_end  # a run resumed at max_steps (dstlm.training.run)
+    finish_training = on_train_end  # a run resumed at max_steps (dstlm.training.assembly.run)
 
     def summary(self) -> dict:
         return {"eval": self.last} if self.last else {}

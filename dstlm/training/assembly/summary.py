@@ -13,7 +13,7 @@ import yaml
 
 from dstlm.models.gpt import GPTConfig
 from dstlm.training.config import RunConfig
-from dstlm.training.module import LMModule
+from dstlm.training.loop.module import LMModule
 
 
 def config_yaml(cfg: RunConfig) -> str:
@@ -64,7 +64,7 @@ class RunRecord(L.Callback):
         if trainer.is_global_zero:
             self._sparsity(pl_module, final=True)
 
-    finish_training = on_train_end  # a run resumed at max_steps (dstlm.training.run)
+    finish_training = on_train_end  # a run resumed at max_steps (dstlm.training.assembly.run)
 
     def _sparsity(self, pl_module, final: bool) -> None:
         engine = pl_module.sparse_engine

@@ -23,11 +23,11 @@ from dstlm.models.moe import ExpertParallel, set_expert_parallel
 from dstlm.sparse import SparseEngine, SparsityConfig
 from dstlm.sparse.condensed_train import enable_condensed_compute
 from dstlm.hf.peft_config import PeftConfig
-from dstlm.training.adapter import AdapterRun
+from dstlm.training.loop.adapter import AdapterRun
 from dstlm.training.config import OptimConfig
-from dstlm.training.faults import fault_grad, fault_value
-from dstlm.training.nonfinite import NonFiniteError  # noqa: F401 (re-exported)
-from dstlm.training.partitioned_build import PartitionedBuild
+from dstlm.training.resilience import hooks
+from dstlm.training.resilience.nonfinite import NonFiniteError  # noqa: F401 (re-exported)
+from dstlm.training.zero.partitioned_build import PartitionedBuild
 from dstlm.transforms.ift import SparseIFT, SparseIFTConfig
 
 
@@ -198,9 +198,8 @@ class LMModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch[0], batch[1]
         loss = self.model.loss(x, y)
-        loss = fault_value("loss", self.global_rank, self.global_step, loss)  # test-only injections
-        fault_grad("grad", self.global_rank, self.global_step, self.model)
-        # a non-finite loss is caught before backward by NonFiniteGuard (dstlm/training/nonfinite.py)
+        loss = hooks.fire("loss", loss, rank=self.global_rank, step=self.global_step, model=self.model)
+        # a non-finite loss is caught before backward by NonFiniteGuard (dstlm/training/resilience/nonfinite.py)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         if self.model_config.moe is not None:
             self._log_moe()

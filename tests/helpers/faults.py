@@ -1,4 +1,6 @@
-"""Fault injection for the fault tests, once per run folder. Unset (always, outside tests), nothing happens.
+"""The fault tests' plug-in: fault injection through dstlm's hook points (dstlm/training/resilience/hooks.py).
+Rank processes load it with DSTLM_PLUGINS=helpers.faults (tests/ on PYTHONPATH); importing it registers the
+handlers, which do nothing unless DSTLM_FAULT names a fault:
 
 - `DSTLM_FAULT=kill:rank=R:point=save:step=S`: global rank R SIGKILLs itself after writing its part of the
   step-S checkpoint, before the checkpoint is swapped in. It fires once: a marker in the run's checkpoint
@@ -19,7 +21,10 @@ import os
 import signal
 from pathlib import Path
 
+from dstlm.training.resilience import hooks
+
 ENV = "DSTLM_FAULT"
+PLUGIN_ENV = {hooks.ENV: "helpers.faults", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
 def _spec() -> dict[str, str]:
@@ -87,3 +92,25 @@ def fault_point(point: str, rank: int, step: int, folder: Path) -> None:
     marker.touch()
     print(f"dstlm: {ENV}: rank {rank} kills itself at {point} of step {step}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _on_loss(value, rank: int, step: int, model, **_):
+    fault_grad("grad", rank, step, model)
+    return fault_value("loss", rank, step, value)
+
+
+def _on_checkpoint_written(value, path: str, folder: Path, rank: int, step: int, **_) -> None:
+    fault_disk_full("save", rank, step, path)
+    fault_point("save", rank, step, folder)
+
+
+def _on_masks_updated(value, engine, rank: int, step: int, **_) -> None:
+    if _matches("flip", "mask", rank, step) and not engine.partitioned:
+        fault_flip("mask", rank, step, engine.params[0].full_mask)
+
+
+if not getattr(hooks, "_dstlm_faults_registered", False):  # once per process, however often imported
+    hooks._dstlm_faults_registered = True
+    hooks.register("loss", _on_loss)
+    hooks.register("checkpoint_written", _on_checkpoint_written)
+    hooks.register("masks_updated", _on_masks_updated)

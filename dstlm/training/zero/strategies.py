@@ -55,7 +55,8 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
     def model_sharded_context(self) -> Generator[None, None, None]:
         # By default no deepspeed.zero.Init: the model is built whole on every rank and ZeRO-3 partitions it in
         # deepspeed.initialize (one full fp32 copy per rank at start-up). With zero_init (ZeRO-3 only) the model
-        # is built partitioned from the start, bit-identical to the whole build (dstlm/training/partitioned_build.py).
+        # is built partitioned from the start, bit-identical to the whole build
+        # (dstlm/training/zero/partitioned_build.py).
         self._init_config_if_needed()
         base = reset_peak_rss()
         if not (self.zero_init and self.zero_stage_3):
@@ -66,8 +67,8 @@ class DeepSpeedZeRO(DeepSpeedStrategy):
         import torch.distributed as dist
 
         from dstlm.sparse.selectors import torch_all_reduce
-        from dstlm.training.partitioned_build import PartitionedBuild
-        from dstlm.training.zero_backend import z3_fragment
+        from dstlm.training.zero.partitioned_build import PartitionedBuild
+        from dstlm.training.zero.backend import z3_fragment
 
         build = PartitionedBuild(dist.get_rank(), dist.get_world_size(), all_reduce=torch_all_reduce())
         with build.building():

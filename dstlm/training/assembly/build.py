@@ -14,18 +14,18 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 
-from dstlm.training.adapter import AdapterReport
-from dstlm.training.callbacks import LossPlot, RNGState, StepCheckpoint, ThroughputMeter
+from dstlm.training.loop.adapter import AdapterReport
+from dstlm.training.loop.callbacks import LossPlot, RNGState, StepCheckpoint, ThroughputMeter
 from dstlm.hf.source import HFModelConfig
 from dstlm.training.config import RunConfig
-from dstlm.training.datamodule import LMDataModule
-from dstlm.training.dst_callback import DSTCallback
-from dstlm.training.eval_callback import EvalCallback
-from dstlm.training.module import LMModule
-from dstlm.training.liveness import RankLiveness
-from dstlm.training.nonfinite import NonFiniteGuard
-from dstlm.training.preemption import PREEMPTED, Preemption, signal_number
-from dstlm.training.summary import FlopsLog, RunRecord
+from dstlm.training.loop.datamodule import LMDataModule
+from dstlm.training.loop.dst_callback import DSTCallback
+from dstlm.training.loop.eval_callback import EvalCallback
+from dstlm.training.loop.module import LMModule
+from dstlm.training.resilience.liveness import RankLiveness
+from dstlm.training.resilience.nonfinite import NonFiniteGuard
+from dstlm.training.resilience.preemption import PREEMPTED, Preemption, signal_number
+from dstlm.training.assembly.summary import FlopsLog, RunRecord
 
 # Messages that are expected on CPU runs and only distract users.
 for _msg in (".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",
@@ -58,7 +58,8 @@ def build(cfg: RunConfig, extra_callbacks: Optional[list] = None, logger: bool =
     callbacks = run_callbacks(cfg, out, data, bool(loggers)) + (extra_callbacks or [])
     t = cfg.trainer
     # Under SLURM: ranks from SLURM's variables, but not Lightning's own requeue (it saves inside the signal
-    # handler, on SIGUSR1, which NCCL also catches): dstlm.training.preemption stops at a step boundary instead
+    # handler, on SIGUSR1, which NCCL also catches): dstlm.training.resilience.preemption stops at a step
+    # boundary instead
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
     trainer = L.Trainer(
         plugins=plugins, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=_strategy(cfg),
@@ -110,13 +111,13 @@ def run_callbacks(cfg: RunConfig, out: Path, data: LMDataModule, logging: bool) 
 
 def _strategy(cfg: RunConfig):
     """Lightning's strategy object for trainer.strategy (a name Lightning resolves, or dstlm's own)."""
-    from dstlm.training.strategies import pin_gloo_interface
+    from dstlm.training.zero.strategies import pin_gloo_interface
 
     t = cfg.trainer
     pin_gloo_interface(t.num_nodes)
     timeout = {"timeout": timedelta(seconds=t.collective_timeout_s)} if t.collective_timeout_s else {}
     if t.strategy.startswith("deepspeed"):
-        from dstlm.training.strategies import DeepSpeedZeRO
+        from dstlm.training.zero.strategies import DeepSpeedZeRO
 
         cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
         return DeepSpeedZeRO(stage=t.zero_stage, cpu=cpu, offload_optimizer=t.offload_optimizer,

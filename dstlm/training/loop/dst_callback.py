@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dstlm.sparse import SparseEngine, TorchBackend
 from dstlm.sparse.condensed_train import CondensedComputeLinear
-from dstlm.training.faults import fault_flip
+from dstlm.training.resilience import hooks
 
 
 class DSTCallback(L.Callback):
@@ -46,7 +46,7 @@ class DSTCallback(L.Callback):
         self.engine = self._engine(pl_module)
         partition = self.engine.cfg.partition_masks
         if "DeepSpeed" in type(trainer.strategy).__name__:
-            from dstlm.training.zero_backend import ZeROBackend
+            from dstlm.training.zero.backend import ZeROBackend
 
             stage = trainer.strategy.config.get("zero_optimization", {}).get("stage", 0)
             if partition and stage != 3:
@@ -96,7 +96,7 @@ class DSTCallback(L.Callback):
 
     def _skipping(self, trainer, step: int) -> bool:
         if self._guards is None:  # found once: the callbacks do not change during a fit
-            from dstlm.training.nonfinite import NonFiniteGuard
+            from dstlm.training.resilience.nonfinite import NonFiniteGuard
 
             self._guards = [c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)]
         return any(g.skipping(step) for g in self._guards)
@@ -109,8 +109,7 @@ class DSTCallback(L.Callback):
         if t != self._last_step:  # an optimizer step happened (not an accumulation micro-step)
             self._last_step = t
             stats = engine.after_optimizer_step(t, self.backend)
-            if not engine.partitioned:
-                fault_flip("mask", trainer.global_rank, t, engine.params[0].full_mask)  # test-only injection
+            hooks.fire("masks_updated", engine=engine, rank=trainer.global_rank, step=t)
             verify = stats is not None or (engine.cfg.verify_every and t % engine.cfg.verify_every == 0)
             if verify:
                 problems = engine.verify(self.backend)

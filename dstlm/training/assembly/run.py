@@ -14,10 +14,11 @@ import lightning as L
 import torch
 
 from dstlm.checkpoint import checkpoint_problem, consolidate_checkpoint, is_deepspeed_checkpoint, newest_readable
-from dstlm.training.build import build, run_dir
+from dstlm.training.assembly.build import build, run_dir
 from dstlm.training.config import RunConfig
-from dstlm.training.preemption import FINISHED, finished_marker, newest_complete, set_aside_incomplete, write_finished
-from dstlm.training.summary import peak_memory
+from dstlm.training.resilience.preemption import (FINISHED, finished_marker, newest_complete, set_aside_incomplete,
+                                                  write_finished)
+from dstlm.training.assembly.summary import peak_memory
 
 __all__ = ["build", "fit", "run_dir", "validate"]
 
@@ -26,7 +27,7 @@ def _reshard_if_needed(cfg: RunConfig, trainer: L.Trainer, ckpt_path: str) -> st
     """A ZeRO checkpoint written by another number of ranks resumes through DeepSpeed's universal format."""
     if not is_deepspeed_checkpoint(ckpt_path):
         return ckpt_path
-    from dstlm.training.strategies import DeepSpeedZeRO, saved_world_size, universal_checkpoint
+    from dstlm.training.zero.strategies import DeepSpeedZeRO, saved_world_size, universal_checkpoint
 
     if not isinstance(trainer.strategy, DeepSpeedZeRO):
         raise ValueError(f"{ckpt_path} is a DeepSpeed ZeRO checkpoint but trainer.strategy={cfg.trainer.strategy!r}; "

@@ -1,0 +1,1 @@
+"""What Lightning runs: the LightningModule, the data module, and the callbacks."""
