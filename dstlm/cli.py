@@ -108,14 +108,14 @@ def _asks_for_hf(argv: list[str]) -> bool:
 
 def fit(argv: list[str]) -> int:
     """train (or resume with --ckpt_path) a recipe"""
+    cfg, ckpt = parse_run("dstlm fit", argv)  # before Lightning is imported: a bad option fails in seconds
+
     from lightning.pytorch.utilities import rank_zero_only
 
     from dstlm.training.assembly.run import fit as run_fit
     from dstlm.training.assembly.summary import format_summary
-
     from dstlm.training.resilience.preemption import EXIT_PREEMPTED
 
-    cfg, ckpt = parse_run("dstlm fit", argv)
     summary = run_fit(cfg, ckpt_path=ckpt)
     if summary.get("finished") and "loss_png" not in summary:
         return 0  # --ckpt_path auto on a finished run: said so, nothing trained
@@ -131,9 +131,9 @@ def fit(argv: list[str]) -> int:
 
 def validate(argv: list[str]) -> int:
     """validation loss/perplexity of a checkpoint"""
+    cfg, ckpt = parse_run("dstlm validate", argv)
     from dstlm.training.assembly.run import validate as run_validate
 
-    cfg, ckpt = parse_run("dstlm validate", argv)
     for k, v in run_validate(cfg, ckpt).items():
         print(f"{k:<16} {v:.4f}")
     return 0

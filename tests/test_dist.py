@@ -319,8 +319,9 @@ def test_zero_dst_resume_after_second_update_is_exact(tmp_path, small_corpus, me
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("deepspeed_stage_2", marks=pytest.mark.slow),
-                                      pytest.param("deepspeed_stage_3", marks=pytest.mark.slow)])
+@pytest.mark.slow  # fast tier: test_slurm.py's rank SIGKILLed mid-save (resumes bit-equal from the previous
+# checkpoint) and test_preemption.py's dead rank (SIGKILL: the survivor stops at once, naming the last checkpoint)
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2", "deepspeed_stage_3"])
 def test_kill_one_rank_then_resume_loses_at_most_one_interval(tmp_path, small_corpus, strategy):
     """2-rank RigL run (DDP or ZeRO), checkpoints every 4 steps; SIGKILL one rank once last.ckpt links the
     step-8 checkpoint; resume from last.ckpt: the final masks and weights equal an uninterrupted run's."""

@@ -5,6 +5,7 @@ Field docstrings are the documentation: `dstlm fit --help` shows them.
 
 from __future__ import annotations
 
+import signal
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,16 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 
 
+def signal_number(name: str) -> signal.Signals:
+    """'USR2', 'SIGUSR2' or '12' -> the signal; a one-line error otherwise."""
+    key = name.upper().removeprefix("SIG")
+    try:
+        return signal.Signals(int(key)) if key.isdigit() else signal.Signals[f"SIG{key}"]
+    except (KeyError, ValueError):
+        raise ValueError(f"trainer.preempt_signal={name!r} is not a signal name; use e.g. USR2 (USR1 is also "
+                         f"caught by NCCL, TERM is SLURM's final kill)") from None
+
+
 @dataclass
 class TrainerConfig:
     """Lightning Trainer settings that dstlm exposes."""
@@ -240,8 +251,6 @@ class TrainerConfig:
         if self.strategy not in ("auto", "ddp", "ddp_spawn", "deepspeed") and not self.strategy.startswith("deepspeed"):
             raise ValueError(f"trainer.strategy={self.strategy!r} is not one of auto, ddp, ddp_spawn, "
                              f"deepspeed_stage_0|1|2|3 (docs/distributed.md)")
-        from dstlm.training.resilience.preemption import signal_number
-
         signal_number(self.preempt_signal)
 
     def _check_deepspeed(self) -> None:

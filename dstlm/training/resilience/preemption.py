@@ -29,16 +29,6 @@ FINISHED = "FINISHED"  # in the run folder: the run reached its max_steps
 PREEMPTED = "PREEMPTED"  # in the run folder: the latest attempt stopped on the preemption signal
 
 
-def signal_number(name: str) -> signal.Signals:
-    """'USR2', 'SIGUSR2' or '12' -> the signal; a one-line error otherwise."""
-    key = name.upper().removeprefix("SIG")
-    try:
-        return signal.Signals(int(key)) if key.isdigit() else signal.Signals[f"SIG{key}"]
-    except (KeyError, ValueError):
-        raise ValueError(f"trainer.preempt_signal={name!r} is not a signal name; use e.g. USR2 (USR1 is also "
-                         f"caught by NCCL, TERM is SLURM's final kill)") from None
-
-
 class Preemption(L.Callback):
     """Stop every rank at the same step boundary after the preemption signal, checkpointed."""
 
