@@ -75,3 +75,34 @@ def test_same_masks_weights_and_loss(current, case):
     assert matched, (f"{case}: weights differ from the recorded run on every machine recorded with these kernels "
                      f"({[r['machine']['cpu'] for r in candidates()]}; this one: {machine()['cpu']})")
     assert got["val_loss"] == matched[0]["val_loss"] and got["density"] == matched[0]["density"]
+
+
+OLD = Path(__file__).resolve().parent / "golden" / "ckpt-844ea02"
+
+
+def test_a_checkpoint_written_by_an_older_dstlm_resumes_to_the_end_of_its_run(tmp_path, monkeypatch):
+    """A RigL checkpoint written by dstlm at 844ea02 (before the sparse core became one rule stack: whole-matrix
+    and fragment rules, the 847-line engine), at step 4 of 10 with mask updates at steps 2, 4 and 6: today's code
+    resumes it and ends at that run's own final masks (exactly) and weights (bit for bit on the machine that wrote
+    it; within float rounding on another CPU)."""
+    from conftest import run_cli
+    from dstlm.paths import CORPUS_DIR
+    from golden import machine
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "shakespeare.txt").write_text((CORPUS_DIR / "tinyshakespeare.txt").read_text()[:100_000])
+    (tmp_path / "corpus" / "austen.txt").write_text((CORPUS_DIR / "austen-persuasion.txt").read_text()[:50_000])
+    monkeypatch.chdir(tmp_path)
+    code, stderr = run_cli(["fit", "--config", str(OLD / "recipe.yaml"), "--ckpt_path", str(OLD / "step0000004.ckpt")])
+    assert code == 0, stderr[-3000:]
+    now = torch.load(tmp_path / "runs" / "old" / "checkpoints" / "step0000010.ckpt", weights_only=True)
+    then = torch.load(OLD / "final_state.pt", weights_only=True)
+    assert now["global_step"] == then["global_step"] == 10 and now["state_dict"].keys() == then["state_dict"].keys()
+    masks = [k for k in then["state_dict"] if k.endswith("_mask")]
+    assert len(masks) == 12 and all(torch.equal(now["state_dict"][k], then["state_dict"][k]) for k in masks)
+    same_machine = json.loads((OLD / "made_on.json").read_text())["machine"] == machine()
+    for k, w in then["state_dict"].items():
+        if same_machine:
+            assert torch.equal(now["state_dict"][k], w), k
+        else:
+            torch.testing.assert_close(now["state_dict"][k], w, rtol=1e-5, atol=1e-6, msg=k)
