@@ -261,18 +261,24 @@ def test_zero_buckets_sized_to_the_model_unless_the_json_sets_them(tmp_path, sma
     assert zero["reduce_bucket_size"] == 12345 and zero["allgather_bucket_size"] == n
 
 
+# One 2-rank ZeRO-3 RigL job (partitioned masks, ZeRO-3's default, and a checkpoint every 4 steps) serves three
+# tests: ZeRO-3 against DDP here, partitioned against whole masks and the resume of its step-4 checkpoint on 1 rank
+# (test_partitioned_masks.py)
+Z3_PARTITIONED_CKPT4 = {"DSTLM_STRATEGY": "deepspeed_stage_3", "DSTLM_PARTITION_MASKS": "1", "DSTLM_CKPT_EVERY": "4"}
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize("stage,method", [
-    (2, "rigl"), (3, "srigl"),  # the fast tier: each stage and each rule once (the DDP runs are shared)
-    pytest.param(2, "srigl", marks=pytest.mark.slow), pytest.param(3, "rigl", marks=pytest.mark.slow),
+    (2, "srigl"), (3, "rigl"),  # the fast tier: each stage and each rule once (the DDP and ZeRO-3 runs are shared)
+    pytest.param(2, "rigl", marks=pytest.mark.slow), pytest.param(3, "srigl", marks=pytest.mark.slow),
     pytest.param(1, "rigl", marks=pytest.mark.slow), pytest.param(1, "srigl", marks=pytest.mark.slow)])
 def test_zero_dst_masks_identical_and_equal_to_ddp(tmp_path, small_corpus, method, stage):
     """2 ranks under DeepSpeed ZeRO-1/2/3 on the CPU: after 3 mask updates the masks are identical on both
     ranks and equal to the DDP run with the same seed and data. The callback verifies at every update that
     pruned entries are exactly 0 in the module weights and in the fp32 master, and that AdamW's moments
     are 0 there (training stops otherwise)."""
-    z0, z1 = _dst_job(method, 4, small_corpus, nproc=2,
-                      extra_env={"DSTLM_STRATEGY": f"deepspeed_stage_{stage}"})
+    env = Z3_PARTITIONED_CKPT4 if stage == 3 else {"DSTLM_STRATEGY": f"deepspeed_stage_{stage}"}
+    z0, z1 = _dst_job(method, 4, small_corpus, nproc=2, extra_env=env)
     ddp, _ = _dst_job(method, 4, small_corpus, nproc=2)
     assert len(z0["masks"]) == len(ddp["masks"]) == 3
     for a, b, c in zip(z0["masks"], z1["masks"], ddp["masks"]):

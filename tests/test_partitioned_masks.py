@@ -14,7 +14,7 @@ from conftest import REPO, tiny_run
 from dstlm.sparse.fragments import Fragment, fragment_file, fragment_state, read_fragments, whole_masks_from
 from dstlm.sparse.bits import pack_mask
 from dstlm.sparse.distributed import even_fragment
-from test_dist import _assert_resumed_like, _dst_job, _torchrun
+from test_dist import Z3_PARTITIONED_CKPT4, _assert_resumed_like, _dst_job, _torchrun
 
 Z3 = {"DSTLM_STRATEGY": "deepspeed_stage_3", "DSTLM_PARTITION_MASKS": "0"}  # whole masks, the reference
 PARTITIONED = {**Z3, "DSTLM_PARTITION_MASKS": "1"}
@@ -121,7 +121,7 @@ def test_zero3_partitioned_masks_equal_whole_masks(tmp_path, small_corpus, metho
     weights and scores by the sort-based reference (the run stops on any difference), and the run has the
     whole-mask run's masks after every update, losses and final weights, bit for bit (gradients masked after
     the reduction instead of before it: the same numbers)."""
-    _assert_same_runs(tmp_path, method, nproc, small_corpus, {})
+    _assert_same_runs(tmp_path, method, nproc, small_corpus, {"DSTLM_CKPT_EVERY": "4"})  # [rigl-2]: a shared run
 
 
 @pytest.mark.slow  # fast tier: test_hf.py checks the same partitioned GPT-2 run against the whole-tensor reference
@@ -159,6 +159,7 @@ def test_partitioned_checkpoint_resumes_at_any_world_size(tmp_path, small_corpus
     from dstlm.checkpoint import checkpoint_problem, read_checkpoint
 
     env = {**PARTITIONED, "DSTLM_CKPT_EVERY": "4"}
+    assert env == Z3_PARTITIONED_CKPT4  # the 2-rank run is test_dist.py's and the whole-mask comparison's
     ref = _dst_job("rigl", 8 // saved_ranks, small_corpus, nproc=saved_ranks, extra_env=env)
     ckpt = ref.dir / "run" / "t" / "checkpoints" / "step0000004.ckpt"
     assert len(list((ckpt / "checkpoint").glob("dstlm_masks_rank_*.pt"))) == saved_ranks
