@@ -48,10 +48,24 @@ def script_options(path: Path) -> set[str]:
     return opts
 
 
+def recipe_of_run(config: str) -> str:
+    """`runs/<name>/config.yaml` (what an earlier documented run saves) -> the recipe that makes run <name>, the
+    config it saves; anything else as it is."""
+    import yaml
+
+    parts = Path(config).parts
+    if len(parts) != 3 or parts[0] != "runs" or parts[2] != "config.yaml":
+        return config
+    makers = [str(r.relative_to(REPO)) for r in sorted((REPO / "recipes").glob("*.yaml"))
+              if (yaml.safe_load(r.read_text()) or {}).get("name") == parts[1]]
+    return makers[0] if makers else config
+
+
 def dstlm_argv(argv: list[str]) -> list[str] | None:
-    """The `dstlm` arguments a command line amounts to (a launcher's recipe and options as `dstlm fit`), or None."""
+    """The `dstlm` arguments a command line amounts to (a launcher's recipe and options as `dstlm fit`), or None.
+    A run's saved config stands for the recipe that makes it (a fresh clone has no runs/ yet)."""
     if Path(argv[0]).name == "dstlm":
-        return argv[1:]
+        return [recipe_of_run(a) if prev == "--config" else a for prev, a in zip(["", *argv[1:]], argv[1:])]
     if argv[0] == "launch/torchrun.sh":
         return ["fit", "--config", *argv[2:]]
     if argv[0] == "launch/torchrun_multinode.sh":
