@@ -7,6 +7,6 @@
   evaluation, adapters);
 - `assembly/`: a run put together and started: `build` (Trainer, data, module), `run.fit`, the run summary.
 
-resilience/ and zero/ import no other room; config.py may use resilience/; loop/ uses those three, assembly/ all
-of them (docs/architecture.md's layer table, enforced by the architecture test).
+resilience/, zero/ and config.py import no other room; loop/ uses those three, assembly/ all of them
+(docs/architecture.md's layer table, enforced by the architecture test).
 """
