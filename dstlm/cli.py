@@ -309,7 +309,7 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _close_process_group() -> None:
+def close_process_group() -> None:
     """After a command that succeeded on every rank: a process that exits with its gloo process group still
     alive can abort at interpreter shutdown ('terminate called without an active exception', SIGABRT: gloo's
     worker threads outlive Python; seen once in CI after a finished ZeRO-2 run). Not after an error: a rank
@@ -345,7 +345,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
         code = COMMANDS[name](rest)
-        _close_process_group()
+        close_process_group()
         return code
     except (ValueError, TypeError, OSError, KeyError, ArgumentError) as err:
         if "DSTLM_TRACEBACK" in os.environ:

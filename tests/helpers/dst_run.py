@@ -123,9 +123,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # as `dstlm` does after a command that succeeded on every rank: a rank exiting with its gloo process group
-    # alive can abort at interpreter shutdown ("terminate called without an active exception", seen once)
-    import torch.distributed as dist
+    from dstlm.cli import close_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    close_process_group()  # as `dstlm` does: a rank exiting with gloo alive can abort at interpreter shutdown

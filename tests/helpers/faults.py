@@ -62,14 +62,6 @@ def fault_grad(point: str, rank: int, step: int, module) -> None:
         module._dstlm_fault_hook = param.register_hook(lambda g: g * float("nan"))
 
 
-def fault_flip(point: str, rank: int, step: int, mask) -> None:
-    """Flip the first entry of the bool tensor `mask` in place if DSTLM_FAULT names this point, rank and step."""
-    if _matches("flip", point, rank, step):
-        flat = mask.view(-1)
-        flat[0] = ~flat[0]
-        print(f"dstlm: {ENV}: rank {rank} flips an entry of its mask after step {step}", flush=True)
-
-
 def fault_disk_full(point: str, rank: int, step: int, written: str) -> None:
     """If DSTLM_FAULT names this point, rank and step: cut what was just written to half and fail as a full
     disk does."""
@@ -105,12 +97,13 @@ def _on_checkpoint_written(value, path: str, folder: Path, rank: int, step: int,
 
 
 def _on_masks_updated(value, engine, rank: int, step: int, **_) -> None:
+    """Flip the first entry of the first whole sparse mask (partitioned masks are left alone)."""
     if _matches("flip", "mask", rank, step) and not engine.partitioned:
-        fault_flip("mask", rank, step, engine.params[0].full_mask)
+        flat = engine.params[0].full_mask.view(-1)
+        flat[0] = ~flat[0]
+        print(f"dstlm: {ENV}: rank {rank} flips an entry of its mask after step {step}", flush=True)
 
 
-if not getattr(hooks, "_dstlm_faults_registered", False):  # once per process, however often imported
-    hooks._dstlm_faults_registered = True
-    hooks.register("loss", _on_loss)
-    hooks.register("checkpoint_written", _on_checkpoint_written)
-    hooks.register("masks_updated", _on_masks_updated)
+hooks.register("loss", _on_loss)  # on import: Python imports a module once per process
+hooks.register("checkpoint_written", _on_checkpoint_written)
+hooks.register("masks_updated", _on_masks_updated)

@@ -14,10 +14,11 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 
+from dstlm.hf.source import HFModelConfig
+from dstlm.training.assembly.summary import FlopsLog, RunRecord
+from dstlm.training.config import RunConfig, signal_number
 from dstlm.training.loop.adapter import AdapterReport
 from dstlm.training.loop.callbacks import LossPlot, RNGState, StepCheckpoint, ThroughputMeter
-from dstlm.hf.source import HFModelConfig
-from dstlm.training.config import RunConfig, signal_number
 from dstlm.training.loop.datamodule import LMDataModule
 from dstlm.training.loop.dst_callback import DSTCallback
 from dstlm.training.loop.eval_callback import EvalCallback
@@ -25,7 +26,6 @@ from dstlm.training.loop.module import LMModule
 from dstlm.training.resilience.liveness import RankLiveness
 from dstlm.training.resilience.nonfinite import NonFiniteGuard
 from dstlm.training.resilience.preemption import PREEMPTED, Preemption
-from dstlm.training.assembly.summary import FlopsLog, RunRecord
 
 # Messages that are expected on CPU runs and only distract users.
 for _msg in (".*does not have many workers.*", ".*Checkpoint directory .* exists and is not empty.*",

@@ -26,6 +26,7 @@ POINTS = ("loss", "checkpoint_written", "masks_updated")
 
 _handlers: dict[str, list[Callable[..., Any]]] = {p: [] for p in POINTS}
 _imported: set[str] = set()
+_plugins_env: str | None = None  # the DSTLM_PLUGINS value whose modules are imported
 
 
 def register(point: str, handler: Callable[..., Any]) -> Callable[[], None]:
@@ -37,7 +38,11 @@ def register(point: str, handler: Callable[..., Any]) -> Callable[[], None]:
 
 
 def _import_plugins() -> None:
-    for name in filter(None, (n.strip() for n in os.environ.get(ENV, "").split(","))):
+    global _plugins_env
+    value = os.environ.get(ENV, "")
+    if value == _plugins_env:  # the common case, every step: nothing new to import
+        return
+    for name in filter(None, (n.strip() for n in value.split(","))):
         if name in _imported:
             continue
         try:
@@ -46,6 +51,7 @@ def _import_plugins() -> None:
             raise RuntimeError(f"{ENV} names {name!r}, which cannot be imported ({e}); put its folder on "
                                f"PYTHONPATH or remove it from {ENV}") from None
         _imported.add(name)
+    _plugins_env = value
 
 
 def fire(point: str, value: Any = None, **context: Any) -> Any:
