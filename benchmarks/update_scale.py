@@ -134,7 +134,7 @@ def one_update(model, engine, backend, reference: bool) -> tuple[float, int, dic
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
         from helpers.reference_selection import reference_selection
 
-        ctx = reference_selection()
+        ctx = reference_selection(engine)
     _sync(device)
     with ctx, (PeakDevice(device) if device.type == "cuda" else PeakRSS()) as mem:
         start = time.perf_counter()

@@ -12,7 +12,8 @@ from dstlm.sparse import rules
 from dstlm.sparse.masks import SparseParam
 from dstlm.sparse.radix import Entries, block_size
 from dstlm.sparse.selection import Ties
-from dstlm.sparse.selectors import CollectiveSelector, LocalSelector
+from dstlm.sparse.selectors import Selector
+from helpers.reference_selection import ReferenceSelector
 
 
 class LargeOutputs(TorchDispatchMode):
@@ -53,16 +54,16 @@ RULES = {
 }
 
 
-def fragment(n: int) -> CollectiveSelector:
+def fragment(n: int) -> Selector:
     """One process holding all n entries as one run: the collective selector, reading blocks."""
-    return CollectiveSelector(Entries(n, COLS, torch.device("cpu"), start=0), (ROWS, COLS))
+    return Selector(Entries(n, COLS, torch.device("cpu"), start=0), (ROWS, COLS))
 
 
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_rules_make_no_fragment_sized_tensor_but_the_new_mask(rule):
     w, g, mask = _case()
     if rule == "nm":
-        mask = rules.nm_mask(LocalSelector((ROWS, COLS)), w.reshape(ROWS, COLS) + 3.0, 2, 4, Ties(0)).reshape(-1)
+        mask = rules.nm_mask(ReferenceSelector((ROWS, COLS)), w.reshape(ROWS, COLS) + 3.0, 2, 4, Ties(0)).reshape(-1)
         w = w * mask
     select = fragment(mask.numel())
     with block_size(2048):
@@ -81,7 +82,7 @@ def test_rules_make_no_fragment_sized_tensor_but_the_new_mask(rule):
 def test_rules_read_in_blocks_equal_the_whole_layer_rules():
     w, g, mask = _case(3)
     ties = Ties(1)
-    local, select = LocalSelector((ROWS, COLS)), fragment(mask.numel())
+    local, select = ReferenceSelector((ROWS, COLS)), fragment(mask.numel())
     W, G, M = w.reshape(ROWS, COLS), g.reshape(ROWS, COLS), mask.reshape(ROWS, COLS)
     whole = rules.drop_and_grow(local, W, M, G, 3000, ties)
     with block_size(1000):  # blocks that cut rows

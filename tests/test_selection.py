@@ -1,5 +1,5 @@
-"""dstlm/sparse/selection.py: the fast top-k paths equal the sort-based references exactly, ties included
-(tests/helpers/reference_selection.py)."""
+"""dstlm's selections (the selector over a whole matrix: radix select with a sampled first round; per-row top-k)
+equal the sort-based references exactly, ties included (tests/helpers/reference_selection.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from dstlm.sparse import selection as S
+from dstlm.sparse import selectors
 from helpers import reference_selection as R
+
+
+def top(score: torch.Tensor, k: int, ties: S.Ties, eligible=None) -> torch.Tensor:
+    """The k largest |score| among eligible entries, chosen by the selector of the whole matrix."""
+    m = score.reshape(1, -1) if score.dim() == 1 else score
+    inside = None if eligible is None else eligible.reshape(m.shape)
+    return selectors.whole(tuple(m.shape)).top(m, k, ties, inside=inside).reshape(score.shape)
 
 
 def cases(n_cases=150, seed=0):
@@ -23,8 +31,8 @@ def cases(n_cases=150, seed=0):
 def test_top_k_equals_reference_with_ties_and_eligibility():
     for i, g, score, eligible in cases():
         k = int(torch.randint(0, score.numel() + 2, (1,), generator=g))
-        fast = S.top_k(score, k, S.Ties(i, "t"), eligible)
-        assert torch.equal(fast, R.reference_top_k(score, k, S.Ties(i, "t"), eligible)), i
+        fast = top(score, k, S.Ties(i, "t"), eligible)
+        assert torch.equal(fast, R.reference_top_k(score.abs(), k, S.Ties(i, "t"), eligible)), i
         n_e = score.numel() if eligible is None else int(eligible.sum())
         assert int(fast.sum()) == min(k, n_e)
         if eligible is not None:
@@ -55,7 +63,7 @@ def test_sample_select_path_is_exact_on_large_layers(k):
     g = torch.Generator().manual_seed(k)
     score = torch.randint(0, 1000, (3_000_000,), generator=g).float()  # ~3000 ties per value
     ties = S.Ties(7, k)
-    fast = S.top_k(score, k, ties)
+    fast = top(score, k, ties)
     assert int(fast.sum()) == k and torch.equal(fast, R.reference_top_k(score, k, ties))
 
 
@@ -67,17 +75,20 @@ def test_large_layers_with_eligible_entries(share):
     eligible = torch.rand(2_000_000, generator=g) < share
     for k in (5, 40_000, int(0.5 * share * 2_000_000)):
         ties = S.Ties(2, k)
-        fast = S.top_k(score, k, ties, eligible)
+        fast = top(score, k, ties, eligible)
         assert S.count(fast) == k and torch.equal(fast, R.reference_top_k(score, k, ties, eligible))
 
 
-def test_a_misleading_sample_still_gives_the_exact_answer():
-    # the strided sample sees only zeros (every 183rd entry); the real top values sit between its points
+@pytest.mark.parametrize("sampled", ["zeros", "the largest"])
+def test_a_misleading_sample_still_gives_the_exact_answer(sampled):
+    # the first round's sample reads every 64th entry; here those hold only zeros, or only the largest values,
+    # so the bracket it sets misses the k-th value and the full first round must take over
     n = 3_000_000
-    score = torch.zeros(n)
-    score[1::183] = torch.arange(1, len(range(1, n, 183)) + 1, dtype=torch.float32)
-    k = 5000
-    assert torch.equal(S.top_k(score, k, S.Ties(0)), R.reference_top_k(score, k, S.Ties(0)))
+    g = torch.Generator().manual_seed(5)
+    score = torch.rand(n, generator=g) + 1.0
+    score[::64] = 0.0 if sampled == "zeros" else 100.0 + torch.rand(len(range(0, n, 64)), generator=g)
+    for k in (5000, 60_000, 2_000_000):
+        assert torch.equal(top(score, k, S.Ties(0)), R.reference_top_k(score, k, S.Ties(0))), k
 
 
 def test_hash_is_a_seeded_bijection_of_32_bit_indices():
@@ -95,13 +106,13 @@ def test_all_tied_choices_look_uniform():
     # 2000 draws of 1 of 10 by hash alone, each from its own scope: every position about 200 times
     counts = torch.zeros(10)
     for t in range(2000):
-        counts += S.top_k(torch.zeros(10), 1, S.Ties(3, t)).float()
+        counts += top(torch.zeros(10), 1, S.Ties(3, t)).float()
     assert int(counts.min()) > 140 and int(counts.max()) < 260
 
 
 def test_layers_beyond_32_bit_indices_are_refused():
     with pytest.raises(ValueError, match="beyond the 2\\^32 entries"):
-        S._check_size(2**32)
+        S.check_size(2**32)
 
 
 @pytest.mark.parametrize("shape,levels", [((384, 1536), 40), ((1200, 768), 1000000)])

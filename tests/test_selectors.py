@@ -12,7 +12,8 @@ import torch
 from dstlm.sparse import rules
 from dstlm.sparse import selection as S
 from dstlm.sparse.radix import Entries, order_bits
-from dstlm.sparse.selectors import CollectiveSelector, LocalSelector, torch_all_reduce
+from dstlm.sparse.selectors import Selector, torch_all_reduce
+from helpers.reference_selection import ReferenceSelector, reference_row_top_k, reference_top_k
 
 
 @pytest.fixture(autouse=True, params=[1 << 20, pytest.param(64, marks=pytest.mark.slow), 7],
@@ -65,9 +66,9 @@ class ThreadRanks:
         return results
 
 
-def on_shard(index: torch.Tensor, shape, reduce) -> CollectiveSelector:
+def on_shard(index: torch.Tensor, shape, reduce) -> Selector:
     """The selector of one rank holding the entries of the [R, C] matrix `shape` at flat indices `index`."""
-    return CollectiveSelector(Entries.of(index, shape[1]), shape, reduce)
+    return Selector(Entries.of(index, shape[1]), shape, reduce)
 
 
 def float_order_bits(values: torch.Tensor) -> torch.Tensor:
@@ -95,7 +96,7 @@ def test_union_of_shards_equals_the_whole_layer_decision(world, contiguous):
         score = torch.randint(0, levels, (rows, cols), generator=gen).float() * 0.25
         k = int(torch.randint(0, n + 1, (1,), generator=gen))
         ties = S.Ties(case, "shard-test")
-        whole = S.top_k(score, k, ties).reshape(-1)
+        whole = reference_top_k(score, k, ties).reshape(-1)
         parts = split(n, world, gen, contiguous)
         flat = score.reshape(-1)
         def rank(r, reduce, flat=flat, parts=parts, k=k, ties=ties, rows=rows, cols=cols):
@@ -114,7 +115,7 @@ def test_eligible_entries_alone_on_each_rank():
     score = torch.randint(0, 4, (40, 50), generator=gen).float()
     inactive = torch.rand(40, 50, generator=gen) < 0.8
     ties = S.Ties(3, "grow")
-    whole = S.top_k(score, 333, ties, eligible=inactive).reshape(-1)
+    whole = reference_top_k(score, 333, ties, eligible=inactive).reshape(-1)
     parts = split(2000, 3, gen, contiguous=True)
     flat, elig = score.reshape(-1), inactive.reshape(-1)
 
@@ -157,7 +158,7 @@ def test_real_gloo_ranks_agree_with_the_whole_layer(tmp_path):
     score = torch.randint(0, 50, (64, 48), generator=torch.Generator().manual_seed(5)).float()
     out = torch.zeros(score.numel(), dtype=torch.uint8).share_memory_()
     mp.spawn(_gloo_worker, args=(2, str(tmp_path / "rdzv"), score, 700, out), nprocs=2, join=True)
-    assert torch.equal(out.bool(), S.top_k(score, 700, S.Ties(11, "gloo")).reshape(-1))
+    assert torch.equal(out.bool(), reference_top_k(score, 700, S.Ties(11, "gloo")).reshape(-1))
 
 
 def union_of_ranks(world: int, parts: list[torch.Tensor], decide, n: int) -> torch.Tensor:
@@ -184,7 +185,7 @@ def test_rules_on_shards_equal_the_whole_layer_rules(rule, world):
                 return rules.gmp_prune(select, w, mask, 200, ties)
             return rules.drop_and_grow(select, w, mask, g if rule == "rigl" else None, 90, ties)
 
-        whole = decide(LocalSelector((rows, cols)), w, mask, g).reshape(-1)
+        whole = decide(ReferenceSelector((rows, cols)), w, mask, g).reshape(-1)
         fw, fm, fg = w.reshape(-1), mask.reshape(-1), g.reshape(-1)
         union = union_of_ranks(world, split(rows * cols, world, gen, contiguous=case % 2 == 0),
                                lambda reduce, i, fw=fw, fm=fm, fg=fg: decide(on_shard(i, (rows, cols), reduce),
@@ -201,8 +202,8 @@ def test_row_top_k_on_shards_cutting_rows_equals_the_whole_layer(world):
         score = torch.randint(0, [1, 3, 100][case % 3], (rows, cols), generator=gen).float()
         k = torch.randint(0, cols + 2, (rows,), generator=gen)
         ties = S.Ties(case, "rows")
-        whole = S.row_top_k(score, k, ties).reshape(-1)
-        assert torch.equal(LocalSelector((rows, cols)).row_top(score, k, ties).reshape(-1), whole)
+        whole = reference_row_top_k(score, k, ties).reshape(-1)
+        assert torch.equal(ReferenceSelector((rows, cols)).row_top(score, k, ties).reshape(-1), whole)
         parts = split(rows * cols, world, gen, contiguous=case % 2 == 0)
         flat = score.reshape(-1)
         union = union_of_ranks(world, parts, lambda reduce, i, shape=(rows, cols), flat=flat, k=k, ties=ties: on_shard(
@@ -224,7 +225,8 @@ def test_srigl_on_shards_equals_the_whole_layer_rule(world, ablation):
         g[:8] = 0.0
         ties = S.Ties(case, "update", 50, "layer")
         budget = int(mask.sum())
-        whole, k_whole = rules.srigl_update(LocalSelector((rows, cols)), w, mask, g, 48, budget, 0.3, ablation, ties)
+        reference = ReferenceSelector((rows, cols))
+        whole, k_whole = rules.srigl_update(reference, w, mask, g, 48, budget, 0.3, ablation, ties)
         fw, fm, fg = w.reshape(-1), mask.reshape(-1), g.reshape(-1)
         fan_ins = []
 
@@ -245,11 +247,11 @@ def test_nm_on_shards_cutting_groups_equals_the_whole_layer_rule():
     gen = torch.Generator().manual_seed(2)
     rows, cols = 12, 16
     w = torch.randn(rows, cols, generator=gen).round(decimals=1)
-    mask = rules.nm_mask(LocalSelector((rows, cols)), w, 2, 4, S.Ties(0))
+    mask = rules.nm_mask(ReferenceSelector((rows, cols)), w, 2, 4, S.Ties(0))
     w = w * mask
     g = torch.randn(rows, cols, generator=gen).round(decimals=1)
     ties = S.Ties(1, "update", 7, "nm")
-    whole = rules.nm_update(LocalSelector((rows, cols)), w, mask, g, 20, 2, 4, ties).reshape(-1)
+    whole = rules.nm_update(ReferenceSelector((rows, cols)), w, mask, g, 20, 2, 4, ties).reshape(-1)
     fw, fm, fg = w.reshape(-1), mask.reshape(-1), g.reshape(-1)
     for world, contiguous in ((2, True), (3, True), (3, False)):
         parts = split(rows * cols, world, gen, contiguous)  # random cuts land inside groups of 4
@@ -271,7 +273,7 @@ def test_reclaim_ranks_dead_rows_last_on_shards_and_whole():
     ties = S.Ties(3, "reclaim")
     free = int((~new & ~dead[:, None]).sum())
     for k in (5, free + 4):  # all from live rows; then more than they have: dead rows take the rest
-        whole = rules.reclaim(LocalSelector((rows, cols)), new.clone(), score, dead, k, ties)
+        whole = rules.reclaim(ReferenceSelector((rows, cols)), new.clone(), score, dead, k, ties)
         assert int(whole.sum()) == int(new.sum()) + k
         grown_dead = int((whole & ~new & dead[:, None]).sum())
         assert grown_dead == max(0, k - free), (k, grown_dead)

@@ -10,7 +10,7 @@ from dstlm.sparse.config import SparsityConfig
 from dstlm.sparse.density import active_counts, erk_densities
 from dstlm.sparse.schedule import UpdateSchedule, gmp_sparsity
 from dstlm.sparse.selection import Ties
-from dstlm.sparse.selectors import LocalSelector
+from dstlm.sparse import selectors
 
 
 def gen(seed=0):
@@ -21,9 +21,9 @@ def ties(seed=0):
     return Ties(seed, "test")
 
 
-def whole(t: torch.Tensor) -> LocalSelector:
+def whole(t: torch.Tensor) -> selectors.Selector:
     """The selector of a matrix held whole in this process."""
-    return LocalSelector(tuple(t.shape))
+    return selectors.whole(tuple(t.shape))
 
 
 def rand_layer(rows=16, cols=24, density=0.3, seed=0):

@@ -1,11 +1,11 @@
 """One parameter's new mask, decided where its entries live.
 
-The method's rule (methods.py, over rules.py) runs on every sparse matrix of the parameter with a selector:
-- whole in this process (`LocalSelector`): one process, or every rank alike when the backend has no fragments;
-- by its owner alone (`LocalSelector`, no collective): DDP replicas that give each parameter to one rank
+The method's rule (methods.py, over rules.py) runs on every sparse matrix of the parameter with a selector
+(selectors.py) over the entries it decides:
+- the whole matrix in this process: one process, or every rank alike when the backend has no fragments;
+- the whole matrix, by its owner alone: DDP replicas that give each parameter to one rank
   (`backend.whole_fragments`); the other ranks get an empty fragment;
-- on every rank's fragment (`CollectiveSelector`, collectives inside): ZeRO's partitions, DDP split by entries,
-  and partitioned masks (one rank too).
+- every rank's fragment (collectives inside): ZeRO's partitions, DDP split by entries, and partitioned masks.
 `join` then makes the mask the store takes: whole masks joined from the ranks' fragments by one byte
 all-reduce, or the rank's own fragment when masks are partitioned.
 """
@@ -24,7 +24,7 @@ from dstlm.sparse.methods import DSTMethod, Shard
 from dstlm.sparse.schedule import UpdateSchedule
 from dstlm.sparse.scores import Scores
 from dstlm.sparse.selection import Ties
-from dstlm.sparse.selectors import CollectiveSelector, LocalSelector
+from dstlm.sparse.selectors import Selector, whole
 
 Group = list[SparseParam]
 
@@ -52,6 +52,8 @@ class Update:
 class Decider:
     def __init__(self, method: DSTMethod, layers: dict[str, Layer], schedule: UpdateSchedule, tie_seed: int) -> None:
         self.method, self.layers, self.schedule, self.tie_seed = method, layers, schedule, tie_seed
+        self.selector = whole
+        """Makes the selector of a matrix decided whole (tests swap in a sort-based reference)."""
         self.observers: list[Callable] = []
         """Called as f(group, update, old, new) with each group's old and new whole masks (parameter-shaped),
         before the store takes the new one: tests check decisions against references there. On shards `old`
@@ -90,7 +92,7 @@ class Decider:
             if self.method.uses_dense_grad:
                 score = score_of(sp)
                 score = (score if score is not None else no_score(sp)).to(w.device).reshape(layer.shape)
-            shard = Shard(w, old.to(w.device).contiguous(), score, LocalSelector(layer.shape, w.device))
+            shard = Shard(w, old.to(w.device).contiguous(), score, self.selector(layer.shape, w.device))
             news.append(sp.to_storage(self.rule(sp, shard, u).to(old.device)))
         return news[0] if group[0].index is None else torch.stack(news)  # matrices in index order
 
@@ -105,7 +107,7 @@ class Decider:
             layer = self.layers[sp.name]
             base, a, b = matrix_run(sp, layer.shape, start, n)
             lo, hi = a - start, b - start
-            select = CollectiveSelector(sp.entries(a - base, b - a, old.device), layer.shape,
+            select = Selector(sp.entries(a - base, b - a, old.device), layer.shape,
                                         u.backend.all_reduce_sum_)
             shard = Shard(weight[lo:hi].to(old.device), old[lo:hi],
                           None if score is None else score[lo:hi].to(old.device), select)

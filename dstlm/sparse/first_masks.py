@@ -25,7 +25,7 @@ from dstlm.sparse.masks import SparseParam, attach_mask, matrix_run, param_name,
 from dstlm.sparse.methods import DSTMethod
 from dstlm.sparse.radix import Entries
 from dstlm.sparse.selection import Ties
-from dstlm.sparse.selectors import CollectiveSelector, LocalSelector
+from dstlm.sparse.selectors import Selector, whole
 from dstlm.sparse.storage import FragmentMasks, WholeMasks
 
 Group = list[SparseParam]
@@ -113,7 +113,7 @@ class FirstMasks:
         self.wanda_unseen += int(self.mask_init == "wanda" and norms is None)
         if norms is not None:
             score = score * norms.to(score.device, torch.float32)[None, :]
-        return self.method.init_mask_scored(layer, score, LocalSelector(layer.shape, score.device), ties,
+        return self.method.init_mask_scored(layer, score, whole(layer.shape, score.device), ties,
                                             per_row=norms is not None), False
 
     def _on_slices(self, sp: SparseParam, ties: Ties, device: torch.device) -> torch.Tensor:
@@ -132,7 +132,7 @@ class FirstMasks:
         base, a, b = matrix_run(sp, layer.shape, start, values.numel())
         index = sp.storage_index(torch.arange(a - base, b - base, device=device))
         score = values[a - start:b - start].detach().abs().float().to(device)
-        select = CollectiveSelector(Entries.of(index, layer.shape[1]), layer.shape, all_reduce)
+        select = Selector(Entries.of(index, layer.shape[1]), layer.shape, all_reduce)
         local = self.method.init_mask_scored(layer, score, select, ties, per_row=False)
         whole = torch.zeros(layer.shape[0] * layer.shape[1], dtype=torch.uint8, device=device)
         whole[index] = local.to(torch.uint8)

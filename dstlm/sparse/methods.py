@@ -29,7 +29,7 @@ from dstlm.sparse.connectivity import MaskCounts
 from dstlm.sparse.density import Layer
 from dstlm.sparse.schedule import UpdateSchedule, gmp_sparsity
 from dstlm.sparse.selection import Ties, count, row_counts
-from dstlm.sparse.selectors import LocalSelector, Selector
+from dstlm.sparse.selectors import Selector, whole
 
 # `cfg` below is a dstlm.sparse.config.SparsityConfig; config imports this registry, so this module does not
 # import config (not even for annotations): the dependency runs one way
@@ -306,7 +306,7 @@ class NM(DSTMethod):
         return sparsity["n"], sparsity["m"]
 
     def init_mask(self, layer, weight, ties):
-        return self.init_mask_scored(layer, weight.detach(), LocalSelector(layer.shape, weight.device), ties, False)
+        return self.init_mask_scored(layer, weight.detach(), whole(layer.shape, weight.device), ties, False)
 
     def init_mask_scored(self, layer, score, select, ties, per_row):  # the n highest scores of every group
         cols, m = layer.shape[1], self.cfg.m

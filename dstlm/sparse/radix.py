@@ -41,6 +41,7 @@ LAYER_DIGITS = (13, 10, 9)  # a first round of 13 bits (sign, exponent, 4 mantis
 ROW_DIGITS = (8, 8, 8, 8)
 INT32_MIN = -(2**31)
 CPU_BLOCK, GPU_BLOCK = 1 << 18, 1 << 20
+SAMPLE_EVERY = 64  # a layer-wide selection's first round brackets the k-th key from every 64th entry
 _KEEP_BLOCKS = 4  # the rounds after the first keep the entries left once they are at most 4 blocks' worth
 _BLOCK: Optional[int] = None
 
@@ -186,9 +187,9 @@ class Source:
         self.constant = values is None
         """Every key equal (keys() None): the hash alone orders the entries."""
 
-    def keys(self, a: int, b: int) -> Optional[torch.Tensor]:
-        """int32 signed-order keys of entries a .. b (None when all are equal)."""
-        return None if self.values is None else order_key(self.values[a:b], self.magnitude)
+    def keys(self, a: int, b: int, step: int = 1) -> Optional[torch.Tensor]:
+        """int32 signed-order keys of entries a .. b (every step-th; None when all are equal)."""
+        return None if self.values is None else order_key(self.values[a:b:step], self.magnitude)
 
     def ok(self, a: int, b: int) -> Optional[torch.Tensor]:
         return None if self._eligible is None else self._eligible(a, b)
@@ -263,20 +264,59 @@ class _Rounds:
         return key, seg
 
 
+def _bracket(produce: Callable[[], Iterator], sample: Callable[[], Iterator], k: torch.Tensor, bits: int,
+             all_reduce: AllReduce, rounds: _Rounds) -> Optional[tuple[torch.Tensor, None]]:
+    """The first round's entries without its full histogram (one segment): a sample of every SAMPLE_EVERY-th
+    entry, its digit histogram all-reduced, brackets the first digits that can hold the k-th largest key; one
+    pass then counts the entries above the bracket and keeps the keys inside it, and the first round reads those
+    alone. None (the full first round instead) when the bracket misses the k-th key or holds too many entries:
+    the counts are over every rank, so every rank takes the same branch."""
+    lo, nb = 32 - bits, 1 << bits
+    hist = torch.zeros(nb, dtype=torch.int64, device=rounds.device)
+    for key, ok in sample():
+        hist += torch.bincount(((key if ok is None else key[ok]) >> lo) + (nb >> 1), minlength=nb)
+    est = torch.flip(all_reduce(hist), [0]).cumsum(0) * SAMPLE_EVERY  # entries at or above each digit, from the top
+    want = int(k[0])
+    slack = 4.0 * (want * SAMPLE_EVERY) ** 0.5 + 16 * SAMPLE_EVERY
+    top = int(torch.searchsorted(est, torch.tensor([max(0.0, want - slack)], dtype=est.dtype)))
+    bottom = int(torch.searchsorted(est, torch.tensor([want + slack], dtype=est.dtype)))
+    highest = ((nb >> 1) - top << lo) - 1  # the bracket's keys: lowest .. highest (int32)
+    lowest = ((nb >> 1) - 1 - min(bottom, nb - 1)) << lo
+    counts = torch.zeros(2, dtype=torch.int64, device=rounds.device)
+    keys, limit = [], _KEEP_BLOCKS * block(rounds.device)
+    for key, _, ok in produce():
+        above = key > highest
+        inside = (key >= lowest) ^ above
+        if ok is not None:
+            above &= ok
+            inside &= ok
+        counts[0] += torch.count_nonzero(above)
+        pos = inside.nonzero().squeeze(1)
+        counts[1] += pos.numel()
+        if int(counts[1]) <= limit:
+            keys.append(key[pos])
+    above, n_in = all_reduce(counts).tolist()
+    if not above < want <= above + n_in or n_in > limit:
+        return None
+    rounds.above += above
+    return (torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int32, device=rounds.device)), None
+
+
 def _find(produce: Callable[[], Iterator], k: torch.Tensor, n_seg: int, digits: tuple[int, ...],
-          all_reduce: AllReduce, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+          all_reduce: AllReduce, device: torch.device,
+          sample: Optional[Callable[[], Iterator]] = None) -> tuple[torch.Tensor, ...]:
     """Radix rounds over the int32 signed-order keys `produce()` yields as (key, segment or None, eligible or
     None) per block, in every segment: the k-th largest key T (int32), how many are above it, how many sit at
     it, and k clamped to the segment's eligible entries, all over every rank. The first digit is the key's
     top bits read as signed (offset to 0 .. 2^bits - 1), the others unsigned. Once a round leaves at most four
     blocks of entries over all ranks, those entries' keys are kept and later rounds read them, not the blocks."""
     rounds = _Rounds(n_seg, device)
-    live: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+    live = None if sample is None else _bracket(produce, sample, k, digits[0], all_reduce, rounds)
     for r, bits in enumerate(digits):
         lo, nb = rounds.hi - bits, 1 << bits
         h = all_reduce(rounds.histogram([live] if live is not None else produce(), r == 0, lo, nb)).view(n_seg, nb)
-        if r == 0:
-            k = torch.minimum(k, h.sum(1))
+        if r == 0:  # k capped by the eligible entries (those above a bracket are not in h)
+            k = torch.minimum(k, h.sum(1) + rounds.above)
         rounds.choose(h, k, r == 0, lo, nb)
         if r + 1 == len(digits):
             break
@@ -322,13 +362,19 @@ class _Selection:
             ok = _and(ok, seg >= 0)
         return self.src.keys(a, b), seg, ok
 
+    def sample(self) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(keys, eligibility) of every SAMPLE_EVERY-th entry, a block at a time."""
+        for a, b in blocks(self.spans, self.entries.device):
+            ok = self.src.ok(a, b)
+            yield self.src.keys(a, b, SAMPLE_EVERY), None if ok is None else ok[::SAMPLE_EVERY]
+
     def thresholds(self, k, ties, n_seg, digits, all_reduce):
         """(value threshold T, hash threshold H or None, k clamped, tied): per segment, entries above T are
         chosen, and those at T with a hash at or above H (all of them where H is None or not tied)."""
         device = self.entries.device
         if not self.src.constant:
             thr, above, at, k = _find(lambda: (self.load(a, b) for a, b in blocks(self.spans, device)), k, n_seg,
-                                      digits, all_reduce, device)
+                                      digits, all_reduce, device, self.sample if self.segment is None else None)
             need = k - above
             tied = (k > 0) & (need < at)  # the threshold is tied and only some of the tied entries fit
         else:  # all values equal: the hash alone orders the eligible entries

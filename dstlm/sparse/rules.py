@@ -17,34 +17,21 @@ from typing import Optional
 
 import torch
 
-from dstlm.sparse.selection import Ties, row_top_k
-from dstlm.sparse.selectors import LocalSelector, Selector
+from dstlm.sparse.selection import Ties
+from dstlm.sparse.selectors import Selector, whole
 
 
 def random_mask(shape: tuple[int, ...], n_active: int, ties: Ties, device=None) -> torch.Tensor:
     """Exactly n_active True entries at positions chosen by the hash alone (uniformly random to a user)."""
     flat = (shape[0], int(torch.Size(shape[1:]).numel())) if len(shape) > 1 else (1, shape[0])
-    return LocalSelector(flat, device).top(None, n_active, ties.sub("random")).reshape(shape)
-
-
-_INIT_BLOCK = 1 << 20  # entries per block of a first constant-fan-in mask
+    return whole(flat, device).top(None, n_active, ties.sub("random")).reshape(shape)
 
 
 def constant_fan_in_mask(shape: tuple[int, int], fan_in: int, ties: Ties, device=None) -> torch.Tensor:
     """Every row gets exactly `fan_in` random active inputs (SRigL init), each row its own (the hash runs over
     the flat index, so rows do not share one column order: a shared order would give every row the same
     inputs and leave the other columns, i.e. the hidden units they read, with no weight at all)."""
-    rows, cols = shape
-    ties = ties.sub("fan-in")
-    # blocks of rows, each tie-broken by the entries' indices in the whole layer (row_ids): the same mask as one
-    # call, with the selection's temporaries (~130 bytes per entry) bounded by a block instead of the layer
-    step = max(1, _INIT_BLOCK // max(1, cols))
-    out = torch.empty(shape, dtype=torch.bool, device=device)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        ids = torch.arange(r0, r1, device=device)
-        out[r0:r1] = row_top_k(torch.zeros(r1 - r0, cols, device=device), fan_in, ties, row_ids=ids)
-    return out
+    return whole(shape, device).row_top(None, fan_in, ties.sub("fan-in"))
 
 
 def nm_mask(s: Selector, weight: torch.Tensor, n: int, m: int, ties: Ties) -> torch.Tensor:

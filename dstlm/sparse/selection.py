@@ -96,40 +96,9 @@ def active_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8).amax(dim=1)
 
 
-def _check_size(n: int) -> None:
+def check_size(n: int) -> None:
     if n >= 2**32:
         raise ValueError(f"a sparse matrix of {n} entries is beyond the 2^32 entries tie-breaks index; split it")
-
-
-def _candidates(values: torch.Tensor, k: int, eligible: Optional[torch.Tensor] = None,
-                n_eligible: Optional[int] = None, largest: bool = True) -> Optional[torch.Tensor]:
-    """Positions of a set of eligible entries that surely holds the k largest (smallest: largest=False)
-    eligible values, much smaller than them when k is: a pivot from a strided sample, set a little beyond the
-    expected k-th value; None when a pass would not pay (few entries; k not small where the alternative is every
-    entry, whereas compacting the eligible ones costs a pass anyway) or the sample misled twice."""
-    n = values.numel() if eligible is None else int(n_eligible)
-    if n <= _EXACT_BELOW or (eligible is None and 4 * k > n):
-        return None
-    stride = max(1, values.numel() // 16384)
-    sample = values[::stride]
-    if eligible is not None:
-        sample = sample[eligible[::stride]]
-    s = sample.numel()
-    if s < 256:
-        return None
-    want = k * s / n  # expected rank of the k-th value in the sample
-    for slack in (4.0, 16.0):
-        rank = min(s, int(want + slack * (want ** 0.5) + 16))
-        if largest:
-            hit = values >= torch.kthvalue(sample, s - rank + 1).values
-        else:
-            hit = values <= torch.kthvalue(sample, rank).values
-        if eligible is not None:
-            hit &= eligible
-        cand = hit.nonzero().squeeze(1)
-        if cand.numel() >= k:
-            return cand
-    return None
 
 
 def _take_by_hash(flat_index: torch.Tensor, segment: torch.Tensor, need: torch.Tensor, ties: Ties) -> torch.Tensor:
@@ -146,59 +115,13 @@ def _take_by_hash(flat_index: torch.Tensor, segment: torch.Tensor, need: torch.T
     return take
 
 
-def _top_positions(values: torch.Tensor, k: int, ties: Ties, index: Optional[torch.Tensor],
-                   eligible: Optional[torch.Tensor] = None, n_eligible: Optional[int] = None,
-                   largest: bool = True) -> torch.Tensor:
-    """Positions (into the flat `values`, 0 < k < number eligible) of the k first eligible entries in (value
-    desc, hash desc) order, where entry p's hash is of index[p] (of p itself when index is None); with
-    largest=False the k last ones in that order."""
-    cand = _candidates(values, k, eligible, n_eligible, largest)
-    if cand is None:
-        cand = torch.arange(values.numel(), device=values.device) if eligible is None else eligible.nonzero().squeeze(1)
-    cv = values[cand]
-    thr = torch.kthvalue(cv, cv.numel() - k + 1 if largest else k).values
-    beyond = cand[cv > thr] if largest else cand[cv < thr]
-    tied = cand[cv == thr]
-    need = k - beyond.numel()
-    if tied.numel() > need:  # of the tied (distinct hashes): the `need` largest hashes, or smallest; one kthvalue
-        h = ties.hash(tied if index is None else index[tied])
-        if largest:
-            tied = tied[h >= torch.kthvalue(h, h.numel() - need + 1).values]
-        else:
-            tied = tied[h <= torch.kthvalue(h, need).values]
-    return torch.cat([beyond, tied])
-
-
-def top_k(score: torch.Tensor, k: int, ties: Ties, eligible: Optional[torch.Tensor] = None,
-          n_eligible: Optional[int] = None) -> torch.Tensor:
-    """bool mask (score's shape) of the k first entries in (score desc, hash desc) order among `eligible`
-    (all when None); fewer when fewer are eligible. `n_eligible`: count(eligible), when the caller knows it."""
-    flat = score.reshape(-1).float()
-    n = flat.numel()
-    _check_size(n)
-    e = eligible.reshape(-1) if eligible is not None else None
-    n_e = n if e is None else (count(e) if n_eligible is None else int(n_eligible))
-    k = max(0, min(int(k), n_e))
-    out = torch.zeros(n, dtype=torch.bool, device=score.device)
-    if k == 0:
-        return out.view(score.shape)
-    if k == n_e:
-        return (e.clone() if e is not None else ~out).view(score.shape)
-    if 2 * k > n_e:  # most are chosen (e.g. the active entries that stay): leave out the n_e - k last instead
-        out = e.clone() if e is not None else ~out
-        out[_top_positions(flat, n_e - k, ties, None, e, n_e, largest=False)] = False
-    else:  # candidates straight from one pass over all (e.g. the inactive entries to grow)
-        out[_top_positions(flat, k, ties, None, e, n_e)] = True
-    return out.view(score.shape)
-
-
 def row_top_k(score: torch.Tensor, k: Union[int, torch.Tensor], ties: Ties,
               eligible: Optional[torch.Tensor] = None, row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """bool [R, C]: in every row i, the k[i] first entries in (score desc, hash of the flat index desc) order
     among its eligible ones (fewer when fewer are eligible). `row_ids`: the layer rows these R rows are (when
     they are a selection of its rows), so ties hash the entries' indices in the whole layer."""
     rows, cols = score.shape
-    _check_size(rows * cols)
+    check_size(rows * cols)
     kk = torch.as_tensor(k, device=score.device, dtype=torch.int64).expand(rows).clamp(0, cols)
     n_e = row_counts(eligible) if eligible is not None else None
     if n_e is not None:

@@ -15,21 +15,22 @@ Eligibility is given as `inside` (entries True there), `outside` (entries False 
 marked segments), all optional and and-ed, so a selector that streams its fragment never builds the set.
 `values` None ranks every entry equal (the hash alone decides: a uniformly random choice to a user).
 
-Two selectors implement it. `LocalSelector`: the whole matrix in this process (`selection.top_k` and
-`selection.row_top_k`: exact sample-select and per-row top-k). `CollectiveSelector`: a run of the matrix's
-entries on each rank, read a block at a time, with exact radix selection over all-reduced histograms
-(dstlm/sparse/radix.py); every rank calls it in the same order with the same k (collectives inside). Both
-choose the same entries, so a rule decides the same mask on one process or on shards at any world size.
+One `Selector` serves every layout: a run of the matrix's entries on each rank (`Entries`), read a block at a
+time; a whole matrix in one process is the run that covers it, reduced over no other process (`whole`). A
+choice across many entries is an exact radix selection over all-reduced histograms (dstlm/sparse/radix.py);
+segments held whole by this process are decided here by `selection.row_top_k`. Every rank calls it in the same
+order with the same k (collectives inside), so a rule decides the same mask on one process or on shards at any
+world size.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol, Union
+from typing import Callable, Optional, Union
 
 import torch
 
 from dstlm.sparse.radix import ROW_DIGITS, Entries, Source, block, blocks, emit_choice, radix_select
-from dstlm.sparse.selection import Ties, count, row_counts, row_top_k, top_k
+from dstlm.sparse.selection import Ties, check_size, row_top_k
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
 Counts = Union[int, torch.Tensor]
@@ -51,145 +52,46 @@ def torch_all_reduce(group=None) -> AllReduce:
     return reduce
 
 
-class Selector(Protocol):
-    """Choices over one matrix's entries (see the module docstring); `shape` is the whole matrix's [R, C],
-    `numel` its entries, `n_rows` its segments (rows, or N:M groups after `grouped`)."""
-
-    shape: tuple[int, int]
-    numel: int
-    n_rows: int
-
-    def count(self, x: torch.Tensor) -> int: ...
-    def row_counts(self, inside=None, outside=None, rows=None) -> torch.Tensor: ...
-    def in_rows(self, rows: torch.Tensor) -> torch.Tensor: ...
-    def zeros(self) -> torch.Tensor: ...
-    def grouped(self, m: int) -> "Selector": ...
-    def top(self, values: Optional[torch.Tensor], k: int, ties: Ties, *, inside=None, outside=None, rows=None,
-            last_rows=None, total: Optional[int] = None, into: Optional[torch.Tensor] = None) -> torch.Tensor: ...
-    def top_row_counts(self, values: Optional[torch.Tensor], k: int, ties: Ties, *, outside=None,
-                       total: Optional[int] = None) -> torch.Tensor: ...
-    def row_top(self, values: Optional[torch.Tensor], k: Counts, ties: Ties, *, inside=None, outside=None,
-                rows=None, into: Optional[torch.Tensor] = None, assign: bool = False) -> torch.Tensor: ...
+def whole(shape: tuple[int, int], device=None) -> "Selector":
+    """The selector of a whole [R, C] matrix in this process: one fragment that covers it, reduced over no other
+    process; its choices come back [R, C]."""
+    rows, cols = int(shape[0]), int(shape[1])
+    entries = Entries(rows * cols, cols, torch.device("cpu" if device is None else device), start=0)
+    return Selector(entries, (rows, cols), out_shape=(rows, cols))
 
 
-def _and(x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if x is None:
-        return y
-    return x if y is None else x & y
-
-
-class LocalSelector:
-    """The whole [R, C] matrix in this process: tensors are [R, C] (or [R * C / m, m] views after `grouped`)."""
-
-    def __init__(self, shape: tuple[int, int], device=None, seg_len: Optional[int] = None) -> None:
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.numel = self.shape[0] * self.shape[1]
-        self.device = device
-        self.seg_len = self.shape[1] if seg_len is None else int(seg_len)
-        self.n_rows = self.numel // self.seg_len
-
-    def grouped(self, m: int) -> "LocalSelector":
-        if self.shape[1] % m:
-            raise ValueError(f"N:M needs in_features divisible by m={m}; got a layer with in_features={self.shape[1]}")
-        return LocalSelector(self.shape, self.device, m)
-
-    def _seg(self, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(self.n_rows, self.seg_len)
-
-    def count(self, x: torch.Tensor) -> int:
-        return count(x)
-
-    def zeros(self) -> torch.Tensor:
-        return torch.zeros(self.shape, dtype=torch.bool, device=self.device)
-
-    def in_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.to(torch.bool)[:, None].expand(self.n_rows, self.seg_len).reshape(self.shape)
-
-    def _eligible(self, inside, outside, rows) -> Optional[torch.Tensor]:
-        e = None if inside is None else self._seg(inside)
-        e = _and(e, None if outside is None else ~self._seg(outside))
-        if rows is not None:
-            e = _and(e, rows.to(torch.bool)[:, None].expand(self.n_rows, self.seg_len))
-        return e
-
-    def _ranked(self, values: Optional[torch.Tensor], last_rows=None) -> torch.Tensor:
-        """The values the order reads: |values| (zeros when None); entries of `last_rows` at -1, below all."""
-        v = torch.zeros(self.shape, device=self.device) if values is None else values.abs().float()
-        if last_rows is not None:
-            v = torch.where(self.in_rows(last_rows), torch.full_like(v, -1.0), v)
-        return v
-
-    def row_counts(self, inside=None, outside=None, rows=None) -> torch.Tensor:
-        e = self._eligible(inside, outside, rows)
-        if e is None:
-            return torch.full((self.n_rows,), self.seg_len, dtype=torch.int64, device=self.device)
-        return row_counts(e)
-
-    def top(self, values, k, ties, *, inside=None, outside=None, rows=None, last_rows=None, total=None,
-            into=None):
-        e = self._eligible(inside, outside, rows)
-        chosen = top_k(self._ranked(values, last_rows), k, ties, eligible=None if e is None else e.reshape(
-            self.shape), n_eligible=total)
-        if into is None:
-            return chosen
-        return into.logical_or_(chosen)
-
-    def top_row_counts(self, values, k, ties, *, outside=None, total=None):
-        return row_counts(self._seg(self.top(values, k, ties, outside=outside, total=total)))
-
-    def row_top(self, values, k, ties, *, inside=None, outside=None, rows=None, into=None, assign=False):
-        v = self._seg(self._ranked(values))
-        e = self._eligible(inside, outside, None)
-        kk = torch.as_tensor(k, dtype=torch.int64, device=v.device).expand(self.n_rows)
-        out = self.zeros() if into is None else into
-        seg_out = self._seg(out)
-        if rows is None:
-            chosen = row_top_k(v, kk, ties, eligible=e)
-            if assign:
-                seg_out.copy_(chosen if e is None else torch.where(e, chosen, seg_out))
-            else:
-                seg_out |= chosen
-            return out
-        ids = rows.to(torch.bool).nonzero().squeeze(1)  # the marked rows alone, tie-broken by their layer index
-        e_sub = None if e is None else e[ids]
-        chosen = row_top_k(v[ids], kk[ids], ties, eligible=e_sub, row_ids=ids)
-        if assign:
-            seg_out[ids] = chosen if e_sub is None else torch.where(e_sub, chosen, seg_out[ids])
-        else:
-            seg_out[ids] |= chosen
-        return out
-
-
-class CollectiveSelector:
+class Selector:
     """A run of the matrix's entries on each rank (`Entries`: this rank's, with their flat [R, C] indices):
     tensors are 1-D over those entries. Every selection is a collective over `all_reduce` (an in-place sum over
     the ranks): call it on every rank, in the same order, with the same k."""
 
     def __init__(self, entries: Entries, shape: tuple[int, int], all_reduce: AllReduce = single_process,
-                 seg_len: Optional[int] = None) -> None:
+                 seg_len: Optional[int] = None, out_shape: Optional[tuple[int, ...]] = None) -> None:
         self.entries = entries if seg_len is None else entries.grouped(seg_len)
         self.shape = (int(shape[0]), int(shape[1]))
         self.numel = self.shape[0] * self.shape[1]
+        check_size(self.numel)
         self.all_reduce = all_reduce
         self.device = entries.device
         self.n_rows = self.numel // self.entries.row_len
+        self.out_shape = (self.entries.n,) if out_shape is None else out_shape
 
-    def grouped(self, m: int) -> "CollectiveSelector":
+    def grouped(self, m: int) -> "Selector":
         if self.shape[1] % m:
             raise ValueError(f"N:M needs in_features divisible by m={m}; got a layer with in_features={self.shape[1]}")
-        return CollectiveSelector(self.entries, self.shape, self.all_reduce, m)
+        return Selector(self.entries, self.shape, self.all_reduce, m, self.out_shape)
 
     def count(self, x: torch.Tensor) -> int:
         return int(self.all_reduce(torch.count_nonzero(x).reshape(1).to(torch.int64)).item())
 
     def zeros(self) -> torch.Tensor:
-        return torch.zeros(self.entries.n, dtype=torch.bool, device=self.device)
+        return torch.zeros(self.out_shape, dtype=torch.bool, device=self.device)
 
     def in_rows(self, rows: torch.Tensor) -> torch.Tensor:
         out = self.zeros()
-        rows = rows.to(self.device)
+        flat, rows = out.view(-1), rows.to(self.device)
         for a, b in blocks([(0, self.entries.n)], self.device):
-            out[a:b] = self.entries.per_row(rows, a, b)
+            flat[a:b] = self.entries.per_row(rows, a, b)
         return out
 
     def _eligible(self, inside, outside, rows):
@@ -231,9 +133,10 @@ class CollectiveSelector:
 
     def top(self, values, k, ties, *, inside=None, outside=None, rows=None, last_rows=None, total=None,
             into=None):
-        out = self.zeros() if into is None else into.reshape(-1)
-        self._select(self._source(values, self._eligible(inside, outside, rows), last_rows), k, ties, out, total)
-        return out if into is None else into
+        out = self.zeros() if into is None else into
+        self._select(self._source(values, self._eligible(inside, outside, rows), last_rows), k, ties, out.view(-1),
+                     total)
+        return out
 
     def top_row_counts(self, values, k, ties, *, outside=None, total=None):
         counts = torch.zeros(self.n_rows, dtype=torch.int64, device=self.device)
@@ -260,7 +163,8 @@ class CollectiveSelector:
         """In every segment over all ranks, its k[segment] first eligible entries. Segments whose eligible
         entries all lie on this rank are decided here alone (`selection.row_top_k`, whole segments a block at a
         time); only the segments cut between ranks go through radix rounds."""
-        out = self.zeros() if into is None else into.reshape(-1)
+        result = self.zeros() if into is None else into
+        out = result.view(-1)
         src = Source(values, True, self._eligible(inside, outside, rows))
         local = self._counts(src.ok, local_only=True)
         per_row = self.all_reduce(local.clone())
@@ -279,7 +183,7 @@ class CollectiveSelector:
             radix_select(src, self.entries, kk[ids], ties, self.all_reduce, out, spans=spans,
                          segment=lambda a, b: self.entries.per_row(slot, a, b), n_seg=ids.numel(),
                          digits=ROW_DIGITS, assign=assign)
-        return out if into is None else into
+        return result
 
 
 class _Ranked(Source):
@@ -289,10 +193,11 @@ class _Ranked(Source):
         super().__init__(values, True, eligible)
         self.last, self.constant = last.reshape(-1), False
 
-    def keys(self, a: int, b: int) -> torch.Tensor:
-        base = torch.zeros(b - a, dtype=torch.int32, device=self.last.device) if self.values is None \
-            else super().keys(a, b)  # magnitude keys: >= 0
-        return torch.where(self.last[a:b], -1, base)
+    def keys(self, a: int, b: int, step: int = 1) -> torch.Tensor:
+        last = self.last[a:b:step]
+        base = torch.zeros(last.numel(), dtype=torch.int32, device=last.device) if self.values is None \
+            else super().keys(a, b, step)  # magnitude keys: >= 0
+        return torch.where(last, -1, base)
 
 
 def _own_rows_of_run(src: Source, entries: Entries, k: torch.Tensor, ties: Ties, out: torch.Tensor, assign: bool,

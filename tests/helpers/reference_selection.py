@@ -1,10 +1,11 @@
 """Sort-based references of dstlm's selections, and the decision check built on them (tests and benchmarks only).
 
-`reference_top_k` and `reference_row_top_k` choose the same sets as `selection.top_k` and `row_top_k` (by value
-descending, ties by the keyed hash of the flat index) by sorting composite (value, hash) keys of the whole
-tensor: slow, and obviously right. `reference_selection()` routes the local selector to them, and
-`ReferenceCheck` decides every sharded mask update again whole with them from gathered weights and scores,
-stopping the run at any difference (tests/helpers/dst_run.py's DSTLM_CHECK_REFERENCE).
+`reference_top_k` and `reference_row_top_k` choose what dstlm's selector chooses (by value descending, ties by
+the keyed hash of the flat index) by sorting composite (value, hash) keys of the whole tensor: slow, and
+obviously right. `ReferenceSelector` is a whole-matrix selector built on them; `reference_selection(engine)`
+makes the engine decide every whole matrix with it, and `ReferenceCheck` decides every sharded mask update
+again whole with it from gathered weights and scores, stopping the run at any difference
+(tests/helpers/dst_run.py's DSTLM_CHECK_REFERENCE).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-from dstlm.sparse import selectors
 from dstlm.sparse.checks import MaskMismatchError
 from dstlm.sparse.masks import param_name
 from dstlm.sparse.selection import Ties, count
@@ -59,15 +59,92 @@ def reference_row_top_k(score: torch.Tensor, k: Union[int, torch.Tensor], ties: 
     return ranks < kk[:, None]
 
 
+def _and(x: Optional[torch.Tensor], y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if x is None:
+        return y
+    return x if y is None else x & y
+
+
+class ReferenceSelector:
+    """dstlm's selector interface (dstlm/sparse/selectors.py) over a whole [R, C] matrix, choosing by sorting."""
+
+    def __init__(self, shape: tuple[int, int], device=None, seg_len: Optional[int] = None) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.numel = self.shape[0] * self.shape[1]
+        self.device = device
+        self.seg_len = self.shape[1] if seg_len is None else int(seg_len)
+        self.n_rows = self.numel // self.seg_len
+
+    def grouped(self, m: int) -> "ReferenceSelector":
+        return ReferenceSelector(self.shape, self.device, m)
+
+    def _seg(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.n_rows, self.seg_len)
+
+    def count(self, x: torch.Tensor) -> int:
+        return count(x)
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=torch.bool, device=self.device)
+
+    def in_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.to(torch.bool)[:, None].expand(self.n_rows, self.seg_len).reshape(self.shape)
+
+    def _eligible(self, inside, outside, rows) -> Optional[torch.Tensor]:
+        e = None if inside is None else self._seg(inside)
+        e = _and(e, None if outside is None else ~self._seg(outside))
+        if rows is not None:
+            e = _and(e, rows.to(torch.bool)[:, None].expand(self.n_rows, self.seg_len))
+        return e
+
+    def _ranked(self, values: Optional[torch.Tensor], last_rows=None) -> torch.Tensor:
+        v = torch.zeros(self.shape, device=self.device) if values is None else values.abs().float()
+        if last_rows is not None:
+            v = torch.where(self.in_rows(last_rows), torch.full_like(v, -1.0), v)
+        return v
+
+    def row_counts(self, inside=None, outside=None, rows=None) -> torch.Tensor:
+        e = self._eligible(inside, outside, rows)
+        if e is None:
+            return torch.full((self.n_rows,), self.seg_len, dtype=torch.int64, device=self.device)
+        return e.sum(dim=1)
+
+    def top(self, values, k, ties, *, inside=None, outside=None, rows=None, last_rows=None, total=None,
+            into=None):
+        e = self._eligible(inside, outside, rows)
+        chosen = reference_top_k(self._ranked(values, last_rows), k, ties,
+                                 None if e is None else e.reshape(self.shape))
+        return chosen if into is None else into.logical_or_(chosen)
+
+    def top_row_counts(self, values, k, ties, *, outside=None, total=None):
+        return self._seg(self.top(values, k, ties, outside=outside, total=total)).sum(dim=1)
+
+    def row_top(self, values, k, ties, *, inside=None, outside=None, rows=None, into=None, assign=False):
+        v = self._seg(self._ranked(values))
+        e = self._eligible(inside, outside, None)
+        kk = torch.as_tensor(k, dtype=torch.int64, device=v.device).expand(self.n_rows)
+        if rows is not None:  # rows outside the marked ones choose nothing and, with assign, keep their entries
+            kk = torch.where(rows.to(torch.bool), kk, 0)
+            keep = ~rows.to(torch.bool)[:, None]
+            e = keep.logical_not().expand_as(v) if e is None else e & ~keep
+        out = self.zeros() if into is None else into
+        chosen = reference_row_top_k(v, kk, ties, eligible=e)
+        seg_out = self._seg(out)
+        if assign:
+            seg_out.copy_(chosen if e is None else torch.where(e, chosen, seg_out))
+        else:
+            seg_out |= chosen
+        return out
+
+
 @contextlib.contextmanager
-def reference_selection() -> Iterator[None]:
-    """The local selector (and the collective one's rows held whole) choose with the references inside."""
-    saved = selectors.top_k, selectors.row_top_k
-    selectors.top_k, selectors.row_top_k = reference_top_k, reference_row_top_k
+def reference_selection(engine) -> Iterator[None]:
+    """The engine decides every whole matrix with the sort-based reference inside."""
+    saved, engine.decider.selector = engine.decider.selector, ReferenceSelector
     try:
         yield
     finally:
-        selectors.top_k, selectors.row_top_k = saved
+        engine.decider.selector = saved
 
 
 class ReferenceCheck:
@@ -85,7 +162,7 @@ class ReferenceCheck:
         scores = u.scores.joined([group], u.backend, u.masks.size)
         fan_in = {sp.name: layers[sp.name].fan_in for sp in group}
         try:
-            with reference_selection():
+            with reference_selection(self.engine):
                 reference = self.engine.decider.local(group, u, u.backend.full_weight(group[0].weight).detach(), old,
                                                       lambda sp: scores.get(sp.name))
         finally:
