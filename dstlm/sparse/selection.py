@@ -6,10 +6,9 @@ purpose) (`Ties`). The order depends on nothing but the scores and those keys, n
 entry, the device, or the order entries are visited in; a decision taken on shards can therefore equal
 the whole-tensor one (the sharded update builds on that), and no rank needs a permutation of a whole layer.
 
-The fast paths do O(n) work: the k-th largest value by sample-select (a strided sample gives a pivot, one
-comparison pass keeps the candidates at or above it, an exact kthvalue among them), hashes only for the
-entries tied at the threshold, and per-row top-k by `torch.topk` along rows. The tests hold both to
-sort-based references of the same order (tests/helpers/reference_selection.py).
+Here: the tie-break hash, the byte-wise counts of bool masks, and `row_top_k` for rows held whole in one
+process (the layer-wide and cut-row choices are radix selections, dstlm/sparse/radix.py). The tests hold both
+to sort-based references of the same order (tests/helpers/reference_selection.py).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from typing import Optional, Union
 import torch
 
 M32 = 0xFFFFFFFF
-_EXACT_BELOW = 1 << 18  # plain kthvalue below this many entries
 
 
 def _round(x: torch.Tensor) -> torch.Tensor:
@@ -118,122 +116,28 @@ def _take_by_hash(flat_index: torch.Tensor, segment: torch.Tensor, need: torch.T
 def row_top_k(score: torch.Tensor, k: Union[int, torch.Tensor], ties: Ties,
               eligible: Optional[torch.Tensor] = None, row_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """bool [R, C]: in every row i, the k[i] first entries in (score desc, hash of the flat index desc) order
-    among its eligible ones (fewer when fewer are eligible). `row_ids`: the layer rows these R rows are (when
-    they are a selection of its rows), so ties hash the entries' indices in the whole layer."""
+    among its eligible ones (fewer when fewer are eligible), by torch.topk along the rows; hashes only for the
+    entries tied at a row's threshold. `row_ids`: the layer rows these R rows are (when they are a selection of
+    its rows), so ties hash the entries' indices in the whole layer."""
     rows, cols = score.shape
     check_size(rows * cols)
     kk = torch.as_tensor(k, device=score.device, dtype=torch.int64).expand(rows).clamp(0, cols)
-    n_e = row_counts(eligible) if eligible is not None else None
-    if n_e is not None:
-        kk = torch.minimum(kk, n_e)
+    s = score.float()
+    if eligible is not None:
+        kk = torch.minimum(kk, row_counts(eligible))
+        s = s.masked_fill(~eligible, float("-inf"))
     kmax = int(kk.max()) if rows else 0
     if kmax == 0:
         return torch.zeros(rows, cols, dtype=torch.bool, device=score.device)
-    if rows * cols > _EXACT_BELOW and rows_choose_few(kk, cols, eligible, n_e):
-        out = _row_top_k_candidates(score.float(), kk, kmax, n_e, ties, eligible, row_ids)
-        if out is not None:
-            return out
-    return _row_top_k_dense(score.float(), kk, kmax, ties, eligible, row_ids)
-
-
-def rows_choose_few(k: torch.Tensor, cols: int, eligible: Optional[torch.Tensor] = None,
-                    n_eligible: Optional[torch.Tensor] = None) -> bool:
-    """Whether row_top_k takes its candidate path on wide enough rows: a quarter or less of the eligible
-    entries chosen."""
-    if cols < 256:
-        return False
-    if eligible is not None and n_eligible is None:
-        n_eligible = row_counts(eligible)
-    kk = torch.as_tensor(k).clamp(0, cols)
-    if n_eligible is not None:
-        kk = torch.minimum(kk, n_eligible)
-    total = k.numel() * cols if n_eligible is None else int(n_eligible.sum())
-    return 4 * int(kk.sum()) <= total
-
-
-def _row_top_k_dense(s: torch.Tensor, kk: torch.Tensor, kmax: int, ties: Ties, eligible: Optional[torch.Tensor],
-                     row_ids: Optional[torch.Tensor]) -> torch.Tensor:
-    """row_top_k by torch.topk along whole rows (kk: per-row counts, already capped by the eligible ones)."""
-    cols = s.shape[1]
-    if eligible is not None:
-        s = s.masked_fill(~eligible, float("-inf"))
-    top = torch.topk(s, kmax, dim=1, sorted=True).values
-    thr = top.gather(1, (kk - 1).clamp_min(0)[:, None])
+    thr = torch.topk(s, kmax, dim=1, sorted=True).values.gather(1, (kk - 1).clamp_min(0)[:, None])
     thr.masked_fill_((kk == 0)[:, None], float("inf"))  # rows choosing nothing: no entry reaches +inf
-    out = s > thr
-    eq = s == thr
+    out, eq = s > thr, s == thr
     if eligible is not None and bool(torch.isneginf(thr).any()):  # a -inf threshold would admit ineligibles
         eq &= eligible
     need = kk - row_counts(out)
-    n_eq = row_counts(eq)
-    ambiguous = n_eq > need
+    ambiguous = row_counts(eq) > need
     if bool(ambiguous.any()):
         r, c = (eq & ambiguous[:, None]).nonzero(as_tuple=True)
         take = _take_by_hash((r if row_ids is None else row_ids[r]) * cols + c, r, need, ties)
         eq[r[~take], c[~take]] = False
     return out | eq
-
-
-def _row_top_k_candidates(s: torch.Tensor, kk: torch.Tensor, kmax: int, n_e: Optional[torch.Tensor], ties: Ties,
-                          eligible: Optional[torch.Tensor], row_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """row_top_k when rows choose few of their entries (e.g. SRigL's regrowth): the candidates at or above a
-    per-row pivot (`_row_candidates`), and the exact per-row threshold among those alone (a topk over a
-    [rows, max candidates] table). None (use the dense path) when the sample misled more than a few rows."""
-    rows, cols = s.shape
-    found = _row_candidates(s, kk, n_e, eligible)
-    if found is None:
-        return None
-    hit, counts = found
-    r, c = hit.nonzero(as_tuple=True)  # row-major: each row's candidates are one run
-    vals = s[r, c]
-    pos = torch.arange(r.numel(), device=s.device) - (torch.cumsum(counts, 0) - counts)[r]
-    table = torch.full((rows, int(counts.max())), float("-inf"), device=s.device)
-    table[r, pos] = vals
-    thr = torch.topk(table, kmax, dim=1).values.gather(1, (kk - 1).clamp_min(0)[:, None]).squeeze(1)
-    thr.masked_fill_(kk == 0, float("inf"))
-    t = thr[r]
-    above, eq = vals > t, vals == t
-    need = kk - torch.bincount(r[above], minlength=rows)
-    n_eq = torch.bincount(r[eq], minlength=rows)
-    chosen = above | eq
-    ambiguous = n_eq > need
-    if bool(ambiguous.any()):
-        idx = (eq & ambiguous[r]).nonzero().squeeze(1)
-        rr = r[idx]
-        take = _take_by_hash((rr if row_ids is None else row_ids[rr]) * cols + c[idx], rr, need, ties)
-        chosen[idx[~take]] = False
-    out = torch.zeros(rows * cols, dtype=torch.bool, device=s.device)
-    out[(r * cols + c)[chosen]] = True  # a flat scatter: ~2x cheaper than a 2-d one on the CPU
-    return out.view(rows, cols)
-
-
-def _row_candidates(s: torch.Tensor, kk: torch.Tensor, n_e: Optional[torch.Tensor],
-                    eligible: Optional[torch.Tensor]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """(bool [rows, cols] of candidates surely holding each row's kk largest eligible, their count per row):
-    the entries at or above a pivot set a little beyond each row's expected kk-th value in a strided sample of
-    columns. Rows the sample misled take all their eligible entries; None when that is more than an eighth."""
-    rows, cols = s.shape
-    stride = max(2, cols // 384)
-    sample = s[:, ::stride]
-    n_all = torch.full((rows,), cols, dtype=torch.int64, device=s.device) if n_e is None else n_e
-    if eligible is None:
-        n_sample = torch.full((rows,), sample.shape[1], dtype=torch.int64, device=s.device)
-    else:
-        e_sample = eligible[:, ::stride].contiguous()
-        sample = torch.where(e_sample, sample, float("-inf"))
-        n_sample = row_counts(e_sample)
-    want = kk.double() * n_sample / n_all.clamp_min(1)  # expected sample rank of each row's kk-th value
-    rank = (want + 3.0 * want.sqrt() + 4.0).ceil().to(torch.int64).clamp(1, sample.shape[1])
-    pivot = torch.topk(sample, int(rank.max()), dim=1).values.gather(1, (rank - 1)[:, None])
-    pivot.masked_fill_((kk == 0)[:, None], float("inf"))
-    hit = s >= pivot  # a -inf pivot (sample short of eligible entries) admits the whole row
-    if eligible is not None:
-        hit &= eligible
-    counts = row_counts(hit)
-    bad = counts < kk
-    if bool(bad.any()):
-        if 8 * count(bad) > rows:
-            return None
-        hit[bad] = True if eligible is None else eligible[bad]
-        counts[bad] = n_all[bad]
-    return hit, counts
