@@ -79,12 +79,6 @@ def dead_units(producer: torch.Tensor, consumer: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def orphan_units(producer: torch.Tensor, consumer: torch.Tensor) -> torch.Tensor:
-    """Bool [units]: units whose producer row is empty."""
-    return row_counts(producer) == 0
-
-
-@torch.no_grad()
 def unit_census(masks: Mapping[str, MaskOrCounts], links: Sequence[UnitLink]) -> dict:
     """Per link and in total: units, dead units and the producer weights they hold, orphan units and the
     consumer weights they hold. Fractions are of the units, and of the active weights of the linked layers.

@@ -62,7 +62,6 @@ class SparseEngine:
         self.groups: list[list[SparseParam]] = list(groups.values())
         self.schedule = UpdateSchedule(cfg.delta_t, cfg.t_start, cfg.resolve_t_end(max_steps), cfg.drop_fraction,
                                        cfg.drop_schedule)
-        self.final_density = 1.0 - cfg.sparsity
         self.layers = plan_layers(shapes, cfg)
         self.links = links_between(model.unit_links() if hasattr(model, "unit_links") else [], shapes)
         # every random choice (first masks, SET's growth, ties) comes from hashes keyed by this seed, the step
@@ -249,9 +248,6 @@ class SparseEngine:
     def census_stats(self, counts: Optional[dict[str, MaskCounts]] = None) -> dict[str, float]:
         return report.census_stats(counts or self.counts(), self.links)
 
-    def layer_densities(self) -> dict[str, float]:
-        return {n: c.active / c.numel for n, c in self.counts().items()}
-
     def describe(self) -> str:
         return report.describe(self.cfg, self.shapes, self.counts(), self.partitioned)
 
@@ -286,11 +282,6 @@ class SparseEngine:
         for name, k in state["fan_in"].items():
             self.layers[name].fan_in = k
         self.last_stats = dict(state["last_stats"])
-
-
-def _no_score(sp: SparseParam) -> torch.Tensor:
-    raise RuntimeError(f"no gradient score was captured for {sp.name} before the mask update; "
-                       f"the weight received no gradient")
 
 
 __all__ = ["MaskMismatchError", "SparseEngine", "TorchBackend"]

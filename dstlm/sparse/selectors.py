@@ -25,7 +25,7 @@ world size.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 
@@ -33,7 +33,6 @@ from dstlm.sparse.radix import ROW_DIGITS, Entries, Source, block, blocks, emit_
 from dstlm.sparse.selection import Ties, check_size, row_top_k
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
-Counts = Union[int, torch.Tensor]
 
 
 def single_process(t: torch.Tensor) -> torch.Tensor:
