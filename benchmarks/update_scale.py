@@ -29,9 +29,9 @@ evenly as ZeRO-3 partitions it; each rank holds and decides only its fragment of
 weights live (the GPU goal: the 124M RigL update in <= 100 ms). Times are taken after a device synchronise;
 "peak added" is then the growth of torch's peak allocated GPU memory during the update.
 
---paths fast,sharded (one process, any device): the rules through the local selector against the same rules
-through the collective selector, with masks partitioned (sparsity.partition_masks) at world 1: what ZeRO-3 runs
-on every rank, reading each fragment a block at a time (dstlm/sparse/radix.py); the masks must be identical.
+--paths fast,sharded (one process, any device): whole masks against masks partitioned
+(sparsity.partition_masks) at world 1, what ZeRO-3 runs on every rank (fragments and their per-row counts
+instead of mask buffers); the masks must be identical.
 """
 
 from __future__ import annotations

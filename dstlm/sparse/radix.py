@@ -1,26 +1,27 @@
-"""Exact selection over a layer split across ranks, one block of entries at a time: the engine under the
-collective selector (dstlm/sparse/selectors.py).
+"""Exact selection over a matrix's entries wherever they are (one process, or split across ranks), one block of
+entries at a time: the engine under the selector (dstlm/sparse/selectors.py).
 
-A selection picks, in every segment s (the whole layer, or a row, or an N:M group), the k[s] eligible entries
-that come first in (value desc, hash of the entry's flat index in the layer desc) order, where the entries are
-the union of every rank's. It is found as two thresholds per segment: the k-th value T (radix selection on
-the value's order-preserving 32 bits, a few digits at a time, one all-reduced histogram per digit), and, when
-T is tied and only some of the tied entries fit, the hash H the last of them has (the same rounds over the
-tied entries' 32-bit hashes). An entry is chosen when its value is above T, or equals it with a hash at or
-above H. The thresholds depend only on the union of the entries, so every rank decides its own entries alike.
+A selection picks, in every segment s (the whole layer, a row, an N:M group), the k[s] eligible entries that
+come first in (value desc, hash of the entry's flat index in the layer desc) order over every rank's entries.
+It finds two thresholds per segment: the k-th value T (radix selection on the value's order-preserving 32 bits,
+a few digits per round, one all-reduced histogram per round) and, when T is tied and only some of the tied
+entries fit, the hash H the last of them has (the same rounds over their 32-bit hashes). An entry is chosen
+when its value is above T, or equals it with a hash at or above H. The thresholds depend only on the union of
+the entries, so every rank decides its own entries alike, whatever the split.
 
-Memory: no per-entry tensor of the rank's whole fragment is made. Every pass reads the values in blocks of
-`block()` entries (256K on the CPU, 1M on a GPU; `block_size()` changes it), computing keys, eligibility and
-flat indices on the fly (`Entries`: a contiguous run's indices are its start plus the position), so the working
-set is a few tens of bytes per entry of one block whatever the layer's size. Once a round leaves at most four
-blocks' worth of entries over all ranks, their keys are kept and the remaining rounds read only those; a
-value tied across many entries (SET's equal scores, zero gradients) keeps the rounds streaming instead. The
-result is written into a caller's bool buffer (`out`), block by block once every threshold is known, so a rule
-can grow into the buffer whose complement is the eligible set (RigL's keep, then its grow).
+A layer-wide selection's first round starts from a sample (every 64th entry): its all-reduced histogram
+brackets the digit of the k-th value, one pass counts the entries above the bracket and keeps the keys inside
+it, and the first round reads those alone (`_bracket`); a bracket that misses costs the full first round.
 
-Communication: one all-reduce of [segments, 2^digit bits] counts per round: 3 rounds (13, 10, 9 bits) for a
-layer-wide selection, 4 (8 bits each) for per-row ones, plus as many over hashes when a threshold is tied.
-Every rank runs the same rounds whatever entries it holds (none included), so the collectives stay in step.
+Memory: no per-entry tensor of the rank's whole fragment. Every pass reads `block()` entries at a time (256K
+on the CPU, 1M on a GPU), computing keys, eligibility and flat indices on the fly (`Entries`); once at most
+four blocks' worth of entries are left over all ranks their keys are kept and later rounds read only those.
+The choice is written into a caller's bool buffer (`out`) block by block, so a rule can grow into the buffer
+whose complement is the eligible set (RigL's keep, then its grow).
+
+Communication: every rank runs the same rounds whatever entries it holds (none included), so collectives stay
+in step: 3 rounds (13, 10, 9 bits) for a layer-wide selection, 4 (8 bits each) per-row, as many over hashes
+when a threshold is tied.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from dstlm.sparse.selection import Ties
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
-Eligible = Callable[[int, int], Optional[torch.Tensor]]
+Eligible = Callable[..., Optional[torch.Tensor]]  # (a, b, step=1): eligibility of every step-th of a .. b
 Segment = Callable[[int, int], torch.Tensor]
 
 LAYER_DIGITS = (13, 10, 9)  # a first round of 13 bits (sign, exponent, 4 mantissa bits) leaves ~1/100 of
@@ -191,8 +192,9 @@ class Source:
         """int32 signed-order keys of entries a .. b (every step-th; None when all are equal)."""
         return None if self.values is None else order_key(self.values[a:b:step], self.magnitude)
 
-    def ok(self, a: int, b: int) -> Optional[torch.Tensor]:
-        return None if self._eligible is None else self._eligible(a, b)
+    def ok(self, a: int, b: int, step: int = 1) -> Optional[torch.Tensor]:
+        """Eligibility of every step-th entry of a .. b (None: all eligible)."""
+        return None if self._eligible is None else self._eligible(a, b, step)
 
     def floats(self, a: int, b: int, device: torch.device) -> torch.Tensor:
         """fp32 of entries a .. b in the order's sense (|values|, or zeros when all are equal)."""
@@ -365,8 +367,7 @@ class _Selection:
     def sample(self) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """(keys, eligibility) of every SAMPLE_EVERY-th entry, a block at a time."""
         for a, b in blocks(self.spans, self.entries.device):
-            ok = self.src.ok(a, b)
-            yield self.src.keys(a, b, SAMPLE_EVERY), None if ok is None else ok[::SAMPLE_EVERY]
+            yield self.src.keys(a, b, SAMPLE_EVERY), self.src.ok(a, b, SAMPLE_EVERY)
 
     def thresholds(self, k, ties, n_seg, digits, all_reduce):
         """(value threshold T, hash threshold H or None, k clamped, tied): per segment, entries above T are

@@ -94,24 +94,25 @@ class Selector:
         return out
 
     def _eligible(self, inside, outside, rows):
-        """Eligibility read a block at a time (never a tensor of the whole fragment)."""
+        """Eligibility of every step-th entry of a .. b, read a block at a time (never a tensor of the whole
+        fragment)."""
         parts = []
         if inside is not None:
             flat_in = inside.reshape(-1)
-            parts.append(lambda a, b: flat_in[a:b])
+            parts.append(lambda a, b, step: flat_in[a:b:step])
         if outside is not None:
             flat_out = outside.reshape(-1)
-            parts.append(lambda a, b: ~flat_out[a:b])
+            parts.append(lambda a, b, step: ~flat_out[a:b:step])
         if rows is not None:
             marked = rows.to(device=self.device, dtype=torch.bool)
-            parts.append(lambda a, b: self.entries.per_row(marked, a, b))
+            parts.append(lambda a, b, step: self.entries.per_row(marked, a, b)[::step])
         if not parts:
             return None
 
-        def eligible(a: int, b: int) -> torch.Tensor:
-            e = parts[0](a, b)
+        def eligible(a: int, b: int, step: int = 1) -> torch.Tensor:
+            e = parts[0](a, b, step)
             for p in parts[1:]:
-                e = e & p(a, b)
+                e = e & p(a, b, step)
             return e
 
         return eligible
