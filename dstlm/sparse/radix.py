@@ -277,27 +277,26 @@ def _bracket(produce: Callable[[], Iterator], sample: Callable[[], Iterator], k:
     hist = torch.zeros(nb, dtype=torch.int64, device=rounds.device)
     for key, ok in sample():
         hist += torch.bincount(((key if ok is None else key[ok]) >> lo) + (nb >> 1), minlength=nb)
-    est = torch.flip(all_reduce(hist), [0]).cumsum(0) * SAMPLE_EVERY  # entries at or above each digit, from the top
+    est = torch.flip(all_reduce(hist), [0]).cumsum(0).cpu() * SAMPLE_EVERY  # entries at or above each digit
     want = int(k[0])
     slack = 4.0 * (want * SAMPLE_EVERY) ** 0.5 + 16 * SAMPLE_EVERY
-    top = int(torch.searchsorted(est, torch.tensor([max(0.0, want - slack)], dtype=est.dtype)))
-    bottom = int(torch.searchsorted(est, torch.tensor([want + slack], dtype=est.dtype)))
+    top, bottom = torch.searchsorted(est, torch.tensor([max(0.0, want - slack), want + slack]).long()).tolist()
     highest = ((nb >> 1) - top << lo) - 1  # the bracket's keys: lowest .. highest (int32)
     lowest = ((nb >> 1) - 1 - min(bottom, nb - 1)) << lo
-    counts = torch.zeros(2, dtype=torch.int64, device=rounds.device)
-    keys, limit = [], _KEEP_BLOCKS * block(rounds.device)
+    n_above = torch.zeros(1, dtype=torch.int64, device=rounds.device)
+    keys, n_in, limit = [], 0, _KEEP_BLOCKS * block(rounds.device)
     for key, _, ok in produce():
         above = key > highest
         inside = (key >= lowest) ^ above
         if ok is not None:
             above &= ok
             inside &= ok
-        counts[0] += torch.count_nonzero(above)
+        n_above += torch.count_nonzero(above)
         pos = inside.nonzero().squeeze(1)
-        counts[1] += pos.numel()
-        if int(counts[1]) <= limit:
+        n_in += pos.numel()
+        if n_in <= limit:
             keys.append(key[pos])
-    above, n_in = all_reduce(counts).tolist()
+    above, n_in = all_reduce(torch.cat([n_above, n_above.new_tensor([n_in])])).tolist()
     if not above < want <= above + n_in or n_in > limit:
         return None
     rounds.above += above
