@@ -260,20 +260,21 @@ def test_zero3_run_built_partitioned_equals_the_whole_build(tmp_path, small_corp
         assert flops[0]["block_projection_ratio"] < 0.5
 
 
-def test_first_constant_fan_in_mask_in_blocks_equals_one_call(monkeypatch):
-    """SRigL's first mask is decided in blocks of rows (bounded temporaries at start-up); the result is the
-    mask of one call over the whole layer, for blocks that split rows unevenly too."""
+def test_first_constant_fan_in_mask_in_blocks_equals_one_call():
+    """SRigL's first mask is decided a block of entries at a time (bounded temporaries at start-up); the result
+    is the mask of one pass over the whole layer, for blocks that split rows unevenly too."""
     from dstlm.sparse import rules
+    from dstlm.sparse.radix import block_size
     from dstlm.sparse.selection import Ties
 
     for shape, k in [((300, 512), 51), ((512, 300), 30), ((97, 1), 1)]:
         ties = Ties(3, "init", "x")
-        monkeypatch.setattr(rules, "_INIT_BLOCK", 1 << 40)
-        whole = rules.constant_fan_in_mask(shape, k, ties)
+        with block_size(1 << 40):
+            whole = rules.constant_fan_in_mask(shape, k, ties)
         assert bool((whole.sum(dim=1) == k).all())
         for block in (4096, 777, 1):
-            monkeypatch.setattr(rules, "_INIT_BLOCK", block)
-            assert torch.equal(rules.constant_fan_in_mask(shape, k, ties), whole), (shape, block)
+            with block_size(block):
+                assert torch.equal(rules.constant_fan_in_mask(shape, k, ties), whole), (shape, block)
 
 
 @pytest.mark.dist

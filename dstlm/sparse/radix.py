@@ -280,7 +280,8 @@ def _bracket(produce: Callable[[], Iterator], sample: Callable[[], Iterator], k:
     est = torch.flip(all_reduce(hist), [0]).cumsum(0).cpu() * SAMPLE_EVERY  # entries at or above each digit
     want = int(k[0])
     slack = 4.0 * (want * SAMPLE_EVERY) ** 0.5 + 16 * SAMPLE_EVERY
-    top, bottom = torch.searchsorted(est, torch.tensor([max(0.0, want - slack), want + slack]).long()).tolist()
+    bounds = torch.tensor([max(0.0, want - slack), want + slack], device=est.device).long()
+    top, bottom = torch.searchsorted(est, bounds).tolist()
     highest = ((nb >> 1) - top << lo) - 1  # the bracket's keys: lowest .. highest (int32)
     lowest = ((nb >> 1) - 1 - min(bottom, nb - 1)) << lo
     n_above = torch.zeros(1, dtype=torch.int64, device=rounds.device)

@@ -157,7 +157,8 @@ class Selector:
                     emit_choice(out, a, b, torch.ones(b - a, dtype=torch.bool, device=self.device) if ok is None
                                 else ok, None, False)
                 return
-        radix_select(src, self.entries, torch.tensor([max(0, int(k))]), ties, self.all_reduce, out)
+        radix_select(src, self.entries, torch.tensor([max(0, int(k))], device=self.device), ties, self.all_reduce,
+                     out)
 
     def row_top(self, values, k, ties, *, inside=None, outside=None, rows=None, into=None, assign=False):
         """In every segment over all ranks, its k[segment] first eligible entries. Segments whose eligible
