@@ -266,59 +266,20 @@ class _Rounds:
         return key, seg
 
 
-def _bracket(produce: Callable[[], Iterator], sample: Callable[[], Iterator], k: torch.Tensor, bits: int,
-             all_reduce: AllReduce, rounds: _Rounds) -> Optional[tuple[torch.Tensor, None]]:
-    """The first round's entries without its full histogram (one segment): a sample of every SAMPLE_EVERY-th
-    entry, its digit histogram all-reduced, brackets the first digits that can hold the k-th largest key; one
-    pass then counts the entries above the bracket and keeps the keys inside it, and the first round reads those
-    alone. None (the full first round instead) when the bracket misses the k-th key or holds too many entries:
-    the counts are over every rank, so every rank takes the same branch."""
-    lo, nb = 32 - bits, 1 << bits
-    hist = torch.zeros(nb, dtype=torch.int64, device=rounds.device)
-    for key, ok in sample():
-        hist += torch.bincount(((key if ok is None else key[ok]) >> lo) + (nb >> 1), minlength=nb)
-    est = torch.flip(all_reduce(hist), [0]).cumsum(0).cpu() * SAMPLE_EVERY  # entries at or above each digit
-    want = int(k[0])
-    slack = 4.0 * (want * SAMPLE_EVERY) ** 0.5 + 16 * SAMPLE_EVERY
-    bounds = torch.tensor([max(0.0, want - slack), want + slack], device=est.device).long()
-    top, bottom = torch.searchsorted(est, bounds).tolist()
-    highest = ((nb >> 1) - top << lo) - 1  # the bracket's keys: lowest .. highest (int32)
-    lowest = ((nb >> 1) - 1 - min(bottom, nb - 1)) << lo
-    n_above = torch.zeros(1, dtype=torch.int64, device=rounds.device)
-    keys, n_in, limit = [], 0, _KEEP_BLOCKS * block(rounds.device)
-    for key, _, ok in produce():
-        above = key > highest
-        inside = (key >= lowest) ^ above
-        if ok is not None:
-            above &= ok
-            inside &= ok
-        n_above += torch.count_nonzero(above)
-        pos = inside.nonzero().squeeze(1)
-        n_in += pos.numel()
-        if n_in <= limit:
-            keys.append(key[pos])
-    above, n_in = all_reduce(torch.cat([n_above, n_above.new_tensor([n_in])])).tolist()
-    if not above < want <= above + n_in or n_in > limit:
-        return None
-    rounds.above += above
-    return (torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int32, device=rounds.device)), None
-
-
 def _find(produce: Callable[[], Iterator], k: torch.Tensor, n_seg: int, digits: tuple[int, ...],
-          all_reduce: AllReduce, device: torch.device,
-          sample: Optional[Callable[[], Iterator]] = None) -> tuple[torch.Tensor, ...]:
+          all_reduce: AllReduce, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Radix rounds over the int32 signed-order keys `produce()` yields as (key, segment or None, eligible or
     None) per block, in every segment: the k-th largest key T (int32), how many are above it, how many sit at
     it, and k clamped to the segment's eligible entries, all over every rank. The first digit is the key's
     top bits read as signed (offset to 0 .. 2^bits - 1), the others unsigned. Once a round leaves at most four
     blocks of entries over all ranks, those entries' keys are kept and later rounds read them, not the blocks."""
     rounds = _Rounds(n_seg, device)
-    live = None if sample is None else _bracket(produce, sample, k, digits[0], all_reduce, rounds)
+    live: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None
     for r, bits in enumerate(digits):
         lo, nb = rounds.hi - bits, 1 << bits
         h = all_reduce(rounds.histogram([live] if live is not None else produce(), r == 0, lo, nb)).view(n_seg, nb)
-        if r == 0:  # k capped by the eligible entries (those above a bracket are not in h)
-            k = torch.minimum(k, h.sum(1) + rounds.above)
+        if r == 0:
+            k = torch.minimum(k, h.sum(1))
         rounds.choose(h, k, r == 0, lo, nb)
         if r + 1 == len(digits):
             break
@@ -333,15 +294,20 @@ def _find(produce: Callable[[], Iterator], k: torch.Tensor, n_seg: int, digits: 
 def radix_select(src: Source, entries: Entries, k: torch.Tensor, ties: Ties, all_reduce: AllReduce,
                  out: torch.Tensor, spans: Optional[list[tuple[int, int]]] = None,
                  segment: Optional[Segment] = None, n_seg: int = 1,
-                 digits: tuple[int, ...] = LAYER_DIGITS, assign: bool = False) -> None:
+                 digits: tuple[int, ...] = LAYER_DIGITS, assign: bool = False, fresh: bool = False) -> None:
     """In every segment s over all ranks, choose the k[s] first eligible entries in (value desc, hash of flat
     index desc) order, and write this rank's choice into `out` (bool [entries.n]): out |= chosen, or with
     `assign`, out = chosen at every eligible entry. `spans`: the local positions taking part (all by
     default); `segment(a, b)`: each entry's segment (-1: none) when n_seg > 1. Every rank calls it with the
     same k, n_seg and digits (collectives inside), whatever entries it holds. `out` may instead be a function,
-    called with (a, b, chosen) for every block (e.g. to count the chosen entries without storing them)."""
+    called with (a, b, chosen) for every block (e.g. to count the chosen entries without storing them).
+    `fresh`: `out` is all False and no eligibility reads it (a layer-wide choice may then write ahead, see
+    _Bracketed)."""
     sel = _Selection(src, entries, segment, [(0, entries.n)] if spans is None else spans)
     k = k.to(device=entries.device, dtype=torch.int64).reshape(n_seg).clone()
+    if segment is None and not src.constant and not assign and \
+            _Bracketed(sel, ties, all_reduce, digits, out, fresh).select(int(k[0])):
+        return
     thr, h_thr, k, tied = sel.thresholds(k, ties, n_seg, digits, all_reduce)
     simple = segment is None and h_thr is None and not src.constant and not assign
     for a, b in blocks(sel.spans, entries.device):
@@ -364,18 +330,13 @@ class _Selection:
             ok = _and(ok, seg >= 0)
         return self.src.keys(a, b), seg, ok
 
-    def sample(self) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """(keys, eligibility) of every SAMPLE_EVERY-th entry, a block at a time."""
-        for a, b in blocks(self.spans, self.entries.device):
-            yield self.src.keys(a, b, SAMPLE_EVERY), self.src.ok(a, b, SAMPLE_EVERY)
-
     def thresholds(self, k, ties, n_seg, digits, all_reduce):
         """(value threshold T, hash threshold H or None, k clamped, tied): per segment, entries above T are
         chosen, and those at T with a hash at or above H (all of them where H is None or not tied)."""
         device = self.entries.device
         if not self.src.constant:
             thr, above, at, k = _find(lambda: (self.load(a, b) for a, b in blocks(self.spans, device)), k, n_seg,
-                                      digits, all_reduce, device, self.sample if self.segment is None else None)
+                                      digits, all_reduce, device)
             need = k - above
             tied = (k > 0) & (need < at)  # the threshold is tied and only some of the tied entries fit
         else:  # all values equal: the hash alone orders the eligible entries
@@ -411,6 +372,147 @@ class _Selection:
                 hs = hash_key(ties, self.entries.index_at(pos + a))
                 eq[pos[hs < (h_thr[0] if seg is None else h_thr[s[pos]])]] = False
         return _and(_and(chosen, live), ok) | eq, ok
+
+
+class _Bracketed:
+    """A layer-wide selection in one pass over the entries, most of the time. A sample (every SAMPLE_EVERY-th
+    entry), its first-digit histogram all-reduced, brackets the keys that can hold the k-th largest. One pass
+    then counts the entries above the bracket (written to `out` ahead when it is fresh, since they are chosen if
+    the bracket holds; else their positions kept while they are few) and keeps the keys and positions of those
+    inside it; the radix rounds run over those alone, and the chosen ones are written at their positions (a
+    second pass only when the entries above the bracket were too many to keep and not written ahead). When the
+    bracket misses over all ranks (a misleading sample) or holds too many entries, the writes ahead are undone
+    and `select` returns False: every rank then takes the full rounds alike (the counts are all-reduced)."""
+
+    def __init__(self, sel: "_Selection", ties: Ties, all_reduce: AllReduce, digits: tuple[int, ...], out,
+                 fresh: bool) -> None:
+        self.sel, self.ties, self.all_reduce, self.digits, self.out = sel, ties, all_reduce, digits, out
+        self.ahead = fresh and not callable(out)  # above-bracket entries written during the pass
+        self.device = sel.entries.device
+        self.limit = _KEEP_BLOCKS * block(self.device)
+
+    def select(self, want: int) -> bool:
+        if want <= 0:
+            return True
+        lowest, highest = self._bounds(want)
+        n_above, keys, pos, n_in, above_pos = self._scan(lowest, highest)
+        above, n_in = self.all_reduce(torch.cat([n_above, n_above.new_tensor([n_in])])).tolist()
+        if not above < want <= above + n_in or n_in > self.limit:
+            if self.ahead:
+                self._emit(highest, None, undo=True)
+            return False
+        chosen = pos[self._choose(keys, pos, want, above)]
+        if self.ahead:
+            self.out[chosen.long()] = True
+        elif above_pos is not None:
+            self._write(torch.cat([above_pos, chosen]))
+        else:
+            self._emit(highest, chosen)
+        return True
+
+    def _write(self, positions: torch.Tensor) -> None:
+        """The chosen entries, at their positions, into `out` (a function: block by block)."""
+        if not callable(self.out):
+            self.out[positions.long()] = True
+            return
+        positions = positions.sort().values
+        for a, b in blocks(self.sel.spans, self.device):
+            lo, hi = torch.searchsorted(positions, torch.tensor([a, b], dtype=positions.dtype,
+                                                                device=self.device)).tolist()
+            chosen = torch.zeros(b - a, dtype=torch.bool, device=self.device)
+            chosen[positions[lo:hi].long() - a] = True
+            self.out(a, b, chosen)
+
+    def _bounds(self, want: int) -> tuple[int, int]:
+        """The bracket's lowest and highest int32 keys, from the all-reduced sample."""
+        lo, nb = 32 - self.digits[0], 1 << self.digits[0]
+        hist = torch.zeros(nb, dtype=torch.int64, device=self.device)
+        for a, b in self.sel.spans:  # 1/64 of the entries: read in one go
+            key, ok = self.sel.src.keys(a, b, SAMPLE_EVERY), self.sel.src.ok(a, b, SAMPLE_EVERY)
+            hist += torch.bincount(((key if ok is None else key[ok]) >> lo) + (nb >> 1), minlength=nb)
+        est = torch.flip(self.all_reduce(hist), [0]).cumsum(0).cpu() * SAMPLE_EVERY  # at or above each digit
+        slack = 4.0 * (want * SAMPLE_EVERY) ** 0.5 + 16 * SAMPLE_EVERY
+        bounds = torch.tensor([max(0.0, want - slack), want + slack], device=est.device).long()
+        top, bottom = torch.searchsorted(est, bounds).tolist()
+        return ((nb >> 1) - 1 - min(bottom, nb - 1)) << lo, ((nb >> 1) - top << lo) - 1
+
+    def _scan(self, lowest: int, highest: int):
+        """(entries above the bracket here, the keys inside it, their positions, how many are inside, and the
+        positions of those above it when kept)."""
+        n_above = torch.zeros(1, dtype=torch.int64, device=self.device)
+        keys, pos, n_in, above_pos, n_kept = [], [], 0, [], 0
+        index_type = torch.int32 if self.sel.entries.n < 2**31 else torch.int64
+        for a, b in blocks(self.sel.spans, self.device):
+            key, _, ok = self.sel.load(a, b)
+            q_up, q_in, k_in = self._split(key, ok, lowest, highest, a, b)
+            n_above += q_up if self.ahead else q_up.numel()
+            if above_pos is not None and not self.ahead:  # kept while few (a grow's are about k)
+                n_kept += q_up.numel()
+                above_pos = None if n_kept > self.limit else above_pos + [(q_up + a).to(index_type)]
+            n_in += q_in.numel()
+            if n_in <= self.limit:
+                keys.append(k_in)
+                pos.append((q_in + a).to(index_type))
+        above_pos = None if above_pos is None or self.ahead else self._cat(above_pos, index_type)
+        return n_above, self._cat(keys, torch.int32), self._cat(pos, index_type), n_in, above_pos
+
+    def _split(self, key, ok, lowest: int, highest: int, a: int, b: int):
+        """Of one block: the entries above the bracket (written ahead, and their count; else their block
+        positions, found with the bracket's by one nonzero), and the positions and keys of those inside it."""
+        above = key > highest
+        if self.ahead:
+            inside = (key >= lowest) ^ above
+            if ok is not None:
+                above &= ok
+                inside &= ok
+            self.out[a:b] |= above
+            q = inside.nonzero().squeeze(1)
+            return torch.count_nonzero(above), q, key[q]
+        reach = key >= lowest
+        if ok is not None:
+            reach &= ok
+        q = reach.nonzero().squeeze(1)
+        kq = key[q]
+        up = kq > highest
+        return q[up], q[~up], kq[~up]
+
+    def _cat(self, parts: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=self.device)
+
+    def _choose(self, keys: torch.Tensor, pos: torch.Tensor, want: int, above: int) -> torch.Tensor:
+        """bool over the bracket's entries: chosen (radix rounds over them; ties by hash)."""
+        rounds = _Rounds(1, self.device)
+        rounds.above += above
+        k, live = torch.tensor([want], device=self.device), keys
+        for r, bits in enumerate(self.digits):
+            lo, nb = rounds.hi - bits, 1 << bits
+            rounds.choose(self.all_reduce(rounds.histogram([(live, None)], r == 0, lo, nb)).view(1, nb), k,
+                          r == 0, lo, nb)
+            live = live[rounds.matching(live, None, None)]
+        thr, need = rounds.prefix[0], want - int(rounds.above[0])
+        chosen, eq = keys > thr, keys == thr
+        if need < int(rounds.at[0]):  # the threshold is tied and only some of the tied entries fit
+            tied = eq.nonzero().squeeze(1)
+            h = hash_key(self.ties, self.sel.entries.index_at(pos[tied].long()))
+            h_thr = _find(lambda: iter([(h, None)]), torch.tensor([need], device=self.device), 1, self.digits,
+                          self.all_reduce, self.device)[0]
+            eq[tied[h < h_thr[0]]] = False
+        return chosen | eq
+
+    def _emit(self, highest: int, chosen: Optional[torch.Tensor], undo: bool = False) -> None:
+        """Per block: the entries above the bracket with the chosen ones inside it (positions, sorted) written
+        to `out`, or, `undo`, the entries above it cleared again."""
+        for a, b in blocks(self.sel.spans, self.device):
+            key, _, ok = self.sel.load(a, b)
+            above = key > highest
+            if ok is not None:
+                above &= ok
+            if undo:
+                self.out[a:b] &= ~above
+                continue
+            lo, hi = torch.searchsorted(chosen, torch.tensor([a, b], dtype=chosen.dtype, device=self.device)).tolist()
+            above[chosen[lo:hi].long() - a] = True
+            emit_choice(self.out, a, b, above, ok, False)
 
 
 def emit_choice(out, a: int, b: int, chosen: torch.Tensor, ok: Optional[torch.Tensor], assign: bool) -> None:

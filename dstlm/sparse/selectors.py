@@ -134,8 +134,9 @@ class Selector:
     def top(self, values, k, ties, *, inside=None, outside=None, rows=None, last_rows=None, total=None,
             into=None):
         out = self.zeros() if into is None else into
+        fresh = into is None  # an empty buffer that no eligibility reads
         self._select(self._source(values, self._eligible(inside, outside, rows), last_rows), k, ties, out.view(-1),
-                     total)
+                     total, fresh)
         return out
 
     def top_row_counts(self, values, k, ties, *, outside=None, total=None):
@@ -144,7 +145,7 @@ class Selector:
                      lambda a, b, chosen: self.entries.add_row_counts(counts, chosen, a, b), total)
         return self.all_reduce(counts)
 
-    def _select(self, src: Source, k: int, ties: Ties, out, total: Optional[int]) -> None:
+    def _select(self, src: Source, k: int, ties: Ties, out, total: Optional[int], fresh: bool = False) -> None:
         """out |= this rank's part of the k first eligible entries (`total`: the eligible entries over all
         ranks, when known: k = 0 or all of them then need no pass)."""
         if total is not None:
@@ -158,7 +159,7 @@ class Selector:
                                 else ok, None, False)
                 return
         radix_select(src, self.entries, torch.tensor([max(0, int(k))], device=self.device), ties, self.all_reduce,
-                     out)
+                     out, fresh=fresh)
 
     def row_top(self, values, k, ties, *, inside=None, outside=None, rows=None, into=None, assign=False):
         """In every segment over all ranks, its k[segment] first eligible entries. Segments whose eligible
