@@ -427,7 +427,7 @@ class _Bracketed:
         """The bracket's lowest and highest int32 keys, from the all-reduced sample."""
         lo, nb = 32 - self.digits[0], 1 << self.digits[0]
         hist = torch.zeros(nb, dtype=torch.int64, device=self.device)
-        for a, b in self.sel.spans:  # 1/64 of the entries: read in one go
+        for a, b in blocks(self.sel.spans, self.device):
             key, ok = self.sel.src.keys(a, b, SAMPLE_EVERY), self.sel.src.ok(a, b, SAMPLE_EVERY)
             hist += torch.bincount(((key if ok is None else key[ok]) >> lo) + (nb >> 1), minlength=nb)
         est = torch.flip(self.all_reduce(hist), [0]).cumsum(0).cpu() * SAMPLE_EVERY  # at or above each digit
