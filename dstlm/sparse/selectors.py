@@ -60,9 +60,10 @@ def whole(shape: tuple[int, int], device=None) -> "Selector":
 
 
 class Selector:
-    """A run of the matrix's entries on each rank (`Entries`: this rank's, with their flat [R, C] indices):
-    tensors are 1-D over those entries. Every selection is a collective over `all_reduce` (an in-place sum over
-    the ranks): call it on every rank, in the same order, with the same k."""
+    """This process's entries of one [R, C] matrix (`Entries`: a rank's run, with their flat [R, C] indices; or
+    the whole matrix, `whole`): tensors are 1-D over those entries (`out_shape`: the shape choices come back
+    in). Every selection is a collective over `all_reduce` (an in-place sum over the ranks; nothing on one
+    process): call it on every rank, in the same order, with the same k."""
 
     def __init__(self, entries: Entries, shape: tuple[int, int], all_reduce: AllReduce = single_process,
                  seg_len: Optional[int] = None, out_shape: Optional[tuple[int, ...]] = None) -> None:
