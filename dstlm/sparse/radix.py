@@ -417,11 +417,15 @@ class _Bracketed:
             return
         positions = positions.sort().values
         for a, b in blocks(self.sel.spans, self.device):
-            lo, hi = torch.searchsorted(positions, torch.tensor([a, b], dtype=positions.dtype,
-                                                                device=self.device)).tolist()
             chosen = torch.zeros(b - a, dtype=torch.bool, device=self.device)
-            chosen[positions[lo:hi].long() - a] = True
+            chosen[self._in_block(positions, a, b)] = True
             self.out(a, b, chosen)
+
+    def _in_block(self, positions: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Of sorted positions, those in a .. b, as offsets into the block."""
+        lo, hi = torch.searchsorted(positions, torch.tensor([a, b], dtype=positions.dtype,
+                                                            device=self.device)).tolist()
+        return positions[lo:hi].long() - a
 
     def _bounds(self, want: int) -> tuple[int, int]:
         """The bracket's lowest and highest int32 keys, from the all-reduced sample."""
@@ -440,7 +444,7 @@ class _Bracketed:
         """(entries above the bracket here, the keys inside it, their positions, how many are inside, and the
         positions of those above it when kept)."""
         n_above = torch.zeros(1, dtype=torch.int64, device=self.device)
-        keys, pos, n_in, above_pos, n_kept = [], [], 0, [], 0
+        keys, pos, n_in, above_pos, n_kept = [], [], 0, [], 0  # above_pos: None once too many (or written ahead)
         index_type = torch.int32 if self.sel.entries.n < 2**31 else torch.int64
         for a, b in blocks(self.sel.spans, self.device):
             key, _, ok = self.sel.load(a, b)
@@ -448,7 +452,9 @@ class _Bracketed:
             n_above += q_up if self.ahead else q_up.numel()
             if above_pos is not None and not self.ahead:  # kept while few (a grow's are about k)
                 n_kept += q_up.numel()
-                above_pos = None if n_kept > self.limit else above_pos + [(q_up + a).to(index_type)]
+                above_pos.append((q_up + a).to(index_type))
+                if n_kept > self.limit:
+                    above_pos = None
             n_in += q_in.numel()
             if n_in <= self.limit:
                 keys.append(k_in)
@@ -510,8 +516,7 @@ class _Bracketed:
             if undo:
                 self.out[a:b] &= ~above
                 continue
-            lo, hi = torch.searchsorted(chosen, torch.tensor([a, b], dtype=chosen.dtype, device=self.device)).tolist()
-            above[chosen[lo:hi].long() - a] = True
+            above[self._in_block(chosen, a, b)] = True
             emit_choice(self.out, a, b, above, ok, False)
 
 
